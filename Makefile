@@ -1,0 +1,25 @@
+# Two entry points, both from a fresh clone:  make run  |  make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch first, so the project's torch range is already met (a bare
+# `pip install torch` would pull a multi-GB CUDA build). Override for a GPU machine.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/trainctl run configs/tiny-cpu.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .cache/trainctl

@@ -1,0 +1,122 @@
+"""Loading a job config: defaults, then the YAML file, then dotted `key=value` overrides.
+
+The schema is trainer.config.JobConfig. This module turns every way a user can get it
+wrong into one `ConfigError` line that names the key, the file and what to do; the CLI
+prints it and exits 2. Relative paths are made absolute against the directory trainctl
+was started in, because Ray workers run in a directory of their own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from trainer.config import JobConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, stated in one line for the user."""
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_dir: str | None = None) -> JobConfig:
+    """Build the validated config; `path=None` means defaults plus overrides only.
+
+    >>> cfg = load_config("configs/tiny-cpu.yaml", ["train.max_steps=10"])
+    """
+    where = str(path) if path is not None else "the command line"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(tree, item)
+    try:
+        cfg = JobConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, where)) from None
+    return resolve_paths(cfg, base_dir or os.getcwd())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: give the path to a YAML job file (see configs/)")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a job file is a mapping of sections (name, model, data, train, ...), not a {type(tree).__name__}")
+    return tree
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError, where: str) -> str:
+    """The first validation problem as one line: key, what is wrong, what to do."""
+    err = error.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        hint = _nearest(loc)
+        return f"unknown key '{key}' in {where}" + (f": did you mean '{hint}'?" if hint else "")
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error" or not key:
+        return f"{msg} (in {where})"
+    if kind == "literal_error":
+        return f"{key}={err['input']!r} is not allowed in {where}: {msg.lower()}"
+    return f"{key}={err['input']!r} in {where}: {msg.lower()}"
+
+
+def _nearest(loc: list[str]) -> str | None:
+    """Closest valid dotted key to an unknown one, for the 'did you mean' hint."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join(loc[:-1] + match) if match else None
+
+
+def resolve_paths(cfg: JobConfig, base_dir: str) -> JobConfig:
+    """Make the config's relative paths absolute against `base_dir`."""
+
+    def absolute(p: str) -> str:
+        if "://" in p or p.startswith("pipe:") or os.path.isabs(p):
+            return p
+        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
+
+    if cfg.data.path != "stdlib":
+        cfg.data.path = absolute(cfg.data.path)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
+    cfg.checkpoint.storage_path = absolute(cfg.checkpoint.storage_path)
+    return cfg
+

@@ -1,0 +1,178 @@
+"""The job config tree: one typed model per YAML section, validated once, at load.
+
+Every field is documented where it is declared. The launcher builds a `JobConfig` from
+defaults, the YAML file and `key=value` overrides (launcher/config.py); workers receive
+the resolved tree as a plain dict and rebuild it with `JobConfig.model_validate`.
+The schema lives here, not in launcher/, because trainer/ must read it and nothing may
+import launcher/.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import yaml
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """The transformer's shape; mirrors trainer.model.ModelConfig."""
+
+    vocab_size: int = Field(257, gt=0, description="embedding rows; must be >= the tokenizer's vocabulary")
+    n_layer: int = Field(4, gt=0, description="transformer blocks")
+    n_head: int = Field(4, gt=0, description="query heads")
+    n_kv_head: int | None = Field(None, gt=0, description="key/value heads (grouped-query attention); null = n_head")
+    d_model: int = Field(128, gt=0, description="residual stream width")
+    d_ff: int | None = Field(None, gt=0, description="SwiGLU hidden size; null = about 8/3 * d_model")
+    max_seq_len: int = Field(256, gt=0, description="longest context the model accepts (RoPE table size)")
+    rope_theta: float = Field(10000.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = Field(True, description="share the input embedding with the output head")
+    activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ModelSection":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"model.d_model / model.n_head = {self.d_model // self.n_head} must be even (rotary embeddings rotate pairs)")
+        kv = self.n_kv_head or self.n_head
+        if self.n_head % kv:
+            raise ValueError(f"model.n_kv_head={kv} must divide model.n_head={self.n_head}")
+        return self
+
+
+class DataSection(Section):
+    path: str = Field(
+        "stdlib",
+        description="a prepared dataset (folder with manifest.json), raw text (file, folder or glob) "
+        "prepared automatically into cache_dir, or 'stdlib' for the Python standard library's source",
+    )
+    tokenizer: str = Field("byte", description="tokenizer used when raw text is prepared automatically")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="tail of each file held out for validation (auto-prepare)")
+    seq_len: int = Field(256, gt=0, description="tokens per training sequence (context length)")
+    shuffle_buffer: int = Field(8192, ge=1, description="sequences held in the seeded shuffle buffer")
+    cache_dir: str = Field(".cache/trainctl", description="where automatically prepared datasets are kept")
+
+
+class TrainSection(Section):
+    max_steps: int = Field(1000, gt=0, description="optimizer steps to train")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass")
+    grad_accum_steps: int | None = Field(
+        None, gt=0, description="micro batches per optimizer step; null = derived from global_batch_size, else 1"
+    )
+    global_batch_size: int | None = Field(
+        None, gt=0, description="sequences per optimizer step over all ranks = micro_batch_size * num_workers * grad_accum_steps"
+    )
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    lr_decay_steps: int | None = Field(None, gt=0, description="steps of cosine decay; null = max_steps")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 = off")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs a GPU (loss scaling)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
+    eval_every: int = Field(100, gt=0, description="steps between validation passes (and at the end)")
+    eval_batches: int = Field(20, gt=0, description="global validation batches per pass (capped by the split)")
+    log_every: int = Field(10, gt=0, description="steps between metric lines")
+    seed: int = Field(1337, description="seeds the model init, the data order and every rank's RNG")
+    sample_tokens: int = Field(200, ge=0, description="tokens sampled from the model at the end of the run; 0 = none")
+
+    @model_validator(mode="after")
+    def _lr(self) -> "TrainSection":
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
+        return self
+
+
+class CheckpointSection(Section):
+    storage_path: str = Field("runs", description="folder holding every run's folder (NAME/ inside it)")
+    every: int = Field(500, gt=0, description="steps between checkpoints (one is always written at the end)")
+    keep: int = Field(2, gt=0, description="newest checkpoints kept; older ones are deleted")
+
+
+class TrackingSection(Section):
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B mode; offline needs no account (`wandb sync` uploads later); WANDB_MODE overrides"
+    )
+    project: str = Field("trainctl")
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class ClusterSection(Section):
+    address: str = Field(
+        "local", description="'local' starts a private Ray on 127.0.0.1; 'auto' joins the running cluster; or HOST:PORT / ray://HOST:PORT"
+    )
+    num_workers: int = Field(2, gt=0, description="training processes (ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false = CPU and gloo")
+    cpus_per_worker: int = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray Train allows (-1 = unlimited)")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every worker")
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class JobConfig(Section):
+    name: str = Field("run", description="the run's name: its folder under checkpoint.storage_path")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "JobConfig":
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"name={self.name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
+        t, c = self.train, self.cluster
+        per_step = t.micro_batch_size * c.num_workers
+        if t.global_batch_size is not None:
+            if t.global_batch_size % per_step:
+                raise ValueError(
+                    f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size "
+                    f"* cluster.num_workers = {t.micro_batch_size} * {c.num_workers} = {per_step}"
+                )
+            accum = t.global_batch_size // per_step
+            if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+                raise ValueError(
+                    f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.global_batch_size="
+                    f"{t.global_batch_size} (which gives {accum}); set only one of them"
+                )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if t.precision == "fp16" and not c.use_gpu:
+            raise ValueError("train.precision=fp16 needs cluster.use_gpu=true (use bf16 or fp32 on a CPU)")
+        if t.offload_optimizer and t.zero_stage == 0:
+            raise ValueError("train.offload_optimizer=true needs train.zero_stage 1, 2 or 3")
+        return self
+
+    # Derived quantities: one definition each, used by the launcher and the workers.
+    @property
+    def accum_steps(self) -> int:
+        t = self.train
+        if t.grad_accum_steps is not None:
+            return t.grad_accum_steps
+        if t.global_batch_size is not None:
+            return t.global_batch_size // (t.micro_batch_size * self.cluster.num_workers)
+        return 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.micro_batch_size * self.cluster.num_workers * self.accum_steps
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, loadable again as a job file."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,54 @@
+"""Sampling text from a finished run or a checkpoint, on the CPU, without DeepSpeed's engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_pipeline import tokenizer_from_dict
+from trainer import checkpoint
+from trainer.config import JobConfig
+from trainer.model import ModelConfig, Transformer
+
+
+class NoCheckpoint(FileNotFoundError):
+    """The path holds no complete checkpoint."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint), a checkpoints folder, or a checkpoint itself."""
+    p = Path(path)
+    if (p / checkpoint.COMPLETE).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = checkpoint.find_latest(root)
+        if found is not None:
+            return found
+    raise NoCheckpoint(f"no complete checkpoint in {p}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")
+
+
+def load_model(ckpt: Path):
+    """(model in eval mode, tokenizer) from a checkpoint folder."""
+    cfg = JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    model = Transformer(ModelConfig(**cfg.model.model_dump()))
+    model.load_state_dict(checkpoint.load_model_state(ckpt))
+    model.eval()
+    return model, tokenizer_from_dict(checkpoint.meta(ckpt)["tokenizer"])
+
+
+def sample(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: int | None = 200, seed: int = 0) -> str:
+    """The prompt's continuation as text.
+
+    >>> print(sample("runs/tiny-cpu", prompt="def ", max_new_tokens=100))  # doctest: +SKIP
+    """
+    model, tok = load_model(find_checkpoint(path))
+    ids = tok.encode(prompt)
+    if len(ids) == 0:
+        ids = [tok.eot_id]
+    idx = torch.tensor([list(ids)], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    return tok.decode(out[0, len(ids):].tolist())

@@ -1,0 +1,166 @@
+"""The training loop: one worker function, the same under Ray Train, torchrun, or alone.
+
+`train_worker(config_dict)` reads top to bottom: join the process group, build the data,
+the model and the engine, resume if a checkpoint exists, then loop with plain
+`if step % every == 0` blocks for logging, evaluation and checkpoints. `train_step` is
+split out so a test can drive it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import TokenStream, eval_batches, load_manifest
+from trainer import checkpoint
+from trainer.config import JobConfig
+from trainer.engine import build_engine, import_deepspeed
+from trainer.model import ModelConfig, Transformer
+from trainer.tracking import Tracker
+
+
+def model_config(cfg: JobConfig) -> ModelConfig:
+    return ModelConfig(**cfg.model.model_dump())
+
+
+def run_dir(cfg: JobConfig) -> Path:
+    return Path(cfg.checkpoint.storage_path) / cfg.name
+
+
+def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
+    """Join (or make) the process group; returns (rank, world_size, local_rank).
+
+    Under Ray Train the group already exists (TorchConfig made it); under torchrun the
+    env:// variables are set; a plain process becomes a group of one.
+    """
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed = import_deepspeed(cfg.cluster.use_gpu)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world != cfg.cluster.num_workers:
+        raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers} but {world} processes joined; set cluster.num_workers={world}")
+    if cfg.cluster.use_gpu:
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank
+
+
+def train_step(engine, batches: Iterator[torch.Tensor], accum_steps: int, device: torch.device) -> float:
+    """One optimizer step over `accum_steps` micro batches; returns this rank's mean loss."""
+    total = 0.0
+    for _ in range(accum_steps):
+        batch = next(batches).to(device, non_blocking=True)  # (B, T+1)
+        _, loss = engine(batch[:, :-1], batch[:, 1:])
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        total += loss.item()
+    return total / accum_steps
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Mean validation loss over every rank's batches."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = batch.to(device)
+        _, loss = engine(batch[:, :-1], batch[:, 1:])
+        total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
+    engine.train()
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train_worker(config: dict) -> None:
+    cfg = JobConfig.model_validate(config)
+    t = cfg.train
+    rank, world, local_rank = setup_distributed(cfg)
+    device = torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu")
+    folder, ckpt_root = run_dir(cfg), run_dir(cfg) / "checkpoints"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(cfg.to_yaml())
+
+    # Data: every rank reads the same global order and keeps its own slice of each batch.
+    seq = cfg.data.seq_len
+    stream = TokenStream(cfg.data.path, "train", seq, t.micro_batch_size, rank, world,
+                         grad_accum_steps=cfg.accum_steps, seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    tokenizer = load_manifest(cfg.data.path)["tokenizer"]
+    val = eval_batches(cfg.data.path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches)
+
+    # Model: the same seed on every rank gives the same initial weights.
+    torch.manual_seed(t.seed)
+    engine = build_engine(Transformer(model_config(cfg)), cfg)
+
+    step, tokens_seen = 0, 0
+    latest = checkpoint.find_latest(ckpt_root)
+    if latest is not None:
+        state = checkpoint.load(engine, latest, rank)
+        stream.load_state_dict(state["data"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        if rank == 0:
+            print(f"trainctl: resumed from {latest} at step {step}", flush=True)
+    else:
+        torch.manual_seed(t.seed + rank)  # dropout and sampling differ per rank
+
+    tracker = Tracker(cfg, folder) if rank == 0 else None
+    tokens_per_step = cfg.global_batch * seq
+    batches = iter(stream)
+    start_step, t_start = step, time.perf_counter()
+    t_log, step_log = t_start, step
+    while step < t.max_steps:
+        loss = train_step(engine, batches, cfg.accum_steps, device)
+        step += 1
+        tokens_seen += tokens_per_step
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            loss = mean_over_ranks(loss, device)
+            now = time.perf_counter()
+            tok_s = (step - step_log) * tokens_per_step / (now - t_log)
+            eta = (now - t_start) / (step - start_step) * (t.max_steps - step)
+            t_log, step_log = now, step
+            if rank == 0:
+                lr = engine.get_lr()[0]
+                tracker.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen, "epoch": stream.epoch}, step)
+                print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {_duration(eta)}", flush=True)
+
+        if val and (step % t.eval_every == 0 or step == t.max_steps):
+            val_loss = evaluate(engine, val, device)
+            if rank == 0:
+                tracker.log({"val_loss": val_loss}, step)
+                print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
+
+        if step % cfg.checkpoint.every == 0 or step == t.max_steps:
+            rank_state = {"data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
+            info = {"zero_stage": t.zero_stage, "world_size": world, "tokens_seen": tokens_seen, "name": cfg.name,
+                    "tokenizer": tokenizer}
+            saved = checkpoint.save(engine, ckpt_root, step, rank, rank_state, info, keep=cfg.checkpoint.keep,
+                                    files={"config.yaml": cfg.to_yaml()})
+            if rank == 0:
+                print(f"trainctl: checkpoint {saved}", flush=True)
+
+    if rank == 0:
+        tracker.finish()
+        print(f"trainctl: done: {step} steps, {tokens_seen:,} tokens in {_duration(time.perf_counter() - t_start)}", flush=True)

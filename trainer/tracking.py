@@ -1,0 +1,106 @@
+"""Where metrics go: `metrics.jsonl` in the run folder always, W&B when enabled.
+
+Only rank 0 builds a tracker. W&B sits behind the same two calls as the JSONL file, and
+any W&B failure (no network, bad key, a crash of its service) becomes one warning: a
+dashboard must never stop a training run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.config import JobConfig
+
+
+def warn(message: str) -> None:
+    print(f"trainctl: warning: {message}", file=sys.stderr, flush=True)
+
+
+class MetricsFile:
+    """Appends one JSON object per logged step to run_dir/metrics.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self._fh = open(self.path, "a", buffering=1)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def finish(self) -> None:
+        self._fh.close()
+
+
+class WandbTracker:
+    """W&B from rank 0. offline by default: the run folder lands in run_dir/wandb and
+    `wandb sync` uploads it later. A stable run id (kept in run_dir) with resume="allow"
+    continues the same W&B run after a restart."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path):
+        import wandb  # an integration imports its library inside, not at the top of core files
+
+        self._wandb = wandb
+        mode = os.environ.get("WANDB_MODE") or cfg.tracking.mode
+        self.run = wandb.init(
+            project=cfg.tracking.project,
+            entity=cfg.tracking.entity,
+            group=cfg.tracking.group,
+            tags=cfg.tracking.tags or None,
+            name=cfg.name,
+            id=run_id(run_dir),
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=cfg.model_dump(mode="json"),
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def run_id(run_dir: Path) -> str:
+    """The run's W&B id, created once and kept in the run folder."""
+    path = run_dir / "wandb_run_id"
+    if path.exists():
+        return path.read_text().strip()
+    rid = secrets.token_hex(4)
+    path.write_text(rid + "\n")
+    return rid
+
+
+class Tracker:
+    """Fans each log call out to the metrics file and, if it works, W&B."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path):
+        self.file = MetricsFile(run_dir)
+        self.wandb: WandbTracker | None = None
+        if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
+            try:
+                self.wandb = WandbTracker(cfg, run_dir)
+            except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
+                warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.file.log(metrics, step)
+        if self.wandb is not None:
+            try:
+                self.wandb.log(metrics, step)
+            except Exception as e:  # noqa: BLE001
+                warn(f"W&B log failed, tracking turned off ({type(e).__name__}: {e})")
+                self.wandb = None
+
+    def finish(self) -> None:
+        self.file.finish()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                warn(f"W&B finish failed ({type(e).__name__}: {e}); run `wandb sync` on {self.file.path.parent}/wandb")
