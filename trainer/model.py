@@ -1,0 +1,287 @@
+"""The transformer: a decoder-only language model in plain PyTorch, and its own small config.
+
+Owns the architecture (RMSNorm pre-norm blocks, grouped-query attention with rotary
+position embeddings, SwiGLU MLP, optionally tied output head), its initialisation, the
+weight-decay parameter groups, the closed-form parameter count and sampling. It never
+sees the training config and imports nothing from the rest of trainctl.
+
+Shape letters: B batch, T sequence, C d_model, H query heads, K key/value heads,
+D head_dim, F ffn_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257  # embedding rows; 257 = 256 bytes + one end-of-text token
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int | None = None  # key/value heads; None = n_head (plain MHA), fewer = grouped-query attention
+    d_model: int = 128  # residual stream width
+    # SwiGLU hidden size; None = 8/3 * d_model rounded up to a multiple of 64, which keeps
+    # the MLP's three matrices at about the parameter count of a 4 * d_model GELU MLP.
+    d_ff: int | None = None
+    max_seq_len: int = 256  # longest context accepted; the size of the RoPE table
+    rope_theta: float = 10000.0  # RoPE base: the longest rotation wavelength grows with it
+    norm_eps: float = 1e-5  # added to the RMS before dividing
+    dropout: float = 0.0  # on attention weights and on each block's two residual branches
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"d_model / n_head = {self.head_dim} must be even (rotary embeddings rotate pairs); "
+                f"change d_model={self.d_model} or n_head={self.n_head}"
+            )
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head={self.kv_heads} must divide n_head={self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_head resolved: the number of key/value heads."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        """d_ff resolved: the SwiGLU hidden size."""
+        if self.d_ff is not None:
+            return self.d_ff
+        return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+
+
+def count_params(config: ModelConfig, non_embedding: bool = True) -> int:
+    """Parameters of `Transformer(config)` without building it (a tied matrix counts once).
+
+    >>> count_params(ModelConfig()) == Transformer(ModelConfig()).num_params()
+    True
+    """
+    c = config
+    attn = c.d_model * c.d_model * 2 + 2 * c.d_model * c.kv_heads * c.head_dim  # wq, wo; wk, wv
+    mlp = 3 * c.d_model * c.ffn_dim  # w1, w3, w2
+    norms = 2 * c.d_model
+    total = c.n_layer * (attn + mlp + norms) + c.d_model  # + final norm
+    if non_embedding:
+        return total
+    embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+    return total + embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: bf16's mean of squares loses too much for wide d_model.
+        xf = x.float()  # (..., C)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C)
+        return xf.type_as(x) * self.weight
+
+
+def rope_table(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (max_seq_len, head_dim / 2): angle of pair i at position t."""
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float32) / half)  # (D/2,)
+    t = torch.arange(config.max_seq_len, dtype=torch.float32)  # (T_max,)
+    angles = torch.outer(t, inv_freq)  # (T_max, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + D/2]) pair of x, (B, heads, T, D), by its position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, heads, T, D/2) each
+    cos, sin = cos.float(), sin.float()  # (T, D/2), broadcast over B and heads
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, heads, T, D)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.wq = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_head != self.n_head:
+            # Each K/V head serves n_head / n_kv_head consecutive query heads.
+            rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+            v = v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.wo(y))  # (B, T, C)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.d_model, config.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(config.d_model, config.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(config.ffn_dim, config.d_model, bias=False)  # down
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.w1(x)) * self.w3(x)  # (B, T, F)
+        return self.resid_drop(self.w2(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)  # (B, T, C)
+        return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. For token ids idx and targets, both (B, T):
+
+        model = Transformer(ModelConfig(n_layer=2))
+        logits, loss = model(idx, targets)                      # (B, T, V), scalar
+        out = model.eval().generate(idx, 20, temperature=0)     # (B, T + 20)
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # Derived from the config, so kept out of the state dict: checkpoints stay portable
+        # across max_seq_len and rope_theta changes.
+        cos, sin = rope_table(config)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, D/2)
+        self.apply(self._init_weights)
+        # GPT-2: each block adds two branches to the residual stream, so scale their output
+        # projections to keep the stream's variance from growing with depth.
+        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.wo.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(block.mlp.w2.weight, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, V) for token ids (B, T); with targets (B, T), (logits, mean loss)."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.blocks:
+            if self.config.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, cos, sin)  # (B, T, C)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        # float32 softmax: in bf16 the log-sum-exp over V loses the small probabilities.
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding leaves out the token embedding (and an untied head)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """Two AdamW groups: matrices (embeddings included) decay; norm weights and other
+        1-D tensors do not. Each trainable tensor appears once:
+
+            torch.optim.AdamW(model.optim_groups(0.1), lr=1e-3)
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); returns (B, T + max_new_tokens).
+
+        temperature 0 picks the most likely token; top_k keeps the k most likely before
+        sampling. Only the last max_seq_len tokens are fed back. No KV cache: each step
+        re-runs the cropped context. Call model.eval() first, or dropout stays on.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k={top_k} must be positive")
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.max_seq_len :]  # (B, <=max_seq_len)
+            logits = self(context)[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature  # (B, V)
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
+                probs = F.softmax(logits, dim=-1)  # (B, V)
+                next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)  # (B, T + i + 1)
+        return idx
