@@ -8,14 +8,13 @@ ready; an edited input file gets a new folder.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import default_corpus, prepare
+from data_pipeline.prepare import default_corpus, expand_inputs, prepare
 
 
 def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float) -> str:
@@ -26,14 +25,6 @@ def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float) -> str:
     return h.hexdigest()[:16]
 
 
-def _input_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
-    if os.path.isfile(path):
-        return [path]
-    return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-
-
 def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1) -> str:
     """The prepared dataset folder for `path`, preparing raw text into cache_dir if needed.
 
@@ -41,16 +32,17 @@ def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_frac
     '.cache/trainctl/tinyshakespeare-3f9a...'
     """
     if path == "stdlib":
-        return default_corpus(cache_dir)
+        return default_corpus(cache_dir, tokenizer, val_fraction)
     if os.path.isfile(os.path.join(path, "manifest.json")):
         return path
     if path.endswith("manifest.json") and os.path.isfile(path):
         return os.path.dirname(path)
-    files = _input_files(path)
-    if not files:
-        raise DataError(f"data.path '{path}' matches no files: give a prepared dataset folder, text files, a folder or a glob")
+    try:
+        files = expand_inputs([path])
+    except DataError as e:
+        raise DataError(f"data.path: {e}") from None
     stem = Path(files[0]).stem if len(files) == 1 else Path(path.split("*")[0].rstrip("/")).name or "data"
     out = os.path.join(cache_dir, f"{stem}-{tokenizer.replace(':', '')}-{_fingerprint(files, tokenizer, val_fraction)}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
-        prepare(files, out, tokenizer=tokenizer, val_fraction=val_fraction, overwrite=True)
+        prepare([path], out, tokenizer=tokenizer, val_fraction=val_fraction, overwrite=True)
     return out

@@ -1,0 +1,237 @@
+"""`trainctl prepare`: text files to WebDataset token shards plus a manifest.json.
+
+Every input file is one document, followed by an end-of-text token. The tail
+`val_fraction` of each file goes to the validation split (as nanoGPT splits its text).
+Documents are cut into samples of at most `sample_tokens` tokens, stored as raw arrays in
+tar members `{key:09d}.tokens`, so `tar -tf` lists them and plain `webdataset` reads them.
+Shards are written deterministically (fixed member metadata, sorted inputs): the same
+inputs give byte-identical shards. The dataset is built in a sibling folder and moved into
+place at the end, and manifest.json is its last file, so a folder holding a manifest is
+complete.
+
+>>> prepare(["book.txt"], "data/book")  # doctest: +SKIP
+{'format': 'trainctl.tokens/1', 'splits': {'train': {...}, 'val': {...}}, ...}
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import build_tokenizer, token_dtype
+
+FORMAT = "trainctl.tokens/1"
+SPLITS = ("train", "val")
+
+
+def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
+    """Sorted files named by `inputs` (files, folders, globs); DataError when there is no text.
+
+    A file named directly must hold text (unless `skip_empty`); empty files found through a
+    folder or a glob are skipped.
+    """
+    files: list[str] = []
+    for item in inputs:
+        if os.path.isfile(item):
+            if os.path.getsize(item) == 0 and not skip_empty:
+                raise DataError(f"input file {item} has no text: remove it from the inputs or fill it")
+            found = [item]
+        elif os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        if not found:
+            raise DataError(f"input '{item}' matches no files: give text files, a folder or a quoted glob")
+        files += found
+    files = sorted(set(files), key=files.index)
+    nonempty = [f for f in files if os.path.getsize(f) > 0]
+    if not nonempty:
+        raise DataError(f"the inputs {' '.join(inputs)} hold no text (every file is empty)")
+    return nonempty
+
+
+class ShardWriter:
+    """Writes `{split}-{i:06d}.tar` shards of token samples, rolling over at a byte budget."""
+
+    def __init__(self, folder: str, split: str, shard_size_bytes: int):
+        self.folder, self.split, self.limit = folder, split, shard_size_bytes
+        self.shards: list[dict] = []
+        self.tar: tarfile.TarFile | None = None
+        self.key = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self.tar = tarfile.open(os.path.join(self.folder, name), "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append({"path": name, "samples": 0, "tokens": 0})
+
+    def _close(self) -> None:
+        self.tar.close()
+        self.tar = None
+        shard = self.shards[-1]
+        path = os.path.join(self.folder, shard["path"])
+        shard["bytes"] = os.path.getsize(path)
+        shard["sha256"] = _sha256(path)
+
+    def write(self, tokens: np.ndarray) -> None:
+        data = tokens.tobytes()
+        if self.tar is not None and self.shards[-1]["tokens"] * tokens.itemsize + len(data) > self.limit:
+            self._close()
+        if self.tar is None:
+            self._open()
+        info = tarfile.TarInfo(f"{self.key:09d}.tokens")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: byte-identical re-runs
+        self.tar.addfile(info, io.BytesIO(data))
+        self.key += 1
+        self.shards[-1]["samples"] += 1
+        self.shards[-1]["tokens"] += len(tokens)
+
+    def finish(self) -> dict:
+        if self.tar is not None:
+            self._close()
+        return {"shards": self.shards, "samples": sum(s["samples"] for s in self.shards),
+                "tokens": sum(s["tokens"] for s in self.shards)}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_out(out_dir: str, overwrite: bool) -> None:
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir} is a file: choose a folder")
+    if not os.listdir(out_dir):
+        return
+    if not os.path.isfile(os.path.join(out_dir, "manifest.json")):
+        raise DataError(f"--out {out_dir} is not empty and holds no dataset: choose an empty or new folder")
+    if not overwrite:
+        raise DataError(f"--out {out_dir} already holds a dataset: pass --overwrite to replace it")
+
+
+def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1,
+            shard_size_bytes: int = 256 * 2**20, sample_tokens: int = 8192, name: str | None = None,
+            overwrite: bool = False, skip_empty: bool = False, progress: bool = False) -> dict:
+    """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
+    if shard_size_bytes < 1 or sample_tokens < 1:
+        raise DataError("the shard size and sample size must be positive")
+    tok = build_tokenizer(tokenizer)
+    files = expand_inputs(inputs, skip_empty)
+    _check_out(out_dir, overwrite)
+    dtype = token_dtype(tok.vocab_size)
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        writers = {split: ShardWriter(tmp, split, shard_size_bytes) for split in SPLITS}
+        docs = dict.fromkeys(SPLITS, 0)
+        t0, t_report, n_bytes, n_tokens = time.perf_counter(), 0.0, 0, 0
+        for i, path in enumerate(files):
+            raw = Path(path).read_bytes()
+            n_bytes += len(raw)
+            ids = tok.encode(raw).astype(dtype, copy=False)
+            n_tokens += len(ids)
+            cut = int(len(ids) * (1 - val_fraction))
+            for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
+                if len(part) == 0:
+                    continue
+                doc = np.concatenate([part, np.array([tok.eot], dtype=dtype)])
+                for start in range(0, len(doc), sample_tokens):
+                    writers[split].write(doc[start:start + sample_tokens])
+                docs[split] += 1
+            now = time.perf_counter()
+            if progress and (now - t_report > 1 or i == len(files) - 1):
+                t_report = now
+                print(f"\rprepare: {i + 1}/{len(files)} documents, {n_tokens:,} tokens, "
+                      f"{n_bytes / 2**20 / max(now - t0, 1e-9):.1f} MB/s", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+        splits = {split: {"documents": docs[split], **w.finish()} for split, w in writers.items()}
+        manifest = {"format": FORMAT, "name": name or os.path.basename(os.path.abspath(out_dir)),
+                    "tokenizer": tok.to_dict(), "dtype": dtype.name, "sample_tokens": sample_tokens,
+                    "val_fraction": val_fraction, "input_files": len(files), "splits": splits}
+        Path(tmp, "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_manifest(out_dir)
+
+
+def load_manifest(path: str) -> dict:
+    """The manifest of a prepared dataset (folder or manifest.json); each shard gains a `url`."""
+    file = path if path.endswith(".json") else os.path.join(path, "manifest.json")
+    try:
+        manifest = json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise DataError(f"no manifest.json in {path}: run `trainctl prepare` first or point data.path at a prepared dataset") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{file} is unreadable ({e}): prepare the dataset again") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{file} is not a trainctl dataset (format {manifest.get('format')!r}, expected {FORMAT})")
+    root = os.path.dirname(os.path.abspath(file))
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            shard["url"] = os.path.join(root, shard["path"])
+    manifest["root"] = root
+    return manifest
+
+
+def summarize(manifest: dict) -> str:
+    """One line per split: what `prepare` wrote."""
+    tok = manifest["tokenizer"]
+    lines = [f"dataset {manifest['root']}: {tok['name']} tokenizer (vocab {tok['vocab_size']}), {manifest['dtype']} tokens"]
+    for split, s in manifest["splits"].items():
+        size = sum(x["bytes"] for x in s["shards"])
+        lines.append(f"  {split:<5} {s['documents']:>8,} documents {s['tokens']:>14,} tokens "
+                     f"{len(s['shards']):>5} shards {size / 2**20:>9.1f} MB")
+    return "\n".join(lines)
+
+
+def stdlib_files() -> list[str]:
+    """The Python standard library's own .py source files (no site-packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(str(p) for p in root.rglob("*.py")
+                  if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file())
+
+
+def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1) -> str:
+    """The prepared standard-library corpus in `cache_dir`, preparing it on first use.
+
+    Its folder name hashes the Python version and the file list, so a different Python
+    gets its own copy.
+    """
+    files = stdlib_files()
+    if not files:
+        raise DataError("found no standard-library source on this Python: set data.path to your own text")
+    h = hashlib.sha256(json.dumps([sys.version, tokenizer, val_fraction, len(files),
+                                   sum(os.path.getsize(f) for f in files)]).encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir, f"stdlib-{tokenizer.replace(':', '')}-{h}")
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        print(f"trainctl: preparing the standard library's source ({len(files)} files) into {out}", file=sys.stderr, flush=True)
+        prepare(files, out, tokenizer=tokenizer, val_fraction=val_fraction, name="stdlib", overwrite=True,
+                skip_empty=True, progress=True)
+    return out

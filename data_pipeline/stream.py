@@ -1,0 +1,211 @@
+"""The streaming reader: prepared shards to (B, T+1) token batches for one rank.
+
+The global order of training sequences is a pure function of (seed, epoch, position),
+whatever the number of ranks:
+
+    shards, permuted per epoch ─► tokens (read through webdataset)
+      ─► packed windows of T+1 tokens at stride T, from a per-epoch offset
+      ─► shuffled within consecutive blocks of `shuffle_buffer` windows
+      ─► global batches of G = micro_batch_size · world_size · grad_accum_steps windows
+      ─► rank r keeps rows [r·B·A, (r+1)·B·A) of each, as A micro batches of B
+
+Every rank reads the same stream and keeps its slice, so every rank gets the same number
+of batches (no hang at an epoch's end) and the position (epoch, step in epoch) resumes
+exactly, with the same or another number of ranks. The shards' token counts in the
+manifest let a resume start reading at the right shard instead of replaying the epoch.
+Each stage is a small generator that works on plain lists and arrays.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.prepare import load_manifest
+
+
+def read_shard(url: str, dtype: np.dtype, expected_tokens: int | None = None) -> Iterator[np.ndarray]:
+    """The token arrays of one shard, in order; DataError naming the shard if it is unreadable."""
+    import webdataset as wds
+
+    seen = 0
+    try:
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+            tokens = np.frombuffer(sample["tokens"], dtype=dtype)
+            seen += len(tokens)
+            yield tokens
+    except Exception as e:  # tarfile, IO and webdataset errors alike: name the shard
+        raise DataError(f"shard {url} is unreadable ({type(e).__name__}: {e}): prepare the dataset again") from None
+    if expected_tokens is not None and seen != expected_tokens:
+        raise DataError(f"shard {url} holds {seen:,} tokens but the manifest says {expected_tokens:,}: "
+                        "it is truncated or was replaced; prepare the dataset again")
+
+
+def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
+    """`chunks` without their first `n` tokens."""
+    for chunk in chunks:
+        if n >= len(chunk):
+            n -= len(chunk)
+            continue
+        yield chunk[n:]
+        n = 0
+
+
+def pack(chunks: Iterable[np.ndarray], seq_len: int, count: int) -> Iterator[np.ndarray]:
+    """`count` windows of seq_len+1 tokens at stride seq_len (each token a target once).
+
+    >>> [w.tolist() for w in pack([np.arange(5), np.arange(5, 8)], 3, 2)]
+    [[0, 1, 2, 3], [3, 4, 5, 6]]
+    """
+    buf, made = None, 0
+    for chunk in chunks:
+        buf = chunk if buf is None else np.concatenate([buf, chunk])
+        n = (len(buf) - 1) // seq_len
+        for k in range(n):
+            if made == count:
+                return
+            yield buf[k * seq_len:k * seq_len + seq_len + 1]
+            made += 1
+        buf = buf[n * seq_len:]
+    if made < count:
+        raise DataError(f"the data ended after {made} of {count} sequences: the manifest's token counts are wrong")
+
+
+def block_shuffle(items: Iterable, block: int, seed: int, epoch: int, first_block: int = 0) -> Iterator:
+    """`items` permuted within consecutive blocks of `block`; block j's permutation comes
+    from (seed, epoch, j) alone, so any block can be rebuilt on its own."""
+    buf, j = [], first_block
+    for item in items:
+        buf.append(item)
+        if len(buf) == block:
+            yield from (buf[i] for i in np.random.default_rng([seed, epoch, j]).permutation(block))
+            buf, j = [], j + 1
+    if buf:
+        yield from (buf[i] for i in np.random.default_rng([seed, epoch, j]).permutation(len(buf)))
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == n:
+            yield buf
+            buf = []
+
+
+class TokenStream:
+    """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one rank.
+
+    >>> stream = TokenStream("data/book", "train", 256, 8, rank=0, world_size=2)  # doctest: +SKIP
+    >>> batch = next(iter(stream))  # (8, 257); inputs batch[:, :-1], targets batch[:, 1:]
+    """
+
+    def __init__(self, data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
+                 grad_accum_steps: int = 1, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 8192):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.manifest = load_manifest(data)
+        if split not in self.manifest["splits"]:
+            raise DataError(f"the dataset {data} has no '{split}' split")
+        self.shards = self.manifest["splits"][split]["shards"]
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = micro_batch_size * world_size * grad_accum_steps
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.tokens = sum(s["tokens"] for s in self.shards)
+        worst = max(self.tokens - seq_len, 0) // seq_len  # windows from the largest per-epoch offset
+        if worst < self.global_batch:
+            raise DataError(f"the {split} split of {data} holds {self.tokens:,} tokens, too few for one global batch of "
+                            f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len")
+        self.epoch, self.step_in_epoch = 0, 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    def epoch_plan(self, epoch: int) -> tuple[list[dict], int, int]:
+        """(shards in this epoch's order, token offset of the first window, steps in the epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.shards)) if self.shuffle else range(len(self.shards))
+        offset = int(rng.integers(self.seq_len)) if self.shuffle else 0
+        windows = (self.tokens - offset - 1) // self.seq_len
+        return [self.shards[i] for i in order], offset, windows // self.global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.epoch_plan(self.epoch)[2]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
+                "global_batch": self.global_batch, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position (call before iterating). The global batch, the
+        sequence length and the seed must match; the number of ranks may differ."""
+        for key in ("seed", "global_batch", "seq_len"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"the saved data position has {key}={state[key]} but this job has {getattr(self, key)}: "
+                                f"resume with the same {key} or start a fresh run")
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+
+    def _global_windows(self, epoch: int, first_step: int) -> Iterator[np.ndarray]:
+        """This epoch's windows in global order, from the first window of step `first_step`."""
+        shards, offset, steps = self.epoch_plan(epoch)
+        used, block = steps * self.global_batch, self.shuffle_buffer if self.shuffle else steps * self.global_batch
+        first_window = (first_step * self.global_batch // block) * block  # start of the block holding it
+        start = offset + first_window * self.seq_len
+        ends = np.cumsum([s["tokens"] for s in shards]).tolist()
+        i = bisect.bisect_right(ends, start)
+        chunks = (c for s in shards[i:] for c in read_shard(s["url"], self.dtype, s["tokens"]))
+        windows = pack(skip_tokens(chunks, start - (ends[i - 1] if i else 0)), self.seq_len, used - first_window)
+        if self.shuffle:
+            windows = block_shuffle(windows, block, self.seed, epoch, first_window // block)
+        skip = first_step * self.global_batch - first_window
+        for k, w in enumerate(windows):
+            if k >= skip:
+                yield w
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        rows = self.micro_batch_size * self.accum
+        while True:
+            steps = self.steps_per_epoch
+            for batch in batched(self._global_windows(self.epoch, self.step_in_epoch), self.global_batch):
+                mine = np.stack(batch[self.rank * rows:(self.rank + 1) * rows]).astype(np.int64)
+                self.step_in_epoch += 1  # the position after this step, before its batches are handed out
+                if self.step_in_epoch == steps:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                for a in range(self.accum):
+                    yield torch.from_numpy(mine[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
+                if self.step_in_epoch == 0:
+                    break
+
+
+def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
+                 max_batches: int | None = None) -> list[torch.Tensor]:
+    """The same fixed, unshuffled validation batches on every call: the split's windows in
+    order, rank r taking its rows of each; every rank gets the same number. [] when the
+    split is missing or too small for one sequence per rank."""
+    manifest = load_manifest(data)
+    shards = manifest["splits"].get(split, {"shards": []})["shards"]
+    tokens = sum(s["tokens"] for s in shards)
+    windows = max(tokens - 1, 0) // seq_len
+    per_batch = micro_batch_size * world_size
+    n_batches = windows // per_batch
+    if n_batches == 0:  # a small split: one smaller batch
+        micro_batch_size, per_batch, n_batches = windows // world_size, windows // world_size * world_size, 1
+        if micro_batch_size == 0:
+            return []
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    dtype = np.dtype(manifest["dtype"])
+    chunks = (c for s in shards for c in read_shard(s["url"], dtype, s["tokens"]))
+    out = []
+    for batch in batched(pack(chunks, seq_len, n_batches * per_batch), per_batch):
+        rows = batch[rank * micro_batch_size:(rank + 1) * micro_batch_size]
+        out.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
+    return out
