@@ -1,0 +1,146 @@
+"""prepare: text files to token shards that plain tar and plain webdataset read, and back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from data_pipeline import ByteTokenizer, DataError, load_manifest, prepare, resolve_dataset, tokenizer_from_dict
+from data_pipeline.prepare import stdlib_files
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def texts(tmp_path):
+    src = SHAKESPEARE.read_text()
+    (tmp_path / "a.txt").write_text(src[:50_000])
+    (tmp_path / "b.txt").write_text("héllo wörld — ünïcode\n" * 300)
+    return tmp_path
+
+
+def test_byte_tokenizer_round_trip_and_dict():
+    tok = ByteTokenizer()
+    text = "Tschüß, 世界!\n"
+    ids = tok.encode(text)
+    assert ids.dtype == np.uint16 and len(ids) == len(text.encode())
+    assert tok.decode([*ids.tolist(), tok.eot]) == text
+    assert tokenizer_from_dict(tok.to_dict()).vocab_size == 257
+
+
+def test_prepare_shards_read_by_tar_and_webdataset_and_round_trip(texts):
+    m = prepare([str(texts / "a.txt"), str(texts / "b.txt")], str(texts / "out"), shard_size_bytes=20_000,
+                sample_tokens=1000)
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    assert train["documents"] == val["documents"] == 2
+    a, b = (texts / "a.txt").read_bytes(), (texts / "b.txt").read_bytes()
+    assert train["tokens"] + val["tokens"] == len(a) + len(b) + 4  # one end-of-text per document part
+    assert len(train["shards"]) > 3 and all(s["tokens"] <= 11_000 for s in train["shards"])
+
+    listing = subprocess.run(["tar", "-tf", str(texts / "out" / "train-000000.tar")], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert listing[:3] == ["000000000.tokens", "000000001.tokens", "000000002.tokens"]
+
+    urls = [s["url"] for s in train["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == train["samples"]
+    ids = np.concatenate([np.frombuffer(s["tokens"], dtype=np.uint16) for s in samples])
+    assert len(ids) == train["tokens"] and max(len(s["tokens"]) // 2 for s in samples) == 1000
+    docs = ids.tolist()
+    first_eot = docs.index(256)
+    cut_a = int(len(a) * 0.9)
+    assert bytes(docs[:first_eot]) == a[:cut_a]  # the head of a.txt, then end-of-text, then b.txt's head
+    assert ByteTokenizer().decode(docs[first_eot + 1:]) == b[:int(len(b) * 0.9)].decode()
+
+    val_ids = np.concatenate([np.frombuffer(s["tokens"], dtype=np.uint16)
+                              for s in wds.WebDataset([s["url"] for s in val["shards"]], shardshuffle=False)])
+    assert bytes(val_ids[:len(a) - cut_a].tolist()) == a[cut_a:] and val_ids[len(a) - cut_a] == 256
+
+
+def test_manifest_records_sizes_and_checksums(texts):
+    import hashlib
+
+    m = prepare([str(texts / "a.txt")], str(texts / "out"), shard_size_bytes=30_000)
+    for s in m["splits"]["train"]["shards"] + m["splits"]["val"]["shards"]:
+        data = Path(s["url"]).read_bytes()
+        assert s["bytes"] == len(data) and s["sha256"] == hashlib.sha256(data).hexdigest()
+    assert m["tokenizer"] == {"name": "byte", "vocab_size": 257, "eot": 256} and m["dtype"] == "uint16"
+    assert load_manifest(str(texts / "out" / "manifest.json"))["splits"] == m["splits"]
+
+
+def test_rerun_gives_byte_identical_shards(texts):
+    inputs = [str(texts / "a.txt"), str(texts / "b.txt")]
+    prepare(inputs, str(texts / "one"), shard_size_bytes=20_000)
+    prepare(inputs, str(texts / "two"), shard_size_bytes=20_000, name="one")
+    one = sorted(p.name for p in (texts / "one").iterdir())
+    assert one == sorted(p.name for p in (texts / "two").iterdir()) and len(one) > 3
+    for name in one:
+        assert (texts / "one" / name).read_bytes() == (texts / "two" / name).read_bytes(), name
+
+
+def test_folder_and_glob_inputs_skip_empty_files(texts):
+    (texts / "sub").mkdir()
+    (texts / "sub" / "c.txt").write_text("x" * 100)
+    (texts / "sub" / "empty.txt").write_text("")
+    m = prepare([str(texts / "sub")], str(texts / "out1"))
+    assert m["input_files"] == 1 and m["splits"]["train"]["tokens"] == 91
+    m = prepare([str(texts / "*.txt")], str(texts / "out2"), val_fraction=0)
+    assert m["input_files"] == 2 and m["splits"]["val"]["tokens"] == 0 and m["splits"]["val"]["shards"] == []
+
+
+@pytest.mark.parametrize(
+    "inputs, kwargs, fragment",
+    [
+        (["nothing/*.txt"], {}, "matches no files"),
+        (["empty.txt"], {}, "input file empty.txt has no text"),
+        (["a.txt"], {"tokenizer": "wordpiece"}, "unknown tokenizer 'wordpiece'"),
+        (["a.txt"], {"val_fraction": 1.0}, "--val-fraction=1.0 must be in [0, 1)"),
+    ],
+)
+def test_prepare_bad_input_writes_nothing(texts, monkeypatch, inputs, kwargs, fragment):
+    monkeypatch.chdir(texts)
+    (texts / "empty.txt").write_text("")
+    before = sorted(p.name for p in texts.rglob("*"))
+    with pytest.raises(DataError, match=None) as e:
+        prepare(inputs, "out", **kwargs)
+    assert fragment in str(e.value)
+    assert sorted(p.name for p in texts.rglob("*")) == before
+
+
+def test_prepare_refuses_to_overwrite_without_flag(texts):
+    out = texts / "out"
+    prepare([str(texts / "a.txt")], str(out))
+    manifest = (out / "manifest.json").read_text()
+    with pytest.raises(DataError, match="already holds a dataset: pass --overwrite"):
+        prepare([str(texts / "b.txt")], str(out))
+    assert (out / "manifest.json").read_text() == manifest
+    (texts / "notes").mkdir()
+    (texts / "notes" / "keep.md").write_text("mine")
+    with pytest.raises(DataError, match="not empty and holds no dataset"):
+        prepare([str(texts / "b.txt")], str(texts / "notes"), overwrite=True)
+    assert (texts / "notes" / "keep.md").read_text() == "mine"
+    m = prepare([str(texts / "b.txt")], str(out), overwrite=True)
+    assert m["input_files"] == 1 and json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] == 1
+    assert not [p for p in texts.iterdir() if ".partial" in p.name]
+
+
+def test_resolve_prepares_raw_text_once_into_the_cache(texts):
+    cache = texts / "cache"
+    first = resolve_dataset(str(texts / "a.txt"), str(cache))
+    assert Path(first).name.startswith("a-byte-") and resolve_dataset(str(texts / "a.txt"), str(cache)) == first
+    assert resolve_dataset(first, str(cache)) == first
+    (texts / "a.txt").write_text("changed text " * 100)
+    assert resolve_dataset(str(texts / "a.txt"), str(cache)) != first  # an edited input gets a new folder
+
+
+def test_stdlib_corpus_is_the_standard_librarys_source():
+    files = stdlib_files()
+    names = {Path(f).name for f in files}
+    assert {"os.py", "json", "tarfile.py"} & names >= {"os.py", "tarfile.py"}
+    assert sum(Path(f).stat().st_size for f in files) > 10 * 2**20
+    assert not any("site-packages" in f for f in files)

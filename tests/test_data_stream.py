@@ -1,0 +1,163 @@
+"""The stream: stages on plain lists, equal batches per rank, world-size-independent and
+exactly resumable order, and a corrupt shard named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import DataError, TokenStream, eval_batches, prepare
+from data_pipeline.stream import batched, block_shuffle, pack, skip_tokens
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Uneven shards: train 4,201 tokens in shards of 600 (the last one smaller), val 1,801."""
+    root = tmp_path_factory.mktemp("stream")
+    (root / "t.txt").write_text(SHAKESPEARE.read_text()[:6_000])
+    prepare([str(root / "t.txt")], str(root / "d"), val_fraction=0.3, shard_size_bytes=1_200, sample_tokens=100)
+    return str(root / "d")
+
+
+def take(data, world, accum, steps, micro=3, state=None, **kw):
+    """The global batches (concatenated over ranks and micro batches) of `steps` steps."""
+    streams = [TokenStream(data, "train", 32, micro, r, world, grad_accum_steps=accum, seed=7, shuffle_buffer=40, **kw)
+               for r in range(world)]
+    for s in streams:
+        if state:
+            s.load_state_dict(state)
+    its = [iter(s) for s in streams]
+    batches = [torch.cat([next(it) for it in its for _ in range(accum)]) for _ in range(steps)]
+    return batches, streams[0].state_dict()
+
+
+def test_pack_windows_overlap_by_one_token_across_chunks():
+    windows = list(pack([np.arange(5), np.arange(5, 9), np.arange(9, 13)], 4, 3))
+    assert [w.tolist() for w in windows] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
+    with pytest.raises(DataError, match="ended after 3 of 4"):
+        list(pack([np.arange(13)], 4, 4))
+
+
+def test_skip_and_batch_stages():
+    assert [c.tolist() for c in skip_tokens([np.arange(3), np.arange(3, 6)], 4)] == [[4, 5]]
+    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_block_shuffle_is_a_seeded_permutation_within_blocks():
+    out = list(block_shuffle(range(10), 4, seed=1, epoch=0))
+    assert sorted(out[:4]) == [0, 1, 2, 3] and sorted(out[4:8]) == [4, 5, 6, 7] and sorted(out[8:]) == [8, 9]
+    assert out != list(range(10)) and out == list(block_shuffle(range(10), 4, seed=1, epoch=0))
+    assert out != list(block_shuffle(range(10), 4, seed=1, epoch=1))
+    # any block rebuilds on its own: resuming at block 1 gives the same order
+    assert list(block_shuffle(range(4, 10), 4, seed=1, epoch=0, first_block=1)) == out[4:]
+
+
+def test_shards_are_uneven(data):
+    from data_pipeline import load_manifest
+
+    tokens = [s["tokens"] for s in load_manifest(data)["splits"]["train"]["shards"]]
+    assert sum(tokens) == 4_201 and tokens[:-1] == [600] * 7 and tokens[-1] == 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_same_number_of_batches_per_epoch(data, world):
+    streams = [TokenStream(data, "train", 32, 4, r, world, seed=3) for r in range(world)]
+    steps = streams[0].steps_per_epoch
+    counts = []
+    for s in streams:
+        it, n = iter(s), 0
+        while s.epoch == 0:
+            batch = next(it)
+            assert batch.shape == (4, 33) and batch.dtype == torch.int64
+            n += 1
+        counts.append(n)
+    offset = streams[0].epoch_plan(0)[1]
+    assert counts == [steps] * world and steps == (4_201 - offset - 1) // 32 // (4 * world) and steps > 2
+
+
+def test_an_epoch_covers_every_window_once(data):
+    stream = TokenStream(data, "train", 32, 2, 0, 1, seed=5, shuffle_buffer=16)
+    _, offset, steps = stream.epoch_plan(0)
+    shards = stream.epoch_plan(0)[0]
+    flat = np.concatenate([np.frombuffer(b"".join(_member_bytes(s["url"])), dtype=np.uint16) for s in shards])
+    expected = {tuple(flat[offset + k * 32: offset + k * 32 + 33].tolist()) for k in range(steps * 2)}
+    it = iter(stream)
+    seen = [tuple(row.tolist()) for _ in range(steps) for row in next(it)]
+    assert len(seen) == len(set(seen)) == steps * 2 and set(seen) == expected
+
+
+def _member_bytes(url):
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        return [tar.extractfile(m).read() for m in tar.getmembers()]
+
+
+def test_global_order_does_not_depend_on_the_number_of_ranks(data):
+    one, _ = take(data, 1, 4, 12)
+    two, _ = take(data, 2, 2, 12)
+    four, _ = take(data, 4, 1, 12)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(one, two, four))
+    assert len({tuple(b.flatten().tolist()) for b in one}) == 12
+
+
+def test_resume_continues_the_same_sequence_on_another_world_size(data):
+    straight, end = take(data, 2, 1, 25, micro=6)  # crosses two epochs' ends (about 10 steps each)
+    assert end["epoch"] == 2
+    _, state = take(data, 2, 1, 7, micro=6)
+    assert state["step_in_epoch"] == 7 and state["epoch"] == 0
+    resumed, state = take(data, 3, 1, 18, micro=4, state=state)  # 3 ranks x 4 = the same global batch of 12
+    assert len(resumed) == 18 and all(torch.equal(a, b) for a, b in zip(straight[7:], resumed))
+    assert state == end
+
+
+def test_epochs_differ_and_shuffle_is_seeded(data):
+    a, _ = take(data, 1, 1, 20, micro=12)
+    b, _ = take(data, 1, 1, 20, micro=12)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    steps = TokenStream(data, "train", 32, 12, 0, 1).steps_per_epoch
+    assert not torch.equal(a[0], a[steps])
+
+
+def test_resume_with_another_global_batch_is_refused(data):
+    _, state = take(data, 2, 1, 2)
+    stream = TokenStream(data, "train", 32, 5, 0, 2)
+    with pytest.raises(DataError, match="global_batch=6 but this job has 10"):
+        stream.load_state_dict({**state, "seed": 0})
+
+
+def test_too_little_data_for_one_global_batch(data):
+    with pytest.raises(DataError, match="too few for one global batch of 4096 x 33 tokens"):
+        TokenStream(data, "train", 32, 512, 0, 8)
+
+
+def test_eval_batches_are_fixed_and_equal_per_rank(data):
+    ranks = [eval_batches(data, "val", 32, 4, r, 3) for r in range(3)]
+    assert [len(b) for b in ranks] == [(1_801 - 1) // 32 // 12] * 3 == [4] * 3
+    rows = torch.cat([torch.cat([ranks[r][i] for r in range(3)]) for i in range(4)])  # (48, 33)
+    val_text = SHAKESPEARE.read_bytes()[:6_000][4_200:]
+    assert bytes(rows[0].tolist()) == val_text[:33]
+    assert torch.equal(rows[1:, 0], rows[:-1, 32])  # consecutive windows, unshuffled
+    assert len(eval_batches(data, "val", 32, 4, 0, 3, max_batches=2)) == 2
+    assert eval_batches(data, "nope", 32, 4, 0, 1) == []
+    small = eval_batches(data, "val", 32, 1000, 1, 2)
+    assert len(small) == 1 and small[0].shape == (28, 33)  # 56 windows, split over 2 ranks
+
+
+def test_corrupt_or_truncated_shard_is_named(data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "d"
+    shutil.copytree(data, copy)
+    shard = copy / "train-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated mid-member
+    stream = TokenStream(str(copy), "train", 32, 12, 0, 1, seed=7)
+    with pytest.raises(DataError, match="shard .*train-000003.tar"):
+        it = iter(stream)
+        for _ in range(stream.steps_per_epoch):
+            next(it)
