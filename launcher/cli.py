@@ -60,14 +60,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         from cluster.ray_job import JobFailed, connect, run_on_ray, shutdown
 
-        conn = connect(cfg.cluster)
+        conn, failure = connect(cfg.cluster), None
         try:
             run_on_ray(train_worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, cfg.checkpoint.storage_path)
         except JobFailed as e:
-            print(f"trainctl: training failed: {e}", file=sys.stderr)
-            return FAILED
+            failure = e
         finally:
-            shutdown(conn)
+            shutdown(conn)  # first, so that Ray's forwarded worker logs end before our last line
+        if failure is not None:
+            print(f"trainctl: training failed: {failure}", file=sys.stderr)
+            return FAILED
     if cfg.train.sample_tokens:
         from trainer.generate import sample
 

@@ -47,7 +47,7 @@ def sample(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temp
     model, tok = load_model(find_checkpoint(path))
     ids = tok.encode(prompt)
     if len(ids) == 0:
-        ids = [tok.eot_id]
+        ids = [tok.eot]
     idx = torch.tensor([list(ids)], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
