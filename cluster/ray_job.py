@@ -56,7 +56,10 @@ def connect(cluster: ClusterSection) -> Connection:
 
 def worker_env(cluster: ClusterSection) -> dict[str, str]:
     """Environment for every worker: DeepSpeed's accelerator (read once, at import) and the user's extras."""
-    env = {"DS_ACCELERATOR": "cuda" if cluster.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray Train's print patch tees each print to its logger once stdout is wrapped (W&B wraps
+    # rank 0's), so every progress line would reach the console twice.
+    env = {"DS_ACCELERATOR": "cuda" if cluster.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.update(cluster.env)
     return env
 

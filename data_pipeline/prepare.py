@@ -34,6 +34,9 @@ from data_pipeline.tokenizer import build_tokenizer, token_dtype
 
 FORMAT = "trainctl.tokens/1"
 SPLITS = ("train", "val")
+# Datasets prepared on the fly (data.path naming raw text, or stdlib) are small: shards of
+# 8 MB give the per-epoch shard shuffle something to permute.
+AUTO_SHARD_BYTES = 8 * 2**20
 
 
 def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
@@ -146,7 +149,8 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
     try:
         writers = {split: ShardWriter(tmp, split, shard_size_bytes) for split in SPLITS}
         docs = dict.fromkeys(SPLITS, 0)
-        t0, t_report, n_bytes, n_tokens = time.perf_counter(), 0.0, 0, 0
+        t0, t_report, n_bytes, n_tokens = time.perf_counter(), time.perf_counter(), 0, 0
+        tty = sys.stderr.isatty()  # a bar that redraws itself on a terminal, plain lines in a log
         for i, path in enumerate(files):
             raw = Path(path).read_bytes()
             n_bytes += len(raw)
@@ -161,11 +165,11 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
                     writers[split].write(doc[start:start + sample_tokens])
                 docs[split] += 1
             now = time.perf_counter()
-            if progress and (now - t_report > 1 or i == len(files) - 1):
+            if progress and (now - t_report > (1 if tty else 10) or i == len(files) - 1):
                 t_report = now
-                print(f"\rprepare: {i + 1}/{len(files)} documents, {n_tokens:,} tokens, "
-                      f"{n_bytes / 2**20 / max(now - t0, 1e-9):.1f} MB/s", end="", file=sys.stderr, flush=True)
-        if progress:
+                print(("\r" if tty else "") + f"prepare: {i + 1}/{len(files)} documents, {n_tokens:,} tokens, "
+                      f"{n_bytes / 2**20 / max(now - t0, 1e-9):.1f} MB/s", end="" if tty else "\n", file=sys.stderr, flush=True)
+        if progress and tty:
             print(file=sys.stderr)
         splits = {split: {"documents": docs[split], **w.finish()} for split, w in writers.items()}
         manifest = {"format": FORMAT, "name": name or os.path.basename(os.path.abspath(out_dir)),
@@ -227,11 +231,11 @@ def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float 
     files = stdlib_files()
     if not files:
         raise DataError("found no standard-library source on this Python: set data.path to your own text")
-    h = hashlib.sha256(json.dumps([sys.version, tokenizer, val_fraction, len(files),
+    h = hashlib.sha256(json.dumps([FORMAT, AUTO_SHARD_BYTES, sys.version, tokenizer, val_fraction, len(files),
                                    sum(os.path.getsize(f) for f in files)]).encode()).hexdigest()[:16]
     out = os.path.join(cache_dir, f"stdlib-{tokenizer.replace(':', '')}-{h}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
         print(f"trainctl: preparing the standard library's source ({len(files)} files) into {out}", file=sys.stderr, flush=True)
-        prepare(files, out, tokenizer=tokenizer, val_fraction=val_fraction, name="stdlib", overwrite=True,
-                skip_empty=True, progress=True)
+        prepare(files, out, tokenizer=tokenizer, val_fraction=val_fraction, shard_size_bytes=AUTO_SHARD_BYTES,
+                name="stdlib", overwrite=True, skip_empty=True, progress=True)
     return out

@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import default_corpus, expand_inputs, prepare
+from data_pipeline.prepare import AUTO_SHARD_BYTES, default_corpus, expand_inputs, prepare
 
 
 def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float) -> str:
-    h = hashlib.sha256(json.dumps([tokenizer, val_fraction]).encode())
+    h = hashlib.sha256(json.dumps([AUTO_SHARD_BYTES, tokenizer, val_fraction]).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -44,5 +44,6 @@ def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_frac
     stem = Path(files[0]).stem if len(files) == 1 else Path(path.split("*")[0].rstrip("/")).name or "data"
     out = os.path.join(cache_dir, f"{stem}-{tokenizer.replace(':', '')}-{_fingerprint(files, tokenizer, val_fraction)}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
-        prepare([path], out, tokenizer=tokenizer, val_fraction=val_fraction, overwrite=True)
+        prepare([path], out, tokenizer=tokenizer, val_fraction=val_fraction, shard_size_bytes=AUTO_SHARD_BYTES,
+                overwrite=True)
     return out

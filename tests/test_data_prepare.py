@@ -144,3 +144,26 @@ def test_stdlib_corpus_is_the_standard_librarys_source():
     assert {"os.py", "json", "tarfile.py"} & names >= {"os.py", "tarfile.py"}
     assert sum(Path(f).stat().st_size for f in files) > 10 * 2**20
     assert not any("site-packages" in f for f in files)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["empty.txt", "--out", "d"], "input file empty.txt has no text"),
+        (["nothing/*.txt", "--out", "d"], "input 'nothing/*.txt' matches no files"),
+        (["a.txt", "--out", "d", "--val-fraction", "1.5"], "--val-fraction=1.5 must be in [0, 1)"),
+        (["a.txt", "--out", "a.txt"], "--out a.txt is a file"),
+    ],
+)
+def test_cli_prepare_bad_input_is_one_line_exit_2(texts, args, fragment):
+    import os
+    import sys
+
+    (texts / "empty.txt").write_text("")
+    before = sorted(p.name for p in texts.rglob("*"))
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", *args], cwd=texts, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("trainctl: error: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr
+    assert sorted(p.name for p in texts.rglob("*")) == before
