@@ -90,8 +90,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as our one line (and exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        print(f"trainctl: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trainctl", description="Train deep transformers: Ray launches, WebDataset streams, DeepSpeed ZeRO trains, W&B tracks.")
+    p = Parser(prog="trainctl", description="Train deep transformers: Ray launches, WebDataset streams, DeepSpeed ZeRO trains, W&B tracks.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pp = sub.add_parser("prepare", help="turn text files into WebDataset token shards + manifest.json",
@@ -108,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run a job: defaults, then CONFIG, then section.key=value overrides (e.g. train.max_steps=100). "
                                     "Resumes from the run's latest checkpoint if there is one.")
     pr.add_argument("config", help="YAML job file (see configs/)")
-    pr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4 cluster.num_workers=1")
+    pr.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4 cluster.num_workers=1")
     pr.add_argument("--address", help="Ray cluster: local (default: a private Ray here), auto, or HOST:PORT; overrides cluster.address")
     pr.add_argument("--no-ray", action="store_true", help="run the worker in this process (alone, or one rank under torchrun)")
     pr.set_defaults(fn=_cmd_run)
@@ -128,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from launcher.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options too (`run CFG --no-ray train.lr=1`), which argparse's
+    # positional list does not take: collect the leftover key=value words here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "run"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except (ConfigError, DataError, UsageError) as e:

@@ -37,6 +37,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_
     try:
         cfg = JobConfig.model_validate(tree)
     except ValidationError as e:
+        key = ".".join(str(part) for part in e.errors()[0]["loc"])
+        if any(item.partition("=")[0] == key for item in overrides):
+            where = "the command-line overrides"  # the bad key came from there, not from the file
         raise ConfigError(_describe(e, where)) from None
     return resolve_paths(cfg, base_dir or os.getcwd())
 

@@ -146,6 +146,8 @@ def _cli(*args, cwd):
     [
         (["run", "missing.yaml"], "config file missing.yaml not found"),
         (["run", "CFG", "train.lrr=1"], "did you mean 'train.lr'"),
+        (["run", "CFG", "--address", "local", "train.lrr=1"], "unknown key 'train.lrr' in the command-line overrides"),
+        (["run", "CFG", "--bogus"], "unrecognized arguments: --bogus"),
         (["run", "CFG", "cluster.num_workers=0"], "cluster.num_workers=0"),
         (["run", "CFG", "tracking.mode=foo"], "tracking.mode='foo'"),
         (["run", "CFG", "data.path=nothing/*.txt"], "matches no files"),

@@ -142,3 +142,16 @@ def test_worker_failure_exits_1_with_the_workers_error(trained):
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("trainctl: training failed:") and "train-000000.tar" in last, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_single_plain_process_without_ray(trained):
+    """The same worker function alone in this process: `--no-ray` with one worker."""
+    work, _ = trained
+    r = trainctl("run", "job.yaml", "--no-ray", "name=solo", "cluster.num_workers=1", "train.max_steps=10",
+                 "train.eval_every=10", "checkpoint.every=10", "train.sample_tokens=5", cwd=work, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(work / "runs" / "solo")
+    assert [m["step"] for m in rows if "loss" in m] == [10] and [m["step"] for m in rows if "val_loss" in m] == [10]
+    assert (work / "runs" / "solo" / "checkpoints" / "latest").read_text() == "step_00000010"
+    assert "sample from the final checkpoint" in r.stdout and "Ray" not in r.stdout
