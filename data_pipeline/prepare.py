@@ -26,11 +26,12 @@ import sysconfig
 import tarfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import build_tokenizer, token_dtype
+from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, parse_spec, token_dtype
 
 FORMAT = "trainctl.tokens/1"
 SPLITS = ("train", "val")
@@ -63,6 +64,38 @@ def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
     if not nonempty:
         raise DataError(f"the inputs {' '.join(inputs)} hold no text (every file is empty)")
     return nonempty
+
+
+def corpus_sample(files: list[str], budget_bytes: int = 16 * 2**20, piece_bytes: int = 1 << 16) -> Iterator[str]:
+    """Text for training a tokenizer: up to `budget_bytes`, an equal share from each file
+    (at least one piece each, in file order), so one large file does not dominate."""
+    share = max(piece_bytes, budget_bytes // len(files))
+    used = 0
+    for path in files:
+        with open(path, "rb") as f:
+            head = f.read(min(share, budget_bytes - used))
+        used += len(head)
+        for start in range(0, len(head), piece_bytes):
+            yield head[start:start + piece_bytes].decode("utf-8", errors="replace")
+        if used >= budget_bytes:
+            return
+
+
+def encode_document(tok, raw: bytes, piece_chars: int = 1 << 20) -> np.ndarray:
+    """The token ids of one document's bytes. Long texts are encoded in pieces cut at line
+    ends (on all cores for `tokenizers`), so memory stays bounded and the result does not
+    depend on the machine."""
+    if isinstance(tok, ByteTokenizer):
+        return tok.encode(raw)
+    text = raw.decode("utf-8", errors="replace")
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + piece_chars)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    arrays = tok.encode_many(pieces)
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=tok.dtype)
 
 
 class ShardWriter:
@@ -136,9 +169,10 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if shard_size_bytes < 1 or sample_tokens < 1:
         raise DataError("the shard size and sample size must be positive")
-    tok = build_tokenizer(tokenizer)
+    parse_spec(tokenizer)
     files = expand_inputs(inputs, skip_empty)
     _check_out(out_dir, overwrite)
+    tok = build_tokenizer(tokenizer, corpus_sample(files))
     dtype = token_dtype(tok.vocab_size)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -154,7 +188,7 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         for i, path in enumerate(files):
             raw = Path(path).read_bytes()
             n_bytes += len(raw)
-            ids = tok.encode(raw).astype(dtype, copy=False)
+            ids = encode_document(tok, raw).astype(dtype, copy=False)
             n_tokens += len(ids)
             cut = int(len(ids) * (1 - val_fraction))
             for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
@@ -174,7 +208,7 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         splits = {split: {"documents": docs[split], **w.finish()} for split, w in writers.items()}
         manifest = {"format": FORMAT, "name": name or os.path.basename(os.path.abspath(out_dir)),
                     "tokenizer": tok.to_dict(), "dtype": dtype.name, "sample_tokens": sample_tokens,
-                    "val_fraction": val_fraction, "input_files": len(files), "splits": splits}
+                    "val_fraction": val_fraction, "input_files": len(files), "input_bytes": n_bytes, "splits": splits}
         Path(tmp, "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
@@ -207,7 +241,9 @@ def load_manifest(path: str) -> dict:
 def summarize(manifest: dict) -> str:
     """One line per split: what `prepare` wrote."""
     tok = manifest["tokenizer"]
-    lines = [f"dataset {manifest['root']}: {tok['name']} tokenizer (vocab {tok['vocab_size']}), {manifest['dtype']} tokens"]
+    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    lines = [f"dataset {manifest['root']}: {tok['name']} tokenizer (vocab {tok['vocab_size']:,}), {manifest['dtype']} tokens, "
+             f"{manifest['input_bytes'] / max(tokens, 1):.2f} input bytes per token"]
     for split, s in manifest["splits"].items():
         size = sum(x["bytes"] for x in s["shards"])
         lines.append(f"  {split:<5} {s['documents']:>8,} documents {s['tokens']:>14,} tokens "

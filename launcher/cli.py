@@ -33,10 +33,19 @@ def prepare_job(cfg) -> None:
     """Make data.path a prepared dataset and check that it fits the model (before any worker starts)."""
     from data_pipeline import TokenStream, load_manifest, resolve_dataset
 
+    from trainer import checkpoint
+    from trainer.loop import run_dir
+
     cfg.data.path = resolve_dataset(cfg.data.path, cfg.data.cache_dir, cfg.data.tokenizer, cfg.data.val_fraction)
-    vocab = load_manifest(cfg.data.path)["tokenizer"]["vocab_size"]
+    tokenizer = load_manifest(cfg.data.path)["tokenizer"]
+    vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")
+    latest = checkpoint.find_latest(run_dir(cfg) / "checkpoints")
+    if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
+        was = checkpoint.meta(latest).get("tokenizer", {})
+        raise UsageError(f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
+                         f"but {cfg.data.path} uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
     # Raises DataError when the split cannot fill one global batch.
     TokenStream(cfg.data.path, "train", cfg.data.seq_len, cfg.train.micro_batch_size, 0, cfg.cluster.num_workers,
                 grad_accum_steps=cfg.accum_steps, seed=cfg.train.seed)
@@ -106,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Tokenize text files (paths, folders or globs) into WebDataset tar shards of token arrays, with a manifest.json and a train/val split.")
     pp.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders or globs (quote globs)")
     pp.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    pp.add_argument("--tokenizer", default="byte", help="tokenizer: byte (default)")
+    pp.add_argument("--tokenizer", default="byte", help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs) or a path to a Hugging Face tokenizer.json")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail of each file held out for validation (default 0.1)")
     pp.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")

@@ -155,3 +155,22 @@ def test_single_plain_process_without_ray(trained):
     assert [m["step"] for m in rows if "loss" in m] == [10] and [m["step"] for m in rows if "val_loss" in m] == [10]
     assert (work / "runs" / "solo" / "checkpoints" / "latest").read_text() == "step_00000010"
     assert "sample from the final checkpoint" in r.stdout and "Ray" not in r.stdout
+
+
+@pytest.mark.slow
+def test_bpe_dataset_trains_and_its_tokenizer_travels_into_the_checkpoint(trained):
+    work, _ = trained
+    r = trainctl("prepare", "text.txt", "--out", "bpe", "--tokenizer", "bpe:512", cwd=work, timeout=120)
+    assert r.returncode == 0, r.stderr
+    small = trainctl("run", "job.yaml", "--no-ray", "name=bpe", "data.path=bpe", "cluster.num_workers=1", cwd=work)
+    assert small.returncode == 2 and "tokenizer has 512 tokens but model.vocab_size=257" in small.stderr
+    r = trainctl("run", "job.yaml", "--no-ray", "name=bpe", "data.path=bpe", "model.vocab_size=512", "cluster.num_workers=1",
+                 "train.max_steps=10", "train.eval_every=10", "checkpoint.every=10", "train.sample_tokens=0", cwd=work, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((work / "runs" / "bpe" / "checkpoints" / "step_00000010" / "trainctl.json").read_text())
+    assert info["tokenizer"]["name"] == "bpe" and info["tokenizer"]["vocab_size"] == 512 and "json" in info["tokenizer"]
+    r = trainctl("generate", "runs/bpe", "--prompt", "ROMEO:", "--max-new-tokens", "12", cwd=work, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:") + 12, r.stderr
+    # the byte-level run cannot continue on BPE data
+    r = trainctl("run", "job.yaml", "data.path=bpe", "model.vocab_size=512", cwd=work)
+    assert r.returncode == 2 and "run 'e2e' was trained with the byte tokenizer (vocab 257)" in r.stderr, r.stderr
