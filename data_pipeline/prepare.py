@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from data_pipeline.errors import DataError
+from data_pipeline.sources import is_url, join, parent, read_bytes
 from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, parse_spec, token_dtype
 
 FORMAT = "trainctl.tokens/1"
@@ -220,20 +221,22 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
 
 
 def load_manifest(path: str) -> dict:
-    """The manifest of a prepared dataset (folder or manifest.json); each shard gains a `url`."""
-    file = path if path.endswith(".json") else os.path.join(path, "manifest.json")
+    """The manifest of a prepared dataset: a folder or manifest.json, local or a URL
+    (http(s)://, s3://, any fsspec URL). Each shard gains its `url`."""
+    file = path if path.endswith(".json") else join(path, "manifest.json")
+    if not is_url(file) and not os.path.isfile(file):
+        raise DataError(f"no manifest.json in {path}: run `trainctl prepare` first or point data.path at a prepared dataset")
     try:
-        manifest = json.loads(Path(file).read_text())
-    except FileNotFoundError:
-        raise DataError(f"no manifest.json in {path}: run `trainctl prepare` first or point data.path at a prepared dataset") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{file} is unreadable ({e}): prepare the dataset again") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{file} is not a trainctl dataset (format {manifest.get('format')!r}, expected {FORMAT})")
-    root = os.path.dirname(os.path.abspath(file))
+        manifest = json.loads(read_bytes(file))
+    except ValueError as e:
+        raise DataError(f"{file} is not valid JSON ({e}): prepare the dataset again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{file} is not a trainctl dataset (format {got!r}, expected {FORMAT})")
+    root = parent(file)
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            shard["url"] = os.path.join(root, shard["path"])
+            shard["url"] = join(root, shard["path"])
     manifest["root"] = root
     return manifest
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.sources import is_url
 from data_pipeline.prepare import AUTO_SHARD_BYTES, default_corpus, expand_inputs, prepare
 
 
@@ -33,7 +34,7 @@ def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_frac
     """
     if path == "stdlib":
         return default_corpus(cache_dir, tokenizer, val_fraction)
-    if os.path.isfile(os.path.join(path, "manifest.json")):
+    if is_url(path) or os.path.isfile(os.path.join(path, "manifest.json")):  # a URL names a prepared dataset
         return path
     if path.endswith("manifest.json") and os.path.isfile(path):
         return os.path.dirname(path)

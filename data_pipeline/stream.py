@@ -19,30 +19,85 @@ Each stage is a small generator that works on plain lists and arrays.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Iterator
+import hashlib
+import tarfile
+import time
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import load_manifest
+from data_pipeline.sources import BACKOFF_S, RETRIES, _reason, is_url, open_stream, transient
 
 
-def read_shard(url: str, dtype: np.dtype, expected_tokens: int | None = None) -> Iterator[np.ndarray]:
-    """The token arrays of one shard, in order; DataError naming the shard if it is unreadable."""
-    import webdataset as wds
+class HashingReader:
+    """A read-only stream that keeps the sha256 of every byte read through it, and raises
+    ConnectionError (worth a retry) when a stream of known size ends early."""
 
-    seen = 0
-    try:
-        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
-            tokens = np.frombuffer(sample["tokens"], dtype=dtype)
-            seen += len(tokens)
-            yield tokens
-    except Exception as e:  # tarfile, IO and webdataset errors alike: name the shard
-        raise DataError(f"shard {url} is unreadable ({type(e).__name__}: {e}): prepare the dataset again") from None
-    if expected_tokens is not None and seen != expected_tokens:
-        raise DataError(f"shard {url} holds {seen:,} tokens but the manifest says {expected_tokens:,}: "
+    def __init__(self, stream: BinaryIO, size: int | None = None):
+        self.stream, self.sha, self.size, self.count = stream, hashlib.sha256(), size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        if not data and n != 0 and self.size is not None and self.count < self.size:
+            raise ConnectionError(f"the stream ended after {self.count:,} of {self.size:,} bytes")
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def read_shard(shard: dict, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The token arrays of one manifest shard (`url`, `tokens`, `sha256`), in order.
+
+    A transient network error reopens the shard (bounded retries) and continues after the
+    tokens already yielded. DataError naming the shard when it is unreadable, holds another
+    number of tokens than the manifest says, or fails its sha256 check.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    url, seen, attempt = shard["url"], 0, 0
+    while True:
+        stream = None
+        try:
+            # A short remote stream is a dropped connection (retried); a short local file is truncated.
+            stream = HashingReader(open_stream(url), shard.get("bytes") if is_url(url) else None)
+            got = 0
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                if "tokens" not in sample:
+                    raise DataError(f"shard {url}: sample {sample.get('__key__')} has no .tokens member: "
+                                    "it is not a trainctl token shard; prepare the dataset again")
+                tokens = np.frombuffer(sample["tokens"], dtype=dtype)
+                skip, got = max(seen - got, 0), got + len(tokens)
+                if got > seen:
+                    seen = got
+                    yield tokens[skip:]
+            stream.drain()  # the tar's end blocks count in the checksum too
+            break
+        except DataError:
+            raise
+        except Exception as e:  # tarfile, IO, network and webdataset errors alike: name the shard
+            if transient(e) and not isinstance(e, tarfile.TarError) and attempt < RETRIES:
+                attempt += 1
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                continue
+            raise DataError(f"shard {url} is unreadable ({_reason(e)}): prepare the dataset again or check the storage") from None
+        finally:
+            if stream is not None:
+                stream.close()
+    if "tokens" in shard and seen != shard["tokens"]:
+        raise DataError(f"shard {url} holds {seen:,} tokens but the manifest says {shard['tokens']:,}: "
                         "it is truncated or was replaced; prepare the dataset again")
+    if "sha256" in shard and stream.sha.hexdigest() != shard["sha256"]:
+        raise DataError(f"shard {url} fails its sha256 check against the manifest: it is corrupt; prepare the dataset again")
 
 
 def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
@@ -161,7 +216,7 @@ class TokenStream:
         start = offset + first_window * self.seq_len
         ends = np.cumsum([s["tokens"] for s in shards]).tolist()
         i = bisect.bisect_right(ends, start)
-        chunks = (c for s in shards[i:] for c in read_shard(s["url"], self.dtype, s["tokens"]))
+        chunks = (c for s in shards[i:] for c in read_shard(s, self.dtype))
         windows = pack(skip_tokens(chunks, start - (ends[i - 1] if i else 0)), self.seq_len, used - first_window)
         if self.shuffle:
             windows = block_shuffle(windows, block, self.seed, epoch, first_window // block)
@@ -203,7 +258,7 @@ def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, ran
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     dtype = np.dtype(manifest["dtype"])
-    chunks = (c for s in shards for c in read_shard(s["url"], dtype, s["tokens"]))
+    chunks = (c for s in shards for c in read_shard(s, dtype))
     out = []
     for batch in batched(pack(chunks, seq_len, n_batches * per_batch), per_batch):
         rows = batch[rank * micro_batch_size:(rank + 1) * micro_batch_size]

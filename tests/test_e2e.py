@@ -174,3 +174,28 @@ def test_bpe_dataset_trains_and_its_tokenizer_travels_into_the_checkpoint(traine
     # the byte-level run cannot continue on BPE data
     r = trainctl("run", "job.yaml", "data.path=bpe", "model.vocab_size=512", cwd=work)
     assert r.returncode == 2 and "run 'e2e' was trained with the byte tokenizer (vocab 257)" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_training_over_http_matches_the_local_folder(trained):
+    """The prepared dataset served by a real HTTP server on 127.0.0.1: the same losses."""
+    import functools
+    import http.server
+    import threading
+
+    work, _ = trained
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(work))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        losses = {}
+        for name, path in (("local", "data"), ("http", f"http://127.0.0.1:{httpd.server_address[1]}/data")):
+            r = trainctl("run", "job.yaml", "--no-ray", f"name={name}", f"data.path={path}", "cluster.num_workers=1",
+                         "train.max_steps=4", "train.log_every=1", "train.eval_every=4", "checkpoint.every=4",
+                         "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+            losses[name] = [(m["step"], m.get("loss"), m.get("val_loss")) for m in metrics(work / "runs" / name)]
+    finally:
+        httpd.shutdown()
+    assert len(losses["http"]) == 5 and losses["http"] == losses["local"]

@@ -1,0 +1,97 @@
+"""Where data comes from: local paths, http(s):// URLs and any other fsspec URL (s3://,
+gs://, ...), opened as byte streams, with bounded retries and backoff for the errors a
+network throws now and then.
+
+A transient error (connection refused or reset, timeout, a truncated body, HTTP 5xx, 408
+or 429) is retried `RETRIES` times with exponential backoff; anything else (404, a
+missing file, no permission) fails at once with a DataError naming the URL.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import posixpath
+import time
+import urllib.error
+import urllib.request
+from typing import BinaryIO, Callable, TypeVar
+
+from data_pipeline.errors import DataError
+
+RETRIES = 5
+BACKOFF_S = 0.5
+TIMEOUT_S = 60
+T = TypeVar("T")
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def join(root: str, name: str) -> str:
+    """`name` inside the folder `root` (a local folder or a URL prefix)."""
+    return posixpath.join(root, name) if is_url(root) else os.path.join(root, name)
+
+
+def parent(path: str) -> str:
+    return posixpath.dirname(path) if is_url(path) else os.path.dirname(os.path.abspath(path))
+
+
+def transient(error: BaseException) -> bool:
+    """Worth another try: the network, not the request, failed."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500 or error.code in (408, 429)
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    return isinstance(error, (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, OSError))
+
+
+def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> T:
+    """fn(), retried on transient errors; DataError naming `what` when it keeps failing."""
+    retries = RETRIES if retries is None else retries
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - sorted into transient or not just below
+            if not transient(e) or attempt == retries:
+                tries = f" after {attempt + 1} tries" if attempt else ""
+                raise DataError(f"cannot read {what}{tries}: {_reason(e)}") from None
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return str(e.reason)
+    return f"{type(e).__name__}: {e}"
+
+
+def open_stream(url: str) -> BinaryIO:
+    """A readable binary stream for a local path or URL (no retries: see `with_retries`)."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=TIMEOUT_S)
+    if is_url(url):
+        import fsspec
+
+        try:
+            return fsspec.open(url, "rb").open()
+        except (ImportError, ValueError) as e:  # no backend for the scheme (s3fs, gcsfs, ...)
+            raise DataError(f"cannot open {url}: {e}") from None
+    return open(url, "rb")
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole content of a (small) file, such as a manifest."""
+
+    def fetch() -> bytes:
+        with open_stream(url) as f:
+            return f.read()
+
+    return with_retries(fetch, url)

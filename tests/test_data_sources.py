@@ -1,0 +1,166 @@
+"""Sources: the same dataset over a real HTTP server on 127.0.0.1 gives the same batches
+as from the local folder; transient failures are retried; bad shards are named."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import socket
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare
+from data_pipeline import sources, stream as stream_module
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; `fail` maps a path to how many of its next requests fail
+    (503, or a connection dropped halfway through the body)."""
+
+    fail: dict[str, int] = {}
+    mode = "503"
+    requests: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        left = self.fail.get(self.path, 0)
+        if left:
+            self.fail[self.path] = left - 1
+            if self.mode == "503":
+                self.send_error(503, "busy")
+                return
+            body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])  # then hang up: the client sees a truncated body
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    (root / "t.txt").write_text(SHAKESPEARE.read_text()[:20_000])
+    prepare([str(root / "t.txt")], str(root / "d"), shard_size_bytes=6_000, sample_tokens=500)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(data):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(data)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(sources, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(stream_module, "BACKOFF_S", 0.01)
+    Handler.fail, Handler.mode, Handler.requests = {}, "503", []
+
+
+def batches(path, steps=12, state=None):
+    s = TokenStream(path, "train", 32, 4, 0, 1, seed=3, shuffle_buffer=64)
+    if state:
+        s.load_state_dict(state)
+    it = iter(s)
+    return [next(it) for _ in range(steps)], s.state_dict()
+
+
+def test_http_gives_the_same_batches_as_the_local_folder(data, server):
+    local, _ = batches(str(data / "d"), 40)  # crosses an epoch end
+    remote, _ = batches(f"{server}/d", 40)
+    assert all(torch.equal(a, b) for a, b in zip(local, remote))
+    assert len(load_manifest(f"{server}/d/manifest.json")["splits"]["train"]["shards"]) > 2
+    assert all(torch.equal(a, b) for a, b in zip(eval_batches(str(data / "d"), "val", 32, 4, 0, 1),
+                                                 eval_batches(f"{server}/d", "val", 32, 4, 0, 1)))
+    _, state = batches(f"{server}/d", 17)
+    resumed, _ = batches(f"{server}/d", 23, state)
+    assert all(torch.equal(a, b) for a, b in zip(local[17:], resumed))
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_transient_failures_are_retried(data, server, mode):
+    local = eval_batches(str(data / "d"), "train", 32, 4, 0, 1)  # every train shard, in order
+    Handler.mode = mode
+    Handler.fail = {"/d/manifest.json": 2, "/d/train-000001.tar": 2, "/d/train-000002.tar": 1}
+    remote = eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
+    assert len(local) == len(remote) > 100 and all(torch.equal(a, b) for a, b in zip(local, remote))
+    assert Handler.fail == {"/d/manifest.json": 0, "/d/train-000001.tar": 0, "/d/train-000002.tar": 0}
+    assert Handler.requests.count("/d/train-000001.tar") >= 3
+
+
+def test_a_shard_that_keeps_failing_is_named(server):
+    Handler.fail = {"/d/train-000001.tar": 100}
+    with pytest.raises(DataError, match=r"shard http://127.0.0.1:\d+/d/train-000001.tar is unreadable \(HTTP 503"):
+        eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
+    assert Handler.requests.count("/d/train-000001.tar") == sources.RETRIES + 1  # bounded
+
+
+def test_missing_shard_is_not_retried(data, server, tmp_path):
+    copy = data / "missing"
+    shutil.copytree(data / "d", copy)
+    (copy / "train-000000.tar").unlink()
+    with pytest.raises(DataError, match=r"missing/train-000000.tar is unreadable \(HTTP 404"):
+        eval_batches(f"{server}/missing", "train", 32, 4, 0, 1)
+    assert Handler.requests.count("/missing/train-000000.tar") == 1
+
+
+def test_unreachable_server(monkeypatch):
+    monkeypatch.setattr(sources, "RETRIES", 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nobody listens there
+    with pytest.raises(DataError, match=rf"cannot read http://127.0.0.1:{port}/d/manifest.json after 3 tries: .*refused"):
+        load_manifest(f"http://127.0.0.1:{port}/d")
+
+
+def _rewrite_member(shard: Path, change) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (m, payload) in enumerate(members):
+            m, payload = change(i, m, payload)
+            import io
+
+            m.size = len(payload)
+            tar.addfile(m, io.BytesIO(payload))
+
+
+def test_sha256_mismatch_is_a_corrupt_shard(data, tmp_path):
+    copy = tmp_path / "d"
+    shutil.copytree(data / "d", copy)
+    flip = lambda i, m, p: (m, p[:10] + bytes([p[10] ^ 1]) + p[11:]) if i == 0 else (m, p)  # noqa: E731
+    _rewrite_member(copy / "train-000000.tar", flip)  # same token count, a valid tar, one byte off
+    with pytest.raises(DataError, match="train-000000.tar fails its sha256 check against the manifest"):
+        eval_batches(str(copy), "train", 32, 4, 0, 1)
+
+
+def test_sample_without_tokens(data, tmp_path):
+    copy = tmp_path / "d"
+    shutil.copytree(data / "d", copy)
+    rename = lambda i, m, p: (tarfile.TarInfo(m.name.replace(".tokens", ".txt")), p)  # noqa: E731
+    _rewrite_member(copy / "val-000000.tar", rename)
+    with pytest.raises(DataError, match=r"val-000000.tar: sample 000000000 has no .tokens member"):
+        eval_batches(str(copy), "val", 32, 4, 0, 1)
+
+
+@pytest.mark.parametrize("content, fragment", [("{oops", "is not valid JSON"), ("[1, 2]", "is not a trainctl dataset")])
+def test_malformed_manifest(tmp_path, content, fragment):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(DataError, match=fragment):
+        load_manifest(str(tmp_path))
