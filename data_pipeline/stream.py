@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
+import sys
 import tarfile
 import time
 from typing import BinaryIO, Iterable, Iterator
@@ -55,49 +57,63 @@ class HashingReader:
         self.stream.close()
 
 
-def read_shard(shard: dict, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """The token arrays of one manifest shard (`url`, `tokens`, `sha256`), in order.
+def read_shard(shard: dict, dtype: np.dtype) -> list[np.ndarray]:
+    """The token arrays of one manifest shard (`url`, `tokens`, `sha256`), in order, read
+    whole and checked before any token is handed on: corrupt data never reaches the model.
 
-    A transient network error reopens the shard (bounded retries) and continues after the
-    tokens already yielded. DataError naming the shard when it is unreadable, holds another
-    number of tokens than the manifest says, or fails its sha256 check.
+    A transient network error rereads the shard (bounded retries, backoff). DataError
+    naming the shard when it is unreadable, holds another number of tokens than the
+    manifest says, or fails its sha256 check.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    url, seen, attempt = shard["url"], 0, 0
-    while True:
+    url = shard["url"]
+    for attempt in range(RETRIES + 1):
         stream = None
         try:
             # A short remote stream is a dropped connection (retried); a short local file is truncated.
             stream = HashingReader(open_stream(url), shard.get("bytes") if is_url(url) else None)
-            got = 0
+            arrays = []
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                 if "tokens" not in sample:
                     raise DataError(f"shard {url}: sample {sample.get('__key__')} has no .tokens member: "
                                     "it is not a trainctl token shard; prepare the dataset again")
-                tokens = np.frombuffer(sample["tokens"], dtype=dtype)
-                skip, got = max(seen - got, 0), got + len(tokens)
-                if got > seen:
-                    seen = got
-                    yield tokens[skip:]
+                arrays.append(np.frombuffer(sample["tokens"], dtype=dtype))
             stream.drain()  # the tar's end blocks count in the checksum too
             break
         except DataError:
             raise
         except Exception as e:  # tarfile, IO, network and webdataset errors alike: name the shard
-            if transient(e) and not isinstance(e, tarfile.TarError) and attempt < RETRIES:
-                attempt += 1
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
-                continue
-            raise DataError(f"shard {url} is unreadable ({_reason(e)}): prepare the dataset again or check the storage") from None
+            if not transient(e) or isinstance(e, tarfile.TarError) or attempt == RETRIES:
+                raise DataError(f"shard {url} is unreadable ({_reason(e)}): prepare the dataset again or check the storage") from None
+            time.sleep(BACKOFF_S * 2**attempt)
         finally:
             if stream is not None:
                 stream.close()
-    if "tokens" in shard and seen != shard["tokens"]:
-        raise DataError(f"shard {url} holds {seen:,} tokens but the manifest says {shard['tokens']:,}: "
+    tokens = sum(len(a) for a in arrays)
+    if "tokens" in shard and tokens != shard["tokens"]:
+        raise DataError(f"shard {url} holds {tokens:,} tokens but the manifest says {shard['tokens']:,}: "
                         "it is truncated or was replaced; prepare the dataset again")
     if "sha256" in shard and stream.sha.hexdigest() != shard["sha256"]:
         raise DataError(f"shard {url} fails its sha256 check against the manifest: it is corrupt; prepare the dataset again")
+    return arrays
+
+
+def read_shards(shards: list[dict], dtype: np.dtype, on_error: str = "fail",
+                skipped: list[str] | None = None) -> Iterator[np.ndarray]:
+    """The token arrays of `shards` in order. on_error="skip" passes over a shard that
+    cannot be used, with a warning naming it, and records its url in `skipped`."""
+    for shard in shards:
+        try:
+            arrays = read_shard(shard, dtype)
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            print(f"trainctl: warning: skipping a shard (data.on_error=skip): {e}", file=sys.stderr, flush=True)
+            if skipped is not None:
+                skipped.append(shard["url"])
+            continue
+        yield from arrays
 
 
 def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
@@ -160,7 +176,8 @@ class TokenStream:
     """
 
     def __init__(self, data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 grad_accum_steps: int = 1, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 8192):
+                 grad_accum_steps: int = 1, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 8192,
+                 on_error: str = "fail"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.manifest = load_manifest(data)
@@ -172,6 +189,9 @@ class TokenStream:
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * world_size * grad_accum_steps
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
+        self.on_error, self.skipped = on_error, []  # urls of shards passed over, in order
         self.tokens = sum(s["tokens"] for s in self.shards)
         worst = max(self.tokens - seq_len, 0) // seq_len  # windows from the largest per-epoch offset
         if worst < self.global_batch:
@@ -216,14 +236,27 @@ class TokenStream:
         start = offset + first_window * self.seq_len
         ends = np.cumsum([s["tokens"] for s in shards]).tolist()
         i = bisect.bisect_right(ends, start)
-        chunks = (c for s in shards[i:] for c in read_shard(s, self.dtype))
-        windows = pack(skip_tokens(chunks, start - (ends[i - 1] if i else 0)), self.seq_len, used - first_window)
+        chunks = skip_tokens(read_shards(shards[i:], self.dtype, self.on_error, self.skipped), start - (ends[i - 1] if i else 0))
+        if self.on_error == "skip":
+            # Skipped shards shorten the data: top the epoch up from its start, so that every
+            # rank still makes the planned number of steps (no rank waits at a collective).
+            chunks = itertools.chain(chunks, self._refill(shards))
+        windows = pack(chunks, self.seq_len, used - first_window)
         if self.shuffle:
             windows = block_shuffle(windows, block, self.seed, epoch, first_window // block)
         skip = first_step * self.global_batch - first_window
         for k, w in enumerate(windows):
             if k >= skip:
                 yield w
+
+    def _refill(self, shards: list[dict]) -> Iterator[np.ndarray]:
+        while True:
+            n = 0
+            for chunk in read_shards(shards, self.dtype, "skip", self.skipped):
+                n += len(chunk)
+                yield chunk
+            if n == 0:
+                raise DataError(f"every shard of {self.manifest['root']} failed (data.on_error=skip): nothing left to train on")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rows = self.micro_batch_size * self.accum
@@ -241,7 +274,7 @@ class TokenStream:
 
 
 def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 max_batches: int | None = None) -> list[torch.Tensor]:
+                 max_batches: int | None = None, on_error: str = "fail") -> list[torch.Tensor]:
     """The same fixed, unshuffled validation batches on every call: the split's windows in
     order, rank r taking its rows of each; every rank gets the same number. [] when the
     split is missing or too small for one sequence per rank."""
@@ -258,7 +291,13 @@ def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, ran
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     dtype = np.dtype(manifest["dtype"])
-    chunks = (c for s in shards for c in read_shard(s, dtype))
+    skipped: list[str] = []
+    chunks = read_shards(shards, dtype, on_error, skipped)
+    if on_error == "skip":  # fewer windows than planned: every rank stops at the same, smaller count
+        chunks = list(chunks)
+        if skipped:
+            windows = max(sum(len(c) for c in chunks) - 1, 0) // seq_len
+            n_batches = min(n_batches, windows // per_batch)
     out = []
     for batch in batched(pack(chunks, seq_len, n_batches * per_batch), per_batch):
         rows = batch[rank * micro_batch_size:(rank + 1) * micro_batch_size]

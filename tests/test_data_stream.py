@@ -161,3 +161,54 @@ def test_corrupt_or_truncated_shard_is_named(data, tmp_path):
         it = iter(stream)
         for _ in range(stream.steps_per_epoch):
             next(it)
+
+
+def _break(data, tmp_path, names, how="truncate"):
+    import shutil
+
+    copy = tmp_path / "d"
+    shutil.copytree(data, copy)
+    for name in names:
+        shard = copy / name
+        if how == "truncate":
+            shard.write_bytes(shard.read_bytes()[:700])
+        else:
+            shard.unlink()
+    return str(copy)
+
+
+@pytest.mark.parametrize("how", ["truncate", "missing"])
+def test_skip_policy_passes_over_a_bad_shard_and_ranks_stay_equal(data, tmp_path, capfd, how):
+    path = _break(data, tmp_path, ["train-000002.tar"], how)
+    world = 2
+    streams = [TokenStream(path, "train", 32, 3, r, world, seed=7, on_error="skip") for r in range(world)]
+    steps = streams[0].steps_per_epoch
+    counts = []
+    for s in streams:
+        it = iter(s)
+        batches = [next(it) for _ in range(steps)]  # a whole epoch, as planned
+        assert s.epoch == 1 and all(b.shape == (3, 33) for b in batches)
+        counts.append(len(batches))
+        assert s.skipped == [str(Path(path, "train-000002.tar"))]
+    assert counts == [steps] * world
+    assert "trainctl: warning: skipping a shard (data.on_error=skip): shard" in capfd.readouterr().err
+    with pytest.raises(DataError, match="train-000002.tar"):
+        it = iter(TokenStream(path, "train", 32, 3, 0, world, seed=7))  # the default policy is fail
+        for _ in range(steps):
+            next(it)
+
+
+def test_skip_policy_with_nothing_left_stops(data, tmp_path):
+    from data_pipeline import load_manifest
+
+    names = [s["path"] for s in load_manifest(data)["splits"]["train"]["shards"]]
+    path = _break(data, tmp_path, names, "missing")
+    with pytest.raises(DataError, match="every shard of .* failed"):
+        next(iter(TokenStream(path, "train", 32, 3, 0, 1, on_error="skip")))
+
+
+def test_eval_batches_skip_a_bad_shard_equally_on_every_rank(data, tmp_path):
+    path = _break(data, tmp_path, ["train-000001.tar"])
+    full = [len(eval_batches(data, "train", 32, 4, r, 2)) for r in range(2)]
+    short = [len(eval_batches(path, "train", 32, 4, r, 2, on_error="skip")) for r in range(2)]
+    assert short[0] == short[1] and full[0] == full[1] > short[0] > 0

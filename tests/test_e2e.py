@@ -199,3 +199,23 @@ def test_training_over_http_matches_the_local_folder(trained):
     finally:
         httpd.shutdown()
     assert len(losses["http"]) == 5 and losses["http"] == losses["local"]
+
+
+@pytest.mark.slow
+def test_skip_policy_finishes_under_ray_with_a_corrupt_shard(trained):
+    """data.on_error=skip: both workers pass over the broken shard and finish (bounded by the timeout)."""
+    work, _ = trained
+    r = trainctl("prepare", "text.txt", "--out", "broken-skip", "--shard-size-mb", "0.1", cwd=work, timeout=120)
+    assert r.returncode == 0, r.stderr
+    broken = work / "broken-skip"
+    assert len(list(broken.glob("train-*.tar"))) == 6
+    from data_pipeline import TokenStream
+
+    first = TokenStream(str(broken), "train", 32, 8, 0, 2, seed=1337).epoch_plan(0)[0][0]["path"]  # read first
+    (broken / first).write_bytes(b"not a tar file" * 100)
+    r = trainctl("run", "job.yaml", "name=skip", "data.path=broken-skip", "data.on_error=skip", "train.max_steps=10",
+                 "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [m for m in metrics(work / "runs" / "skip") if "loss" in m]
+    assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
+    assert "skipping a shard (data.on_error=skip): shard" in r.stdout + r.stderr and first in r.stdout + r.stderr

@@ -59,6 +59,9 @@ class DataSection(Section):
     seq_len: int = Field(256, gt=0, description="tokens per training sequence (context length)")
     shuffle_buffer: int = Field(8192, ge=1, description="sequences held in the seeded shuffle buffer")
     cache_dir: str = Field(".cache/trainctl", description="where automatically prepared datasets are kept")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="a corrupt, truncated or unreachable shard: fail (stop, naming it) or skip (warn, count, go on)"
+    )
 
 
 class TrainSection(Section):

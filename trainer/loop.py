@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from data_pipeline import TokenStream, eval_batches, load_manifest
+from data_pipeline import TokenStream, eval_batches
 from trainer import checkpoint
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
@@ -105,10 +105,11 @@ def train_worker(config: dict) -> None:
 
     # Data: every rank reads the same global order and keeps its own slice of each batch.
     seq = cfg.data.seq_len
-    stream = TokenStream(cfg.data.path, "train", seq, t.micro_batch_size, rank, world,
-                         grad_accum_steps=cfg.accum_steps, seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer)
-    tokenizer = load_manifest(cfg.data.path)["tokenizer"]
-    val = eval_batches(cfg.data.path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches)
+    stream = TokenStream(cfg.data.path, "train", seq, t.micro_batch_size, rank, world, grad_accum_steps=cfg.accum_steps,
+                         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error)
+    tokenizer = stream.manifest["tokenizer"]
+    val = eval_batches(cfg.data.path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches,
+                       on_error=cfg.data.on_error)
 
     # Model: the same seed on every rank gives the same initial weights.
     torch.manual_seed(t.seed)
@@ -143,7 +144,8 @@ def train_worker(config: dict) -> None:
             t_log, step_log = now, step
             if rank == 0:
                 lr = engine.get_lr()[0]
-                tracker.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen, "epoch": stream.epoch}, step)
+                tracker.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen, "epoch": stream.epoch,
+                             "data_skipped_shards": len(stream.skipped)}, step)
                 print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {_duration(eta)}", flush=True)
 
         if val and (step % t.eval_every == 0 or step == t.max_steps):
