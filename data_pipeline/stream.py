@@ -24,6 +24,8 @@ import itertools
 import sys
 import tarfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
@@ -99,21 +101,33 @@ def read_shard(shard: dict, dtype: np.dtype) -> list[np.ndarray]:
     return arrays
 
 
-def read_shards(shards: list[dict], dtype: np.dtype, on_error: str = "fail",
-                skipped: list[str] | None = None) -> Iterator[np.ndarray]:
-    """The token arrays of `shards` in order. on_error="skip" passes over a shard that
-    cannot be used, with a warning naming it, and records its url in `skipped`."""
-    for shard in shards:
-        try:
-            arrays = read_shard(shard, dtype)
-        except DataError as e:
-            if on_error != "skip":
-                raise
-            print(f"trainctl: warning: skipping a shard (data.on_error=skip): {e}", file=sys.stderr, flush=True)
-            if skipped is not None:
-                skipped.append(shard["url"])
-            continue
-        yield from arrays
+def read_shards(shards: list[dict], dtype: np.dtype, on_error: str = "fail", skipped: list[str] | None = None,
+                prefetch: int = 1) -> Iterator[np.ndarray]:
+    """The token arrays of `shards` in order, the next `prefetch` shards read (and checked)
+    in a background thread meanwhile. on_error="skip" passes over a shard that cannot be
+    used, with a warning naming it, and records its url in `skipped`."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-shards")
+    pending: deque = deque()
+    upcoming = iter(shards)
+    try:
+        while True:
+            while len(pending) <= prefetch and (shard := next(upcoming, None)) is not None:
+                pending.append((shard, pool.submit(read_shard, shard, dtype)))
+            if not pending:
+                return
+            shard, future = pending.popleft()
+            try:
+                arrays = future.result()
+            except DataError as e:
+                if on_error != "skip":
+                    raise
+                print(f"trainctl: warning: skipping a shard (data.on_error=skip): {e}", file=sys.stderr, flush=True)
+                if skipped is not None:
+                    skipped.append(shard["url"])
+                continue
+            yield from arrays
+    finally:  # a consumer that stops early does not wait for shards it will not use
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:

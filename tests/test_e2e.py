@@ -69,7 +69,7 @@ def test_run_loss_falls_and_metrics_have_the_keys(trained):
     val = [m for m in rows if "val_loss" in m]
     assert [m["step"] for m in train] == [10, 20, 30, 40]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(train[0])
-    assert all(m["tokens_per_s"] > 0 for m in train)
+    assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait"] < 1 and m["data_skipped_shards"] == 0 for m in train)
     assert train[0]["loss"] < 5.6 and train[-1]["loss"] < train[0]["loss"] - 0.4
     assert [m["step"] for m in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
     assert r.stdout.count("step     40/40 | loss") == 1 and "ETA" in r.stdout  # rank 0 only, once

@@ -81,6 +81,15 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> float
     return (total[0] / total[1]).item()
 
 
+def timed(batches: Iterator[torch.Tensor], waited: list[float]) -> Iterator[torch.Tensor]:
+    """`batches`, adding the seconds spent waiting for each one to waited[0]."""
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waited[0] += time.perf_counter() - t0
+        yield batch
+
+
 def mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -128,7 +137,8 @@ def train_worker(config: dict) -> None:
 
     tracker = Tracker(cfg, folder) if rank == 0 else None
     tokens_per_step = cfg.global_batch * seq
-    batches = iter(stream)
+    waited = [0.0]  # seconds this rank waited for data since the last log line
+    batches = timed(iter(stream), waited)
     start_step, t_start = step, time.perf_counter()
     t_log, step_log = t_start, step
     while step < t.max_steps:
@@ -137,16 +147,19 @@ def train_worker(config: dict) -> None:
         tokens_seen += tokens_per_step
 
         if step % t.log_every == 0 or step == t.max_steps:
-            loss = mean_over_ranks(loss, device)
+            loss, wait_s = mean_over_ranks(loss, device), mean_over_ranks(waited[0], device)
             now = time.perf_counter()
+            data_wait = wait_s / (now - t_log)  # share of the interval the ranks spent waiting for data
+            waited[0] = 0.0
             tok_s = (step - step_log) * tokens_per_step / (now - t_log)
             eta = (now - t_start) / (step - start_step) * (t.max_steps - step)
             t_log, step_log = now, step
             if rank == 0:
                 lr = engine.get_lr()[0]
                 tracker.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen, "epoch": stream.epoch,
-                             "data_skipped_shards": len(stream.skipped)}, step)
-                print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {_duration(eta)}", flush=True)
+                             "data_wait": data_wait, "data_skipped_shards": len(stream.skipped)}, step)
+                print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                      f"data wait {data_wait:.0%} | ETA {_duration(eta)}", flush=True)
 
         if val and (step % t.eval_every == 0 or step == t.max_steps):
             val_loss = evaluate(engine, val, device)
