@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.raw import is_shard_list
 from data_pipeline.sources import is_url
 from data_pipeline.prepare import AUTO_SHARD_BYTES, default_corpus, expand_inputs, prepare
 
@@ -32,6 +33,8 @@ def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_frac
     >>> resolve_dataset("data/tinyshakespeare.txt", ".cache/trainctl")  # doctest: +SKIP
     '.cache/trainctl/tinyshakespeare-3f9a...'
     """
+    if is_shard_list(path):  # raw-text WebDataset shards: read as they are, no prepare step
+        return path
     if path == "stdlib":
         return default_corpus(cache_dir, tokenizer, val_fraction)
     if is_url(path) or os.path.isfile(os.path.join(path, "manifest.json")):  # a URL names a prepared dataset

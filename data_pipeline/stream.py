@@ -26,13 +26,17 @@ import tarfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, Iterable, Iterator
+from functools import partial
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import load_manifest
+from data_pipeline.raw import FORMAT as RAW_FORMAT
+from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, tokenize_sample
+from data_pipeline.tokenizer import tokenizer_from_dict
 from data_pipeline.sources import BACKOFF_S, RETRIES, _reason, is_url, open_stream, transient
 
 
@@ -59,13 +63,13 @@ class HashingReader:
         self.stream.close()
 
 
-def read_shard(shard: dict, dtype: np.dtype) -> list[np.ndarray]:
+def read_shard(shard: dict, dtype: np.dtype, tokenize: Callable[[dict, str], list[np.ndarray]] | None = None) -> list[np.ndarray]:
     """The token arrays of one manifest shard (`url`, `tokens`, `sha256`), in order, read
     whole and checked before any token is handed on: corrupt data never reaches the model.
 
     A transient network error rereads the shard (bounded retries, backoff). DataError
     naming the shard when it is unreadable, holds another number of tokens than the
-    manifest says, or fails its sha256 check.
+    manifest says, or fails its sha256 check. `tokenize(sample, url)` reads raw-text shards.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -77,6 +81,9 @@ def read_shard(shard: dict, dtype: np.dtype) -> list[np.ndarray]:
             stream = HashingReader(open_stream(url), shard.get("bytes") if is_url(url) else None)
             arrays = []
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                if tokenize is not None:
+                    arrays += tokenize(sample, url)
+                    continue
                 if "tokens" not in sample:
                     raise DataError(f"shard {url}: sample {sample.get('__key__')} has no .tokens member: "
                                     "it is not a trainctl token shard; prepare the dataset again")
@@ -101,8 +108,8 @@ def read_shard(shard: dict, dtype: np.dtype) -> list[np.ndarray]:
     return arrays
 
 
-def read_shards(shards: list[dict], dtype: np.dtype, on_error: str = "fail", skipped: list[str] | None = None,
-                prefetch: int = 1) -> Iterator[np.ndarray]:
+def read_shards(shards: list[dict], read: Callable[[dict], list[np.ndarray]], on_error: str = "fail",
+                skipped: list[str] | None = None, prefetch: int = 1) -> Iterator[np.ndarray]:
     """The token arrays of `shards` in order, the next `prefetch` shards read (and checked)
     in a background thread meanwhile. on_error="skip" passes over a shard that cannot be
     used, with a warning naming it, and records its url in `skipped`."""
@@ -112,7 +119,7 @@ def read_shards(shards: list[dict], dtype: np.dtype, on_error: str = "fail", ski
     try:
         while True:
             while len(pending) <= prefetch and (shard := next(upcoming, None)) is not None:
-                pending.append((shard, pool.submit(read_shard, shard, dtype)))
+                pending.append((shard, pool.submit(read, shard)))
             if not pending:
                 return
             shard, future = pending.popleft()
@@ -140,8 +147,9 @@ def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
         n = 0
 
 
-def pack(chunks: Iterable[np.ndarray], seq_len: int, count: int) -> Iterator[np.ndarray]:
-    """`count` windows of seq_len+1 tokens at stride seq_len (each token a target once).
+def pack(chunks: Iterable[np.ndarray], seq_len: int, count: int | None) -> Iterator[np.ndarray]:
+    """`count` windows (None: as many as the data makes) of seq_len+1 tokens at stride
+    seq_len (each token a target once).
 
     >>> [w.tolist() for w in pack([np.arange(5), np.arange(5, 8)], 3, 2)]
     [[0, 1, 2, 3], [3, 4, 5, 6]]
@@ -156,7 +164,7 @@ def pack(chunks: Iterable[np.ndarray], seq_len: int, count: int) -> Iterator[np.
             yield buf[k * seq_len:k * seq_len + seq_len + 1]
             made += 1
         buf = buf[n * seq_len:]
-    if made < count:
+    if count is not None and made < count:
         raise DataError(f"the data ended after {made} of {count} sequences: the manifest's token counts are wrong")
 
 
@@ -182,6 +190,20 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
             buf = []
 
 
+def open_dataset(data: str, raw: RawOptions | None = None) -> dict:
+    """The manifest of a prepared dataset, or one made up for raw-text shards."""
+    return raw_manifest(data, raw or RawOptions()) if is_shard_list(data) else load_manifest(data)
+
+
+def shard_reader(manifest: dict) -> Callable[[dict], list[np.ndarray]]:
+    """read(shard) -> token arrays, for the kind of dataset `manifest` describes."""
+    dtype = np.dtype(manifest["dtype"])
+    if manifest["format"] != RAW_FORMAT:
+        return partial(read_shard, dtype=dtype)
+    tok, field = tokenizer_from_dict(manifest["tokenizer"]), manifest["options"].text_field
+    return partial(read_shard, dtype=dtype, tokenize=lambda sample, url: tokenize_sample(sample, url, tok, field))
+
+
 class TokenStream:
     """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one rank.
 
@@ -191,10 +213,11 @@ class TokenStream:
 
     def __init__(self, data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
                  grad_accum_steps: int = 1, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 8192,
-                 on_error: str = "fail"):
+                 on_error: str = "fail", raw: RawOptions | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.manifest = load_manifest(data)
+        self.manifest = open_dataset(data, raw)
+        self.read = shard_reader(self.manifest)
         if split not in self.manifest["splits"]:
             raise DataError(f"the dataset {data} has no '{split}' split")
         self.shards = self.manifest["splits"][split]["shards"]
@@ -206,9 +229,10 @@ class TokenStream:
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
         self.on_error, self.skipped = on_error, []  # urls of shards passed over, in order
-        self.tokens = sum(s["tokens"] for s in self.shards)
-        worst = max(self.tokens - seq_len, 0) // seq_len  # windows from the largest per-epoch offset
-        if worst < self.global_batch:
+        # Raw-text shards: unknown until read; their epochs end where the data ends.
+        self.tokens = None if self.manifest["format"] == RAW_FORMAT else sum(s["tokens"] for s in self.shards)
+        worst = max((self.tokens or 0) - seq_len, 0) // seq_len  # windows from the largest per-epoch offset
+        if self.tokens is not None and worst < self.global_batch:
             raise DataError(f"the {split} split of {data} holds {self.tokens:,} tokens, too few for one global batch of "
                             f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len")
         self.epoch, self.step_in_epoch = 0, 0
@@ -217,16 +241,19 @@ class TokenStream:
     def vocab_size(self) -> int:
         return self.manifest["tokenizer"]["vocab_size"]
 
-    def epoch_plan(self, epoch: int) -> tuple[list[dict], int, int]:
-        """(shards in this epoch's order, token offset of the first window, steps in the epoch)."""
+    def epoch_plan(self, epoch: int) -> tuple[list[dict], int, int | None]:
+        """(shards in this epoch's order, token offset of the first window, steps in the
+        epoch; None where the token count is unknown)."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.shards)) if self.shuffle else range(len(self.shards))
         offset = int(rng.integers(self.seq_len)) if self.shuffle else 0
+        if self.tokens is None:
+            return [self.shards[i] for i in order], offset, None
         windows = (self.tokens - offset - 1) // self.seq_len
         return [self.shards[i] for i in order], offset, windows // self.global_batch
 
     @property
-    def steps_per_epoch(self) -> int:
+    def steps_per_epoch(self) -> int | None:
         return self.epoch_plan(self.epoch)[2]
 
     def state_dict(self) -> dict:
@@ -245,18 +272,25 @@ class TokenStream:
     def _global_windows(self, epoch: int, first_step: int) -> Iterator[np.ndarray]:
         """This epoch's windows in global order, from the first window of step `first_step`."""
         shards, offset, steps = self.epoch_plan(epoch)
-        used, block = steps * self.global_batch, self.shuffle_buffer if self.shuffle else steps * self.global_batch
-        first_window = (first_step * self.global_batch // block) * block  # start of the block holding it
-        start = offset + first_window * self.seq_len
-        ends = np.cumsum([s["tokens"] for s in shards]).tolist()
-        i = bisect.bisect_right(ends, start)
-        chunks = skip_tokens(read_shards(shards[i:], self.dtype, self.on_error, self.skipped), start - (ends[i - 1] if i else 0))
-        if self.on_error == "skip":
-            # Skipped shards shorten the data: top the epoch up from its start, so that every
-            # rank still makes the planned number of steps (no rank waits at a collective).
-            chunks = itertools.chain(chunks, self._refill(shards))
-        windows = pack(chunks, self.seq_len, used - first_window)
-        if self.shuffle:
+        block = self.shuffle_buffer if self.shuffle else None
+        if steps is None:  # raw-text shards: read from the epoch's start, as far as the data goes
+            first_window, count = 0, None
+            chunks = skip_tokens(read_shards(shards, self.read, self.on_error, self.skipped), offset)
+        else:  # token shards: start reading at the shard that holds the block of `first_step`
+            used = steps * self.global_batch
+            block = block or used
+            first_window = (first_step * self.global_batch // block) * block
+            start = offset + first_window * self.seq_len
+            ends = np.cumsum([s["tokens"] for s in shards]).tolist()
+            i = bisect.bisect_right(ends, start)
+            chunks = skip_tokens(read_shards(shards[i:], self.read, self.on_error, self.skipped), start - (ends[i - 1] if i else 0))
+            count = used - first_window
+            if self.on_error == "skip":
+                # Skipped shards shorten the data: top the epoch up from its start, so that every
+                # rank still makes the planned number of steps (no rank waits at a collective).
+                chunks = itertools.chain(chunks, self._refill(shards))
+        windows = pack(chunks, self.seq_len, count)
+        if block:
             windows = block_shuffle(windows, block, self.seed, epoch, first_window // block)
         skip = first_step * self.global_batch - first_window
         for k, w in enumerate(windows):
@@ -266,7 +300,7 @@ class TokenStream:
     def _refill(self, shards: list[dict]) -> Iterator[np.ndarray]:
         while True:
             n = 0
-            for chunk in read_shards(shards, self.dtype, "skip", self.skipped):
+            for chunk in read_shards(shards, self.read, "skip", self.skipped):
                 n += len(chunk)
                 yield chunk
             if n == 0:
@@ -275,7 +309,7 @@ class TokenStream:
     def __iter__(self) -> Iterator[torch.Tensor]:
         rows = self.micro_batch_size * self.accum
         while True:
-            steps = self.steps_per_epoch
+            steps, fresh = self.steps_per_epoch, self.step_in_epoch == 0
             for batch in batched(self._global_windows(self.epoch, self.step_in_epoch), self.global_batch):
                 mine = np.stack(batch[self.rank * rows:(self.rank + 1) * rows]).astype(np.int64)
                 self.step_in_epoch += 1  # the position after this step, before its batches are handed out
@@ -285,14 +319,19 @@ class TokenStream:
                     yield torch.from_numpy(mine[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
                 if self.step_in_epoch == 0:
                     break
+            if steps is None:  # raw-text shards: the epoch ended with the data
+                if fresh and self.step_in_epoch == 0:
+                    raise DataError(f"{self.manifest['root']} holds too few tokens for one global batch of "
+                                    f"{self.global_batch} x {self.seq_len + 1}: add data or lower the batch size or data.seq_len")
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
 
 def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 max_batches: int | None = None, on_error: str = "fail") -> list[torch.Tensor]:
+                 max_batches: int | None = None, on_error: str = "fail", raw: RawOptions | None = None) -> list[torch.Tensor]:
     """The same fixed, unshuffled validation batches on every call: the split's windows in
     order, rank r taking its rows of each; every rank gets the same number. [] when the
     split is missing or too small for one sequence per rank."""
-    manifest = load_manifest(data)
+    manifest = open_dataset(data, raw)
     shards = manifest["splits"].get(split, {"shards": []})["shards"]
     tokens = sum(s["tokens"] for s in shards)
     windows = max(tokens - 1, 0) // seq_len
@@ -304,9 +343,8 @@ def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, ran
             return []
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    dtype = np.dtype(manifest["dtype"])
     skipped: list[str] = []
-    chunks = read_shards(shards, dtype, on_error, skipped)
+    chunks = read_shards(shards, shard_reader(manifest), on_error, skipped)
     if on_error == "skip":  # fewer windows than planned: every rank stops at the same, smaller count
         chunks = list(chunks)
         if skipped:

@@ -31,13 +31,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def prepare_job(cfg) -> None:
     """Make data.path a prepared dataset and check that it fits the model (before any worker starts)."""
-    from data_pipeline import TokenStream, load_manifest, resolve_dataset
-
+    from data_pipeline import TokenStream, open_dataset, resolve_dataset
     from trainer import checkpoint
-    from trainer.loop import run_dir
+    from trainer.loop import raw_options, run_dir
 
     cfg.data.path = resolve_dataset(cfg.data.path, cfg.data.cache_dir, cfg.data.tokenizer, cfg.data.val_fraction)
-    tokenizer = load_manifest(cfg.data.path)["tokenizer"]
+    tokenizer = open_dataset(cfg.data.path, raw_options(cfg))["tokenizer"]
     vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")
@@ -48,7 +47,7 @@ def prepare_job(cfg) -> None:
                          f"but {cfg.data.path} uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
     # Raises DataError when the split cannot fill one global batch.
     TokenStream(cfg.data.path, "train", cfg.data.seq_len, cfg.train.micro_batch_size, 0, cfg.cluster.num_workers,
-                grad_accum_steps=cfg.accum_steps, seed=cfg.train.seed)
+                grad_accum_steps=cfg.accum_steps, seed=cfg.train.seed, raw=raw_options(cfg))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

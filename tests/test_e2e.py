@@ -219,3 +219,26 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard(trained):
     rows = [m for m in metrics(work / "runs" / "skip") if "loss" in m]
     assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
     assert "skipping a shard (data.on_error=skip): shard" in r.stdout + r.stderr and first in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_raw_text_shards_train_without_prepare(trained):
+    """Shards of .txt samples written by plain webdataset: `trainctl run` reads them as they are."""
+    import webdataset as wds
+
+    work, _ = trained
+    (work / "raw").mkdir()
+    text = (work / "text.txt").read_text()
+    for s in range(2):
+        with wds.TarWriter(str(work / "raw" / f"part-{s:04d}.tar")) as sink:
+            for k in range(50):
+                sink.write({"__key__": f"{s}-{k}", "txt": text[(s * 50 + k) * 1000:(s * 50 + k + 1) * 1000]})
+    r = trainctl("run", "job.yaml", "--no-ray", "name=raw", "data.path=raw/part-{0000..0001}.tar", "cluster.num_workers=1",
+                 "train.max_steps=6", "train.log_every=3", "checkpoint.every=6", "train.sample_tokens=0",
+                 "tracking.mode=disabled", cwd=work, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(work / "runs" / "raw")
+    assert [m["step"] for m in rows] == [3, 6] and all("val_loss" not in m for m in rows)  # raw shards: no val split
+    assert json.loads((work / "runs" / "raw" / "checkpoints" / "step_00000006" / "trainctl.json").read_text())["step"] == 6
+    bad = trainctl("run", "job.yaml", "--no-ray", "name=raw2", "data.path=raw/part-{0000..0009}.tar", cwd=work, timeout=120)
+    assert bad.returncode == 2 and "8 of 10 shards do not exist" in bad.stderr, bad.stderr

@@ -54,11 +54,14 @@ class DataSection(Section):
         description="a prepared dataset (folder with manifest.json), raw text (file, folder or glob) "
         "prepared automatically into cache_dir, or 'stdlib' for the Python standard library's source",
     )
-    tokenizer: str = Field("byte", description="tokenizer used when raw text is prepared automatically")
+    tokenizer: str = Field("byte", description="byte, bpe:VOCAB_SIZE or a tokenizer.json path: used when raw text is "
+                           "prepared automatically, and for raw-text shards (byte or a file)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="tail of each file held out for validation (auto-prepare)")
     seq_len: int = Field(256, gt=0, description="tokens per training sequence (context length)")
     shuffle_buffer: int = Field(8192, ge=1, description="sequences held in the seeded shuffle buffer")
     cache_dir: str = Field(".cache/trainctl", description="where automatically prepared datasets are kept")
+    text_field: str = Field("text", description="raw-text shards: the field of .json/.jsonl members that holds the text")
+    allow_pipe: bool = Field(False, description="allow pipe:COMMAND shard URLs (they run shell commands)")
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="a corrupt, truncated or unreachable shard: fail (stop, naming it) or skip (warn, count, go on)"
     )

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from data_pipeline import TokenStream, eval_batches
+from data_pipeline import RawOptions, TokenStream, eval_batches
 from trainer import checkpoint
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
@@ -27,6 +27,11 @@ from trainer.tracking import Tracker
 
 def model_config(cfg: JobConfig) -> ModelConfig:
     return ModelConfig(**cfg.model.model_dump())
+
+
+def raw_options(cfg: JobConfig) -> RawOptions:
+    """How to read data.path if it names raw-text shards."""
+    return RawOptions(cfg.data.tokenizer, cfg.data.text_field, cfg.data.allow_pipe)
 
 
 def run_dir(cfg: JobConfig) -> Path:
@@ -114,11 +119,12 @@ def train_worker(config: dict) -> None:
 
     # Data: every rank reads the same global order and keeps its own slice of each batch.
     seq = cfg.data.seq_len
+    raw = raw_options(cfg)
     stream = TokenStream(cfg.data.path, "train", seq, t.micro_batch_size, rank, world, grad_accum_steps=cfg.accum_steps,
-                         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error)
+                         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error, raw=raw)
     tokenizer = stream.manifest["tokenizer"]
     val = eval_batches(cfg.data.path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches,
-                       on_error=cfg.data.on_error)
+                       on_error=cfg.data.on_error, raw=raw)
 
     # Model: the same seed on every rank gives the same initial weights.
     torch.manual_seed(t.seed)

@@ -1,0 +1,98 @@
+"""Raw-text WebDataset shards written by others, read without a prepare step.
+
+A data.path that names tar shards — one URL, or a list in brace notation such as
+`corpus/part-{000000..000099}.tar` or `https://host/c/part-{0000..0999}.tar` — is such a
+source. Each sample's `.txt` member is one document; a `.json` member holds one document in
+its `data.text_field`, a `.jsonl` member one per line. Documents are tokenized as the
+shards are read (in the reader thread) and separated by end-of-text.
+
+Their token counts are unknown until read, so an epoch ends where the data ends (the same
+step on every rank, as every rank reads the same stream), and a resume replays the epoch
+up to the saved position instead of seeking to it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import build_tokenizer, parse_spec, token_dtype
+
+FORMAT = "trainctl.raw-shards"
+
+
+@dataclass(frozen=True)
+class RawOptions:
+    """How to read raw-text shards (ignored for prepared datasets)."""
+
+    tokenizer: str = "byte"  # byte or a tokenizer.json path (BPE must be trained by `trainctl prepare`)
+    text_field: str = "text"  # the document's field in .json / .jsonl members
+    allow_pipe: bool = False  # `pipe:COMMAND` shard URLs run shell commands: off unless asked for
+
+
+def is_shard_list(path: str) -> bool:
+    return path.startswith("pipe:") or path.rstrip("}").endswith(".tar") or (".tar" in path and "{" in path)
+
+
+def shard_urls(spec: str, allow_pipe: bool = False) -> list[str]:
+    """The URLs of a brace-notation shard list, checked: pipe: only when allowed, local
+    files must exist."""
+    import os
+
+    from braceexpand import braceexpand
+
+    urls = list(braceexpand(spec))
+    if any(u.startswith("pipe:") for u in urls) and not allow_pipe:
+        raise DataError(f"data.path {spec!r} is a pipe: URL, which runs a shell command: set data.allow_pipe=true to allow it")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"data.path {spec!r}: {len(missing)} of {len(urls)} shards do not exist, the first {missing[0]}: "
+                        "check the path and the brace range")
+    return urls
+
+
+def raw_manifest(spec: str, options: RawOptions) -> dict:
+    """A manifest for raw-text shards: the train split is every shard, there is no val split."""
+    if parse_spec(options.tokenizer)[0] == "bpe":
+        raise DataError(f"data.tokenizer={options.tokenizer} is trained on the corpus by `trainctl prepare`: "
+                        "for raw-text shards use byte or a tokenizer.json path")
+    tok = build_tokenizer(options.tokenizer)
+    shards = [{"url": u, "path": u} for u in shard_urls(spec, options.allow_pipe)]
+    return {"format": FORMAT, "name": spec, "root": spec, "tokenizer": tok.to_dict(), "dtype": token_dtype(tok.vocab_size).name,
+            "splits": {"train": {"shards": shards}, "val": {"shards": []}}, "options": options}
+
+
+def documents(sample: dict, url: str, text_field: str) -> list[str]:
+    """The documents of one raw sample."""
+    key = sample.get("__key__")
+    if "txt" in sample:
+        return [sample["txt"].decode("utf-8", errors="replace")]
+    for ext in ("json", "jsonl"):
+        if ext in sample:
+            lines = sample[ext].decode("utf-8", errors="replace").splitlines() if ext == "jsonl" else [sample[ext]]
+            docs = []
+            for line in lines:
+                if not str(line).strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"shard {url}: sample {key} holds invalid JSON ({e})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"shard {url}: sample {key} has no '{text_field}' field in its .{ext}: "
+                                    "set data.text_field to the field that holds the text")
+                docs.append(str(record[text_field]))
+            return docs
+    raise DataError(f"shard {url}: sample {key} has no .txt, .json or .jsonl member (it has {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def tokenize_sample(sample: dict, url: str, tok, text_field: str) -> list[np.ndarray]:
+    """Token arrays for a raw sample's documents, each followed by end-of-text."""
+    eot = np.array([tok.eot], dtype=token_dtype(tok.vocab_size))
+    out = []
+    for doc in documents(sample, url, text_field):
+        out += [tok.encode(doc).astype(eot.dtype, copy=False), eot]
+    return out

@@ -1,0 +1,143 @@
+"""Raw-text WebDataset shards written by plain `webdataset.ShardWriter` (.txt, .json,
+.jsonl samples), read without a prepare step and tokenized as they stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipeline import DataError, RawOptions, TokenStream, eval_batches, open_dataset
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """4 shards of 30 documents each: .txt, .json {"body": ...} and .jsonl samples."""
+    root = tmp_path_factory.mktemp("raw")
+    text = SHAKESPEARE.read_text()[:60_000]
+    docs = [text[i:i + 500] for i in range(0, len(text), 500)]
+    expected = []
+    for s in range(4):
+        with wds.TarWriter(str(root / f"raw-{s:06d}.tar")) as sink:
+            for k, doc in enumerate(docs[s * 30:(s + 1) * 30]):
+                key = f"{s:02d}{k:04d}"
+                if k % 3 == 0:
+                    sink.write({"__key__": key, "txt": doc})
+                elif k % 3 == 1:
+                    sink.write({"__key__": key, "json": json.dumps({"body": doc, "id": key}).encode()})
+                else:
+                    halves = [doc[:250], doc[250:]]
+                    sink.write({"__key__": key, "jsonl": "\n".join(json.dumps({"body": h}) for h in halves).encode()})
+                    expected += [h.encode() + b"\x00EOT" for h in halves]
+                    continue
+                expected.append(doc.encode() + b"\x00EOT")
+    return root, str(root / "raw-{000000..000003}.tar"), expected
+
+
+OPTS = RawOptions(text_field="body")
+
+
+def token_stream(expected: list[bytes]) -> list[int]:
+    out = []
+    for doc in expected:
+        out += list(doc[:-4]) + [256]
+    return out
+
+
+def test_raw_shards_stream_the_documents_in_order(corpus):
+    _, spec, expected = corpus
+    stream = TokenStream(spec, "train", 32, 4, 0, 1, shuffle=False, raw=OPTS)
+    assert stream.steps_per_epoch is None and stream.manifest["tokenizer"]["name"] == "byte"
+    it, rows = iter(stream), []
+    while (batch := next(it)) is not None and stream.epoch == 0:  # raw epochs roll over when the data runs out
+        rows += batch.tolist()
+    flat = rows[0] + [t for row in rows[1:] for t in row[1:]]  # windows overlap by one token
+    want = token_stream(expected)
+    assert flat == want[:len(flat)] and len(want) - len(flat) < 4 * 32 + 32  # only the last partial batch is dropped
+
+
+def test_raw_order_is_world_size_independent_and_resumes_by_replay(corpus):
+    _, spec, _ = corpus
+
+    def run(world, steps, state=None):
+        streams = [TokenStream(spec, "train", 32, 12 // world, r, world, seed=5, shuffle_buffer=50, raw=OPTS)
+                   for r in range(world)]
+        for s in streams:
+            if state:
+                s.load_state_dict(state)
+        its = [iter(s) for s in streams]
+        return [torch.cat([next(it) for it in its]) for _ in range(steps)], streams[0].state_dict()
+
+    one, end = run(1, 400)  # crosses several epoch ends (about 150 steps each)
+    assert end["epoch"] >= 2
+    two, _ = run(2, 400)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    _, state = run(3, 170)
+    resumed, state = run(2, 230, state)
+    assert all(torch.equal(a, b) for a, b in zip(one[170:], resumed)) and state == end
+
+
+def test_raw_epochs_end_at_the_same_step_on_every_rank(corpus):
+    _, spec, _ = corpus
+    counts = []
+    for rank in range(3):
+        s = TokenStream(spec, "train", 32, 2, rank, 3, seed=1, raw=OPTS)
+        it, n = iter(s), 0
+        while s.epoch == 0:
+            next(it)
+            n += 1
+        counts.append(n)
+    assert len(set(counts)) == 1 and counts[0] > 100
+
+
+def test_raw_source_has_no_validation_split(corpus):
+    _, spec, _ = corpus
+    assert eval_batches(spec, "val", 32, 4, 0, 1, raw=OPTS) == []
+
+
+def test_pipe_urls_only_when_allowed(corpus, monkeypatch):
+    from data_pipeline import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "BACKOFF_S", 0.01)  # a failing command is retried like a network error
+    root, spec, _ = corpus
+    pipe = f"pipe:cat {root}/raw-{{000000..000003}}.tar"
+    with pytest.raises(DataError, match="is a pipe: URL, which runs a shell command: set data.allow_pipe=true"):
+        open_dataset(pipe, OPTS)
+    allowed = RawOptions(text_field="body", allow_pipe=True)
+    a = iter(TokenStream(spec, "train", 32, 4, 0, 1, seed=2, raw=OPTS))
+    b = iter(TokenStream(pipe, "train", 32, 4, 0, 1, seed=2, raw=allowed))
+    assert all(torch.equal(next(a), next(b)) for _ in range(60))
+    failing = iter(TokenStream("pipe:exit 3 # x.tar", "train", 32, 4, 0, 1, raw=allowed))
+    with pytest.raises(DataError, match="exited with status 3"):
+        next(failing)
+
+
+@pytest.mark.parametrize(
+    "options, spec_suffix, fragment",
+    [
+        (RawOptions(), "", "has no 'text' field in its .json: set data.text_field"),
+        (RawOptions(tokenizer="bpe:512", text_field="body"), "", "is trained on the corpus by `trainctl prepare`"),
+        (OPTS, "nope", "4 of 4 shards do not exist, the first"),
+    ],
+)
+def test_raw_bad_input(corpus, options, spec_suffix, fragment):
+    _, spec, _ = corpus
+    with pytest.raises(DataError) as e:
+        it = iter(TokenStream(spec.replace("raw-", f"raw{spec_suffix}-"), "train", 32, 4, 0, 1, shuffle=False, raw=options))
+        for _ in range(200):
+            next(it)
+    assert fragment in str(e.value)
+
+
+def test_sample_without_text(tmp_path):
+    with wds.TarWriter(str(tmp_path / "x.tar")) as sink:
+        sink.write({"__key__": "a", "png": b"\x89PNG"})
+    with pytest.raises(DataError, match=r"sample a has no .txt, .json or .jsonl member \(it has \['png'\]\)"):
+        next(iter(TokenStream(str(tmp_path / "x.tar"), "train", 8, 1, 0, 1)))
+    assert np.dtype(open_dataset(str(tmp_path / "x.tar"))["dtype"]) == np.uint16
