@@ -1,7 +1,7 @@
 """Tokens/s the stream delivers to one rank from local token shards, side by side with a
 raw read of the same bytes and a plain webdataset loop over the same shards, in one run.
 
-    python benchmarks/data_throughput.py [--tokens 40_000_000] [--seq-len 1024] [--batch 8]
+    python benchmarks/data_throughput.py [--tokens 40000000] [--seq-len 1024] [--batch 8] [--sample-tokens 8192]
 
 Prepares a token dataset from the Python standard library's source (repeated until it
 holds --tokens tokens) in a temporary folder, then times three readers over it, each
@@ -25,7 +25,7 @@ from data_pipeline import TokenStream, prepare  # noqa: E402
 from data_pipeline.prepare import stdlib_files  # noqa: E402
 
 
-def make_dataset(root: Path, tokens: int) -> str:
+def make_dataset(root: Path, tokens: int, sample_tokens: int) -> str:
     files, size, inputs = stdlib_files(), 0, []
     while size < tokens:  # byte tokenizer: one token per byte
         for f in files:
@@ -39,7 +39,7 @@ def make_dataset(root: Path, tokens: int) -> str:
         link.parent.mkdir(exist_ok=True)
         os.symlink(f, link)
     prepare([str(root / "src")], str(root / "data"), val_fraction=0.0, shard_size_bytes=64 * 2**20,
-            sample_tokens=int(os.environ.get("SAMPLE_TOKENS", 8192)))
+            sample_tokens=sample_tokens)
     return str(root / "data")
 
 
@@ -75,9 +75,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40_000_000)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--sample-tokens", type=int, default=8192, help="tokens per tar member (prepare's default)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp), args.tokens)
+        data = make_dataset(Path(tmp), args.tokens, args.sample_tokens)
         readers = {"raw read": lambda: raw_read(data, args.tokens),
                    "plain webdataset": lambda: plain_webdataset(data, args.tokens),
                    "trainctl stream": lambda: stream(data, args.tokens, args.seq_len, args.batch)}
