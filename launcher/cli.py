@@ -31,12 +31,17 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def prepare_job(cfg) -> None:
     """Make data.path a prepared dataset and check that it fits the model (before any worker starts)."""
-    from data_pipeline import TokenStream, open_dataset, resolve_dataset
+    from data_pipeline import open_dataset, resolve_dataset
     from trainer import checkpoint
-    from trainer.loop import raw_options, run_dir
+    from trainer.loop import build_stream, raw_options, run_dir
 
-    cfg.data.path = resolve_dataset(cfg.data.path, cfg.data.cache_dir, cfg.data.tokenizer, cfg.data.val_fraction)
-    tokenizer = open_dataset(cfg.data.path, raw_options(cfg))["tokenizer"]
+    d = cfg.data
+    if d.sources:
+        for source in d.sources:
+            source.path = resolve_dataset(source.path, d.cache_dir, d.tokenizer, d.val_fraction)
+    else:
+        d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction)
+    tokenizer = open_dataset(d.sources[0].path if d.sources else d.path, raw_options(cfg))["tokenizer"]
     vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")
@@ -44,10 +49,9 @@ def prepare_job(cfg) -> None:
     if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
         was = checkpoint.meta(latest).get("tokenizer", {})
         raise UsageError(f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
-                         f"but {cfg.data.path} uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
-    # Raises DataError when the split cannot fill one global batch.
-    TokenStream(cfg.data.path, "train", cfg.data.seq_len, cfg.train.micro_batch_size, 0, cfg.cluster.num_workers,
-                grad_accum_steps=cfg.accum_steps, seed=cfg.train.seed, raw=raw_options(cfg))
+                         f"but the data uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
+    # Raises DataError when a split cannot fill one global batch, or mixed sources disagree.
+    build_stream(cfg, 0, cfg.cluster.num_workers)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -60,7 +64,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     prepare_job(cfg)
     folder = run_dir(cfg)
     print(f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
-          f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data {cfg.data.path}", flush=True)
+          f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
+          + (", ".join(f"{s.path} (weight {s.weight:g})" for s in cfg.data.sources) if cfg.data.sources else cfg.data.path),
+          flush=True)
     if args.no_ray:
         train_worker(cfg.model_dump(mode="json"))
         if int(os.environ.get("RANK", "0")) != 0:

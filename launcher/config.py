@@ -119,6 +119,9 @@ def resolve_paths(cfg: JobConfig, base_dir: str) -> JobConfig:
 
     if cfg.data.path != "stdlib":
         cfg.data.path = absolute(cfg.data.path)
+    for source in cfg.data.sources or []:
+        if source.path != "stdlib":
+            source.path = absolute(source.path)
     cfg.data.cache_dir = absolute(cfg.data.cache_dir)
     cfg.checkpoint.storage_path = absolute(cfg.checkpoint.storage_path)
     return cfg

@@ -97,10 +97,22 @@ def test_wrong_type(tmp_path):
         (["train.offload_optimizer=true"], "needs train.zero_stage 1, 2 or 3"),
         (["name=a b"], "name='a b' must be letters"),
         (["train.lr"], "not of the form section.key=value"),
+        (["data.sources=[]"], "data.sources is empty"),
+        (["data.sources=[{path: a, weight: 0}]"], "data.sources.0.weight=0"),
+        (["data.sources=[{path: a}]"], "data.sources.0.weight"),
+        (["data.path=x", "data.sources=[{path: a, weight: 1}]"], "set data.path or data.sources, not both"),
+        (["data.on_error=ignore"], "data.on_error='ignore' is not allowed"),
     ],
 )
 def test_impossible_values(tmp_path, overrides, fragment):
     assert fragment in _err(tmp_path, None, overrides)
+
+
+def test_mixed_sources_paths_are_absolute(tmp_path):
+    from launcher.config import load_config
+
+    cfg = load_config(None, ["data.sources=[{path: web, weight: 3}, {path: stdlib, weight: 1}]"], base_dir=str(tmp_path))
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [(str(tmp_path / "web"), 3.0), ("stdlib", 1.0)]
 
 
 def test_deepspeed_config_per_stage_and_precision():

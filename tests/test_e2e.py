@@ -242,3 +242,18 @@ def test_raw_text_shards_train_without_prepare(trained):
     assert json.loads((work / "runs" / "raw" / "checkpoints" / "step_00000006" / "trainctl.json").read_text())["step"] == 6
     bad = trainctl("run", "job.yaml", "--no-ray", "name=raw2", "data.path=raw/part-{0000..0009}.tar", cwd=work, timeout=120)
     assert bad.returncode == 2 and "8 of 10 shards do not exist" in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_mixed_sources_train_and_log_their_proportions(trained):
+    work, _ = trained
+    (work / "code.txt").write_text((REPO / "trainer" / "model.py").read_text() * 8)
+    assert trainctl("prepare", "code.txt", "--out", "code", cwd=work, timeout=120).returncode == 0
+    (work / "mix.yaml").write_text(JOB.replace("data: {path: data,", "data: {sources: [{path: data, weight: 3}, {path: code, weight: 1}],"))
+    r = trainctl("run", "mix.yaml", "--no-ray", "name=mix", "cluster.num_workers=1", "train.max_steps=20",
+                 "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [m for m in metrics(work / "runs" / "mix") if "loss" in m]
+    mix = rows[-1]["data_mix"]  # 20 steps x 8 sequences
+    assert set(mix) == {str(work / "data"), str(work / "code")} and abs(mix[str(work / "data")] - 0.75) < 0.1
+    assert [m["step"] for m in metrics(work / "runs" / "mix") if "val_loss" in m] == [20]  # both val splits

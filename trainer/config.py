@@ -48,6 +48,11 @@ class ModelSection(Section):
         return self
 
 
+class MixSource(Section):
+    path: str = Field(description="a dataset, as data.path takes it")
+    weight: float = Field(gt=0, description="relative share of the sequences drawn from it")
+
+
 class DataSection(Section):
     path: str = Field(
         "stdlib",
@@ -65,6 +70,18 @@ class DataSection(Section):
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="a corrupt, truncated or unreachable shard: fail (stop, naming it) or skip (warn, count, go on)"
     )
+    sources: list[MixSource] | None = Field(
+        None, description="several datasets mixed by weight, [{path, weight}, ...], instead of data.path"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSection":
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("data.sources is empty: give at least one {path, weight} or use data.path")
+            if self.path != DataSection.model_fields["path"].default:  # a dumped config carries the default
+                raise ValueError("set data.path or data.sources, not both")
+        return self
 
 
 class TrainSection(Section):

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from data_pipeline import RawOptions, TokenStream, eval_batches
+from data_pipeline import MixedStream, RawOptions, TokenStream, eval_batches
 from trainer import checkpoint
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
@@ -32,6 +32,20 @@ def model_config(cfg: JobConfig) -> ModelConfig:
 def raw_options(cfg: JobConfig) -> RawOptions:
     """How to read data.path if it names raw-text shards."""
     return RawOptions(cfg.data.tokenizer, cfg.data.text_field, cfg.data.allow_pipe)
+
+
+def data_paths(cfg: JobConfig) -> list[str]:
+    return [s.path for s in cfg.data.sources] if cfg.data.sources else [cfg.data.path]
+
+
+def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedStream:
+    """This rank's training stream: one dataset, or several mixed by weight."""
+    d, t = cfg.data, cfg.train
+    common = dict(grad_accum_steps=cfg.accum_steps, seed=t.seed, shuffle_buffer=d.shuffle_buffer, on_error=d.on_error,
+                  raw=raw_options(cfg))
+    if d.sources:
+        return MixedStream([(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, **common)
+    return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, **common)
 
 
 def run_dir(cfg: JobConfig) -> Path:
@@ -119,12 +133,11 @@ def train_worker(config: dict) -> None:
 
     # Data: every rank reads the same global order and keeps its own slice of each batch.
     seq = cfg.data.seq_len
-    raw = raw_options(cfg)
-    stream = TokenStream(cfg.data.path, "train", seq, t.micro_batch_size, rank, world, grad_accum_steps=cfg.accum_steps,
-                         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error, raw=raw)
+    stream = build_stream(cfg, rank, world)
     tokenizer = stream.manifest["tokenizer"]
-    val = eval_batches(cfg.data.path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches,
-                       on_error=cfg.data.on_error, raw=raw)
+    val = [batch for path in data_paths(cfg)  # every source's validation split, in order
+           for batch in eval_batches(path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches,
+                                     on_error=cfg.data.on_error, raw=raw_options(cfg))]
 
     # Model: the same seed on every rank gives the same initial weights.
     torch.manual_seed(t.seed)
@@ -163,7 +176,8 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 lr = engine.get_lr()[0]
                 tracker.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen, "epoch": stream.epoch,
-                             "data_wait": data_wait, "data_skipped_shards": len(stream.skipped)}, step)
+                             "data_wait": data_wait, "data_skipped_shards": len(stream.skipped),
+                             **({"data_mix": stream.proportions()} if cfg.data.sources else {})}, step)
                 print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                       f"data wait {data_wait:.0%} | ETA {_duration(eta)}", flush=True)
 

@@ -1,0 +1,97 @@
+"""Mixing several datasets by weight, deterministically and resumably.
+
+Each slot of a global batch draws its source from the weights with a generator seeded by
+(seed, step), so the mix is a pure function of the position, like the rest of the order.
+Each source is a TokenStream of one window per step (its own seeded order, shuffle and
+epochs), so its position is exact to the window. Every rank builds the same global batch
+and keeps its rows, as in TokenStream.
+
+>>> mixed = MixedStream([("data/web", 0.7), ("data/code", 0.3)], 1024, 8, rank=0, world_size=2)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.raw import RawOptions
+from data_pipeline.stream import TokenStream
+
+
+class MixedStream:
+    """TokenStream's interface over several weighted sources."""
+
+    def __init__(self, sources: list[tuple[str, float]], seq_len: int, micro_batch_size: int, rank: int, world_size: int,
+                 grad_accum_steps: int = 1, seed: int = 0, shuffle_buffer: int = 8192, on_error: str = "fail",
+                 raw: RawOptions | None = None):
+        if not sources:
+            raise DataError("data.sources is empty: give at least one {path, weight}")
+        weights = np.array([w for _, w in sources], dtype=np.float64)
+        if (weights <= 0).any() or not np.isfinite(weights).all():
+            raise DataError(f"data.sources weights {weights.tolist()} must all be positive numbers")
+        self.weights = weights / weights.sum()
+        self.names = [path for path, _ in sources]
+        # Each source: its own order (seed + index), one window per step.
+        self.subs = [TokenStream(path, "train", seq_len, 1, 0, 1, seed=seed + 1009 * i, shuffle_buffer=shuffle_buffer,
+                                 on_error=on_error, raw=raw) for i, (path, _) in enumerate(sources)]
+        tokenizers = {repr(s.manifest["tokenizer"].get("json", s.manifest["tokenizer"])) for s in self.subs}
+        if len(tokenizers) > 1:
+            raise DataError("data.sources use different tokenizers: prepare them all with the same --tokenizer")
+        self.manifest = self.subs[0].manifest
+        self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.global_batch = micro_batch_size * world_size * grad_accum_steps
+        self.step = 0
+        self.taken = np.zeros(len(sources), dtype=np.int64)  # windows drawn from each source so far
+
+    @property
+    def epoch(self) -> int:
+        return self.subs[0].epoch
+
+    @property
+    def skipped(self) -> list[str]:
+        return [url for s in self.subs for url in s.skipped]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    def proportions(self) -> dict[str, float]:
+        """The realised share of each source so far."""
+        total = max(int(self.taken.sum()), 1)
+        return {name: int(n) / total for name, n in zip(self.names, self.taken)}
+
+    def slots(self, step: int) -> np.ndarray:
+        """The source of each of the step's global-batch slots."""
+        return np.random.default_rng([self.seed, 7919, step]).choice(len(self.subs), size=self.global_batch, p=self.weights)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "global_batch": self.global_batch, "seq_len": self.seq_len,
+                "sources": [s.state_dict() for s in self.subs], "names": self.names, "taken": self.taken.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("names") != self.names:
+            raise DataError(f"the saved data position mixes {state.get('names')} but this job mixes {self.names}: "
+                            "resume with the same data.sources or start a fresh run")
+        for key in ("seed", "global_batch", "seq_len"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"the saved data position has {key}={state[key]} but this job has {getattr(self, key)}: "
+                                f"resume with the same {key} or start a fresh run")
+        for sub, sub_state in zip(self.subs, state["sources"]):
+            sub.load_state_dict(sub_state)
+        self.step, self.taken = state["step"], np.array(state["taken"], dtype=np.int64)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        its = [iter(s) for s in self.subs]
+        rows = self.micro_batch_size * self.accum
+        while True:
+            slots = self.slots(self.step)
+            batch = [next(its[i])[0] for i in slots]  # (T+1,) each; every rank draws every window
+            np.add.at(self.taken, slots, 1)
+            self.step += 1
+            mine = torch.stack(batch[self.rank * rows:(self.rank + 1) * rows])
+            for a in range(self.accum):
+                yield mine[a * self.micro_batch_size:(a + 1) * self.micro_batch_size]
