@@ -257,3 +257,25 @@ def test_mixed_sources_train_and_log_their_proportions(trained):
     mix = rows[-1]["data_mix"]  # 20 steps x 8 sequences
     assert set(mix) == {str(work / "data"), str(work / "code")} and abs(mix[str(work / "data")] - 0.75) < 0.1
     assert [m["step"] for m in metrics(work / "runs" / "mix") if "val_loss" in m] == [20]  # both val splits
+
+
+@pytest.mark.slow
+def test_document_masking_trains(trained):
+    """data.document_masking through DeepSpeed: the same first batch, a different loss than
+    without the mask wherever a window holds an end-of-text."""
+    work, _ = trained
+    (work / "docs").mkdir()
+    text = (work / "text.txt").read_text()
+    for i in range(60):  # many short documents, so that windows cross document ends
+        (work / "docs" / f"{i:03d}.txt").write_text(text[i * 300:(i + 1) * 300])
+    assert trainctl("prepare", "docs", "--out", "docs-data", cwd=work, timeout=120).returncode == 0
+    losses = {}
+    for masking in ("false", "true"):
+        r = trainctl("run", "job.yaml", "--no-ray", f"name=mask-{masking}", "data.path=docs-data", "cluster.num_workers=1",
+                     f"data.document_masking={masking}", "train.max_steps=3", "train.log_every=1", "train.eval_every=3",
+                     "checkpoint.every=3", "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[masking] = [m for m in metrics(work / "runs" / f"mask-{masking}") if "loss" in m]
+    assert [m["step"] for m in losses["true"]] == [1, 2, 3]
+    assert all(0 < m["loss"] < 6 for m in losses["true"])
+    assert losses["true"][0]["loss"] != losses["false"][0]["loss"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.model import ModelConfig, Transformer, apply_rope, count_params, rope_table
+from trainer.model import ModelConfig, Transformer, apply_rope, count_params, document_segments, rope_table
 
 TINY = dict(vocab_size=64, n_layer=2, n_head=4, d_model=32, max_seq_len=32)
 
@@ -212,3 +212,23 @@ def test_sequence_longer_than_max_seq_len_is_rejected():
     model(tokens(1, 16))
     with pytest.raises(ValueError, match="max_seq_len=16"):
         model(tokens(1, 17))
+
+
+def test_document_segments_close_at_end_of_text():
+    idx = torch.tensor([[3, 256, 4, 5, 256, 256, 6], [1, 2, 3, 4, 5, 6, 7]])
+    assert document_segments(idx, 256).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0] * 7]
+
+
+def test_document_masking_makes_each_document_see_only_itself():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=2, d_model=64, n_head=4, max_seq_len=32)).eval()
+    first, second = torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 12))
+    packed = torch.cat([first, torch.tensor([[256]]), second], dim=1)  # (1, 22): doc, end-of-text, doc
+    masked = model(packed, segments=document_segments(packed, 256))  # (1, 22, V)
+    alone = model(second)  # (1, 12, V): the second document from position 0
+    # RoPE sees only relative positions, so inside its own document the second one is unchanged.
+    assert torch.allclose(masked[:, 10:], alone, atol=1e-4)
+    assert not torch.allclose(model(packed)[:, 10:], alone, atol=1e-2)  # without the mask it sees the first
+    assert torch.allclose(masked[:, :10], model(packed)[:, :10], atol=1e-5)  # the first document is causal either way
+    logits, loss = model(packed[:, :-1], packed[:, 1:], document_segments(packed[:, :-1], 256))
+    assert logits.shape == (1, 21, 257) and torch.isfinite(loss)

@@ -70,6 +70,10 @@ class DataSection(Section):
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="a corrupt, truncated or unreachable shard: fail (stop, naming it) or skip (warn, count, go on)"
     )
+    document_masking: bool = Field(
+        False, description="keep attention inside each document of a packed sequence (a masked attention kernel, "
+        "slower than the plain causal one)"
+    )
     sources: list[MixSource] | None = Field(
         None, description="several datasets mixed by weight, [{path, weight}, ...], instead of data.path"
     )

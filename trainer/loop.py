@@ -21,7 +21,7 @@ from data_pipeline import MixedStream, RawOptions, TokenStream, eval_batches
 from trainer import checkpoint
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
-from trainer.model import ModelConfig, Transformer
+from trainer.model import ModelConfig, Transformer, document_segments
 from trainer.tracking import Tracker
 
 
@@ -74,12 +74,20 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def train_step(engine, batches: Iterator[torch.Tensor], accum_steps: int, device: torch.device) -> float:
-    """One optimizer step over `accum_steps` micro batches; returns this rank's mean loss."""
+def forward(engine, batch: torch.Tensor, eot: int | None):
+    """(logits, loss) for a (B, T+1) batch; with `eot`, attention stays inside each document."""
+    idx = batch[:, :-1]  # (B, T)
+    return engine(idx, batch[:, 1:], None if eot is None else document_segments(idx, eot))
+
+
+def train_step(engine, batches: Iterator[torch.Tensor], accum_steps: int, device: torch.device,
+               eot: int | None = None) -> float:
+    """One optimizer step over `accum_steps` micro batches; returns this rank's mean loss.
+    `eot` turns on document masking."""
     total = 0.0
     for _ in range(accum_steps):
         batch = next(batches).to(device, non_blocking=True)  # (B, T+1)
-        _, loss = engine(batch[:, :-1], batch[:, 1:])
+        _, loss = forward(engine, batch, eot)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.item()
@@ -87,13 +95,13 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum_steps: int, device
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> float:
+def evaluate(engine, batches: list[torch.Tensor], device: torch.device, eot: int | None = None) -> float:
     """Mean validation loss over every rank's batches."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
-        _, loss = engine(batch[:, :-1], batch[:, 1:])
+        _, loss = forward(engine, batch, eot)
         total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
     engine.train()
     dist.all_reduce(total)
@@ -135,6 +143,7 @@ def train_worker(config: dict) -> None:
     seq = cfg.data.seq_len
     stream = build_stream(cfg, rank, world)
     tokenizer = stream.manifest["tokenizer"]
+    eot = tokenizer["eot"] if cfg.data.document_masking else None
     val = [batch for path in data_paths(cfg)  # every source's validation split, in order
            for batch in eval_batches(path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches,
                                      on_error=cfg.data.on_error, raw=raw_options(cfg))]
@@ -161,7 +170,7 @@ def train_worker(config: dict) -> None:
     start_step, t_start = step, time.perf_counter()
     t_log, step_log = t_start, step
     while step < t.max_steps:
-        loss = train_step(engine, batches, cfg.accum_steps, device)
+        loss = train_step(engine, batches, cfg.accum_steps, device, eot)
         step += 1
         tokens_seen += tokens_per_step
 
@@ -182,7 +191,7 @@ def train_worker(config: dict) -> None:
                       f"data wait {data_wait:.0%} | ETA {_duration(eta)}", flush=True)
 
         if val and (step % t.eval_every == 0 or step == t.max_steps):
-            val_loss = evaluate(engine, val, device)
+            val_loss = evaluate(engine, val, device, eot)
             if rank == 0:
                 tracker.log({"val_loss": val_loss}, step)
                 print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)

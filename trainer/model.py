@@ -75,6 +75,16 @@ class ModelConfig:
         return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
 
 
+def document_segments(idx: torch.Tensor, eot: int) -> torch.Tensor:
+    """A document number per token of idx (B, T): an end-of-text token closes its document.
+
+    >>> document_segments(torch.tensor([[5, 9, 0, 7]]), eot=0).tolist()
+    [[0, 0, 0, 1]]
+    """
+    ends = (idx == eot).long()  # (B, T)
+    return ends.cumsum(dim=1) - ends  # (B, T): the count of documents closed before each token
+
+
 def count_params(config: ModelConfig, non_embedding: bool = True) -> int:
     """Parameters of `Transformer(config)` without building it (a tied matrix counts once).
 
@@ -133,7 +143,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -144,8 +154,9 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)  # (B, H, T, D)
             v = v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+        # mask (B, 1, T, T), True = may attend, already causal; None = plain causal (the fast kernels).
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.wo(y))  # (B, T, C)
@@ -172,8 +183,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)  # (B, T, C)
         return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
 
 
@@ -212,18 +223,27 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, V) for token ids (B, T); with targets (B, T), (logits, mean loss)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+        """Logits (B, T, V) for token ids (B, T); with targets (B, T), (logits, mean loss).
+
+        segments (B, T), optional: a document number per token; attention then stays
+        within each document (document masking for packed sequences).
+        """
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+        mask = None
+        if segments is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            mask = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T)
+            mask = mask[:, None]  # (B, 1, T, T)
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
             if self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)  # (B, T, C)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)  # (B, T, C)
             else:
-                x = block(x, cos, sin)  # (B, T, C)
+                x = block(x, cos, sin, mask)  # (B, T, C)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits
