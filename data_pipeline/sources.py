@@ -59,12 +59,12 @@ def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> 
         except Exception as e:  # noqa: BLE001 - sorted into transient or not just below
             if not transient(e) or attempt == retries:
                 tries = f" after {attempt + 1} tries" if attempt else ""
-                raise DataError(f"cannot read {what}{tries}: {_reason(e)}") from None
+                raise DataError(f"cannot read {what}{tries}: {describe_error(e)}") from None
             time.sleep(BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
 
-def _reason(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):

@@ -37,7 +37,7 @@ from data_pipeline.prepare import load_manifest
 from data_pipeline.raw import FORMAT as RAW_FORMAT
 from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, tokenize_sample
 from data_pipeline.tokenizer import tokenizer_from_dict
-from data_pipeline.sources import BACKOFF_S, RETRIES, _reason, is_url, open_stream, transient
+from data_pipeline.sources import BACKOFF_S, RETRIES, describe_error, is_url, open_stream, transient
 
 
 class HashingReader:
@@ -94,7 +94,7 @@ def read_shard(shard: dict, dtype: np.dtype, tokenize: Callable[[dict, str], lis
             raise
         except Exception as e:  # tarfile, IO, network and webdataset errors alike: name the shard
             if not transient(e) or isinstance(e, tarfile.TarError) or attempt == RETRIES:
-                raise DataError(f"shard {url} is unreadable ({_reason(e)}): prepare the dataset again or check the storage") from None
+                raise DataError(f"shard {url} is unreadable ({describe_error(e)}): prepare the dataset again or check the storage") from None
             time.sleep(BACKOFF_S * 2**attempt)
         finally:
             if stream is not None:
