@@ -67,14 +67,64 @@ def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
     return nonempty
 
 
-def corpus_sample(files: list[str], budget_bytes: int = 16 * 2**20, piece_bytes: int = 1 << 16) -> Iterator[str]:
+def read_documents(path: str, text_field: str) -> list[bytes] | None:
+    """The documents of a .jsonl file or a raw-text .tar shard; None for a plain text file."""
+    from data_pipeline.raw import documents
+
+    if path.endswith(".jsonl"):
+        docs = []
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path} line {n} is not valid JSON ({e})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"{path} line {n} has no '{text_field}' field: pass --text-field with the field that holds the text")
+                docs.append(str(record[text_field]).encode())
+        return docs
+    if path.endswith(".tar"):
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        try:
+            with open(path, "rb") as f:
+                return [doc.encode() for sample in group_by_keys(tar_file_expander([{"url": path, "stream": f}]))
+                        for doc in documents(sample, path, text_field)]
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken tar, named
+            raise DataError(f"{path} is not a readable tar file ({type(e).__name__}: {e})") from None
+    return None
+
+
+def split_documents(path: str, val_fraction: float, text_field: str) -> Iterator[tuple[str, bytes]]:
+    """(split, text) for each document part of one input file, train parts first."""
+    docs = read_documents(path, text_field)
+    if docs is None:  # one document: its tail is validation (by bytes here, as nanoGPT splits its text)
+        raw = Path(path).read_bytes()
+        cut = int(len(raw) * (1 - val_fraction))
+        parts = [("train", raw[:cut]), ("val", raw[cut:])]
+    else:
+        n_val = int(len(docs) * val_fraction)
+        parts = [("train", d) for d in docs[:len(docs) - n_val]] + [("val", d) for d in docs[len(docs) - n_val:]]
+    yield from ((split, text) for split, text in parts if text)
+
+
+def corpus_sample(files: list[str], text_field: str = "text", budget_bytes: int = 16 * 2**20,
+                  piece_bytes: int = 1 << 16) -> Iterator[str]:
     """Text for training a tokenizer: up to `budget_bytes`, an equal share from each file
     (at least one piece each, in file order), so one large file does not dominate."""
     share = max(piece_bytes, budget_bytes // len(files))
     used = 0
     for path in files:
-        with open(path, "rb") as f:
-            head = f.read(min(share, budget_bytes - used))
+        docs = read_documents(path, text_field)
+        if docs is None:
+            with open(path, "rb") as f:
+                head = f.read(min(share, budget_bytes - used))
+        else:
+            head = b"\n".join(docs)[:min(share, budget_bytes - used)]
         used += len(head)
         for start in range(0, len(head), piece_bytes):
             yield head[start:start + piece_bytes].decode("utf-8", errors="replace")
@@ -164,8 +214,13 @@ def _check_out(out_dir: str, overwrite: bool) -> None:
 
 def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1,
             shard_size_bytes: int = 256 * 2**20, sample_tokens: int = 8192, name: str | None = None,
-            overwrite: bool = False, skip_empty: bool = False, progress: bool = False) -> dict:
-    """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest."""
+            overwrite: bool = False, skip_empty: bool = False, progress: bool = False, text_field: str = "text") -> dict:
+    """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest.
+
+    A text file is one document (its tail `val_fraction` of tokens goes to val); a .jsonl
+    file holds one document per line in `text_field`, a .tar raw-text WebDataset shard one
+    per sample (their last `val_fraction` of documents go to val, whole).
+    """
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if shard_size_bytes < 1 or sample_tokens < 1:
@@ -173,7 +228,7 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
     parse_spec(tokenizer)
     files = expand_inputs(inputs, skip_empty)
     _check_out(out_dir, overwrite)
-    tok = build_tokenizer(tokenizer, corpus_sample(files))
+    tok = build_tokenizer(tokenizer, corpus_sample(files, text_field))
     dtype = token_dtype(tok.vocab_size)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -187,22 +242,18 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         t0, t_report, n_bytes, n_tokens = time.perf_counter(), time.perf_counter(), 0, 0
         tty = sys.stderr.isatty()  # a bar that redraws itself on a terminal, plain lines in a log
         for i, path in enumerate(files):
-            raw = Path(path).read_bytes()
-            n_bytes += len(raw)
-            ids = encode_document(tok, raw).astype(dtype, copy=False)
-            n_tokens += len(ids)
-            cut = int(len(ids) * (1 - val_fraction))
-            for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
-                if len(part) == 0:
-                    continue
-                doc = np.concatenate([part, np.array([tok.eot], dtype=dtype)])
+            for split, text in split_documents(path, val_fraction, text_field):
+                n_bytes += len(text)
+                ids = encode_document(tok, text).astype(dtype, copy=False)
+                n_tokens += len(ids)
+                doc = np.concatenate([ids, np.array([tok.eot], dtype=dtype)])
                 for start in range(0, len(doc), sample_tokens):
                     writers[split].write(doc[start:start + sample_tokens])
                 docs[split] += 1
             now = time.perf_counter()
             if progress and (now - t_report > (1 if tty else 10) or i == len(files) - 1):
                 t_report = now
-                print(("\r" if tty else "") + f"prepare: {i + 1}/{len(files)} documents, {n_tokens:,} tokens, "
+                print(("\r" if tty else "") + f"prepare: {i + 1}/{len(files)} files, {sum(docs.values()):,} documents, {n_tokens:,} tokens, "
                       f"{n_bytes / 2**20 / max(now - t0, 1e-9):.1f} MB/s", end="" if tty else "\n", file=sys.stderr, flush=True)
         if progress and tty:
             print(file=sys.stderr)

@@ -19,15 +19,16 @@ from data_pipeline.sources import is_url
 from data_pipeline.prepare import AUTO_SHARD_BYTES, default_corpus, expand_inputs, prepare
 
 
-def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float) -> str:
-    h = hashlib.sha256(json.dumps([AUTO_SHARD_BYTES, tokenizer, val_fraction]).encode())
+def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float, text_field: str) -> str:
+    h = hashlib.sha256(json.dumps([AUTO_SHARD_BYTES, tokenizer, val_fraction, text_field]).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:16]
 
 
-def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1) -> str:
+def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1,
+                    text_field: str = "text") -> str:
     """The prepared dataset folder for `path`, preparing raw text into cache_dir if needed.
 
     >>> resolve_dataset("data/tinyshakespeare.txt", ".cache/trainctl")  # doctest: +SKIP
@@ -46,8 +47,8 @@ def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_frac
     except DataError as e:
         raise DataError(f"data.path: {e}") from None
     stem = Path(files[0]).stem if len(files) == 1 else Path(path.split("*")[0].rstrip("/")).name or "data"
-    out = os.path.join(cache_dir, f"{stem}-{tokenizer.replace(':', '')}-{_fingerprint(files, tokenizer, val_fraction)}")
+    out = os.path.join(cache_dir, f"{stem}-{tokenizer.replace(':', '')}-{_fingerprint(files, tokenizer, val_fraction, text_field)}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
         prepare([path], out, tokenizer=tokenizer, val_fraction=val_fraction, shard_size_bytes=AUTO_SHARD_BYTES,
-                overwrite=True)
+                overwrite=True, text_field=text_field)
     return out

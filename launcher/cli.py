@@ -24,7 +24,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipeline import prepare, summarize
 
     manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                       shard_size_bytes=int(args.shard_size_mb * 2**20), overwrite=args.overwrite, progress=True)
+                       shard_size_bytes=int(args.shard_size_mb * 2**20), overwrite=args.overwrite, progress=True,
+                       text_field=args.text_field)
     print(summarize(manifest))
     return 0
 
@@ -38,9 +39,9 @@ def prepare_job(cfg) -> None:
     d = cfg.data
     if d.sources:
         for source in d.sources:
-            source.path = resolve_dataset(source.path, d.cache_dir, d.tokenizer, d.val_fraction)
+            source.path = resolve_dataset(source.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
     else:
-        d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction)
+        d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
     tokenizer = open_dataset(d.sources[0].path if d.sources else d.path, raw_options(cfg))["tokenizer"]
     vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
@@ -118,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("prepare", help="turn text files into WebDataset token shards + manifest.json",
                         description="Tokenize text files (paths, folders or globs) into WebDataset tar shards of token arrays, with a manifest.json and a train/val split.")
-    pp.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders or globs (quote globs)")
+    pp.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, .jsonl files, raw-text .tar shards, folders or globs (quote globs)")
     pp.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     pp.add_argument("--tokenizer", default="byte", help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs) or a path to a Hugging Face tokenizer.json")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail of each file held out for validation (default 0.1)")
     pp.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
+    pp.add_argument("--text-field", default="text", help="the field holding the text in .jsonl inputs and .json samples of .tar inputs")
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     pp.set_defaults(fn=_cmd_prepare)
 

@@ -167,3 +167,31 @@ def test_cli_prepare_bad_input_is_one_line_exit_2(texts, args, fragment):
     assert r.returncode == 2 and r.stderr.startswith("trainctl: error: "), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr
     assert sorted(p.name for p in texts.rglob("*")) == before
+
+
+def test_jsonl_and_raw_tar_inputs_keep_documents_whole(tmp_path):
+    docs = [f"document {i}: " + "word " * (10 + i) for i in range(10)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": d, "id": i}) for i, d in enumerate(docs)) + "\n\n")
+    with wds.TarWriter(str(tmp_path / "b.tar")) as sink:
+        for i, d in enumerate(docs):
+            sink.write({"__key__": f"{i:03d}", **({"txt": d} if i % 2 else {"json": json.dumps({"body": d}).encode()})})
+    m = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.tar")], str(tmp_path / "out"), val_fraction=0.2,
+                text_field="body")
+    assert m["splits"]["train"]["documents"] == 16 and m["splits"]["val"]["documents"] == 4
+    ids = np.concatenate([np.frombuffer(s["tokens"], dtype=np.uint16)
+                          for s in wds.WebDataset([s["url"] for s in m["splits"]["val"]["shards"]], shardshuffle=False)])
+    got = [ByteTokenizer().decode(part) for part in np.split(ids, np.flatnonzero(ids == 256) + 1) if len(part)]
+    assert got == [docs[8], docs[9], docs[8], docs[9]]  # the last 20% of each file's documents, whole
+    assert m["input_bytes"] == 2 * sum(len(d) for d in docs)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [('{"text": "a"}\n{"body": "b"}\n', "line 2 has no 'text' field: pass --text-field"),
+     ('{"text": "a"}\nnot json\n', "line 2 is not valid JSON")],
+)
+def test_bad_jsonl_input(tmp_path, content, fragment):
+    (tmp_path / "a.jsonl").write_text(content)
+    with pytest.raises(DataError) as e:
+        prepare([str(tmp_path / "a.jsonl")], str(tmp_path / "out"))
+    assert fragment in str(e.value) and not (tmp_path / "out").exists()
