@@ -164,3 +164,33 @@ def test_malformed_manifest(tmp_path, content, fragment):
     (tmp_path / "manifest.json").write_text(content)
     with pytest.raises(DataError, match=fragment):
         load_manifest(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(data):
+    """A real S3-compatible server (moto) on 127.0.0.1 holding the dataset under s3://data/d."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    client = boto3.client("s3", **{"endpoint_url": env["AWS_ENDPOINT_URL"], "aws_access_key_id": "testing",
+                                   "aws_secret_access_key": "testing", "region_name": "us-east-1"})
+    client.create_bucket(Bucket="data")
+    for path in (data / "d").iterdir():
+        client.upload_file(str(path), "data", f"d/{path.name}")
+    yield env
+    server.stop()
+
+
+def test_s3_gives_the_same_batches_as_the_local_folder(data, s3_bucket, monkeypatch):
+    for key, value in s3_bucket.items():  # endpoint and credentials from the usual AWS variables
+        monkeypatch.setenv(key, value)
+    local, _ = batches(str(data / "d"), 40)
+    remote, _ = batches("s3://data/d", 40)
+    assert all(torch.equal(a, b) for a, b in zip(local, remote))
+    with pytest.raises(DataError, match="no-such-bucket"):
+        load_manifest("s3://no-such-bucket/d")
