@@ -132,21 +132,25 @@ def corpus_sample(files: list[str], text_field: str = "text", budget_bytes: int 
             return
 
 
-def encode_document(tok, raw: bytes, piece_chars: int = 1 << 20) -> np.ndarray:
-    """The token ids of one document's bytes. Long texts are encoded in pieces cut at line
-    ends (on all cores for `tokenizers`), so memory stays bounded and the result does not
-    depend on the machine."""
+def encode_documents(tok, texts: list[bytes], piece_chars: int = 1 << 20) -> list[np.ndarray]:
+    """The token ids of each document. For `tokenizers`, all the documents of a file go in
+    one batch, on all cores, long ones cut into pieces at line ends, so memory stays
+    bounded and the result does not depend on the machine."""
     if isinstance(tok, ByteTokenizer):
-        return tok.encode(raw)
-    text = raw.decode("utf-8", errors="replace")
-    pieces, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + piece_chars)
-        end = len(text) if end < 0 else end + 1
-        pieces.append(text[start:end])
-        start = end
-    arrays = tok.encode_many(pieces)
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=tok.dtype)
+        return [tok.encode(raw) for raw in texts]
+    pieces, owner = [], []
+    for i, raw in enumerate(texts):
+        text, start = raw.decode("utf-8", errors="replace"), 0
+        while start < len(text):
+            end = text.find("\n", start + piece_chars)
+            end = len(text) if end < 0 else end + 1
+            pieces.append(text[start:end])
+            owner.append(i)
+            start = end
+    out: list[list[np.ndarray]] = [[] for _ in texts]
+    for i, ids in zip(owner, tok.encode_many(pieces)):
+        out[i].append(ids)
+    return [np.concatenate(parts) if parts else np.zeros(0, dtype=tok.dtype) for parts in out]
 
 
 class ShardWriter:
@@ -242,9 +246,10 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         t0, t_report, n_bytes, n_tokens = time.perf_counter(), time.perf_counter(), 0, 0
         tty = sys.stderr.isatty()  # a bar that redraws itself on a terminal, plain lines in a log
         for i, path in enumerate(files):
-            for split, text in split_documents(path, val_fraction, text_field):
+            parts = list(split_documents(path, val_fraction, text_field))
+            for (split, text), ids in zip(parts, encode_documents(tok, [text for _, text in parts])):
                 n_bytes += len(text)
-                ids = encode_document(tok, text).astype(dtype, copy=False)
+                ids = ids.astype(dtype, copy=False)
                 n_tokens += len(ids)
                 doc = np.concatenate([ids, np.array([tok.eot], dtype=dtype)])
                 for start in range(0, len(doc), sample_tokens):

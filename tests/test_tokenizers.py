@@ -90,3 +90,15 @@ def test_bad_tokenizer_files(tmp_path, bpe_data):
     (tmp_path / "no_eot.json").write_text(json.dumps(tree))
     with pytest.raises(DataError, match="has none of the end-of-text tokens"):
         build_tokenizer(str(tmp_path / "no_eot.json"))
+
+
+def test_batched_encoding_equals_one_by_one(bpe_data):
+    import sys
+
+    prepare_module = sys.modules["data_pipeline.prepare"]
+    tok = tokenizer_from_dict(load_manifest(str(bpe_data / "d"))["tokenizer"])
+    text = (bpe_data / "t.txt").read_bytes()
+    docs = [text[i:i + 700] for i in range(0, 70_000, 700)] + [text[:20_000]]  # many short, one cut into pieces
+    batched = prepare_module.encode_documents(tok, docs, piece_chars=2_000)
+    assert len(batched) == len(docs)
+    assert all(np.array_equal(b, tok.encode(d)) for b, d in zip(batched, docs))
