@@ -69,22 +69,12 @@ def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
 
 def read_documents(path: str, text_field: str) -> list[bytes] | None:
     """The documents of a .jsonl file or a raw-text .tar shard; None for a plain text file."""
-    from data_pipeline.raw import documents
+    from data_pipeline.raw import documents, json_text
 
     if path.endswith(".jsonl"):
-        docs = []
         with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path} line {n} is not valid JSON ({e})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{path} line {n} has no '{text_field}' field: pass --text-field with the field that holds the text")
-                docs.append(str(record[text_field]).encode())
-        return docs
+            return [json_text(line, text_field, f"{path} line {n}", "pass --text-field with the field that holds the text").encode()
+                    for n, line in enumerate(f, 1) if line.strip()]
     if path.endswith(".tar"):
         from webdataset.tariterators import group_by_keys, tar_file_expander
 

@@ -65,6 +65,17 @@ def raw_manifest(spec: str, options: RawOptions) -> dict:
             "splits": {"train": {"shards": shards}, "val": {"shards": []}}, "options": options}
 
 
+def json_text(raw: str | bytes, text_field: str, where: str, hint: str) -> str:
+    """The text in one JSON record's `text_field`; DataError naming `where` otherwise."""
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or text_field not in record:
+        raise DataError(f"{where} has no '{text_field}' field: {hint}")
+    return str(record[text_field])
+
+
 def documents(sample: dict, url: str, text_field: str) -> list[str]:
     """The documents of one raw sample."""
     key = sample.get("__key__")
@@ -73,19 +84,8 @@ def documents(sample: dict, url: str, text_field: str) -> list[str]:
     for ext in ("json", "jsonl"):
         if ext in sample:
             lines = sample[ext].decode("utf-8", errors="replace").splitlines() if ext == "jsonl" else [sample[ext]]
-            docs = []
-            for line in lines:
-                if not str(line).strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"shard {url}: sample {key} holds invalid JSON ({e})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"shard {url}: sample {key} has no '{text_field}' field in its .{ext}: "
-                                    "set data.text_field to the field that holds the text")
-                docs.append(str(record[text_field]))
-            return docs
+            return [json_text(line, text_field, f"shard {url}: sample {key}'s .{ext}", "set data.text_field to the field "
+                              "that holds the text") for line in lines if str(line).strip()]
     raise DataError(f"shard {url}: sample {key} has no .txt, .json or .jsonl member (it has {sorted(k for k in sample if not k.startswith('__'))})")
 
 

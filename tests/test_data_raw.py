@@ -121,7 +121,7 @@ def test_pipe_urls_only_when_allowed(corpus, monkeypatch):
 @pytest.mark.parametrize(
     "options, spec_suffix, fragment",
     [
-        (RawOptions(), "", "has no 'text' field in its .json: set data.text_field"),
+        (RawOptions(), "", "sample 000001's .json has no 'text' field: set data.text_field"),
         (RawOptions(tokenizer="bpe:512", text_field="body"), "", "is trained on the corpus by `trainctl prepare`"),
         (OPTS, "nope", "4 of 4 shards do not exist, the first"),
     ],
