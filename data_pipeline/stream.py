@@ -3,7 +3,8 @@
 The global order of training sequences is a pure function of (seed, epoch, position),
 whatever the number of ranks:
 
-    shards, permuted per epoch ─► tokens (read through webdataset)
+    shards, permuted per epoch ─► tokens (each shard read whole and checked against the
+                                  manifest, one shard ahead in a thread)
       ─► packed windows of T+1 tokens at stride T, from a per-epoch offset
       ─► shuffled within consecutive blocks of `shuffle_buffer` windows
       ─► global batches of G = micro_batch_size · world_size · grad_accum_steps windows
@@ -13,7 +14,9 @@ Every rank reads the same stream and keeps its slice, so every rank gets the sam
 of batches (no hang at an epoch's end) and the position (epoch, step in epoch) resumes
 exactly, with the same or another number of ranks. The shards' token counts in the
 manifest let a resume start reading at the right shard instead of replaying the epoch.
-Each stage is a small generator that works on plain lists and arrays.
+Raw-text shards (data_pipeline/raw.py) have no counts: their epochs end where the data
+ends and a resume replays the epoch. Each stage is a small generator that works on plain
+lists and arrays.
 """
 
 from __future__ import annotations
