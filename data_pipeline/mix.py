@@ -37,8 +37,7 @@ class MixedStream:
         # Each source: its own order (seed + index), one window per step.
         self.subs = [TokenStream(path, "train", seq_len, 1, 0, 1, seed=seed + 1009 * i, shuffle_buffer=shuffle_buffer,
                                  on_error=on_error, raw=raw) for i, (path, _) in enumerate(sources)]
-        tokenizers = {repr(s.manifest["tokenizer"].get("json", s.manifest["tokenizer"])) for s in self.subs}
-        if len(tokenizers) > 1:
+        if any(s.manifest["tokenizer"] != self.subs[0].manifest["tokenizer"] for s in self.subs):
             raise DataError("data.sources use different tokenizers: prepare them all with the same --tokenizer")
         self.manifest = self.subs[0].manifest
         self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps

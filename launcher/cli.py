@@ -34,7 +34,7 @@ def prepare_job(cfg) -> None:
     """Make data.path a prepared dataset and check that it fits the model (before any worker starts)."""
     from data_pipeline import open_dataset, resolve_dataset
     from trainer import checkpoint
-    from trainer.loop import build_stream, raw_options, run_dir
+    from trainer.loop import build_stream, data_paths, raw_options, run_dir
 
     d = cfg.data
     if d.sources:
@@ -42,7 +42,7 @@ def prepare_job(cfg) -> None:
             source.path = resolve_dataset(source.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
     else:
         d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
-    tokenizer = open_dataset(d.sources[0].path if d.sources else d.path, raw_options(cfg))["tokenizer"]
+    tokenizer = open_dataset(data_paths(cfg)[0], raw_options(cfg))["tokenizer"]  # mixed sources must agree (build_stream checks)
     vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")

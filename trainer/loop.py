@@ -117,10 +117,11 @@ def timed(batches: Iterator[torch.Tensor], waited: list[float]) -> Iterator[torc
         yield batch
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value averaged over the ranks, in one all-reduce."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return (t / dist.get_world_size()).tolist()
 
 
 def _duration(seconds: float) -> str:
@@ -175,7 +176,7 @@ def train_worker(config: dict) -> None:
         tokens_seen += tokens_per_step
 
         if step % t.log_every == 0 or step == t.max_steps:
-            loss, wait_s = mean_over_ranks(loss, device), mean_over_ranks(waited[0], device)
+            loss, wait_s = mean_over_ranks([loss, waited[0]], device)
             now = time.perf_counter()
             data_wait = wait_s / (now - t_log)  # share of the interval the ranks spent waiting for data
             waited[0] = 0.0
