@@ -83,14 +83,23 @@ class MixedStream:
             sub.load_state_dict(sub_state)
         self.step, self.taken = state["step"], np.array(state["taken"], dtype=np.int64)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def position(self) -> dict:
+        return {"state": self.state_dict(), "epoch": self.epoch, "skipped": self.skipped, "mix": self.proportions()}
+
+    def steps(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
+        """As TokenStream.steps: (this rank's rows of each step or None, the position after it)."""
         its = [iter(s) for s in self.subs]
-        rows = self.micro_batch_size * self.accum
+        rows, n = self.micro_batch_size * self.accum, 0
         while True:
             slots = self.slots(self.step)
             batch = [next(its[i])[0] for i in slots]  # (T+1,) each; every rank draws every window
             np.add.at(self.taken, slots, 1)
             self.step += 1
-            mine = torch.stack(batch[self.rank * rows:(self.rank + 1) * rows])
+            mine = torch.stack(batch[self.rank * rows:(self.rank + 1) * rows]).numpy() if n % workers == worker else None
+            n += 1
+            yield mine, self.position()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for rows, _ in self.steps():
             for a in range(self.accum):
-                yield mine[a * self.micro_batch_size:(a + 1) * self.micro_batch_size]
+                yield torch.from_numpy(rows[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])

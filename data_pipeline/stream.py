@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import os
 import sys
 import tarfile
 import time
@@ -38,9 +39,9 @@ import torch
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import load_manifest
 from data_pipeline.raw import FORMAT as RAW_FORMAT
-from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, tokenize_sample
+from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, shard_urls, tokenize_sample
 from data_pipeline.tokenizer import tokenizer_from_dict
-from data_pipeline.sources import BACKOFF_S, RETRIES, describe_error, is_url, open_stream, transient
+from data_pipeline.sources import BACKOFF_S, RETRIES, describe_error, is_url, join, open_stream, parent, transient
 
 
 class HashingReader:
@@ -224,8 +225,44 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
 
 
 def open_dataset(data: str, raw: RawOptions | None = None) -> dict:
-    """The manifest of a prepared dataset, or one made up for raw-text shards."""
-    return raw_manifest(data, raw or RawOptions()) if is_shard_list(data) else load_manifest(data)
+    """The manifest of a prepared dataset; for a shard list, the part of the manifest
+    beside the shards that lists them (a subset of a prepared dataset), or one made up for
+    raw-text shards."""
+    if not is_shard_list(data):
+        return load_manifest(data)
+    raw = raw or RawOptions()
+    urls = shard_urls(data, raw.allow_pipe)
+    return manifest_subset(data, urls) or raw_manifest(data, raw, urls)
+
+
+def manifest_subset(spec: str, urls: list[str]) -> dict | None:
+    """The manifest.json beside `urls`, cut down to those shards (each keeps its split);
+    None when there is none or it does not list them all (raw-text shards)."""
+    folders = {parent(u) for u in urls}
+    if len(folders) != 1 or urls[0].startswith("pipe:"):
+        return None
+    root = folders.pop()
+    if not is_url(root) and not os.path.isfile(os.path.join(root, "manifest.json")):
+        return None
+    try:
+        manifest = load_manifest(root)
+    except DataError:
+        if not is_url(root):
+            raise  # a local manifest beside the shards that is broken: say so
+        return None  # no manifest at that URL: raw-text shards
+    by_url = {shard["url"]: (split, shard) for split, s in manifest["splits"].items() for shard in s["shards"]}
+    wanted = [u if is_url(u) else os.path.abspath(u) for u in urls]
+    if not all(u in by_url for u in wanted):
+        missing = [u for u in wanted if u not in by_url]
+        raise DataError(f"data.path {spec!r}: {len(missing)} of the shards, the first {missing[0]}, are not in "
+                        f"{join(root, 'manifest.json')}: name shards of one prepared dataset, or its folder")
+    splits = {split: {"shards": []} for split in manifest["splits"]}
+    for u in wanted:
+        split, shard = by_url[u]
+        splits[split]["shards"].append(shard)
+    for split in splits.values():
+        split["tokens"] = sum(s["tokens"] for s in split["shards"])
+    return {**manifest, "name": spec, "splits": splits}
 
 
 def shard_reader(manifest: dict) -> Callable[[dict], list[np.ndarray]]:
@@ -339,17 +376,29 @@ class TokenStream:
             if n == 0:
                 raise DataError(f"every shard of {self.manifest['root']} failed (data.on_error=skip): nothing left to train on")
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        rows = self.micro_batch_size * self.accum
+    def position(self) -> dict:
+        """Where the stream stands, for the loop and the checkpoint: state_dict() plus the
+        epoch and the shards skipped so far."""
+        return {"state": self.state_dict(), "epoch": self.epoch, "skipped": list(self.skipped)}
+
+    def steps(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
+        """(this rank's rows of each global batch as one (A·B, T+1) int64 array, the
+        position after it), from the current position on, endlessly.
+
+        With `workers` > 1 only every `workers`-th step from here, starting at `worker`,
+        carries its rows (the others None): DataLoader worker k builds those, and the
+        DataLoader hands them out in turn, so the order is the same for any number of workers.
+        """
+        rows, n = self.micro_batch_size * self.accum, 0
         while True:
             steps, fresh = self.steps_per_epoch, self.step_in_epoch == 0
             for batch in batched(self._global_windows(self.epoch, self.step_in_epoch), self.global_batch):
-                mine = np.stack(batch[self.rank * rows:(self.rank + 1) * rows]).astype(np.int64)
-                self.step_in_epoch += 1  # the position after this step, before its batches are handed out
+                mine = np.stack(batch[self.rank * rows:(self.rank + 1) * rows]).astype(np.int64) if n % workers == worker else None
+                n += 1
+                self.step_in_epoch += 1  # the position after this step
                 if self.step_in_epoch == steps:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                for a in range(self.accum):
-                    yield torch.from_numpy(mine[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
+                yield mine, self.position()
                 if self.step_in_epoch == 0:
                     break
             if steps is None:  # raw-text shards: the epoch ended with the data
@@ -357,6 +406,12 @@ class TokenStream:
                     raise DataError(f"{self.manifest['root']} holds too few tokens for one global batch of "
                                     f"{self.global_batch} x {self.seq_len + 1}: add data or lower the batch size or data.seq_len")
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Micro batches of (micro_batch_size, seq_len+1) tokens, in this process."""
+        for rows, _ in self.steps():
+            for a in range(self.accum):
+                yield torch.from_numpy(rows[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
 
 
 def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,

@@ -212,3 +212,37 @@ def test_eval_batches_skip_a_bad_shard_equally_on_every_rank(data, tmp_path):
     full = [len(eval_batches(data, "train", 32, 4, r, 2)) for r in range(2)]
     short = [len(eval_batches(path, "train", 32, 4, r, 2, on_error="skip")) for r in range(2)]
     assert short[0] == short[1] and full[0] == full[1] > short[0] > 0
+
+
+def take_loaded(data, world, workers, steps, state=None, micro=6, **kw):
+    """Like take, through a Loader with `workers` DataLoader processes per rank."""
+    from data_pipeline import Loader
+
+    loaders = [Loader(TokenStream(data, "train", 32, micro, r, world, seed=7, shuffle_buffer=40, **kw), workers)
+               for r in range(world)]
+    for loader in loaders:
+        if state:
+            loader.load_state_dict(state)
+    its = [iter(loader) for loader in loaders]
+    batches = [torch.cat([next(it) for it in its]) for _ in range(steps)]
+    return batches, loaders[0].state_dict()
+
+
+def test_worker_processes_keep_the_order_and_the_position_exactly(data):
+    straight, end = take(data, 2, 1, 25, micro=6)  # in-process reference, across two epoch ends
+    for workers in (1, 3):
+        loaded, state = take_loaded(data, 2, workers, 25)
+        assert all(torch.equal(a, b) for a, b in zip(straight, loaded)) and state == end
+    # Stop at step 11 with 3 workers (they have prefetched further), resume on 3 ranks with 2 workers.
+    _, state = take_loaded(data, 2, 3, 11)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 11 - TokenStream(data, "train", 32, 12, 0, 1).steps_per_epoch)
+    resumed, state = take_loaded(data, 3, 2, 14, state=state, micro=4)
+    assert all(torch.equal(a, b) for a, b in zip(straight[11:], resumed)) and state == end
+
+
+def test_a_bad_shard_in_a_worker_process_is_one_named_error(data, tmp_path):
+    path = _break(data, tmp_path, ["train-000003.tar"])
+    with pytest.raises(DataError, match=r"^shard \S+train-000003.tar is truncated"):
+        take_loaded(path, 1, 2, 30)
+    skipped, _ = take_loaded(path, 1, 2, 30, on_error="skip")
+    assert len(skipped) == 30

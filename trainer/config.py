@@ -64,6 +64,8 @@ class DataSection(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="tail of each file held out for validation (auto-prepare)")
     seq_len: int = Field(256, gt=0, description="tokens per training sequence (context length)")
     shuffle_buffer: int = Field(8192, ge=1, description="sequences held in the seeded shuffle buffer")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes that build the batches (0: in the "
+                             "training process); each reads the whole stream and builds its share of the steps")
     cache_dir: str = Field(".cache/trainctl", description="where automatically prepared datasets are kept")
     text_field: str = Field("text", description="raw-text shards: the field of .json/.jsonl members that holds the text")
     allow_pipe: bool = Field(False, description="allow pipe:COMMAND shard URLs (they run shell commands)")

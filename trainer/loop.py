@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from data_pipeline import MixedStream, RawOptions, TokenStream, eval_batches
+from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches
 from trainer import checkpoint
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
@@ -142,7 +142,7 @@ def train_worker(config: dict) -> None:
 
     # Data: every rank reads the same global order and keeps its own slice of each batch.
     seq = cfg.data.seq_len
-    stream = build_stream(cfg, rank, world)
+    stream = Loader(build_stream(cfg, rank, world), cfg.data.num_workers, pin_memory=cfg.cluster.use_gpu)
     tokenizer = stream.manifest["tokenizer"]
     eot = tokenizer["eot"] if cfg.data.document_masking else None
     val = [batch for path in data_paths(cfg)  # every source's validation split, in order

@@ -1,0 +1,98 @@
+"""Batches built in DataLoader worker processes, in the stream's exact order.
+
+The training process only waits for finished batches: reading, checking, packing,
+shuffling and stacking run in `num_workers` processes (PyTorch DataLoader workers, each
+with its copy of the stream). Worker k builds every num_workers-th step starting at k, and
+the DataLoader hands the workers' batches out in turn, so the sequence is the stream's own
+whatever the number of workers. Each batch comes with the stream's position after it; the
+loader keeps the position of the last batch handed out, so a checkpoint records exactly
+what the model has seen — not what the workers have prefetched — and a resume with any
+number of workers (or ranks) continues the same global sequence.
+
+Each worker reads the whole stream and builds only its own steps, so its shards are read
+once per worker; one worker is usually enough to keep a GPU fed (benchmarks/data_throughput.py).
+
+>>> loader = Loader(TokenStream("data/book", "train", 256, 8, 0, 1), num_workers=1)  # doctest: +SKIP
+>>> batch = next(iter(loader)); loader.state_dict()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.errors import DataError
+
+
+class _Steps(IterableDataset):
+    """One DataLoader worker's share of the steps: (rows, position) items; an error comes
+    through as its message, so the training process can raise it as one line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        try:
+            for rows, position in self.stream.steps(worker, workers):
+                if rows is not None:
+                    yield torch.from_numpy(rows), position
+        except DataError as e:
+            yield None, {"error": str(e)}
+
+
+class Loader:
+    """Micro batches of a TokenStream or MixedStream, with its position.
+
+    num_workers=0 builds them in this process; pin_memory (for a GPU) puts them in page-locked
+    memory, so `.to(device, non_blocking=True)` overlaps the copy with compute.
+    """
+
+    def __init__(self, stream, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.stream, self.num_workers, self.pin_memory, self.prefetch_factor = stream, num_workers, pin_memory, prefetch_factor
+        self.position = stream.position()
+
+    @property
+    def manifest(self) -> dict:
+        return self.stream.manifest
+
+    @property
+    def epoch(self) -> int:
+        return self.position["epoch"]
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.position["skipped"]
+
+    def proportions(self) -> dict[str, float]:
+        return self.position.get("mix", {})
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed out."""
+        return self.position["state"]
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position (before iterating)."""
+        self.stream.load_state_dict(state)
+        self.position = self.stream.position()
+
+    def _items(self) -> Iterator[tuple[torch.Tensor | None, dict]]:
+        if self.num_workers == 0:
+            for rows, position in self.stream.steps():
+                rows = torch.from_numpy(rows)
+                yield (rows.pin_memory() if self.pin_memory else rows), position
+            return
+        yield from DataLoader(_Steps(self.stream), batch_size=None, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        b, accum = self.stream.micro_batch_size, self.stream.accum
+        for rows, position in self._items():
+            if rows is None:
+                raise DataError(position["error"])
+            self.position = position  # set as the step's first micro batch goes out, as the stream does
+            for a in range(accum):
+                yield rows[a * b:(a + 1) * b]
