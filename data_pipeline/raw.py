@@ -2,7 +2,8 @@
 
 A data.path that names tar shards — one URL, or a list in brace notation such as
 `corpus/part-{000000..000099}.tar` or `https://host/c/part-{0000..0999}.tar` — is such a
-source. Each sample's `.txt` member is one document; a `.json` member holds one document in
+source, unless a manifest.json beside the shards lists them: then they are a subset of a
+prepared dataset (stream.manifest_subset). Each sample's `.txt` member is one document; a `.json` member holds one document in
 its `data.text_field`, a `.jsonl` member one per line. Documents are tokenized as the
 shards are read (in the reader thread) and separated by end-of-text.
 
@@ -54,13 +55,13 @@ def shard_urls(spec: str, allow_pipe: bool = False) -> list[str]:
     return urls
 
 
-def raw_manifest(spec: str, options: RawOptions) -> dict:
+def raw_manifest(spec: str, options: RawOptions, urls: list[str] | None = None) -> dict:
     """A manifest for raw-text shards: the train split is every shard, there is no val split."""
     if parse_spec(options.tokenizer)[0] == "bpe":
         raise DataError(f"data.tokenizer={options.tokenizer} is trained on the corpus by `trainctl prepare`: "
                         "for raw-text shards use byte or a tokenizer.json path")
     tok = build_tokenizer(options.tokenizer)
-    shards = [{"url": u, "path": u} for u in shard_urls(spec, options.allow_pipe)]
+    shards = [{"url": u, "path": u} for u in (urls or shard_urls(spec, options.allow_pipe))]
     return {"format": FORMAT, "name": spec, "root": spec, "tokenizer": tok.to_dict(), "dtype": token_dtype(tok.vocab_size).name,
             "splits": {"train": {"shards": shards}, "val": {"shards": []}}, "options": options}
 
@@ -86,6 +87,9 @@ def documents(sample: dict, url: str, text_field: str) -> list[str]:
             lines = sample[ext].decode("utf-8", errors="replace").splitlines() if ext == "jsonl" else [sample[ext]]
             return [json_text(line, text_field, f"shard {url}: sample {key}'s .{ext}", "set data.text_field to the field "
                               "that holds the text") for line in lines if str(line).strip()]
+    if "tokens" in sample:
+        raise DataError(f"shard {url} holds token samples (.tokens) but no manifest.json beside it lists it: point "
+                        "data.path at the prepared dataset's folder, or keep its manifest.json beside the shards")
     raise DataError(f"shard {url}: sample {key} has no .txt, .json or .jsonl member (it has {sorted(k for k in sample if not k.startswith('__'))})")
 
 

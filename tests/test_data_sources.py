@@ -194,3 +194,29 @@ def test_s3_gives_the_same_batches_as_the_local_folder(data, s3_bucket, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(local, remote))
     with pytest.raises(DataError, match="no-such-bucket"):
         load_manifest("s3://no-such-bucket/d")
+
+
+def test_a_brace_list_of_token_shards_reads_them_through_the_manifest_beside_them(data, server):
+    shards = sorted(p.name for p in (data / "d").glob("train-*.tar"))
+    assert len(shards) >= 4
+    every = f"{data}/d/train-{{000000..{len(shards) - 1:06d}}}.tar"
+    local, _ = batches(str(data / "d"), 40)  # crosses an epoch end
+    for spec in (every, f"{server}/d/train-{{000000..{len(shards) - 1:06d}}}.tar"):
+        listed, _ = batches(spec, 40)
+        assert all(torch.equal(a, b) for a, b in zip(local, listed))
+    manifest = load_manifest(str(data / "d"))
+    some = TokenStream(f"{data}/d/train-{{000001..000003}}.tar", "train", 32, 4, 0, 1)
+    assert some.tokens == sum(s["tokens"] for s in manifest["splits"]["train"]["shards"][1:4])
+    assert [s["sha256"] for s in some.shards] == [s["sha256"] for s in manifest["splits"]["train"]["shards"][1:4]]
+    assert some.manifest["splits"]["val"]["shards"] == []
+
+
+def test_token_shards_without_their_manifest(data, tmp_path):
+    for name in ("train-000000.tar", "train-000001.tar"):
+        shutil.copy(data / "d" / name, tmp_path / name)
+    with pytest.raises(DataError, match=r"train-000000.tar holds token samples \(.tokens\) but no manifest.json beside it"):
+        next(iter(TokenStream(f"{tmp_path}/train-{{000000..000001}}.tar", "train", 32, 1, 0, 1)))
+    shutil.copy(data / "d" / "manifest.json", tmp_path / "manifest.json")
+    (tmp_path / "extra-000000.tar").write_bytes((data / "d" / "train-000000.tar").read_bytes())
+    with pytest.raises(DataError, match=r"1 of the shards, the first \S+extra-000000.tar, are not in \S+manifest.json"):
+        TokenStream(f"{tmp_path}/{{train,extra}}-000000.tar", "train", 32, 1, 0, 1)
