@@ -15,24 +15,30 @@ complete.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
-import io
 import json
+import multiprocessing
 import os
+import posixpath
 import shutil
+import socket
 import sys
 import sysconfig
-import tarfile
+import tempfile
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from data_pipeline.errors import DataError
-from data_pipeline.sources import is_url, join, parent, read_bytes
-from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, parse_spec, token_dtype
+from data_pipeline.sources import describe_error, is_url, join, parent, read_bytes
+from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, parse_spec, token_dtype, tokenizer_from_dict
 
 FORMAT = "trainctl.tokens/1"
 SPLITS = ("train", "val")
@@ -143,54 +149,152 @@ def encode_documents(tok, texts: list[bytes], piece_chars: int = 1 << 20) -> lis
     return [np.concatenate(parts) if parts else np.zeros(0, dtype=tok.dtype) for parts in out]
 
 
-class ShardWriter:
-    """Writes `{split}-{i:06d}.tar` shards of token samples, rolling over at a byte budget."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(spec: str):
+    return tokenizer_from_dict(json.loads(spec))
 
-    def __init__(self, folder: str, split: str, shard_size_bytes: int):
-        self.folder, self.split, self.limit = folder, split, shard_size_bytes
+
+def encode_file(path: str, tokenizer: str, val_fraction: float, text_field: str) -> list[tuple[str, int, np.ndarray]]:
+    """(split, input bytes, token ids followed by end-of-text) for each document part of
+    one input file. A pure function of its arguments (`tokenizer` is the tokenizer's JSON),
+    so it runs the same in a worker process or a Ray task on another node."""
+    tok = _tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    parts = list(split_documents(path, val_fraction, text_field))
+    eot = np.array([tok.eot], dtype=dtype)
+    return [(split, len(text), np.concatenate([ids.astype(dtype, copy=False), eot]))
+            for (split, text), ids in zip(parts, encode_documents(tok, [text for _, text in parts]))]
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT Ray address that nothing answers on fails here in seconds (ray.init
+    would wait for minutes)."""
+    if "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise DataError(f"--address {address}: no Ray cluster answers there ({e}): start one or check the address") from None
+
+
+def _one_thread_each() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes already use every core
+
+
+def encoded_files(files: list[str], tokenizer: str, val_fraction: float, text_field: str, workers: int = 1,
+                  address: str | None = None) -> Iterator[list[tuple[str, int, np.ndarray]]]:
+    """encode_file of each file, in file order: here (workers=1), in `workers` local
+    processes, or as Ray tasks on the cluster at `address` (its nodes must see the input
+    paths: shared storage). At most a few files per worker are in flight, so memory stays
+    bounded whatever the corpus size."""
+    args = (tokenizer, val_fraction, text_field)
+    if address is None and (workers <= 1 or len(files) < 2):
+        yield from (encode_file(f, *args) for f in files)
+        return
+    if address is not None:
+        import ray
+
+        owned = not ray.is_initialized()
+        if owned:
+            _check_reachable(address)
+            try:
+                if address == "local":  # a private Ray on this machine, whatever RAY_ADDRESS says
+                    os.environ.pop("RAY_ADDRESS", None)
+                    ray.init(include_dashboard=False, log_to_driver=False)
+                else:
+                    ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise DataError(f"--address {address}: no Ray cluster there ({str(e).splitlines()[0]}): start one or check the address") from None
+        task = ray.remote(num_cpus=1)(encode_file)
+        window = 2 * max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        submit, result, done = (lambda f: task.remote(f, *args)), ray.get, (ray.shutdown if owned else lambda: None)
+    else:  # spawned, not forked: the caller may hold threads (a Ray worker, the tokenizers pool)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each)
+        window = 2 * workers
+        submit, result = (lambda f: pool.submit(encode_file, f, *args)), (lambda fut: fut.result())
+        done = partial(pool.shutdown, cancel_futures=True)
+    try:
+        pending: deque = deque()
+        upcoming = iter(files)
+        while True:
+            while len(pending) < window and (f := next(upcoming, None)) is not None:
+                pending.append(submit(f))
+            if not pending:
+                return
+            yield result(pending.popleft())
+    finally:
+        done()
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header tarfile writes for a regular file with our fixed metadata
+    (mode 0644, uid/gid 0, mtime 0, no user names), built directly: tarfile's own takes
+    ~30 µs a member, which made it the bottleneck of `prepare` on many short documents."""
+    h = bytearray(512)
+    raw = name.encode()
+    if len(raw) > 100 or size >= 8**11:
+        raise ValueError(f"{name} ({size} bytes) does not fit a plain USTAR header")
+    h[:len(raw)] = raw
+    h[100:124] = b"0000644\0" b"0000000\0" b"0000000\0"  # mode, uid, gid
+    h[124:156] = b"%011o\0" % size + b"00000000000\0" + b" " * 8  # size, mtime; checksum counted as spaces
+    h[156:157] = b"0"  # a regular file
+    h[257:265] = b"ustar\x0000"  # then empty user and group names, device numbers and prefix
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+class ShardWriter:
+    """Writes `{split}-{i:06d}.tar` shards of token samples, rolling over at a byte budget.
+
+    Each shard is a plain USTAR archive, byte for byte what tarfile would write for the same
+    members (tests/test_data_prepare.py checks), hashed as it is written.
+    """
+
+    BLOCK, RECORD = 512, 20 * 512
+
+    def __init__(self, folder: str, split: str, shard_size_bytes: int, on_close: Callable[[str], None] | None = None):
+        self.folder, self.split, self.limit, self.on_close = folder, split, shard_size_bytes, on_close
         self.shards: list[dict] = []
-        self.tar: tarfile.TarFile | None = None
+        self.file, self.sha, self.size = None, None, 0
         self.key = 0
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
-        self.tar = tarfile.open(os.path.join(self.folder, name), "w", format=tarfile.USTAR_FORMAT)
+        self.file, self.sha, self.size = open(os.path.join(self.folder, name), "wb"), hashlib.sha256(), 0
         self.shards.append({"path": name, "samples": 0, "tokens": 0})
 
+    def _put(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+
     def _close(self) -> None:
-        self.tar.close()
-        self.tar = None
-        shard = self.shards[-1]
-        path = os.path.join(self.folder, shard["path"])
-        shard["bytes"] = os.path.getsize(path)
-        shard["sha256"] = _sha256(path)
+        self._put(bytes(2 * self.BLOCK))  # the end-of-archive blocks, then padding to a whole record, as tarfile does
+        self._put(bytes(-self.size % self.RECORD))
+        self.file.close()
+        self.file = None
+        self.shards[-1].update(bytes=self.size, sha256=self.sha.hexdigest())
+        if self.on_close is not None:
+            self.on_close(os.path.join(self.folder, self.shards[-1]["path"]))
 
     def write(self, tokens: np.ndarray) -> None:
         data = tokens.tobytes()
-        if self.tar is not None and self.shards[-1]["tokens"] * tokens.itemsize + len(data) > self.limit:
+        if self.file is not None and self.shards[-1]["tokens"] * tokens.itemsize + len(data) > self.limit:
             self._close()
-        if self.tar is None:
+        if self.file is None:
             self._open()
-        info = tarfile.TarInfo(f"{self.key:09d}.tokens")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: byte-identical re-runs
-        self.tar.addfile(info, io.BytesIO(data))
+        self._put(ustar_header(f"{self.key:09d}.tokens", len(data)))
+        self._put(data + bytes(-len(data) % self.BLOCK))
         self.key += 1
         self.shards[-1]["samples"] += 1
         self.shards[-1]["tokens"] += len(tokens)
 
     def finish(self) -> dict:
-        if self.tar is not None:
+        if self.file is not None:
             self._close()
         return {"shards": self.shards, "samples": sum(s["samples"] for s in self.shards),
                 "tokens": sum(s["tokens"] for s in self.shards)}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out(out_dir: str, overwrite: bool) -> None:
@@ -206,10 +310,58 @@ def _check_out(out_dir: str, overwrite: bool) -> None:
         raise DataError(f"--out {out_dir} already holds a dataset: pass --overwrite to replace it")
 
 
+class RemoteOut:
+    """An object-store folder (s3://, gs://, any fsspec URL) that `prepare` writes to: each
+    shard is uploaded as soon as it is closed (and its local copy removed, so the local
+    disk holds at most one shard per split), manifest.json last."""
+
+    def __init__(self, url: str, overwrite: bool):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            bucket = self.root.split("/")[0]
+            if not self.fs.exists(bucket):
+                raise DataError(f"--out {url}: {bucket} does not exist: create it first, or check the URL")
+            names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root)} if self.fs.exists(self.root) else set()
+        except (ImportError, ValueError) as e:
+            raise DataError(f"--out {url}: {e}") from None
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - network and credential errors alike, named
+            raise DataError(f"--out {url} is not reachable ({describe_error(e)}): check the URL and the credentials") from None
+        if names and "manifest.json" not in names:
+            raise DataError(f"--out {url} is not empty and holds no dataset: choose an empty or new folder")
+        if names and not overwrite:
+            raise DataError(f"--out {url} already holds a dataset: pass --overwrite to replace it")
+        self.replacing = bool(names)
+
+    def upload(self, path: str) -> None:
+        if self.replacing:  # the old manifest goes before its first shard is replaced: never a mixed dataset
+            self.fs.rm(f"{self.root}/manifest.json")
+            self.replacing = False
+        self.fs.put_file(path, f"{self.root}/{os.path.basename(path)}")
+        os.remove(path)
+
+    def finish(self, manifest_path: str, manifest: dict) -> None:
+        self.upload(manifest_path)
+        keep = {s["path"] for split in manifest["splits"].values() for s in split["shards"]} | {"manifest.json"}
+        self.fs.invalidate_cache(self.root)
+        stale = [p for p in self.fs.ls(self.root) if posixpath.basename(p.rstrip("/")) not in keep]
+        if stale:  # shards of the replaced dataset beyond the new one's
+            self.fs.rm(stale)
+
+
 def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1,
             shard_size_bytes: int = 256 * 2**20, sample_tokens: int = 8192, name: str | None = None,
-            overwrite: bool = False, skip_empty: bool = False, progress: bool = False, text_field: str = "text") -> dict:
+            overwrite: bool = False, skip_empty: bool = False, progress: bool = False, text_field: str = "text",
+            workers: int = 1, address: str | None = None) -> dict:
     """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest.
+
+    Files are tokenized in `workers` processes, or as Ray tasks on the cluster at
+    `address`, and written in file order here, so the shards are the same byte for byte
+    whatever the parallelism.
 
     A text file is one document (its tail `val_fraction` of tokens goes to val); a .jsonl
     file holds one document per line in `text_field`, a .tar raw-text WebDataset shard one
@@ -219,29 +371,34 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if shard_size_bytes < 1 or sample_tokens < 1:
         raise DataError("the shard size and sample size must be positive")
+    if workers < 1:
+        raise DataError(f"--workers={workers} must be at least 1")
     parse_spec(tokenizer)
     files = expand_inputs(inputs, skip_empty)
-    _check_out(out_dir, overwrite)
+    remote = RemoteOut(out_dir, overwrite) if is_url(out_dir) else None
+    if remote is None:
+        _check_out(out_dir, overwrite)
     tok = build_tokenizer(tokenizer, corpus_sample(files, text_field))
     dtype = token_dtype(tok.vocab_size)
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if remote is not None:  # staged here one shard at a time
+        tmp = tempfile.mkdtemp(prefix="trainctl-prepare-")
+    else:  # built beside out_dir and moved into place at the end
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     try:
-        writers = {split: ShardWriter(tmp, split, shard_size_bytes) for split in SPLITS}
+        writers = {split: ShardWriter(tmp, split, shard_size_bytes, remote and remote.upload) for split in SPLITS}
         docs = dict.fromkeys(SPLITS, 0)
         t0, t_report, n_bytes, n_tokens = time.perf_counter(), time.perf_counter(), 0, 0
         tty = sys.stderr.isatty()  # a bar that redraws itself on a terminal, plain lines in a log
-        for i, path in enumerate(files):
-            parts = list(split_documents(path, val_fraction, text_field))
-            for (split, text), ids in zip(parts, encode_documents(tok, [text for _, text in parts])):
-                n_bytes += len(text)
-                ids = ids.astype(dtype, copy=False)
-                n_tokens += len(ids)
-                doc = np.concatenate([ids, np.array([tok.eot], dtype=dtype)])
+        encoded = encoded_files(files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, address)
+        for i, parts in enumerate(encoded):
+            for split, size, doc in parts:
+                n_bytes += size
+                n_tokens += len(doc) - 1
                 for start in range(0, len(doc), sample_tokens):
                     writers[split].write(doc[start:start + sample_tokens])
                 docs[split] += 1
@@ -253,10 +410,14 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         if progress and tty:
             print(file=sys.stderr)
         splits = {split: {"documents": docs[split], **w.finish()} for split, w in writers.items()}
-        manifest = {"format": FORMAT, "name": name or os.path.basename(os.path.abspath(out_dir)),
+        manifest = {"format": FORMAT, "name": name or (posixpath.basename(out_dir.rstrip("/")) if remote else os.path.basename(os.path.abspath(out_dir))),
                     "tokenizer": tok.to_dict(), "dtype": dtype.name, "sample_tokens": sample_tokens,
                     "val_fraction": val_fraction, "input_files": len(files), "input_bytes": n_bytes, "splits": splits}
         Path(tmp, "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if remote is not None:
+            remote.finish(os.path.join(tmp, "manifest.json"), manifest)
+            shutil.rmtree(tmp)
+            return load_manifest(out_dir)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

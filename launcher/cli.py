@@ -25,7 +25,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                        shard_size_bytes=int(args.shard_size_mb * 2**20), overwrite=args.overwrite, progress=True,
-                       text_field=args.text_field)
+                       text_field=args.text_field, workers=args.workers, address=args.address)
     print(summarize(manifest))
     return 0
 
@@ -120,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("prepare", help="turn text files into WebDataset token shards + manifest.json",
                         description="Tokenize text files (paths, folders or globs) into WebDataset tar shards of token arrays, with a manifest.json and a train/val split.")
     pp.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, .jsonl files, raw-text .tar shards, folders or globs (quote globs)")
-    pp.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    pp.add_argument("--out", required=True, help="output folder for the shards and manifest.json: a local path or an "
+                    "object-store URL (s3://bucket/prefix, any fsspec URL; shards are uploaded as they are written)")
     pp.add_argument("--tokenizer", default="byte", help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs) or a path to a Hugging Face tokenizer.json")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="tail of each file held out for validation (default 0.1)")
     pp.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
     pp.add_argument("--text-field", default="text", help="the field holding the text in .jsonl inputs and .json samples of .tar inputs")
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    pp.add_argument("--workers", type=int, default=1, help="processes that tokenize files in parallel (default 1: "
+                    "Hugging Face tokenizers already use every core; more helps many JSONL/tar inputs on many cores)")
+    pp.add_argument("--address", help="tokenize files as Ray tasks on this cluster (auto, HOST:PORT, ray://..., or local); "
+                    "its nodes must see the input paths")
     pp.set_defaults(fn=_cmd_prepare)
 
     pr = sub.add_parser("run", help="train: a YAML job file plus key=value overrides",

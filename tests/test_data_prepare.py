@@ -153,6 +153,8 @@ def test_stdlib_corpus_is_the_standard_librarys_source():
         (["nothing/*.txt", "--out", "d"], "input 'nothing/*.txt' matches no files"),
         (["a.txt", "--out", "d", "--val-fraction", "1.5"], "--val-fraction=1.5 must be in [0, 1)"),
         (["a.txt", "--out", "a.txt"], "--out a.txt is a file"),
+        (["a.txt", "--out", "d", "--workers", "0"], "--workers=0 must be at least 1"),
+        (["a.txt", "--out", "d", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
     ],
 )
 def test_cli_prepare_bad_input_is_one_line_exit_2(texts, args, fragment):
@@ -195,3 +197,46 @@ def test_bad_jsonl_input(tmp_path, content, fragment):
     with pytest.raises(DataError) as e:
         prepare([str(tmp_path / "a.jsonl")], str(tmp_path / "out"))
     assert fragment in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
+    """ShardWriter builds USTAR headers itself; the archive must be the one tarfile makes."""
+    import io
+    import tarfile
+
+    from data_pipeline.prepare import ShardWriter
+
+    arrays = [np.arange(n, dtype=np.uint16) for n in (1, 255, 256, 257, 4096, 3)]
+    writer = ShardWriter(str(tmp_path), "train", 1 << 30)
+    for a in arrays:
+        writer.write(a)
+    shard = writer.finish()["shards"][0]
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, a in enumerate(arrays):
+            info = tarfile.TarInfo(f"{key:09d}.tokens")
+            info.size, info.mtime, info.mode = a.nbytes, 0, 0o644
+            tar.addfile(info, io.BytesIO(a.tobytes()))
+    ours = (tmp_path / "train-000000.tar").read_bytes()
+    assert ours == (tmp_path / "ref.tar").read_bytes() and shard["bytes"] == len(ours)
+
+
+def test_parallel_and_ray_prepare_write_the_same_bytes(texts):
+    """--workers and --address only change who tokenizes: the shards are identical."""
+    import os
+    import sys
+
+    for i in range(6):
+        (texts / f"part{i}.jsonl").write_text("\n".join(json.dumps({"text": f"{i}/{j} " + SHAKESPEARE.read_text()[j * 997:j * 997 + 900]})
+                                                    for j in range(40)))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    outs = {}
+    for flags in ([], ["--workers", "2"], ["--address", "local"]):
+        out = texts / f"out{len(outs)}"
+        r = subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", "part*.jsonl", "a.txt", "--out", str(out),
+                            "--tokenizer", "bpe:300", "--shard-size-mb", "0.02", *flags], cwd=texts, capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs[" ".join(flags)] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".tar"}
+    plain = outs[""]
+    assert len(plain) > 4 and all(files == plain for files in outs.values())

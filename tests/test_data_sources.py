@@ -220,3 +220,28 @@ def test_token_shards_without_their_manifest(data, tmp_path):
     (tmp_path / "extra-000000.tar").write_bytes((data / "d" / "train-000000.tar").read_bytes())
     with pytest.raises(DataError, match=r"1 of the shards, the first \S+extra-000000.tar, are not in \S+manifest.json"):
         TokenStream(f"{tmp_path}/{{train,extra}}-000000.tar", "train", 32, 1, 0, 1)
+
+
+def test_prepare_writes_to_an_object_store(data, s3_bucket, monkeypatch, tmp_path):
+    for key, value in s3_bucket.items():
+        monkeypatch.setenv(key, value)
+    text = str(data / "t.txt")
+    m = prepare([text], "s3://data/made", shard_size_bytes=6_000, sample_tokens=500)
+    assert m["root"] == "s3://data/made" and len(m["splits"]["train"]["shards"]) > 2
+    local, _ = batches(str(data / "d"), 40)
+    remote, _ = batches("s3://data/made", 40)
+    assert all(torch.equal(a, b) for a, b in zip(local, remote))
+    import tempfile
+
+    assert not list(Path(tempfile.gettempdir()).glob("trainctl-prepare-*"))  # the local staging copies are gone
+    with pytest.raises(DataError, match="s3://data/made already holds a dataset: pass --overwrite"):
+        prepare([text], "s3://data/made")
+    (tmp_path / "small.txt").write_text("tiny\n" * 100)
+    small = prepare([str(tmp_path / "small.txt")], "s3://data/made", overwrite=True)  # fewer shards: the rest go
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs("s3://data/made")
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("data/made", refresh=True))
+    assert names == sorted(["manifest.json"] + [s["path"] for sp in small["splits"].values() for s in sp["shards"]])
+    with pytest.raises(DataError, match="--out s3://no-such-bucket/x: no-such-bucket does not exist"):
+        prepare([text], "s3://no-such-bucket/x")
