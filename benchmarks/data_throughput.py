@@ -1,11 +1,13 @@
 """Tokens/s the stream delivers to one rank from local token shards, side by side with a
 raw read of the same bytes and a plain webdataset loop over the same shards, in one run.
 
-    python benchmarks/data_throughput.py [--tokens 40000000] [--seq-len 1024] [--batch 8] [--sample-tokens 8192]
+    python benchmarks/data_throughput.py [--tokens 40000000] [--seq-len 1024] [--batch 8] [--sample-tokens 8192] [--shard-mb 16]
 
 Prepares a token dataset from the Python standard library's source (repeated until it
-holds --tokens tokens) in a temporary folder, then times three readers over it, each
-twice, interleaved; prints tokens/s for each and the ratios last.
+holds --tokens tokens) in a temporary folder, then times the readers over it, each twice,
+interleaved: a raw read of the shard files, a plain webdataset loop, the trainctl stream
+in this process and through one DataLoader worker process. Prints tokens/s for each and
+the ratios last.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from data_pipeline import Loader, TokenStream, prepare  # noqa: E402
 from data_pipeline.prepare import stdlib_files  # noqa: E402
 
 
-def make_dataset(root: Path, tokens: int, sample_tokens: int) -> str:
+def make_dataset(root: Path, tokens: int, sample_tokens: int, shard_mb: float) -> str:
     files, size, inputs = stdlib_files(), 0, []
     while size < tokens:  # byte tokenizer: one token per byte
         for f in files:
@@ -38,7 +40,7 @@ def make_dataset(root: Path, tokens: int, sample_tokens: int) -> str:
         link = root / "src" / f"{i:06d}.py"
         link.parent.mkdir(exist_ok=True)
         os.symlink(f, link)
-    prepare([str(root / "src")], str(root / "data"), val_fraction=0.0, shard_size_bytes=64 * 2**20,
+    prepare([str(root / "src")], str(root / "data"), val_fraction=0.0, shard_size_bytes=int(shard_mb * 2**20),
             sample_tokens=sample_tokens)
     return str(root / "data")
 
@@ -76,9 +78,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--sample-tokens", type=int, default=8192, help="tokens per tar member (prepare's default)")
+    ap.add_argument("--shard-mb", type=float, default=16, help="shard size: several shards, so reading ahead can overlap")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp), args.tokens, args.sample_tokens)
+        data = make_dataset(Path(tmp), args.tokens, args.sample_tokens, args.shard_mb)
         readers = {"raw read": lambda: raw_read(data, args.tokens),
                    "plain webdataset": lambda: plain_webdataset(data, args.tokens),
                    "trainctl stream": lambda: stream(data, args.tokens, args.seq_len, args.batch, 0),
@@ -90,7 +93,7 @@ def main() -> None:
                 n = fn()
                 rate = n / (time.perf_counter() - t0)
                 best[name] = max(best.get(name, 0.0), rate)
-        print(f"{args.tokens:,} tokens, seq_len {args.seq_len}, micro batch {args.batch}, one process")
+        print(f"{args.tokens:,} tokens in {args.shard_mb:g} MB shards, seq_len {args.seq_len}, micro batch {args.batch}")
         for name, rate in best.items():
             print(f"  {name:<18} {rate / 1e6:8.1f} M tokens/s")
         fastest = max(best["trainctl stream"], best["trainctl, 1 worker"])

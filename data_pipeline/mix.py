@@ -86,7 +86,7 @@ class MixedStream:
     def position(self) -> dict:
         return {"state": self.state_dict(), "epoch": self.epoch, "skipped": self.skipped, "mix": self.proportions()}
 
-    def steps(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
+    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
         """As TokenStream.steps: (this rank's rows of each step or None, the position after it)."""
         its = [iter(s) for s in self.subs]
         rows, n = self.micro_batch_size * self.accum, 0
@@ -95,7 +95,7 @@ class MixedStream:
             batch = [next(its[i])[0] for i in slots]  # (T+1,) each; every rank draws every window
             np.add.at(self.taken, slots, 1)
             self.step += 1
-            mine = torch.stack(batch[self.rank * rows:(self.rank + 1) * rows]).numpy() if n % workers == worker else None
+            mine = torch.stack(batch[self.rank * rows:(self.rank + 1) * rows]).numpy() if n // group % workers == worker else None
             n += 1
             yield mine, self.position()
 

@@ -181,47 +181,68 @@ def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
         n = 0
 
 
-def pack(chunks: Iterable[np.ndarray], seq_len: int, count: int | None) -> Iterator[np.ndarray]:
-    """`count` windows (None: as many as the data makes) of seq_len+1 tokens at stride
-    seq_len (each token a target once).
+def window_blocks(chunks: Iterable[np.ndarray], seq_len: int, count: int | None, block: int,
+                  order: Callable[[int, int], np.ndarray] | None = None, first_block: int = 0) -> Iterator[np.ndarray]:
+    """The windows of seq_len+1 tokens at stride seq_len (each token a target once) that
+    `chunks` make, `count` in all (None: as many as the data makes), as (n, seq_len+1)
+    arrays of `block` consecutive windows (the last one maybe fewer); `order(j, n)` permutes
+    the rows of block j (counting from `first_block`). Whole blocks at a time, with no
+    per-window Python, so a shuffle buffer of thousands of windows costs one gather.
 
-    >>> [w.tolist() for w in pack([np.arange(5), np.arange(5, 8)], 3, 2)]
-    [[0, 1, 2, 3], [3, 4, 5, 6]]
+    >>> [w.tolist() for w in window_blocks([np.arange(5), np.arange(5, 8)], 3, 2, 8)]
+    [[[0, 1, 2, 3], [3, 4, 5, 6]]]
     """
-    buf, made = None, 0
-    for chunk in chunks:
-        buf = chunk if buf is None else np.concatenate([buf, chunk])
-        n = (len(buf) - 1) // seq_len
-        for k in range(n):
-            if made == count:
+    chunks = iter(chunks)
+    pending, have, made, j = [], 0, 0, first_block
+    while count is None or made < count:
+        n = block if count is None else min(block, count - made)
+        while have < n * seq_len + 1 and (chunk := next(chunks, None)) is not None:
+            pending.append(chunk)
+            have += len(chunk)
+        ended = have < n * seq_len + 1
+        if ended:  # the data ran out: the windows it makes
+            n = max(have - 1, 0) // seq_len
+            if count is not None and made + n < count:
+                raise DataError(f"the data ended after {made + n} of {count} sequences: the manifest's token counts are wrong")
+            if n == 0:
                 return
-            yield buf[k * seq_len:k * seq_len + seq_len + 1]
-            made += 1
-        buf = buf[n * seq_len:]
-    if count is not None and made < count:
-        raise DataError(f"the data ended after {made} of {count} sequences: the manifest's token counts are wrong")
+        buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        windows = np.lib.stride_tricks.as_strided(buf, shape=(n, seq_len + 1), strides=(seq_len * buf.itemsize, buf.itemsize),
+                                                  writeable=False)
+        yield windows if order is None else windows[order(j, n)]
+        made, j = made + n, j + 1
+        pending = [buf[n * seq_len:]]
+        have = len(pending[0])
+        if ended:
+            return
 
 
-def block_shuffle(items: Iterable, block: int, seed: int, epoch: int, first_block: int = 0) -> Iterator:
-    """`items` permuted within consecutive blocks of `block`; block j's permutation comes
-    from (seed, epoch, j) alone, so any block can be rebuilt on its own."""
-    buf, j = [], first_block
-    for item in items:
-        buf.append(item)
-        if len(buf) == block:
-            yield from (buf[i] for i in np.random.default_rng([seed, epoch, j]).permutation(block))
-            buf, j = [], j + 1
-    if buf:
-        yield from (buf[i] for i in np.random.default_rng([seed, epoch, j]).permutation(len(buf)))
+def shuffle_order(seed: int, epoch: int) -> Callable[[int, int], np.ndarray]:
+    """order(j, n): the permutation of shuffle block j, from (seed, epoch, j) alone, so any
+    block can be rebuilt on its own."""
+    return lambda j, n: np.random.default_rng([seed, epoch, j]).permutation(n)
 
 
-def batched(items: Iterable, n: int) -> Iterator[list]:
-    buf = []
-    for item in items:
-        buf.append(item)
-        if len(buf) == n:
-            yield buf
-            buf = []
+def row_batches(blocks: Iterable[np.ndarray], rows: int, skip: int = 0) -> Iterator[np.ndarray]:
+    """Consecutive (rows, ...) slices of the concatenated `blocks`, after the first `skip`
+    rows; an incomplete last batch is dropped."""
+    carry = None
+    for b in blocks:
+        if skip:
+            cut = min(skip, len(b))
+            b, skip = b[cut:], skip - cut
+        start = 0
+        if carry is not None:  # a batch that straddles two blocks
+            start = min(rows - len(carry), len(b))
+            carry = np.concatenate([carry, b[:start]])
+            if len(carry) < rows:
+                continue
+            yield carry
+        n = (len(b) - start) // rows
+        for k in range(n):
+            yield b[start + k * rows:start + (k + 1) * rows]
+        rest = b[start + n * rows:]
+        carry = rest if len(rest) else None
 
 
 def open_dataset(data: str, raw: RawOptions | None = None) -> dict:
@@ -339,16 +360,16 @@ class TokenStream:
                                 f"resume with the same {key} or start a fresh run")
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
 
-    def _global_windows(self, epoch: int, first_step: int) -> Iterator[np.ndarray]:
-        """This epoch's windows in global order, from the first window of step `first_step`."""
+    def _global_batches(self, epoch: int, first_step: int) -> Iterator[np.ndarray]:
+        """This epoch's global batches, (global_batch, seq_len+1) each, from step `first_step`."""
         shards, offset, steps = self.epoch_plan(epoch)
-        block = self.shuffle_buffer if self.shuffle else None
+        block = self.shuffle_buffer
         if steps is None:  # raw-text shards: read from the epoch's start, as far as the data goes
             first_window, count = 0, None
             chunks = skip_tokens(read_shards(shards, self.read, self.on_error, self.skipped), offset)
         else:  # token shards: start reading at the shard that holds the block of `first_step`
             used = steps * self.global_batch
-            block = block or used
+            block = block if self.shuffle else used
             first_window = (first_step * self.global_batch // block) * block
             start = offset + first_window * self.seq_len
             ends = np.cumsum([s["tokens"] for s in shards]).tolist()
@@ -359,13 +380,9 @@ class TokenStream:
                 # Skipped shards shorten the data: top the epoch up from its start, so that every
                 # rank still makes the planned number of steps (no rank waits at a collective).
                 chunks = itertools.chain(chunks, self._refill(shards))
-        windows = pack(chunks, self.seq_len, count)
-        if block:
-            windows = block_shuffle(windows, block, self.seed, epoch, first_window // block)
-        skip = first_step * self.global_batch - first_window
-        for k, w in enumerate(windows):
-            if k >= skip:
-                yield w
+        blocks = window_blocks(chunks, self.seq_len, count, block, shuffle_order(self.seed, epoch) if self.shuffle else None,
+                               first_window // block)
+        return row_batches(blocks, self.global_batch, first_step * self.global_batch - first_window)
 
     def _refill(self, shards: list[dict]) -> Iterator[np.ndarray]:
         while True:
@@ -381,19 +398,20 @@ class TokenStream:
         epoch and the shards skipped so far."""
         return {"state": self.state_dict(), "epoch": self.epoch, "skipped": list(self.skipped)}
 
-    def steps(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
+    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
         """(this rank's rows of each global batch as one (A·B, T+1) int64 array, the
         position after it), from the current position on, endlessly.
 
-        With `workers` > 1 only every `workers`-th step from here, starting at `worker`,
-        carries its rows (the others None): DataLoader worker k builds those, and the
-        DataLoader hands them out in turn, so the order is the same for any number of workers.
+        With `workers` > 1 only every `workers`-th group of `group` steps from here, starting
+        at group `worker`, carries its rows (the others None): DataLoader worker k builds
+        those, and the DataLoader hands them out in turn, so the order is the same for any
+        number of workers.
         """
         rows, n = self.micro_batch_size * self.accum, 0
         while True:
             steps, fresh = self.steps_per_epoch, self.step_in_epoch == 0
-            for batch in batched(self._global_windows(self.epoch, self.step_in_epoch), self.global_batch):
-                mine = np.stack(batch[self.rank * rows:(self.rank + 1) * rows]).astype(np.int64) if n % workers == worker else None
+            for batch in self._global_batches(self.epoch, self.step_in_epoch):
+                mine = batch[self.rank * rows:(self.rank + 1) * rows].astype(np.int64) if n // group % workers == worker else None
                 n += 1
                 self.step_in_epoch += 1  # the position after this step
                 if self.step_in_epoch == steps:
@@ -438,8 +456,6 @@ def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, ran
         if skipped:
             windows = max(sum(len(c) for c in chunks) - 1, 0) // seq_len
             n_batches = min(n_batches, windows // per_batch)
-    out = []
-    for batch in batched(pack(chunks, seq_len, n_batches * per_batch), per_batch):
-        rows = batch[rank * micro_batch_size:(rank + 1) * micro_batch_size]
-        out.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
-    return out
+    count = n_batches * per_batch
+    batches = row_batches(window_blocks(chunks, seq_len, count, count), per_batch)
+    return [torch.from_numpy(b[rank * micro_batch_size:(rank + 1) * micro_batch_size].astype(np.int64)) for b in batches]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_pipeline import DataError, TokenStream, eval_batches, prepare
-from data_pipeline.stream import batched, block_shuffle, pack, skip_tokens
+from data_pipeline.stream import row_batches, shuffle_order, skip_tokens, window_blocks
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -36,25 +36,48 @@ def take(data, world, accum, steps, micro=3, state=None, **kw):
     return batches, streams[0].state_dict()
 
 
-def test_pack_windows_overlap_by_one_token_across_chunks():
-    windows = list(pack([np.arange(5), np.arange(5, 9), np.arange(9, 13)], 4, 3))
-    assert [w.tolist() for w in windows] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
+def windows_of(blocks):
+    return [w.tolist() for b in blocks for w in b]
+
+
+def test_windows_overlap_by_one_token_across_chunks():
+    windows = windows_of(window_blocks([np.arange(5), np.arange(5, 9), np.arange(9, 13)], 4, 3, 2))
+    assert windows == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
+    assert windows_of(window_blocks([np.arange(13)], 4, None, 2)) == windows  # count None: as far as the data goes
     with pytest.raises(DataError, match="ended after 3 of 4"):
-        list(pack([np.arange(13)], 4, 4))
+        list(window_blocks([np.arange(13)], 4, 4, 10))
 
 
 def test_skip_and_batch_stages():
     assert [c.tolist() for c in skip_tokens([np.arange(3), np.arange(3, 6)], 4)] == [[4, 5]]
-    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5]]
+    blocks = [np.arange(4), np.arange(4, 5), np.arange(5, 11)]  # batches straddle blocks; the last incomplete one goes
+    assert [b.tolist() for b in row_batches(blocks, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert [b.tolist() for b in row_batches(blocks, 3, skip=5)] == [[5, 6, 7], [8, 9, 10]]
 
 
-def test_block_shuffle_is_a_seeded_permutation_within_blocks():
-    out = list(block_shuffle(range(10), 4, seed=1, epoch=0))
+def test_shuffle_is_a_seeded_permutation_within_blocks():
+    chunks = [np.arange(41)]  # 10 windows of 4 tokens + 1
+    out = [w[0] // 4 for w in windows_of(window_blocks(chunks, 4, 10, 4, shuffle_order(1, 0)))]
     assert sorted(out[:4]) == [0, 1, 2, 3] and sorted(out[4:8]) == [4, 5, 6, 7] and sorted(out[8:]) == [8, 9]
-    assert out != list(range(10)) and out == list(block_shuffle(range(10), 4, seed=1, epoch=0))
-    assert out != list(block_shuffle(range(10), 4, seed=1, epoch=1))
-    # any block rebuilds on its own: resuming at block 1 gives the same order
-    assert list(block_shuffle(range(4, 10), 4, seed=1, epoch=0, first_block=1)) == out[4:]
+    assert out != list(range(10)) and out == [w[0] // 4 for w in windows_of(window_blocks(chunks, 4, 10, 4, shuffle_order(1, 0)))]
+    assert out != [w[0] // 4 for w in windows_of(window_blocks(chunks, 4, 10, 4, shuffle_order(1, 1)))]
+    # any block rebuilds on its own: starting at block 1 gives the same order
+    assert [w[0] // 4 for w in windows_of(window_blocks([np.arange(16, 41)], 4, 6, 4, shuffle_order(1, 0), 1))] == out[4:]
+
+
+def test_blocks_match_window_by_window_packing_for_any_chunking():
+    """The vectorised stages equal the plain definition: windows cut one by one from the
+    concatenated tokens, permuted within blocks, batched."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 257, 5_000).astype(np.uint16)
+    cuts = np.sort(rng.choice(np.arange(1, 5_000), 60, replace=False))
+    chunks = np.split(tokens, cuts)
+    seq, count, block, rows = 16, 290, 37, 7
+    plain = [tokens[i * seq:i * seq + seq + 1] for i in range(count)]
+    order = shuffle_order(5, 2)
+    expected = [plain[j * block + k] for j in range(-(-count // block)) for k in order(j, min(block, count - j * block))]
+    got = [r for b in row_batches(window_blocks(chunks, seq, count, block, order), rows) for r in b]
+    assert len(got) == count // rows * rows and all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
 def test_shards_are_uneven(data):
@@ -214,11 +237,12 @@ def test_eval_batches_skip_a_bad_shard_equally_on_every_rank(data, tmp_path):
     assert short[0] == short[1] and full[0] == full[1] > short[0] > 0
 
 
-def take_loaded(data, world, workers, steps, state=None, micro=6, **kw):
-    """Like take, through a Loader with `workers` DataLoader processes per rank."""
+def take_loaded(data, world, workers, steps, state=None, micro=6, group=2, **kw):
+    """Like take, through a Loader with `workers` DataLoader processes per rank, each
+    handing over `group` steps at a time."""
     from data_pipeline import Loader
 
-    loaders = [Loader(TokenStream(data, "train", 32, micro, r, world, seed=7, shuffle_buffer=40, **kw), workers)
+    loaders = [Loader(TokenStream(data, "train", 32, micro, r, world, seed=7, shuffle_buffer=40, **kw), workers, group=group)
                for r in range(world)]
     for loader in loaders:
         if state:
@@ -230,13 +254,13 @@ def take_loaded(data, world, workers, steps, state=None, micro=6, **kw):
 
 def test_worker_processes_keep_the_order_and_the_position_exactly(data):
     straight, end = take(data, 2, 1, 25, micro=6)  # in-process reference, across two epoch ends
-    for workers in (1, 3):
-        loaded, state = take_loaded(data, 2, workers, 25)
+    for workers, group in ((1, 2), (3, 2), (2, 5), (2, 64)):
+        loaded, state = take_loaded(data, 2, workers, 25, group=group)
         assert all(torch.equal(a, b) for a, b in zip(straight, loaded)) and state == end
     # Stop at step 11 with 3 workers (they have prefetched further), resume on 3 ranks with 2 workers.
     _, state = take_loaded(data, 2, 3, 11)
     assert (state["epoch"], state["step_in_epoch"]) == (1, 11 - TokenStream(data, "train", 32, 12, 0, 1).steps_per_epoch)
-    resumed, state = take_loaded(data, 3, 2, 14, state=state, micro=4)
+    resumed, state = take_loaded(data, 3, 2, 14, state=state, micro=4, group=3)
     assert all(torch.equal(a, b) for a, b in zip(straight[11:], resumed)) and state == end
 
 
