@@ -4,8 +4,8 @@ The training process only waits for finished batches: reading, checking, packing
 shuffling and stacking run in `num_workers` processes (PyTorch DataLoader workers, each
 with its copy of the stream). Steps travel in groups of about 4 MB (at most 64 steps);
 worker k builds every num_workers-th group starting at k, and the DataLoader hands the
-groups out in turn, so the sequence is the stream's own
-whatever the number of workers. Each batch comes with the stream's position after it; the
+groups out in turn, so the sequence is the stream's own whatever the number of workers.
+Each batch comes with the stream's position after it; the
 loader keeps the position of the last batch handed out, so a checkpoint records exactly
 what the model has seen — not what the workers have prefetched — and a resume with any
 number of workers (or ranks) continues the same global sequence.

@@ -15,8 +15,9 @@ of batches (no hang at an epoch's end) and the position (epoch, step in epoch) r
 exactly, with the same or another number of ranks. The shards' token counts in the
 manifest let a resume start reading at the right shard instead of replaying the epoch.
 Raw-text shards (data_pipeline/raw.py) have no counts: their epochs end where the data
-ends and a resume replays the epoch. Each stage is a small generator that works on plain
-lists and arrays.
+ends and a resume replays the epoch. Each stage is a small generator; windows move a
+shuffle block at a time, as (n, T+1) arrays (a strided view, one gather to shuffle), so
+no Python runs per window.
 """
 
 from __future__ import annotations
