@@ -1,14 +1,26 @@
 """Data: text to WebDataset token shards (`prepare`), the tokenizer, and the resumable
-per-rank stream of token batches (`TokenStream`)."""
+per-rank stream of token batches (`TokenStream`).
+
+The stream, the mixer and the loader import torch; they load on first use, so a process
+that only prepares data (a `prepare --workers` process, a Ray task) starts in a fraction
+of a second.
+"""
+
+import importlib
 
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import default_corpus, load_manifest, prepare, summarize
 from data_pipeline.resolve import resolve_dataset
-from data_pipeline.loader import Loader
-from data_pipeline.mix import MixedStream
 from data_pipeline.raw import RawOptions
-from data_pipeline.stream import TokenStream, eval_batches, open_dataset
 from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, tokenizer_from_dict
 
-__all__ = ["ByteTokenizer", "DataError", "Loader", "MixedStream", "RawOptions", "TokenStream", "build_tokenizer", "default_corpus", "eval_batches",
-           "load_manifest", "open_dataset", "prepare", "resolve_dataset", "summarize", "tokenizer_from_dict"]
+_LAZY = {"Loader": "loader", "MixedStream": "mix", "TokenStream": "stream", "eval_batches": "stream", "open_dataset": "stream"}
+
+__all__ = ["ByteTokenizer", "DataError", "Loader", "MixedStream", "RawOptions", "TokenStream", "build_tokenizer", "default_corpus",
+           "eval_batches", "load_manifest", "open_dataset", "prepare", "resolve_dataset", "summarize", "tokenizer_from_dict"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"data_pipeline.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")

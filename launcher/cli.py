@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
     pp.add_argument("--text-field", default="text", help="the field holding the text in .jsonl inputs and .json samples of .tar inputs")
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    pp.add_argument("--workers", type=int, default=1, help="processes that tokenize files in parallel (default 1: "
-                    "Hugging Face tokenizers already use every core; more helps many JSONL/tar inputs on many cores)")
+    pp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that tokenize files in parallel "
+                    "(default: one per core)")
     pp.add_argument("--address", help="tokenize files as Ray tasks on this cluster (auto, HOST:PORT, ray://..., or local); "
                     "its nodes must see the input paths")
     pp.set_defaults(fn=_cmd_prepare)

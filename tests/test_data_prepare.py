@@ -231,12 +231,12 @@ def test_parallel_and_ray_prepare_write_the_same_bytes(texts):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     outs = {}
-    for flags in ([], ["--workers", "2"], ["--address", "local"]):
+    for flags in (["--workers", "1"], ["--workers", "2"], ["--address", "local"]):
         out = texts / f"out{len(outs)}"
         r = subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", "part*.jsonl", "a.txt", "--out", str(out),
                             "--tokenizer", "bpe:300", "--shard-size-mb", "0.02", *flags], cwd=texts, capture_output=True,
                            text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr
         outs[" ".join(flags)] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".tar"}
-    plain = outs[""]
+    plain = outs["--workers 1"]
     assert len(plain) > 4 and all(files == plain for files in outs.values())
