@@ -14,6 +14,7 @@ import sys
 from data_pipeline import DataError
 
 USAGE_ERROR, FAILED = 2, 1
+PREEMPTED = 143  # 128 + SIGTERM: stopped on request, resumable
 
 
 class UsageError(ValueError):
@@ -30,7 +31,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_job(cfg) -> None:
+def prepare_job(cfg, fresh: bool = False) -> None:
     """Make data.path a prepared dataset and check that it fits the model (before any worker starts)."""
     from data_pipeline import open_dataset, resolve_dataset
     from trainer import checkpoint
@@ -46,7 +47,14 @@ def prepare_job(cfg) -> None:
     vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")
-    latest = checkpoint.find_latest(run_dir(cfg) / "checkpoints")
+    try:
+        latest = None if fresh else checkpoint.find_latest(run_dir(cfg) / "checkpoints")
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    if cfg.checkpoint.resume_from is not None:
+        latest = resume_checkpoint(cfg.checkpoint.resume_from)
+        cfg.checkpoint.resume_from = str(latest.resolve())
+        check_shapes(cfg, latest)
     if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
         was = checkpoint.meta(latest).get("tokenizer", {})
         raise UsageError(f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
@@ -55,27 +63,117 @@ def prepare_job(cfg) -> None:
     build_stream(cfg, 0, cfg.cluster.num_workers)
 
 
+def resume_checkpoint(path: str):
+    """The checkpoint `--resume PATH` names: a checkpoint folder, or a run folder (its latest)."""
+    from pathlib import Path
+
+    from trainer import checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--resume {path} does not exist: give a checkpoint folder (RUN/checkpoints/step_...) or a run folder")
+    try:
+        if (p / checkpoint.COMPLETE).is_file():
+            why = checkpoint.damage(p)
+            if why:
+                raise UsageError(f"--resume {path} is damaged ({why}): give an earlier checkpoint")
+            return p
+        for root in (p / "checkpoints", p):
+            found = checkpoint.find_latest(root)
+            if found is not None:
+                return found
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"--resume {path}: {e}") from None
+    raise UsageError(f"--resume {path} is not a trainctl checkpoint (no {checkpoint.COMPLETE} in it or under it): "
+                     "give a checkpoint folder (RUN/checkpoints/step_...) or a run folder")
+
+
+def check_shapes(cfg, ckpt) -> None:
+    """A checkpoint of another model shape is refused before any worker starts, naming the
+    first tensor that differs and both shapes."""
+    import torch
+    import yaml
+
+    from trainer.config import JobConfig
+    from trainer.model import ModelConfig, Transformer
+
+    def shapes(model_section) -> dict[str, list[int]]:
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(**model_section.model_dump()))
+        return {name: list(p.shape) for name, p in model.state_dict().items()}
+
+    theirs = shapes(JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text())).model)
+    ours = shapes(cfg.model)
+    for name in [*ours, *(n for n in theirs if n not in ours)]:  # the model's own order
+        if theirs.get(name) != ours.get(name):
+            there = theirs.get(name, "absent")
+            here = ours.get(name, "absent")
+            raise UsageError(f"--resume {ckpt}: tensor {name} is {there} in the checkpoint but {here} in this model: "
+                             "use the model settings the checkpoint was trained with")
+
+
+def start_over(folder, force: bool, delete: bool) -> None:
+    """--fresh: refuse to mix into a run folder that holds a run, unless --force; then
+    (`delete`, once the job is known to be valid) delete its checkpoints, metrics and W&B
+    run id (a new W&B run)."""
+    import shutil
+
+    held = [p for p in (folder / "checkpoints", folder / "metrics.jsonl") if p.exists()]
+    if not held:
+        return
+    if not force:
+        raise UsageError(f"--fresh: {folder} already holds a run ({', '.join(p.name for p in held)}): "
+                         "add --force to delete it and start over, or choose another name=")
+    if not delete:
+        return
+    for p in (folder / "checkpoints", folder / "metrics.jsonl", folder / "attempts.jsonl", folder / "wandb_run_id"):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from launcher.config import load_config
-    from trainer.loop import run_dir, train_worker
+    from trainer.loop import PREEMPT, run_dir, train_worker
 
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.cluster.address = args.address
-    prepare_job(cfg)
-    folder = run_dir(cfg)
+    if args.fresh and args.resume:
+        raise UsageError("--fresh and --resume contradict each other: give one")
+    if args.force and not args.fresh:
+        raise UsageError("--force only goes with --fresh")
+    if args.resume:
+        cfg.checkpoint.resume_from = args.resume
+    folder, rank0 = run_dir(cfg), int(os.environ.get("RANK", "0")) == 0
+    if args.fresh:
+        start_over(folder, args.force, delete=False)
+    prepare_job(cfg, fresh=args.fresh)
+    if rank0:
+        if args.fresh:
+            start_over(folder, args.force, delete=True)
+        launched(folder)
     print(f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
           f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
           + (", ".join(f"{s.path} (weight {s.weight:g})" for s in cfg.data.sources) if cfg.data.sources else cfg.data.path),
           flush=True)
     if args.no_ray:
-        train_worker(cfg.model_dump(mode="json"))
+        try:
+            status = train_worker(cfg.model_dump(mode="json"))
+        except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
+            import traceback
+
+            traceback.print_exc()
+            print(f"trainctl: training failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return FAILED
         if int(os.environ.get("RANK", "0")) != 0:
-            return 0
+            return PREEMPTED if status == "preempted" else 0
     else:
         from cluster.ray_job import JobFailed, connect, run_on_ray, shutdown
 
         conn, failure = connect(cfg.cluster), None
+        preempt_on_sigterm(folder, cfg.checkpoint.preempt_grace_s)
         try:
             run_on_ray(train_worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, cfg.checkpoint.storage_path)
         except JobFailed as e:
@@ -85,11 +183,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if failure is not None:
             print(f"trainctl: training failed: {failure}", file=sys.stderr)
             return FAILED
+        status = "preempted" if (folder / PREEMPT).exists() else "done"
+        (folder / PREEMPT).unlink(missing_ok=True)
+    if status == "preempted":
+        print(f"trainctl: preempted: the run stopped at a checkpoint in {folder / 'checkpoints'}; run the same command "
+              "to resume", file=sys.stderr)
+        return PREEMPTED
     if cfg.train.sample_tokens:
         from trainer.generate import sample
 
         print("trainctl: sample from the final checkpoint:\n" + sample(folder, max_new_tokens=cfg.train.sample_tokens))
     return 0
+
+
+def launched(folder) -> None:
+    """Note when this invocation started (restarts are counted from it); clear a stale stop request."""
+    import json
+    import time
+
+    from trainer.loop import LAUNCH, PREEMPT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PREEMPT).unlink(missing_ok=True)
+    (folder / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
+
+
+def preempt_on_sigterm(folder, grace_s: float) -> None:
+    """SIGTERM to the launcher (spot reclaim, scancel, pod eviction): ask the workers to
+    save at the next step boundary and stop; if they have not within grace_s, exit anyway."""
+    import signal
+    import threading
+
+    from trainer.loop import PREEMPT
+
+    def on_sigterm(signum, frame):
+        (folder / PREEMPT).touch()
+        print(f"trainctl: SIGTERM: saving a checkpoint at the next step boundary, then stopping (grace {grace_s:g} s)",
+              file=sys.stderr, flush=True)
+        timer = threading.Timer(grace_s, lambda: os._exit(PREEMPTED))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -140,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4 cluster.num_workers=1")
     pr.add_argument("--address", help="Ray cluster: local (default: a private Ray here), auto, or HOST:PORT; overrides cluster.address")
     pr.add_argument("--no-ray", action="store_true", help="run the worker in this process (alone, or one rank under torchrun)")
+    pr.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (or run folder's latest) instead of the run's own latest")
+    pr.add_argument("--fresh", action="store_true", help="start over, ignoring the run's checkpoints (refused if the run folder holds a run, unless --force)")
+    pr.add_argument("--force", action="store_true", help="with --fresh: delete the run folder's checkpoints, metrics and W&B run id first")
     pr.set_defaults(fn=_cmd_run)
 
     pg = sub.add_parser("generate", help="sample text from a run or a checkpoint (CPU)",

@@ -135,7 +135,8 @@ def test_deepspeed_config_per_stage_and_precision():
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     ds = deepspeed_config(load_config(None, ["train.grad_clip=0.5", "train.lr=0.002", "train.beta2=0.99"]))
     assert ds["gradient_clipping"] == 0.5
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.002, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}}
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.002, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1,
+                                                           "torch_adam": True}}  # CPU: resumes bit for bit
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ import torch.distributed as dist
 from trainer.tracking import warn
 
 COMPLETE = "trainctl.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, named, with what to do."""
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -70,7 +75,9 @@ def save(engine, root: Path, step: int, rank: int, rank_state: dict[str, Any], m
     if rank == 0:
         for name, text in (files or {}).items():
             _atomic_write(folder / name, text.encode())
-        _atomic_write(folder / COMPLETE, json.dumps({**meta, "step": step, "tag": tag}, indent=1).encode())
+        sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        _atomic_write(folder / COMPLETE, json.dumps({**meta, "step": step, "tag": tag, "saved_at": time.time(),
+                                                     "files": sizes}, indent=1).encode())
         _atomic_write(root / "latest", tag.encode())
         _prune(root, keep)
     _barrier()
@@ -97,16 +104,35 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def damage(ckpt: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be used (a file missing or of another size
+    than when it was saved: truncated, or half replaced), or None when it is whole."""
+    for name, size in meta(ckpt).get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, {size:,} when saved"
+    return None
+
+
 def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint, falling back past a partial one with a warning."""
-    done = complete_checkpoints(root)
+    """The newest whole checkpoint under root. Partial (no completion marker) and damaged
+    ones are passed over with a warning naming them; None when there is none at all.
+    CheckpointError when every checkpoint there is damaged (so a run never silently starts
+    over on top of them)."""
     pointer = root / "latest"
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (root / tag / COMPLETE).is_file():
-            return root / tag
-        warn(f"checkpoint {root / tag} is incomplete; falling back to {done[-1] if done else 'a fresh start'}")
-    return done[-1] if done else None
+    if pointer.is_file() and not (root / pointer.read_text().strip() / COMPLETE).is_file():
+        warn(f"checkpoint {root / pointer.read_text().strip()} is incomplete (a save was interrupted); using an earlier one")
+    done = complete_checkpoints(root)
+    for ckpt in reversed(done):
+        why = damage(ckpt)
+        if why is None:
+            return ckpt
+        warn(f"checkpoint {ckpt} is damaged ({why}); falling back to the previous one")
+    if done:
+        raise CheckpointError(f"every checkpoint in {root} is damaged: restore them, or start over with --fresh --force")
+    return None
 
 
 def meta(ckpt: Path) -> dict[str, Any]:

@@ -115,6 +115,12 @@ class TrainSection(Section):
     log_every: int = Field(10, gt=0, description="steps between metric lines")
     seed: int = Field(1337, description="seeds the model init, the data order and every rank's RNG")
     sample_tokens: int = Field(200, ge=0, description="tokens sampled from the model at the end of the run; 0 = none")
+    spike_factor: float | None = Field(
+        4.0, gt=1, description="a step whose loss exceeds this factor times the mean of the last 20 is a spike: roll back "
+        "(like a non-finite loss); null = only non-finite losses roll back"
+    )
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks to the last checkpoint allowed before the run stops; 0 = stop at "
+                               "the first non-finite or spiking loss")
 
     @model_validator(mode="after")
     def _lr(self) -> "TrainSection":
@@ -127,6 +133,10 @@ class CheckpointSection(Section):
     storage_path: str = Field("runs", description="folder holding every run's folder (NAME/ inside it)")
     every: int = Field(500, gt=0, description="steps between checkpoints (one is always written at the end)")
     keep: int = Field(2, gt=0, description="newest checkpoints kept; older ones are deleted")
+    resume_from: str | None = Field(None, description="a checkpoint folder to resume from instead of the run's latest "
+                                    "(`trainctl run --resume PATH`)")
+    preempt_grace_s: float = Field(120, gt=0, description="after SIGTERM: seconds to save a checkpoint at the next step "
+                                   "boundary and exit before the job is stopped without one")
 
 
 class TrackingSection(Section):

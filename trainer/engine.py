@@ -28,7 +28,11 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
         "gradient_clipping": t.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay},
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay,
+                       # DeepSpeed's CPU FusedAdam rounds differently with the memory layout, so a resumed
+                       # run drifts from the uninterrupted one by an ulp; torch's AdamW resumes bit for bit.
+                       # On GPUs the fused kernel is kept.
+                       "torch_adam": not cfg.cluster.use_gpu},
         },
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},

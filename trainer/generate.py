@@ -23,7 +23,10 @@ def find_checkpoint(path: str | Path) -> Path:
     if (p / checkpoint.COMPLETE).is_file():
         return p
     for root in (p / "checkpoints", p):
-        found = checkpoint.find_latest(root)
+        try:
+            found = checkpoint.find_latest(root)
+        except checkpoint.CheckpointError as e:
+            raise NoCheckpoint(str(e)) from None
         if found is not None:
             return found
     raise NoCheckpoint(f"no complete checkpoint in {p}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")

@@ -8,9 +8,13 @@ split out so a test can drive it.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import signal
 import socket
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +26,7 @@ from trainer import checkpoint
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
 from trainer.model import ModelConfig, Transformer, document_segments
-from trainer.tracking import Tracker
+from trainer.tracking import Tracker, run_id, warn
 
 
 def model_config(cfg: JobConfig) -> ModelConfig:
@@ -81,13 +85,16 @@ def forward(engine, batch: torch.Tensor, eot: int | None):
 
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum_steps: int, device: torch.device,
-               eot: int | None = None) -> float:
+               eot: int | None = None, poison: bool = False) -> float:
     """One optimizer step over `accum_steps` micro batches; returns this rank's mean loss.
-    `eot` turns on document masking."""
+    `eot` turns on document masking; `poison` (a test hook) makes the loss NaN, so the
+    gradients and then the weights go NaN as they would in a real divergence."""
     total = 0.0
     for _ in range(accum_steps):
         batch = next(batches).to(device, non_blocking=True)  # (B, T+1)
         _, loss = forward(engine, batch, eot)
+        if poison:
+            loss = loss * float("nan")
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.item()
@@ -130,7 +137,75 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def train_worker(config: dict) -> None:
+PREEMPT = "PREEMPT"  # a file in the run folder: the launcher got SIGTERM, save and stop
+LAUNCH = "launch.json"  # written by the launcher: when this invocation started (restarts are counted from it)
+
+
+class StopRequest:
+    """A request to save and stop at the next step boundary: SIGTERM to this process (when
+    the worker runs on the main thread: alone or under torchrun), or the PREEMPT file the
+    launcher writes when it gets SIGTERM (under Ray, whose workers run the loop in a
+    thread). Every rank checks after each step and they agree in one all-reduce."""
+
+    def __init__(self, folder: Path):
+        self.file, self.signalled = folder / PREEMPT, False
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread
+            pass
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
+
+    def requested(self) -> bool:
+        return self.signalled or self.file.exists()
+
+
+class Diverged(RuntimeError):
+    """The loss went non-finite or spiked more often than train.max_rollbacks allows."""
+
+
+SPIKE_WINDOW = 20  # steps whose mean loss a spike is measured against
+
+
+def loss_alarm(loss: float, recent: deque, factor: float | None) -> str | None:
+    """Why a step's loss (the mean over ranks) must not stand, or None."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if factor is not None and len(recent) == recent.maxlen:
+        mean = sum(recent) / len(recent)
+        if loss > factor * mean:
+            return f"the loss {loss:.4f} is {loss / mean:.1f}x the mean of the last {len(recent)} steps ({mean:.4f})"
+    return None
+
+
+def resume_point(cfg: JobConfig, folder: Path) -> Path | None:
+    """The checkpoint to start from: the run's latest, unless `--resume PATH` names one and
+    this invocation has not saved a newer one yet (after a restart, continue from there)."""
+    latest = checkpoint.find_latest(folder / "checkpoints")
+    if cfg.checkpoint.resume_from is None:
+        return latest
+    started = json.loads((folder / LAUNCH).read_text())["started_at"] if (folder / LAUNCH).exists() else float("inf")
+    if latest is not None and checkpoint.meta(latest).get("saved_at", 0) >= started:
+        return latest
+    return Path(cfg.checkpoint.resume_from)
+
+
+def record_attempt(folder: Path, step: int, ckpt: Path | None) -> tuple[int, float]:
+    """Note this start of the workers; returns (restarts so far in this invocation, seconds
+    lost to the last one: from the save of the checkpoint it resumes from until now)."""
+    started = json.loads((folder / LAUNCH).read_text())["started_at"] if (folder / LAUNCH).exists() else time.time()
+    attempts = folder / "attempts.jsonl"
+    with open(attempts, "a") as f:
+        f.write(json.dumps({"at": time.time(), "step": step}) + "\n")
+    restarts = sum(json.loads(line)["at"] >= started for line in attempts.read_text().splitlines()) - 1
+    lost = time.time() - checkpoint.meta(ckpt).get("saved_at", time.time()) if restarts and ckpt is not None else 0.0
+    return restarts, lost
+
+
+def train_worker(config: dict) -> str:
+    """Train to train.max_steps; returns "done", or "preempted" when stopped by a request
+    (a checkpoint of the last step is saved first)."""
     cfg = JobConfig.model_validate(config)
     t = cfg.train
     rank, world, local_rank = setup_distributed(cfg)
@@ -154,7 +229,7 @@ def train_worker(config: dict) -> None:
     engine = build_engine(Transformer(model_config(cfg)), cfg)
 
     step, tokens_seen = 0, 0
-    latest = checkpoint.find_latest(ckpt_root)
+    latest = resume_point(cfg, folder)
     if latest is not None:
         state = checkpoint.load(engine, latest, rank)
         stream.load_state_dict(state["data"])
@@ -164,19 +239,61 @@ def train_worker(config: dict) -> None:
     else:
         torch.manual_seed(t.seed + rank)  # dropout and sampling differ per rank
 
-    tracker = Tracker(cfg, folder) if rank == 0 else None
+    tracker = Tracker(cfg, folder, resume_step=step) if rank == 0 else None
+    if rank == 0:
+        restarts, lost = record_attempt(folder, step, latest)
+        if restarts:
+            print(f"trainctl: restart {restarts} of this job: resumed at step {step}, {lost:.0f} s lost since that checkpoint",
+                  flush=True)
+            tracker.log({"restarts": restarts, "time_lost_s": lost}, step)
+    stop = StopRequest(folder)
+    status = "done"
     tokens_per_step = cfg.global_batch * seq
     waited = [0.0]  # seconds this rank waited for data since the last log line
     batches = timed(iter(stream), waited)
     start_step, t_start = step, time.perf_counter()
     t_log, step_log = t_start, step
+    recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last steps' losses, for spike detection
+    rollbacks, skip_step = 0, None  # a step whose data window is passed over after a rollback
+    nan_at = int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", 0))  # a test hook: poison this step's loss, once
     while step < t.max_steps:
-        loss = train_step(engine, batches, cfg.accum_steps, device, eot)
+        if step + 1 == skip_step:  # the window that made the loss diverge: consume it untrained
+            for _ in range(cfg.accum_steps):
+                next(batches)
+            skip_step = None
+        position = stream.state_dict()  # where this step's data starts, to name it if it must be skipped
+        loss = train_step(engine, batches, cfg.accum_steps, device, eot, poison=step + 1 == nan_at)
+        nan_at = 0 if step + 1 == nan_at else nan_at
+        # Every rank needs the same verdict on the loss and on a stop request: one all-reduce.
+        loss, stop_votes = mean_over_ranks([loss, float(stop.requested())], device)
         step += 1
         tokens_seen += tokens_per_step
 
+        alarm = loss_alarm(loss, recent, t.spike_factor)
+        if alarm is not None:
+            rollbacks += 1
+            good = checkpoint.find_latest(ckpt_root)
+            if rollbacks > t.max_rollbacks or good is None:
+                why = (f"{t.max_rollbacks} rollbacks allowed (train.max_rollbacks)" if good is not None
+                       else "no checkpoint to roll back to (save sooner: checkpoint.every)")
+                raise Diverged(f"step {step}: {alarm}; {why}: lower train.lr or raise train.warmup_steps")
+            state = checkpoint.load(engine, good, rank)
+            stream.load_state_dict(state["data"])
+            batches = timed(iter(stream), waited)
+            skip_step, bad_step = step, step
+            step, tokens_seen = state["step"], state["tokens_seen"]
+            recent.clear()
+            if rank == 0:
+                tracker.rewind(step)
+                warn(f"step {bad_step}: {alarm}: rolled back to {good} (rollback {rollbacks} of {t.max_rollbacks}); "
+                     f"the data of step {bad_step} will be skipped: {json.dumps(position)}")
+                with open(folder / "rollbacks.jsonl", "a") as f:
+                    f.write(json.dumps({"step": bad_step, "alarm": alarm, "checkpoint": str(good), "skipped": position}) + "\n")
+            continue
+        recent.append(loss)
+
         if step % t.log_every == 0 or step == t.max_steps:
-            loss, wait_s = mean_over_ranks([loss, waited[0]], device)
+            (wait_s,) = mean_over_ranks([waited[0]], device)
             now = time.perf_counter()
             data_wait = wait_s / (now - t_log)  # share of the interval the ranks spent waiting for data
             waited[0] = 0.0
@@ -186,7 +303,7 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 lr = engine.get_lr()[0]
                 tracker.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen, "epoch": stream.epoch,
-                             "data_wait": data_wait, "data_skipped_shards": len(stream.skipped),
+                             "data_wait": data_wait, "data_skipped_shards": len(stream.skipped), "rollbacks": rollbacks,
                              **({"data_mix": stream.proportions()} if cfg.data.sources else {})}, step)
                 print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                       f"data wait {data_wait:.0%} | ETA {_duration(eta)}", flush=True)
@@ -197,15 +314,23 @@ def train_worker(config: dict) -> None:
                 tracker.log({"val_loss": val_loss}, step)
                 print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
 
-        if step % cfg.checkpoint.every == 0 or step == t.max_steps:
+        preempted = stop_votes > 0
+        if step % cfg.checkpoint.every == 0 or step == t.max_steps or preempted:
             rank_state = {"data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
             info = {"zero_stage": t.zero_stage, "world_size": world, "tokens_seen": tokens_seen, "name": cfg.name,
-                    "tokenizer": tokenizer}
+                    "tokenizer": tokenizer, "wandb_run_id": run_id(folder) if rank == 0 else None}
             saved = checkpoint.save(engine, ckpt_root, step, rank, rank_state, info, keep=cfg.checkpoint.keep,
                                     files={"config.yaml": cfg.to_yaml()})
             if rank == 0:
                 print(f"trainctl: checkpoint {saved}", flush=True)
+        if preempted:
+            status = "preempted"
+            if rank == 0:
+                print(f"trainctl: preempted: stopped at step {step} with a checkpoint; run the same command to resume", flush=True)
+            break
 
     if rank == 0:
         tracker.finish()
-        print(f"trainctl: done: {step} steps, {tokens_seen:,} tokens in {_duration(time.perf_counter() - t_start)}", flush=True)
+        if status == "done":
+            print(f"trainctl: done: {step} steps, {tokens_seen:,} tokens in {_duration(time.perf_counter() - t_start)}", flush=True)
+    return status

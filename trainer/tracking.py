@@ -24,8 +24,22 @@ def warn(message: str) -> None:
 class MetricsFile:
     """Appends one JSON object per logged step to run_dir/metrics.jsonl."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resume_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
+        self._fh = None
+        self.rewind(resume_step)
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows of steps after `step`: they will be logged again (a resume, a rollback)."""
+        if self._fh is not None:
+            self._fh.close()
+        if self.path.exists():
+            rows = self.path.read_text().splitlines(keepends=True)
+            kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+            if len(kept) != len(rows):
+                tmp = self.path.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, self.path)
         self._fh = open(self.path, "a", buffering=1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -38,7 +52,8 @@ class MetricsFile:
 class WandbTracker:
     """W&B from rank 0. offline by default: the run folder lands in run_dir/wandb and
     `wandb sync` uploads it later. A stable run id (kept in run_dir) with resume="allow"
-    continues the same W&B run after a restart."""
+    continues the same W&B run after a restart; W&B ignores the steps logged again after
+    a resume (they are below its current step, and equal to the ones it has)."""
 
     def __init__(self, cfg: JobConfig, run_dir: Path):
         import wandb  # an integration imports its library inside, not at the top of core files
@@ -79,14 +94,17 @@ def run_id(run_dir: Path) -> str:
 class Tracker:
     """Fans each log call out to the metrics file and, if it works, W&B."""
 
-    def __init__(self, cfg: JobConfig, run_dir: Path):
-        self.file = MetricsFile(run_dir)
+    def __init__(self, cfg: JobConfig, run_dir: Path, resume_step: int = 0):
+        self.file = MetricsFile(run_dir, resume_step)
         self.wandb: WandbTracker | None = None
         if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
             try:
                 self.wandb = WandbTracker(cfg, run_dir)
             except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
                 warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
+
+    def rewind(self, step: int) -> None:
+        self.file.rewind(step)  # W&B ignores steps below its current one: the replayed steps keep their first values
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.file.log(metrics, step)

@@ -1,0 +1,205 @@
+"""Checkpoints that survive anything: bitwise resume after SIGTERM, a worker killed with
+SIGKILL and restarted by Ray, damaged checkpoints passed over, and the resume flags.
+
+Every run is the real `trainctl run` (a real local Ray with 2 workers, or `--no-ray`),
+DeepSpeed ZeRO-2 on gloo, real tar shards. Losses are compared with `==`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+JOB = """\
+name: ck
+model: {n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}
+data: {path: data, seq_len: 32, shuffle_buffer: 512}
+train: {max_steps: 120, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
+        eval_every: 1000, eval_batches: 2, log_every: 1, sample_tokens: 0}
+checkpoint: {storage_path: runs, every: 20, keep: 2}
+tracking: {mode: disabled}
+cluster: {address: local, num_workers: 2}
+"""
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", *args]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **extra}
+
+
+def trainctl(*args, cwd, timeout=300, **extra_env):
+    return subprocess.run(command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit_s: float = 240) -> None:
+    """Until metrics.jsonl holds `step` (bounded in time; fails if the process ends first)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and any(s >= step for s in losses(run)):
+            return
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached in {limit_s} s")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Shards, the job file, and one uninterrupted 120-step run to compare against."""
+    work = tmp_path_factory.mktemp("ck")
+    (work / "text.txt").write_text(SHAKESPEARE.read_text()[:300_000])
+    assert trainctl("prepare", "text.txt", "--out", "data", cwd=work).returncode == 0
+    (work / "job.yaml").write_text(JOB)
+    r = trainctl("run", "job.yaml", "name=straight", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(losses(work / "runs" / "straight")) == list(range(1, 121))
+    return work
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_the_rerun_continues_bitwise(work):
+    run = work / "runs" / "pre"
+    proc = subprocess.Popen(command("run", "job.yaml", "name=pre"), cwd=work, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.monotonic() - t0 < 60  # well inside checkpoint.preempt_grace_s
+    assert err.strip().splitlines()[-1].startswith("trainctl: preempted: the run stopped at a checkpoint")
+    stopped = max(losses(run))
+    assert 5 <= stopped < 120
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"  # saved at the step it stopped after
+
+    r = trainctl("run", "job.yaml", "name=pre", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {stopped}" in r.stdout
+    assert losses(run) == losses(work / "runs" / "straight")  # every step, bit for bit
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_is_restarted_and_the_losses_match(work):
+    run = work / "runs" / "killed"
+    proc = subprocess.Popen(command("run", "job.yaml", "name=killed", "cluster.max_failures=1"), cwd=work, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 45, proc)  # past the checkpoint at step 40
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restart 1 of this job: resumed at step" in out
+    assert losses(run) == losses(work / "runs" / "straight")
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(work):
+    job = ["job.yaml", "--no-ray", "name=damaged", "cluster.num_workers=1", "checkpoint.every=10", "checkpoint.keep=3"]
+    r = trainctl("run", *job, "train.max_steps=20", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = work / "runs" / "damaged" / "checkpoints"
+    model = ckpts / "step_00000020" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated, as by a full disk; the completion marker is still there
+    r = trainctl("run", *job, "train.max_steps=30", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step_00000020 is damaged (mp_rank_00_model_states.pt has 1,000 bytes" in r.stderr
+    assert "resumed from" in r.stdout and "step_00000010 at step 10" in r.stdout
+    for ckpt in ckpts.glob("step_*"):  # now every checkpoint is damaged: refused, nothing started over
+        for f in ckpt.glob("*.pt"):
+            f.write_bytes(b"")
+    r = trainctl("run", *job, "train.max_steps=40", cwd=work)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("trainctl: error: every checkpoint in")
+    assert "--fresh --force" in r.stderr
+
+
+@pytest.mark.slow
+def test_resume_and_fresh_flags(work):
+    base = ["job.yaml", "--no-ray", "cluster.num_workers=1", "checkpoint.every=10", "train.max_steps=10"]
+    r = trainctl("run", *base, "name=src", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    src = work / "runs" / "src" / "checkpoints" / "step_00000010"
+
+    r = trainctl("run", *base, "name=branch", "train.max_steps=15", "--resume", str(src), cwd=work)
+    assert r.returncode == 0 and f"resumed from {src} at step 10" in r.stdout, r.stderr[-3000:]
+    assert sorted(losses(work / "runs" / "branch")) == [11, 12, 13, 14, 15]
+
+    r = trainctl("run", *base, "name=src", "--fresh", "--force", cwd=work)
+    assert r.returncode == 0 and "resumed" not in r.stdout, r.stderr[-3000:]
+    assert sorted(losses(work / "runs" / "src")) == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--resume", "nowhere"], "--resume nowhere does not exist"),
+        (["--resume", "data"], "--resume data is not a trainctl checkpoint"),
+        (["--resume", "runs/straight", "model.d_model=128"],
+         "tensor tok_emb.weight is [257, 64] in the checkpoint but [257, 128] in this model"),
+        (["name=straight", "--fresh"], "runs/straight already holds a run (checkpoints, metrics.jsonl): add --force"),
+        (["--fresh", "--resume", "runs/straight"], "--fresh and --resume contradict each other"),
+        (["--force"], "--force only goes with --fresh"),
+    ],
+)
+@pytest.mark.slow
+def test_resume_bad_input_is_one_line_exit_2(work, args, fragment):
+    before = sorted(str(p) for p in (work / "runs").rglob("*"))
+    r = trainctl("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "name=bad", *args, cwd=work, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("trainctl: error: "), r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+    assert sorted(str(p) for p in (work / "runs").rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_nan_loss_rolls_back_skips_its_data_and_the_run_finishes(work):
+    job = ["job.yaml", "--no-ray", "name=nan", "cluster.num_workers=1", "checkpoint.every=10", "train.max_steps=30"]
+    r = trainctl("run", *job, cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainctl: warning: step 15: the loss is nan: rolled back to" in r.stderr
+    assert "step_00000010 (rollback 1 of 3); the data of step 15 will be skipped" in r.stderr
+    run = work / "runs" / "nan"
+    got = losses(run)  # each step once (the replayed 11-14 are not logged twice), all finite
+    assert sorted(got) == list(range(1, 31)) and all(v == v and v < 10 for v in got.values())
+    (event,) = [json.loads(line) for line in (run / "rollbacks.jsonl").read_text().splitlines()]
+    assert event["step"] == 15 and event["skipped"]["step_in_epoch"] == 14 and event["skipped"]["epoch"] == 0
+
+    r = trainctl("run", *job, "name=nan-stop", "train.max_rollbacks=0", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("trainctl: training failed: Diverged: step 15: the loss is nan; "
+                                                        "0 rollbacks allowed (train.max_rollbacks)"), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_single_process_run_stops_it_at_a_checkpoint(work):
+    """--no-ray (alone, or a torchrun rank): the signal reaches the training process itself."""
+    run = work / "runs" / "solo-term"
+    proc = subprocess.Popen(command("run", "job.yaml", "--no-ray", "name=solo-term", "cluster.num_workers=1"), cwd=work,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = max(losses(run))
+    assert f"trainctl: checkpoint {run / 'checkpoints' / f'step_{stopped:08d}'}" in out
+    r = trainctl("run", "job.yaml", "--no-ray", "name=solo-term", "cluster.num_workers=1", "train.max_steps=" + str(stopped + 2),
+                 cwd=work)
+    assert r.returncode == 0 and f"at step {stopped}" in r.stdout, r.stderr[-2000:]
