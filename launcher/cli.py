@@ -55,6 +55,15 @@ def prepare_job(cfg, fresh: bool = False) -> None:
         latest = resume_checkpoint(cfg.checkpoint.resume_from)
         cfg.checkpoint.resume_from = str(latest.resolve())
         check_shapes(cfg, latest)
+    if latest is not None:
+        saved = checkpoint.meta(latest)
+        if saved.get("global_batch", cfg.global_batch) != cfg.global_batch:
+            raise UsageError(f"{latest} was trained with a global batch of {saved['global_batch']} sequences but this job has "
+                             f"{cfg.global_batch} (micro_batch_size x num_workers x grad_accum_steps): keep the global batch, "
+                             f"e.g. train.grad_accum_steps={max(saved['global_batch'] // (cfg.train.micro_batch_size * cfg.cluster.num_workers), 1)}")
+        if saved.get("seq_len", cfg.data.seq_len) != cfg.data.seq_len:
+            raise UsageError(f"{latest} was trained with data.seq_len={saved['seq_len']} but this job has {cfg.data.seq_len}: "
+                             "resume with the same data.seq_len")
     if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
         was = checkpoint.meta(latest).get("tokenizer", {})
         raise UsageError(f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "

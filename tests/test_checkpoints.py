@@ -158,6 +158,8 @@ def test_resume_and_fresh_flags(work):
         (["name=straight", "--fresh"], "runs/straight already holds a run (checkpoints, metrics.jsonl): add --force"),
         (["--fresh", "--resume", "runs/straight"], "--fresh and --resume contradict each other"),
         (["--force"], "--force only goes with --fresh"),
+        (["--resume", "runs/straight"], "with a global batch of 16 sequences but this job has 8 (micro_batch_size x "
+         "num_workers x grad_accum_steps): keep the global batch, e.g. train.grad_accum_steps=2"),
     ],
 )
 @pytest.mark.slow
@@ -203,3 +205,19 @@ def test_sigterm_to_a_single_process_run_stops_it_at_a_checkpoint(work):
     r = trainctl("run", "job.yaml", "--no-ray", "name=solo-term", "cluster.num_workers=1", "train.max_steps=" + str(stopped + 2),
                  cwd=work)
     assert r.returncode == 0 and f"at step {stopped}" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(work):
+    """ZeRO-2 state partitioned over 2 ranks, re-split for 1 (the same global batch: 1 x 8 x 2
+    accumulation steps): the data and the loss continue exactly as the 2-worker run's."""
+    src = work / "runs" / "straight" / "checkpoints" / "step_00000100"
+    r = trainctl("run", "job.yaml", "--no-ray", "name=reshard", "cluster.num_workers=1", "train.grad_accum_steps=2",
+                 "--resume", str(src), cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {src} at step 100 (written by 2 workers, resharded to 1)" in r.stdout
+    straight = losses(work / "runs" / "straight")
+    resumed = losses(work / "runs" / "reshard")
+    assert sorted(resumed) == list(range(101, 121))
+    assert max(abs(resumed[s] - straight[s]) for s in resumed) < 1e-5  # here: 0.0, bit for bit
+    assert not list((work / "runs" / "reshard" / "checkpoints").glob(".universal-*"))  # the scratch conversion is gone

@@ -139,9 +139,41 @@ def meta(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / COMPLETE).read_text())
 
 
-def load(engine, ckpt: Path, rank: int) -> dict[str, Any]:
-    """Restore the engine (collective) and return this rank's own state."""
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+def needs_resharding(ckpt: Path, world: int, zero_stage: int) -> bool:
+    """A ZeRO checkpoint partitioned over another number of ranks: its optimizer state
+    must go through DeepSpeed's universal format to be split again."""
+    return zero_stage > 0 and meta(ckpt).get("world_size", world) != world
+
+
+def to_universal(ckpt: Path, out: Path) -> None:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal format in out/<tag> (rank 0)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out / ckpt.name), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        ds_to_universal(args)
+
+
+def load(engine, ckpt: Path, rank: int, universal: Path | None = None) -> dict[str, Any]:
+    """Restore the engine (collective) and return this rank's own state. `universal`: a
+    scratch folder where rank 0 converts the checkpoint first, for an engine built with
+    `universal=True` on another number of ranks than the checkpoint's."""
+    if universal is not None:
+        if rank == 0:
+            to_universal(ckpt, universal)
+        _barrier()
+        path, _ = engine.load_checkpoint(str(universal), tag=ckpt.name)
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+    else:
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt}")
     own = ckpt / f"rank_{rank:05d}.pt"

@@ -75,15 +75,17 @@ def import_deepspeed(use_gpu: bool):
     return deepspeed
 
 
-def build_engine(model: torch.nn.Module, cfg: JobConfig):
-    """Wrap `model` in a DeepSpeed engine (the distributed group must already exist)."""
+def build_engine(model: torch.nn.Module, cfg: JobConfig, universal: bool = False):
+    """Wrap `model` in a DeepSpeed engine (the distributed group must already exist).
+    `universal`: it will load a universal checkpoint (one written by another number of ranks)."""
     deepspeed = import_deepspeed(cfg.cluster.use_gpu)
     groups = model.optim_groups(cfg.train.weight_decay)
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=deepspeed_config(cfg), lr_scheduler=scheduler
-    )
+    config = deepspeed_config(cfg)
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=scheduler)
     return engine

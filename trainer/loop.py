@@ -226,16 +226,18 @@ def train_worker(config: dict) -> str:
 
     # Model: the same seed on every rank gives the same initial weights.
     torch.manual_seed(t.seed)
-    engine = build_engine(Transformer(model_config(cfg)), cfg)
+    latest = resume_point(cfg, folder)
+    reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
+    engine = build_engine(Transformer(model_config(cfg)), cfg, universal=reshard)
 
     step, tokens_seen = 0, 0
-    latest = resume_point(cfg, folder)
     if latest is not None:
-        state = checkpoint.load(engine, latest, rank)
+        state = checkpoint.load(engine, latest, rank, universal=ckpt_root / f".universal-{latest.name}" if reshard else None)
         stream.load_state_dict(state["data"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         if rank == 0:
-            print(f"trainctl: resumed from {latest} at step {step}", flush=True)
+            how = f" (written by {checkpoint.meta(latest)['world_size']} workers, resharded to {world})" if reshard else ""
+            print(f"trainctl: resumed from {latest} at step {step}{how}", flush=True)
     else:
         torch.manual_seed(t.seed + rank)  # dropout and sampling differ per rank
 
@@ -317,7 +319,8 @@ def train_worker(config: dict) -> str:
         preempted = stop_votes > 0
         if step % cfg.checkpoint.every == 0 or step == t.max_steps or preempted:
             rank_state = {"data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
-            info = {"zero_stage": t.zero_stage, "world_size": world, "tokens_seen": tokens_seen, "name": cfg.name,
+            info = {"zero_stage": t.zero_stage, "world_size": world, "global_batch": cfg.global_batch, "seq_len": seq,
+                    "tokens_seen": tokens_seen, "name": cfg.name,
                     "tokenizer": tokenizer, "wandb_run_id": run_id(folder) if rank == 0 else None}
             saved = checkpoint.save(engine, ckpt_root, step, rank, rank_state, info, keep=cfg.checkpoint.keep,
                                     files={"config.yaml": cfg.to_yaml()})
