@@ -236,6 +236,17 @@ def preempt_on_sigterm(folder, grace_s: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import ExportError, export
+
+    try:
+        out = export(args.path, args.out_dir)
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    print(f"trainctl: exported {args.path} to {out} (Hugging Face LlamaForCausalLM, fp32 safetensors)")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from trainer.generate import NoCheckpoint, sample
 
@@ -289,9 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="with --fresh: delete the run folder's checkpoints, metrics and W&B run id first")
     pr.set_defaults(fn=_cmd_run)
 
+    pe = sub.add_parser("export", help="write a Hugging Face folder (Llama) from a run or a checkpoint",
+                        description="Gather a checkpoint's weights tensor by tensor into OUT_DIR: config.json, "
+                                    "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM.")
+    pe.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder (storage_path/NAME) or checkpoint folder")
+    pe.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
+    pe.set_defaults(fn=_cmd_export)
+
     pg = sub.add_parser("generate", help="sample text from a run or a checkpoint (CPU)",
                         description="Load a finished run's latest checkpoint (or a given checkpoint folder) and sample text.")
-    pg.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder (storage_path/NAME) or checkpoint folder")
+    pg.add_argument("path", metavar="RUN_CHECKPOINT_OR_EXPORT", help="run folder (storage_path/NAME), checkpoint folder or export folder")
     pg.add_argument("--prompt", default="\n", help="text to continue")
     pg.add_argument("--max-new-tokens", type=int, default=200)
     pg.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

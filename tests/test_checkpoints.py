@@ -221,3 +221,36 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
     assert sorted(resumed) == list(range(101, 121))
     assert max(abs(resumed[s] - straight[s]) for s in resumed) < 1e-5  # here: 0.0, bit for bit
     assert not list((work / "runs" / "reshard" / "checkpoints").glob(".universal-*"))  # the scratch conversion is gone
+
+
+@pytest.mark.slow
+def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work):
+    """The 2-worker ZeRO-2 run, gathered into a Hugging Face Llama folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.generate import find_checkpoint, load_model
+
+    r = trainctl("export", "runs/straight", "hf", cwd=work)
+    assert r.returncode == 0 and "exported runs/straight to hf" in r.stdout, r.stderr[-2000:]
+    hf = AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.float32).eval()
+    ours, tok = load_model(find_checkpoint(work / "runs" / "straight"))
+    text = "ROMEO:\nWhat light through yonder window breaks?"
+    ids = tok.encode(text).tolist()
+    assert AutoTokenizer.from_pretrained(str(work / "hf"))(text, add_special_tokens=False)["input_ids"] == ids
+    x = torch.tensor([ids[:32]])
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+        greedy = ours.generate(x[:, :8], 20, temperature=0)[0, 8:].tolist()
+        assert hf.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 8:].tolist() == greedy
+    # trainctl generate reads the export folder too, and samples the same greedy text as from the run
+    from_export = trainctl("generate", "hf", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work)
+    from_run = trainctl("generate", "runs/straight", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work)
+    assert from_export.returncode == 0 and from_export.stdout == from_run.stdout and len(from_run.stdout) > 20
+
+    again = trainctl("export", "runs/straight", "hf", cwd=work)  # never over an existing folder
+    assert again.returncode == 2 and "hf already exists and is not an empty folder" in again.stderr
+    (work / "empty-run").mkdir()
+    none = trainctl("export", "empty-run", "hf2", cwd=work)
+    assert none.returncode == 2 and none.stderr.startswith("trainctl: error: no complete checkpoint in empty-run")
+    assert not (work / "hf2").exists()

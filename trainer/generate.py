@@ -43,11 +43,17 @@ def load_model(ckpt: Path):
 
 def sample(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 200, seed: int = 0) -> str:
-    """The prompt's continuation as text.
+    """The prompt's continuation as text, from a run, a checkpoint or an export folder.
 
     >>> print(sample("runs/tiny-cpu", prompt="def ", max_new_tokens=100))  # doctest: +SKIP
     """
-    model, tok = load_model(find_checkpoint(path))
+    if (Path(path) / "trainctl_export.json").is_file():  # an export folder
+        from trainer.export import load_export
+
+        model, tok_dict = load_export(Path(path))
+        tok = tokenizer_from_dict(tok_dict)
+    else:
+        model, tok = load_model(find_checkpoint(path))
     ids = tok.encode(prompt)
     if len(ids) == 0:
         ids = [tok.eot]

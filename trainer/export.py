@@ -1,0 +1,229 @@
+"""`trainctl export`: a checkpoint as a Hugging Face folder for the Llama architecture.
+
+    config.json              LlamaForCausalLM: widths, heads, GQA, RoPE base, RMSNorm eps, tying
+    model.safetensors        fp32 weights under Llama's names
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    trainctl_export.json     where it came from: run, step, tokens seen; our tokenizer
+
+Our blocks are Llama's (RMSNorm pre-norm, rotary embeddings on half-split pairs, SwiGLU,
+grouped-query attention, no biases), so the weights map name for name. The weights are
+gathered from the ZeRO checkpoint one tensor at a time (DeepSpeed's lazy zero_to_fp32
+over memory-mapped shards, or the memory-mapped model file for stage 0) and written
+straight into a safetensors file whose header is known in advance from the model's
+shapes: peak memory is about one tensor, not the model. The folder is built beside OUT
+and moved into place when complete. Nothing here imports transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+
+from trainer import checkpoint
+from trainer.config import JobConfig
+from trainer.model import ModelConfig, Transformer
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class ExportError(ValueError):
+    """Bad input to export (no checkpoint, a non-empty output folder): one line for the user."""
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name → Llama's.
+
+    >>> hf_name("blocks.3.mlp.w1.weight")
+    'model.layers.3.mlp.gate_proj.weight'
+    """
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        sub = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
+               "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+               "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}
+        inner = ".".join(parts[2:-1])
+        return f"model.layers.{parts[1]}.{sub[inner]}.{parts[-1]}"
+    return {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "lm_head.weight": "lm_head.weight"}[name]
+
+
+def llama_config(mc: ModelConfig, eot: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": mc.vocab_size, "hidden_size": mc.d_model, "intermediate_size": mc.ffn_dim,
+        "num_hidden_layers": mc.n_layer, "num_attention_heads": mc.n_head, "num_key_value_heads": mc.kv_heads,
+        "head_dim": mc.head_dim, "max_position_embeddings": mc.max_seq_len, "rms_norm_eps": mc.norm_eps,
+        "rope_theta": mc.rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": mc.tie_embeddings,
+        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "initializer_range": 0.02,
+        "torch_dtype": "float32", "use_cache": True,
+    }
+
+
+def model_config(ckpt: Path) -> ModelConfig:
+    cfg = JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    return ModelConfig(**cfg.model.model_dump())
+
+
+def weight_shapes(mc: ModelConfig) -> dict[str, list[int]]:
+    """Our parameter names and shapes in the model's order (a tied head once, as the embedding)."""
+    with torch.device("meta"):
+        model = Transformer(mc)
+    return {name: list(p.shape) for name, p in model.named_parameters()}  # named_parameters skips the tied head
+
+
+def model_tensors(ckpt: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, fp32 tensor) for each of `names`, gathered one at a time."""
+    if checkpoint.meta(ckpt).get("zero_stage", 0) == 0:
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)["module"]
+        for name in names:
+            yield name, module[name].float()
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    for name in names:
+        t = lazy[name]
+        yield name, (t if isinstance(t, torch.Tensor) else t.contiguous()).float()
+
+
+def write_safetensors(path: Path, shapes: dict[str, list[int]], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file of fp32 tensors written as they come, in `shapes` order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for (name, tensor), (expected, shape) in zip(tensors, shapes.items()):
+            if name != expected or list(tensor.shape) != shape:
+                raise ExportError(f"the checkpoint's {name} {list(tensor.shape)} does not match the model's {expected} {shape}")
+            f.write(tensor.detach().contiguous().numpy().tobytes())
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (memory-mapped)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = (8 + n + o for o in spec["data_offsets"])
+        out[name] = data[start:end].view(dtypes[spec["dtype"]]).view(spec["shape"])
+    return out
+
+
+def tokenizer_files(tokenizer: dict) -> dict[str, str]:
+    """tokenizer.json & co. for the checkpoint's tokenizer. The byte tokenizer becomes a
+    byte-level BPE without merges whose id for each byte is the byte's value (and 256 for
+    end-of-text), so Hugging Face encodes exactly as we do."""
+    from data_pipeline.tokenizer import EOT_NAMES
+
+    if tokenizer["name"] == "byte":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        byte_char = dict(enumerate(_bytes_to_unicode()))
+        tok = Tokenizer(models.BPE(vocab={byte_char[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(["<|endoftext|>"])
+        text, eot_name = tok.to_str(), "<|endoftext|>"
+    else:
+        text = tokenizer["json"]
+        vocab = json.loads(text)
+        added = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
+        eot_name = next((n for n in EOT_NAMES if added.get(n) == tokenizer["eot"]), EOT_NAMES[0])
+    special = {"bos_token": eot_name, "eos_token": eot_name, "unk_token": eot_name, "pad_token": eot_name}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
+              **special}
+    return {"tokenizer.json": text, "tokenizer_config.json": json.dumps(config, indent=1),
+            "special_tokens_map.json": json.dumps(special, indent=1)}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte → printable character table (what the ByteLevel pre-tokenizer uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def export(path: str | Path, out_dir: str | Path) -> Path:
+    """Write the Hugging Face folder for a run's latest checkpoint (or a given one)."""
+    from trainer.generate import NoCheckpoint, find_checkpoint
+
+    try:
+        ckpt = find_checkpoint(path)
+    except NoCheckpoint as e:
+        raise ExportError(str(e)) from None
+    why = checkpoint.damage(ckpt)
+    if why:
+        raise ExportError(f"checkpoint {ckpt} is damaged ({why}): export an earlier one")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not an empty folder: choose a new output folder")
+    info = checkpoint.meta(ckpt)
+    mc = model_config(ckpt)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shapes = weight_shapes(mc)
+        write_safetensors(tmp / "model.safetensors", {hf_name(n): s for n, s in shapes.items()},
+                          ((hf_name(n), t) for n, t in model_tensors(ckpt, list(shapes))))
+        (tmp / "config.json").write_text(json.dumps(llama_config(mc, info["tokenizer"]["eot"]), indent=1) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": info["tokenizer"]["eot"],
+                                                                "eos_token_id": info["tokenizer"]["eot"]}, indent=1) + "\n")
+        for name, text in tokenizer_files(info["tokenizer"]).items():
+            (tmp / name).write_text(text)
+        (tmp / "trainctl_export.json").write_text(json.dumps({"checkpoint": str(ckpt.resolve()), "step": info.get("step"),
+                                                       "tokens_seen": info.get("tokens_seen"), "run": info.get("name"),
+                                                       "tokenizer": info["tokenizer"]}, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_export(folder: Path) -> tuple[Transformer, dict]:
+    """(our model in eval mode, its tokenizer dict) from an export folder."""
+    config = json.loads((folder / "config.json").read_text())
+    mc = ModelConfig(vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
+                     n_kv_head=config["num_key_value_heads"], d_model=config["hidden_size"], d_ff=config["intermediate_size"],
+                     max_seq_len=config["max_position_embeddings"], rope_theta=config["rope_theta"],
+                     norm_eps=config["rms_norm_eps"], tie_embeddings=config["tie_word_embeddings"])
+    model = Transformer(mc)
+    weights = read_safetensors(folder / "model.safetensors")
+    state = {name: weights[hf_name(name)] for name in weight_shapes(mc)}
+    if mc.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state)
+    model.eval()
+    return model, json.loads((folder / "trainctl_export.json").read_text())["tokenizer"]
