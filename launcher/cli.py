@@ -212,9 +212,13 @@ def launched(folder) -> None:
 
     from trainer.loop import LAUNCH, PREEMPT
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PREEMPT).unlink(missing_ok=True)
-    (folder / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PREEMPT).unlink(missing_ok=True)
+        (folder / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write the run folder {folder} ({e.strerror or e}): set checkpoint.storage_path to a "
+                         "folder this machine (and every node) can write") from None
 
 
 def preempt_on_sigterm(folder, grace_s: float) -> None:

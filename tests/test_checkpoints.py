@@ -160,6 +160,8 @@ def test_resume_and_fresh_flags(work):
         (["--force"], "--force only goes with --fresh"),
         (["--resume", "runs/straight"], "with a global batch of 16 sequences but this job has 8 (micro_batch_size x "
          "num_workers x grad_accum_steps): keep the global batch, e.g. train.grad_accum_steps=2"),
+        (["checkpoint.storage_path=job.yaml/runs"], "job.yaml/runs/bad (Not a directory): "
+         "set checkpoint.storage_path"),
     ],
 )
 @pytest.mark.slow
