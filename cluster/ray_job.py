@@ -82,6 +82,7 @@ def run_on_ray(train_fn: Callable[[dict], None], config: dict[str, Any], cluster
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
             resources_per_worker={"CPU": cluster.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+            placement_strategy=cluster.placement,
         ),
         run_config=RunConfig(
             name=name,

@@ -256,3 +256,60 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work)
     none = trainctl("export", "empty-run", "hf2", cwd=work)
     assert none.returncode == 2 and none.stderr.startswith("trainctl: error: no complete checkpoint in empty-run")
     assert not (work / "hf2").exists()
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A real two-node Ray cluster on this machine's loopback interface: a head (2 CPUs) on
+    127.0.0.2 started with `ray start --head`, and a second node (1 CPU) on 127.0.0.3 joined
+    to it in its own process group, so a test can kill the whole node. Ray maps 127.0.0.1 to
+    the machine's outward address, so the nodes take other loopback addresses; token
+    authentication is on, with a token made for the test."""
+    import secrets
+    import shutil
+    import socket
+    import tempfile
+
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    cluster_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    address = f"127.0.0.2:{port}"
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2", "--num-cpus=2",
+                    f"--temp-dir={temp}", "--include-dashboard=false"], env=env(**cluster_env), check=True,
+                   capture_output=True, timeout=120)
+    node = subprocess.Popen([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", "--num-cpus=1", "--block"],
+                            env=env(**cluster_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    probe = ("import ray, time\nray.init(address='%s', logging_level='ERROR')\nfor _ in range(120):\n"
+             "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n    time.sleep(0.5)\n"
+             "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    try:
+        alive = subprocess.run([sys.executable, "-c", probe], env=env(**cluster_env), capture_output=True, text=True, timeout=120)
+        assert alive.stdout.strip().endswith("2"), alive.stderr[-2000:]
+        yield address, node, cluster_env
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+        subprocess.run([ray, "stop", "--force"], env=env(**cluster_env), capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_job_spread_over_two_nodes_loses_one_and_finishes(work, two_nodes):
+    address, node, cluster_env = two_nodes
+    run = work / "runs" / "two-nodes"
+    proc = subprocess.Popen(command("run", "job.yaml", "name=two-nodes", f"cluster.address={address}", "cluster.max_failures=1",
+                                    "cluster.placement=SPREAD"), cwd=work, env=env(**cluster_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 25, proc)  # past the checkpoint at step 20
+    import psutil  # Ray's own dependency
+
+    node_processes = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+    for p in node_processes:  # the whole second node at once: `ray start`, its raylet, the worker on it
+        p.kill()
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restart 1 of this job: resumed at step" in out  # so a worker had been on the lost node
+    assert losses(run) == losses(work / "runs" / "straight")

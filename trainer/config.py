@@ -157,6 +157,8 @@ class ClusterSection(Section):
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false = CPU and gloo")
     cpus_per_worker: int = Field(1, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray Train allows (-1 = unlimited)")
+    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="PACK workers onto few nodes, or SPREAD them over "
+                                                  "as many as possible (Ray placement-group strategy)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every worker")
 
 
