@@ -313,3 +313,23 @@ def test_a_job_spread_over_two_nodes_loses_one_and_finishes(work, two_nodes):
     assert proc.returncode == 0, err[-3000:]
     assert "restart 1 of this job: resumed at step" in out  # so a worker had been on the lost node
     assert losses(run) == losses(work / "runs" / "straight")
+
+
+@pytest.mark.slow
+def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
+    """ZeRO-3 holds no whole weight anywhere: the export gathers each tensor from the shards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.generate import find_checkpoint, load_model
+
+    r = trainctl("run", "job.yaml", "--no-ray", "name=z3", "cluster.num_workers=1", "train.zero_stage=3",
+                 "train.grad_accum_steps=2", "train.max_steps=6", "checkpoint.every=6", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = trainctl("export", "runs/z3", "hf-z3", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hf = AutoModelForCausalLM.from_pretrained(str(work / "hf-z3"), dtype=torch.float32).eval()
+    ours, tok = load_model(find_checkpoint(work / "runs" / "z3"))
+    x = torch.tensor([tok.encode("First Citizen:\nBefore we proceed any further").tolist()[:32]])
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4

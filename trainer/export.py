@@ -82,12 +82,20 @@ def weight_shapes(mc: ModelConfig) -> dict[str, list[int]]:
 
 
 def model_tensors(ckpt: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, fp32 tensor) for each of `names`, gathered one at a time."""
-    if checkpoint.meta(ckpt).get("zero_stage", 0) == 0:
+    """(name, fp32 tensor) for each of `names`, gathered one at a time.
+
+    Below ZeRO-3 the model file holds every weight whole; when they are fp32 (fp32
+    training) they are read from it, memory-mapped. Otherwise (ZeRO-3, or bf16/fp16 weights
+    whose fp32 masters live in the optimizer shards) DeepSpeed's lazy zero_to_fp32 gathers
+    each tensor from the memory-mapped shards."""
+    stage = checkpoint.meta(ckpt).get("zero_stage", 0)
+    if stage < 3:
         module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)["module"]
-        for name in names:
-            yield name, module[name].float()
-        return
+        if stage == 0 or all(module[name].dtype == torch.float32 for name in names):
+            for name in names:
+                yield name, module[name].float()
+            return
+        del module
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -113,7 +121,7 @@ def write_safetensors(path: Path, shapes: dict[str, list[int]], tensors: Iterato
         for (name, tensor), (expected, shape) in zip(tensors, shapes.items()):
             if name != expected or list(tensor.shape) != shape:
                 raise ExportError(f"the checkpoint's {name} {list(tensor.shape)} does not match the model's {expected} {shape}")
-            f.write(tensor.detach().contiguous().numpy().tobytes())
+            f.write(tensor.detach().contiguous().numpy().data)  # the array's own buffer, not a copy
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
