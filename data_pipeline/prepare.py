@@ -338,14 +338,27 @@ class RemoteOut:
             raise DataError(f"--out {url} is not empty and holds no dataset: choose an empty or new folder")
         if names and not overwrite:
             raise DataError(f"--out {url} already holds a dataset: pass --overwrite to replace it")
-        self.replacing = bool(names)
+        self.replacing, self.uploaded = bool(names), []
 
     def upload(self, path: str) -> None:
-        if self.replacing:  # the old manifest goes before its first shard is replaced: never a mixed dataset
-            self.fs.rm(f"{self.root}/manifest.json")
-            self.replacing = False
-        self.fs.put_file(path, f"{self.root}/{os.path.basename(path)}")
+        name = os.path.basename(path)
+        try:
+            if self.replacing:  # the old manifest goes before its first shard is replaced: never a mixed dataset
+                self.fs.rm(f"{self.root}/manifest.json")
+                self.replacing = False
+            self.fs.put_file(path, f"{self.root}/{name}")
+        except Exception as e:  # noqa: BLE001 - network, permission and quota errors alike, named
+            raise DataError(f"--out {self.url}: uploading {name} failed ({describe_error(e)}): check the storage and run again") from None
+        self.uploaded.append(f"{self.root}/{name}")
         os.remove(path)
+
+    def abort(self) -> None:
+        """Remove what this run uploaded (best effort), so a failed prepare leaves no half dataset."""
+        try:
+            if self.uploaded:
+                self.fs.rm(self.uploaded)
+        except Exception:  # noqa: BLE001 - the error that stopped prepare is the one to report
+            pass
 
     def finish(self, manifest_path: str, manifest: dict) -> None:
         self.upload(manifest_path)
@@ -429,6 +442,8 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if remote is not None:
+            remote.abort()
         raise
     return load_manifest(out_dir)
 

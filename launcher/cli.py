@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from data_pipeline import DataError
 
@@ -31,8 +32,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_job(cfg, fresh: bool = False) -> None:
-    """Make data.path a prepared dataset and check that it fits the model (before any worker starts)."""
+def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
+    """Make data.path a prepared dataset and check that it fits the model and the checkpoint
+    it resumes from (before any worker starts). Returns the checkpoints a `--resume --force`
+    rewind deletes."""
     from data_pipeline import open_dataset, resolve_dataset
     from trainer import checkpoint
     from trainer.loop import build_stream, data_paths, raw_options, run_dir
@@ -48,14 +51,15 @@ def prepare_job(cfg, fresh: bool = False) -> None:
     if vocab > cfg.model.vocab_size:
         raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")
     try:
-        latest = None if fresh else checkpoint.find_latest(run_dir(cfg) / "checkpoints")
+        latest, newer = None if fresh else checkpoint.find_latest(run_dir(cfg) / "checkpoints"), []
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
     if cfg.checkpoint.resume_from is not None:
-        latest = resume_checkpoint(cfg.checkpoint.resume_from)
-        cfg.checkpoint.resume_from = str(latest.resolve())
-        check_shapes(cfg, latest)
+        wanted = resume_checkpoint(cfg.checkpoint.resume_from)
+        cfg.checkpoint.resume_from = str(wanted.resolve())
+        latest, newer = branch_point(cfg, wanted, latest, force)
     if latest is not None:
+        check_shapes(cfg, latest)
         saved = checkpoint.meta(latest)
         if saved.get("global_batch", cfg.global_batch) != cfg.global_batch:
             raise UsageError(f"{latest} was trained with a global batch of {saved['global_batch']} sequences but this job has "
@@ -70,12 +74,11 @@ def prepare_job(cfg, fresh: bool = False) -> None:
                          f"but the data uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
     # Raises DataError when a split cannot fill one global batch, or mixed sources disagree.
     build_stream(cfg, 0, cfg.cluster.num_workers)
+    return newer
 
 
 def resume_checkpoint(path: str):
     """The checkpoint `--resume PATH` names: a checkpoint folder, or a run folder (its latest)."""
-    from pathlib import Path
-
     from trainer import checkpoint
 
     p = Path(path)
@@ -95,6 +98,39 @@ def resume_checkpoint(path: str):
         raise UsageError(f"--resume {path}: {e}") from None
     raise UsageError(f"--resume {path} is not a trainctl checkpoint (no {checkpoint.COMPLETE} in it or under it): "
                      "give a checkpoint folder (RUN/checkpoints/step_...) or a run folder")
+
+
+def branch_point(cfg, wanted, own, force: bool):
+    """(where a run given `--resume WANTED` starts, the newer checkpoints to delete first),
+    its own latest checkpoint being `own`.
+
+    Another run's checkpoint applies until this run has one of its own (so the same command
+    rerun after a preemption continues). An earlier checkpoint of this run rewinds it, which
+    needs --force: its newer checkpoints are deleted once the job is known to be valid."""
+    from trainer import checkpoint
+    from trainer.loop import run_dir
+
+    root = (run_dir(cfg) / "checkpoints").resolve()
+    if own is None:
+        return wanted, []
+    if wanted.resolve().parent != root:
+        print(f"trainctl: run '{cfg.name}' has its own checkpoints: continuing from {own}, not --resume {wanted}",
+              file=sys.stderr, flush=True)
+        return own, []
+    newer = [c for c in checkpoint.complete_checkpoints(root) if c.name > wanted.name]
+    if newer and not force:
+        raise UsageError(f"--resume {wanted} rewinds run '{cfg.name}', which has newer checkpoints "
+                         f"({', '.join(c.name for c in newer)}): add --force to delete them and continue from {wanted.name}")
+    return wanted, newer
+
+
+def rewind(root, to, newer) -> None:
+    """Delete the checkpoints after `to` and point `latest` at it."""
+    import shutil
+
+    for c in newer:
+        shutil.rmtree(c)
+    (root / "latest").write_text(to.name)
 
 
 def check_shapes(cfg, ckpt) -> None:
@@ -151,17 +187,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg.cluster.address = args.address
     if args.fresh and args.resume:
         raise UsageError("--fresh and --resume contradict each other: give one")
-    if args.force and not args.fresh:
-        raise UsageError("--force only goes with --fresh")
+    if args.force and not (args.fresh or args.resume):
+        raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
     folder, rank0 = run_dir(cfg), int(os.environ.get("RANK", "0")) == 0
     if args.fresh:
         start_over(folder, args.force, delete=False)
-    prepare_job(cfg, fresh=args.fresh)
+    newer = prepare_job(cfg, fresh=args.fresh, force=args.force)
     if rank0:
         if args.fresh:
             start_over(folder, args.force, delete=True)
+        if newer:
+            rewind(folder / "checkpoints", Path(cfg.checkpoint.resume_from), newer)
         launched(folder)
     print(f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
           f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
@@ -301,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-ray", action="store_true", help="run the worker in this process (alone, or one rank under torchrun)")
     pr.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (or run folder's latest) instead of the run's own latest")
     pr.add_argument("--fresh", action="store_true", help="start over, ignoring the run's checkpoints (refused if the run folder holds a run, unless --force)")
-    pr.add_argument("--force", action="store_true", help="with --fresh: delete the run folder's checkpoints, metrics and W&B run id first")
+    pr.add_argument("--force", action="store_true", help="with --fresh: delete the run folder's checkpoints, metrics and W&B "
+                    "run id first; with --resume of an earlier checkpoint of the same run: delete the newer ones")
     pr.set_defaults(fn=_cmd_run)
 
     pe = sub.add_parser("export", help="write a Hugging Face folder (Llama) from a run or a checkpoint",

@@ -143,6 +143,20 @@ def test_resume_and_fresh_flags(work):
     assert r.returncode == 0 and f"resumed from {src} at step 10" in r.stdout, r.stderr[-3000:]
     assert sorted(losses(work / "runs" / "branch")) == [11, 12, 13, 14, 15]
 
+    # The same command again (as after a preemption): the branch continues from its own checkpoint.
+    r = trainctl("run", *base, "name=branch", "train.max_steps=18", "--resume", str(src), cwd=work)
+    assert r.returncode == 0 and "at step 15" in r.stdout, r.stderr[-3000:]
+    assert "run 'branch' has its own checkpoints: continuing from" in r.stderr
+    assert sorted(losses(work / "runs" / "branch")) == [11, 12, 13, 14, 15, 16, 17, 18]
+
+    # Rewinding a run to an earlier checkpoint of its own needs --force, which deletes the newer ones.
+    r = trainctl("run", *base, "name=src", "train.max_steps=20", cwd=work)
+    assert r.returncode == 0 and (work / "runs" / "src" / "checkpoints" / "step_00000020").is_dir()
+    r = trainctl("run", *base, "name=src", "train.max_steps=20", "--resume", str(src), cwd=work)
+    assert r.returncode == 2 and "which has newer checkpoints (step_00000020): add --force" in r.stderr
+    r = trainctl("run", *base, "name=src", "train.max_steps=20", "--resume", str(src), "--force", cwd=work)
+    assert r.returncode == 0 and "at step 10" in r.stdout and "incomplete" not in r.stderr, r.stderr[-3000:]
+
     r = trainctl("run", *base, "name=src", "--fresh", "--force", cwd=work)
     assert r.returncode == 0 and "resumed" not in r.stdout, r.stderr[-3000:]
     assert sorted(losses(work / "runs" / "src")) == list(range(1, 11))
@@ -157,7 +171,7 @@ def test_resume_and_fresh_flags(work):
          "tensor tok_emb.weight is [257, 64] in the checkpoint but [257, 128] in this model"),
         (["name=straight", "--fresh"], "runs/straight already holds a run (checkpoints, metrics.jsonl): add --force"),
         (["--fresh", "--resume", "runs/straight"], "--fresh and --resume contradict each other"),
-        (["--force"], "--force only goes with --fresh"),
+        (["--force"], "--force only goes with --fresh or --resume"),
         (["--resume", "runs/straight"], "with a global batch of 16 sequences but this job has 8 (micro_batch_size x "
          "num_workers x grad_accum_steps): keep the global batch, e.g. train.grad_accum_steps=2"),
         (["checkpoint.storage_path=job.yaml/runs"], "job.yaml/runs/bad (Not a directory): "
@@ -223,6 +237,12 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
     assert sorted(resumed) == list(range(101, 121))
     assert max(abs(resumed[s] - straight[s]) for s in resumed) < 1e-5  # here: 0.0, bit for bit
     assert not list((work / "runs" / "reshard" / "checkpoints").glob(".universal-*"))  # the scratch conversion is gone
+
+    # A rollback after a resharded resume reloads a checkpoint of the new world size.
+    r = trainctl("run", "job.yaml", "--no-ray", "name=reshard-nan", "cluster.num_workers=1", "train.grad_accum_steps=2",
+                 "checkpoint.every=5", "--resume", str(src), cwd=work, TRAINCTL_TEST_NAN_AT_STEP="108")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 108: the loss is nan: rolled back to" in r.stderr and "step_00000105 (rollback 1 of 3)" in r.stderr
 
 
 @pytest.mark.slow

@@ -180,15 +180,20 @@ def loss_alarm(loss: float, recent: deque, factor: float | None) -> str | None:
 
 
 def resume_point(cfg: JobConfig, folder: Path) -> Path | None:
-    """The checkpoint to start from: the run's latest, unless `--resume PATH` names one and
-    this invocation has not saved a newer one yet (after a restart, continue from there)."""
-    latest = checkpoint.find_latest(folder / "checkpoints")
-    if cfg.checkpoint.resume_from is None:
-        return latest
-    started = json.loads((folder / LAUNCH).read_text())["started_at"] if (folder / LAUNCH).exists() else float("inf")
-    if latest is not None and checkpoint.meta(latest).get("saved_at", 0) >= started:
-        return latest
-    return Path(cfg.checkpoint.resume_from)
+    """The checkpoint to start from, the same on every rank (rank 0 decides: ranks must not
+    read a shared folder at different moments and disagree). The run's own latest wins;
+    `--resume PATH` (another run's checkpoint) applies until the run has one of its own,
+    so rerunning the same command after a preemption or a restart continues the run."""
+    found = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        found = checkpoint.find_latest(folder / "checkpoints")
+        if found is None and cfg.checkpoint.resume_from is not None:
+            found = Path(cfg.checkpoint.resume_from)
+    if dist.is_initialized():
+        box = [None if found is None else str(found)]
+        dist.broadcast_object_list(box, src=0)
+        found = None if box[0] is None else Path(box[0])
+    return found
 
 
 def record_attempt(folder: Path, step: int, ckpt: Path | None) -> tuple[int, float]:
@@ -256,7 +261,8 @@ def train_worker(config: dict) -> str:
     start_step, t_start = step, time.perf_counter()
     t_log, step_log = t_start, step
     recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last steps' losses, for spike detection
-    rollbacks, skip_step = 0, None  # a step whose data window is passed over after a rollback
+    # Rollbacks so far, and a step whose data window is passed over after one (both kept in checkpoints).
+    rollbacks, skip_step = (state.get("rollbacks", 0), state.get("skip_step")) if latest is not None else (0, None)
     nan_at = int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", 0))  # a test hook: poison this step's loss, once
     while step < t.max_steps:
         if step + 1 == skip_step:  # the window that made the loss diverge: consume it untrained
@@ -274,12 +280,13 @@ def train_worker(config: dict) -> str:
         alarm = loss_alarm(loss, recent, t.spike_factor)
         if alarm is not None:
             rollbacks += 1
-            good = checkpoint.find_latest(ckpt_root)
+            good = resume_point(cfg, folder)  # the newest whole checkpoint (or --resume's), agreed by every rank
             if rollbacks > t.max_rollbacks or good is None:
                 why = (f"{t.max_rollbacks} rollbacks allowed (train.max_rollbacks)" if good is not None
                        else "no checkpoint to roll back to (save sooner: checkpoint.every)")
                 raise Diverged(f"step {step}: {alarm}; {why}: lower train.lr or raise train.warmup_steps")
-            state = checkpoint.load(engine, good, rank)
+            reshard = checkpoint.needs_resharding(good, world, t.zero_stage)
+            state = checkpoint.load(engine, good, rank, universal=ckpt_root / f".universal-{good.name}" if reshard else None)
             stream.load_state_dict(state["data"])
             batches = timed(iter(stream), waited)
             skip_step, bad_step = step, step
@@ -318,7 +325,8 @@ def train_worker(config: dict) -> str:
 
         preempted = stop_votes > 0
         if step % cfg.checkpoint.every == 0 or step == t.max_steps or preempted:
-            rank_state = {"data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
+            rank_state = {"data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen, "rollbacks": rollbacks,
+                          "skip_step": skip_step}  # a rollback's pending skip survives a restart
             info = {"zero_stage": t.zero_stage, "world_size": world, "global_batch": cfg.global_batch, "seq_len": seq,
                     "tokens_seen": tokens_seen, "name": cfg.name,
                     "tokenizer": tokenizer, "wandb_run_id": run_id(folder) if rank == 0 else None}
