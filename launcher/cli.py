@@ -58,6 +58,10 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
         wanted = resume_checkpoint(cfg.checkpoint.resume_from)
         cfg.checkpoint.resume_from = str(wanted.resolve())
         latest, newer = branch_point(cfg, wanted, latest, force)
+    if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
+        was = checkpoint.meta(latest).get("tokenizer", {})
+        raise UsageError(f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
+                         f"but the data uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
     if latest is not None:
         check_shapes(cfg, latest)
         saved = checkpoint.meta(latest)
@@ -68,10 +72,6 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
         if saved.get("seq_len", cfg.data.seq_len) != cfg.data.seq_len:
             raise UsageError(f"{latest} was trained with data.seq_len={saved['seq_len']} but this job has {cfg.data.seq_len}: "
                              "resume with the same data.seq_len")
-    if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
-        was = checkpoint.meta(latest).get("tokenizer", {})
-        raise UsageError(f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
-                         f"but the data uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
     # Raises DataError when a split cannot fill one global batch, or mixed sources disagree.
     build_stream(cfg, 0, cfg.cluster.num_workers)
     return newer
@@ -153,8 +153,8 @@ def check_shapes(cfg, ckpt) -> None:
         if theirs.get(name) != ours.get(name):
             there = theirs.get(name, "absent")
             here = ours.get(name, "absent")
-            raise UsageError(f"--resume {ckpt}: tensor {name} is {there} in the checkpoint but {here} in this model: "
-                             "use the model settings the checkpoint was trained with")
+            raise UsageError(f"checkpoint {ckpt}: tensor {name} is {there} in the checkpoint but {here} in this model: "
+                             "use the model settings the checkpoint was trained with, or another name= (or --fresh)")
 
 
 def start_over(folder, force: bool, delete: bool) -> None:
