@@ -79,25 +79,14 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
 
 def resume_checkpoint(path: str):
     """The checkpoint `--resume PATH` names: a checkpoint folder, or a run folder (its latest)."""
-    from trainer import checkpoint
+    from trainer.generate import NoCheckpoint, find_checkpoint
 
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         raise UsageError(f"--resume {path} does not exist: give a checkpoint folder (RUN/checkpoints/step_...) or a run folder")
     try:
-        if (p / checkpoint.COMPLETE).is_file():
-            why = checkpoint.damage(p)
-            if why:
-                raise UsageError(f"--resume {path} is damaged ({why}): give an earlier checkpoint")
-            return p
-        for root in (p / "checkpoints", p):
-            found = checkpoint.find_latest(root)
-            if found is not None:
-                return found
-    except checkpoint.CheckpointError as e:
+        return find_checkpoint(path)
+    except NoCheckpoint as e:
         raise UsageError(f"--resume {path}: {e}") from None
-    raise UsageError(f"--resume {path} is not a trainctl checkpoint (no {checkpoint.COMPLETE} in it or under it): "
-                     "give a checkpoint folder (RUN/checkpoints/step_...) or a run folder")
 
 
 def branch_point(cfg, wanted, own, force: bool):

@@ -166,7 +166,7 @@ def test_resume_and_fresh_flags(work):
     "args, fragment",
     [
         (["--resume", "nowhere"], "--resume nowhere does not exist"),
-        (["--resume", "data"], "--resume data is not a trainctl checkpoint"),
+        (["--resume", "data"], "--resume data: no complete checkpoint in data"),
         (["--resume", "runs/straight", "model.d_model=128"],
          "tensor tok_emb.weight is [257, 64] in the checkpoint but [257, 128] in this model"),
         (["name=straight", "--fresh"], "runs/straight already holds a run (checkpoints, metrics.jsonl): add --force"),

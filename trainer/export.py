@@ -188,9 +188,6 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
         ckpt = find_checkpoint(path)
     except NoCheckpoint as e:
         raise ExportError(str(e)) from None
-    why = checkpoint.damage(ckpt)
-    if why:
-        raise ExportError(f"checkpoint {ckpt} is damaged ({why}): export an earlier one")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not an empty folder: choose a new output folder")

@@ -18,9 +18,13 @@ class NoCheckpoint(FileNotFoundError):
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest checkpoint), a checkpoints folder, or a checkpoint itself."""
+    """A run folder (its latest whole checkpoint), a checkpoints folder, or a checkpoint
+    itself (NoCheckpoint if it is damaged)."""
     p = Path(path)
     if (p / checkpoint.COMPLETE).is_file():
+        why = checkpoint.damage(p)
+        if why:
+            raise NoCheckpoint(f"checkpoint {p} is damaged ({why}): give an earlier one")
         return p
     for root in (p / "checkpoints", p):
         try:
