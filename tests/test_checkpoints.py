@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from cli_helpers import SHAKESPEARE, command, env, trainctl
 
 JOB = """\
 name: ck
@@ -30,18 +28,6 @@ checkpoint: {storage_path: runs, every: 20, keep: 2}
 tracking: {mode: disabled}
 cluster: {address: local, num_workers: 2}
 """
-
-
-def command(*args) -> list[str]:
-    return [sys.executable, "-m", "launcher.cli", *args]
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **extra}
-
-
-def trainctl(*args, cwd, timeout=300, **extra_env):
-    return subprocess.run(command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from cli_helpers import REPO, SHAKESPEARE, trainctl
 
 JOB = """\
 name: e2e
@@ -25,13 +21,6 @@ checkpoint: {storage_path: runs, every: 20, keep: 1}
 tracking: {mode: offline, project: trainctl-tests}
 cluster: {address: local, num_workers: 2}
 """
-
-
-def trainctl(*args, cwd, timeout=420):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
-    env.pop("WANDB_MODE", None)
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(run: Path) -> list[dict]:
