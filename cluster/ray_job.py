@@ -97,7 +97,7 @@ def run_on_ray(train_fn: Callable[[dict], None], config: dict[str, Any], cluster
         raise JobFailed(_worker_error(str(e))) from None
 
 
-_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failed)): (.+)$")
 
 
 def _worker_error(text: str) -> str:

@@ -38,7 +38,7 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
     rewind deletes."""
     from data_pipeline import open_dataset, resolve_dataset
     from trainer import checkpoint
-    from trainer.loop import build_stream, data_paths, raw_options, run_dir
+    from trainer.loop import build_stream, checkpoint_store, data_paths, raw_options
 
     d = cfg.data
     if d.sources:
@@ -50,8 +50,10 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
     vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")
+    store = checkpoint_store(cfg)
     try:
-        latest, newer = None if fresh else checkpoint.find_latest(run_dir(cfg) / "checkpoints"), []
+        store.check()
+        latest, newer = None if fresh else store.latest(), []
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
     if cfg.checkpoint.resume_from is not None:
@@ -96,30 +98,27 @@ def branch_point(cfg, wanted, own, force: bool):
     Another run's checkpoint applies until this run has one of its own (so the same command
     rerun after a preemption continues). An earlier checkpoint of this run rewinds it, which
     needs --force: its newer checkpoints are deleted once the job is known to be valid."""
-    from trainer import checkpoint
-    from trainer.loop import run_dir
+    from trainer.loop import checkpoint_store
 
-    root = (run_dir(cfg) / "checkpoints").resolve()
+    store = checkpoint_store(cfg)
+    root = store.root.resolve()
     if own is None:
         return wanted, []
     if wanted.resolve().parent != root:
         print(f"trainctl: run '{cfg.name}' has its own checkpoints: continuing from {own}, not --resume {wanted}",
               file=sys.stderr, flush=True)
         return own, []
-    newer = [c for c in checkpoint.complete_checkpoints(root) if c.name > wanted.name]
+    newer = [root / tag for tag in store.tags() if tag > wanted.name]
     if newer and not force:
         raise UsageError(f"--resume {wanted} rewinds run '{cfg.name}', which has newer checkpoints "
                          f"({', '.join(c.name for c in newer)}): add --force to delete them and continue from {wanted.name}")
     return wanted, newer
 
 
-def rewind(root, to, newer) -> None:
+def rewind(store, to, newer) -> None:
     """Delete the checkpoints after `to` and point `latest` at it."""
-    import shutil
-
-    for c in newer:
-        shutil.rmtree(c)
-    (root / "latest").write_text(to.name)
+    store.delete([c.name for c in newer])
+    store.set_latest(to.name)
 
 
 def check_shapes(cfg, ckpt) -> None:
@@ -146,20 +145,23 @@ def check_shapes(cfg, ckpt) -> None:
                              "use the model settings the checkpoint was trained with, or another name= (or --fresh)")
 
 
-def start_over(folder, force: bool, delete: bool) -> None:
+def start_over(folder, store, force: bool, delete: bool) -> None:
     """--fresh: refuse to mix into a run folder that holds a run, unless --force; then
     (`delete`, once the job is known to be valid) delete its checkpoints, metrics and W&B
     run id (a new W&B run)."""
     import shutil
 
-    held = [p for p in (folder / "checkpoints", folder / "metrics.jsonl") if p.exists()]
+    held = [p.name for p in (folder / "checkpoints", folder / "metrics.jsonl") if p.exists()]
+    if store.url is not None and store.tags():
+        held.append(store.url)
     if not held:
         return
     if not force:
-        raise UsageError(f"--fresh: {folder} already holds a run ({', '.join(p.name for p in held)}): "
+        raise UsageError(f"--fresh: {folder} already holds a run ({', '.join(held)}): "
                          "add --force to delete it and start over, or choose another name=")
     if not delete:
         return
+    store.delete(store.tags())
     for p in (folder / "checkpoints", folder / "metrics.jsonl", folder / "attempts.jsonl", folder / "wandb_run_id"):
         if p.is_dir():
             shutil.rmtree(p)
@@ -169,7 +171,7 @@ def start_over(folder, force: bool, delete: bool) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from launcher.config import load_config
-    from trainer.loop import PREEMPT, run_dir, train_worker
+    from trainer.loop import PREEMPT, checkpoint_store, run_dir, train_worker
 
     cfg = load_config(args.config, args.overrides)
     if args.address:
@@ -180,23 +182,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
-    folder, rank0 = run_dir(cfg), int(os.environ.get("RANK", "0")) == 0
+    folder, store, rank0 = run_dir(cfg), checkpoint_store(cfg), int(os.environ.get("RANK", "0")) == 0
     if args.fresh:
-        start_over(folder, args.force, delete=False)
+        start_over(folder, store, args.force, delete=False)
     newer = prepare_job(cfg, fresh=args.fresh, force=args.force)
     if rank0:
         if args.fresh:
-            start_over(folder, args.force, delete=True)
+            start_over(folder, store, args.force, delete=True)
         if newer:
-            rewind(folder / "checkpoints", Path(cfg.checkpoint.resume_from), newer)
+            rewind(store, Path(cfg.checkpoint.resume_from), newer)
         launched(folder)
     print(f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
           f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
           + (", ".join(f"{s.path} (weight {s.weight:g})" for s in cfg.data.sources) if cfg.data.sources else cfg.data.path),
           flush=True)
     if args.no_ray:
+        from trainer.checkpoint import SaveFailed
+
         try:
             status = train_worker(cfg.model_dump(mode="json"))
+        except SaveFailed as e:  # a full disk, an unreachable bucket: the user's to fix, no traceback
+            print(f"trainctl: error: {e}", file=sys.stderr)
+            return 2
         except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
             import traceback
 
@@ -211,18 +218,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         conn, failure = connect(cfg.cluster), None
         preempt_on_sigterm(folder, cfg.checkpoint.preempt_grace_s)
         try:
-            run_on_ray(train_worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, cfg.checkpoint.storage_path)
+            run_on_ray(train_worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent))
         except JobFailed as e:
             failure = e
         finally:
             shutdown(conn)  # first, so that Ray's forwarded worker logs end before our last line
+        if failure is not None and "SaveFailed: " in str(failure):
+            print(f"trainctl: error: {str(failure).split('SaveFailed: ', 1)[1]}", file=sys.stderr)
+            return 2
         if failure is not None:
             print(f"trainctl: training failed: {failure}", file=sys.stderr)
             return FAILED
         status = "preempted" if (folder / PREEMPT).exists() else "done"
         (folder / PREEMPT).unlink(missing_ok=True)
     if status == "preempted":
-        print(f"trainctl: preempted: the run stopped at a checkpoint in {folder / 'checkpoints'}; run the same command "
+        print(f"trainctl: preempted: the run stopped at a checkpoint in {store.url or store.root}; run the same command "
               "to resume", file=sys.stderr)
         return PREEMPTED
     if cfg.train.sample_tokens:

@@ -124,5 +124,6 @@ def resolve_paths(cfg: JobConfig, base_dir: str) -> JobConfig:
             source.path = absolute(source.path)
     cfg.data.cache_dir = absolute(cfg.data.cache_dir)
     cfg.checkpoint.storage_path = absolute(cfg.checkpoint.storage_path)
+    cfg.checkpoint.local_path = absolute(cfg.checkpoint.local_path)
     return cfg
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import SHAKESPEARE, command, env, trainctl
+from s3_helpers import s3_server
 
 JOB = """\
 name: ck
@@ -272,7 +275,6 @@ def two_nodes(tmp_path):
     the machine's outward address, so the nodes take other loopback addresses; token
     authentication is on, with a token made for the test."""
     import secrets
-    import shutil
     import socket
     import tempfile
 
@@ -339,3 +341,72 @@ def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
     x = torch.tensor([tok.encode("First Citizen:\nBefore we proceed any further").tolist()[:32]])
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_checkpoints_in_an_object_store_outlive_the_machine_and_export_from_there(work):
+    """checkpoint.storage_path on S3 (a real moto server on 127.0.0.1): the run stops, its
+    machine's folder is lost, the same command continues bit for bit from the bucket."""
+    cache = {"XDG_CACHE_HOME": str(work / "cache")}
+    with s3_server("ckpt") as (s3, client):
+        job = ["job.yaml", "name=s3", "checkpoint.storage_path=s3://ckpt/runs", "checkpoint.local_path=local"]
+        run = work / "local" / "s3"
+        proc = subprocess.Popen(command("run", *job), cwd=work, env=env(**s3, **cache), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for_step(run, 25, proc)  # past the checkpoint at step 20
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-3000:]
+        stopped = max(losses(run))
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket="ckpt", Prefix="runs/s3/")["Contents"]}
+        before = (stopped - 1) // 20 * 20  # the periodic checkpoint kept beside the preemption's (keep: 2)
+        assert {f"runs/s3/checkpoints/step_{s:08d}/{name}" for s in (before, stopped)
+                for name in ("trainctl.json", "rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt")} <= keys
+        assert client.get_object(Bucket="ckpt", Key="runs/s3/checkpoints/latest")["Body"].read() == f"step_{stopped:08d}".encode()
+
+        shutil.rmtree(run / "checkpoints")  # the machine is gone: only the bucket holds the checkpoints
+        r = trainctl("run", *job, cwd=work, **s3, **cache)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in r.stdout
+        assert losses(run) == losses(work / "runs" / "straight")
+        tags = {k.split("/")[3] for k in (o["Key"] for o in client.list_objects_v2(Bucket="ckpt", Prefix="runs/s3/")["Contents"])
+                if k.endswith("trainctl.json")}
+        assert tags == {"step_00000100", "step_00000120"}  # checkpoint.keep: 2, in the bucket too
+
+        r = trainctl("export", "s3://ckpt/runs/s3", "hf-s3", cwd=work, **s3, **cache)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((work / "hf-s3" / "config.json").read_text())["num_hidden_layers"] == 2
+
+        before = sorted(str(p) for p in work.rglob("*"))
+        r = trainctl("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "name=nob",
+                     "checkpoint.storage_path=s3://no-such-bucket/runs", cwd=work, timeout=120, **s3, **cache)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+        assert r.stderr.startswith("trainctl: error: cannot write checkpoint.storage_path s3://no-such-bucket"), r.stderr
+        assert sorted(str(p) for p in work.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_previous_checkpoint_whole(work):
+    """The run folder on a tmpfs (in a user and mount namespace this test makes) with room
+    for one checkpoint and a half: the second save fails, the first stays the latest."""
+    size = sum(p.stat().st_size for p in (work / "runs" / "straight" / "checkpoints" / "step_00000100").rglob("*"))
+    runs = work / "full"
+    runs.mkdir()
+    job = command("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "train.grad_accum_steps=2", "name=full",
+                  f"checkpoint.storage_path={runs}", "checkpoint.every=10", "train.max_steps=30")
+    script = (f'mount -t tmpfs -o size={size * 3 // 2} tmpfs {runs} || exit 99; '
+              f'{" ".join(map(shlex.quote, job))}; echo "exit=$?"; '
+              f'cat {runs}/full/checkpoints/latest; echo; ls {runs}/full/checkpoints; '
+              f'{sys.executable} -c "import sys; from trainer import checkpoint; '
+              f'print(\'damage:\', checkpoint.damage(checkpoint.find_latest(checkpoint.Path(sys.argv[1]))))" {runs}/full/checkpoints')
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=work, env=env(), capture_output=True, text=True, timeout=300)
+    assert "exit=2" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"trainctl: error: checkpoint {runs}/full/checkpoints/step_00000020 could not be written "
+                           "(No space left on device"), r.stderr[-3000:]
+    assert last.endswith("the previous checkpoints are intact: free space or fix the storage, then run the same command "
+                         "to resume")
+    assert "Traceback" not in r.stderr
+    latest, *listing = r.stdout.split("exit=2\n")[1].splitlines()
+    assert latest == "step_00000010" and "step_00000010" in listing and "step_00000020" not in listing, r.stdout
+    assert "damage: None" in r.stdout

@@ -16,6 +16,7 @@ import torch
 
 from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare
 from data_pipeline import sources, stream as stream_module
+from s3_helpers import s3_server
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -169,21 +170,10 @@ def test_malformed_manifest(tmp_path, content, fragment):
 @pytest.fixture(scope="module")
 def s3_bucket(data):
     """A real S3-compatible server (moto) on 127.0.0.1 holding the dataset under s3://data/d."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    client = boto3.client("s3", **{"endpoint_url": env["AWS_ENDPOINT_URL"], "aws_access_key_id": "testing",
-                                   "aws_secret_access_key": "testing", "region_name": "us-east-1"})
-    client.create_bucket(Bucket="data")
-    for path in (data / "d").iterdir():
-        client.upload_file(str(path), "data", f"d/{path.name}")
-    yield env
-    server.stop()
+    with s3_server("data") as (env, client):
+        for path in (data / "d").iterdir():
+            client.upload_file(str(path), "data", f"d/{path.name}")
+        yield env
 
 
 def test_s3_gives_the_same_batches_as_the_local_folder(data, s3_bucket, monkeypatch):

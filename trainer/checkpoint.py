@@ -14,13 +14,20 @@ here and nowhere else.
 
 from __future__ import annotations
 
+import atexit
+import copy
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import queue
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,7 +44,7 @@ class CheckpointError(Exception):
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    _write_durably(tmp, lambda f: f.write(data))
     os.replace(tmp, path)
 
 
@@ -61,35 +68,230 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _Writer:
+    """One background thread that runs a rank's checkpoint jobs in order. The first job
+    that raises stops the rest until `wait` hands its error to the training thread."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._done = threading.Condition()
+        self._queued = 0  # jobs submitted and not yet run
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="trainctl-checkpoint-writer", daemon=True)
+        self._thread.start()
+        # A daemon thread stopped inside torch.save at interpreter exit aborts the process
+        # ("terminate called without an active exception"): let the jobs finish first.
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._done:
+            self._queued += 1
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+                    self.error = e
+            with self._done:
+                self._queued -= 1
+                self._done.notify_all()
+
+    def idle(self) -> bool:
+        with self._done:
+            return self._queued == 0
+
+    def wait(self) -> BaseException | None:
+        """Block until every job submitted so far has run; returns (and clears) the first error."""
+        with self._done:
+            self._done.wait_for(lambda: self._queued == 0)
+        error, self.error = self.error, None
+        return error
+
+
+def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
+    """write(file) then fsync: a checkpoint declared complete must survive a power cut. A full
+    disk is named as such (torch.save reports it as 'unexpected pos ...')."""
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        full = shutil.disk_usage(path.parent).free < 2**20
+        path.unlink(missing_ok=True)  # give back the space at once (the run's logs need some too)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
+def _snapshot(item: Any, pool: dict[str, torch.Tensor], key: str) -> Any:
+    """A copy of `item` whose tensors are copies in CPU memory, made into the buffers of `pool`
+    (kept from one save to the next: copying into memory already mapped is several times
+    faster than into fresh allocations). Containers are copied as needed, keeping their
+    types (DeepSpeed's clone_tensors_for_torch_save turns torch.Size into a tuple, which its
+    ZeRO-3 reader then fails on)."""
+    if torch.is_tensor(item):
+        buf = pool.get(key)
+        if buf is None or buf.shape != item.shape or buf.dtype != item.dtype:
+            buf = pool[key] = torch.empty(item.shape, dtype=item.dtype, pin_memory=item.is_cuda)
+        return buf.copy_(item.detach(), non_blocking=item.is_cuda)
+    if isinstance(item, dict):
+        out = copy.copy(item)
+        for k, v in item.items():
+            out[k] = _snapshot(v, pool, f"{key}/{k}")
+        return out
+    if isinstance(item, list):
+        return [_snapshot(v, pool, f"{key}/{i}") for i, v in enumerate(item)]
+    if type(item) is tuple:
+        return tuple(_snapshot(v, pool, f"{key}/{i}") for i, v in enumerate(item))
+    return item
+
+
+def _snapshot_engine(config_params, writer: _Writer, written: list[Path]):
+    """DeepSpeed's file writer made asynchronous: each state dict is copied to CPU memory in
+    the training thread (the next optimizer step changes the live tensors) and written by
+    the background writer. DeepSpeed clones only some of its state dicts before saving (not
+    the ZeRO optimizer partitions), so the copy here is the only one and covers all. The
+    copies' memory is kept for the next save (one checkpoint is in flight at a time)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    pool: dict[str, torch.Tensor] = {}
+
+    class SnapshotEngine(TorchCheckpointEngine):
+        def preserves_storage_sharing(self) -> bool:
+            return False  # DeepSpeed skips its own clone: every tensor is copied once, here
+
+        def save(self, state_dict, path: str) -> None:
+            snapshot, zipfile = _snapshot(state_dict, pool, Path(path).name), self.zipfile_serialization
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copies out of GPU memory are done before the writer reads them
+            written.append(Path(path))
+            writer.submit(lambda: _write_durably(Path(path), lambda f: torch.save(snapshot, f, _use_new_zipfile_serialization=zipfile)))
+
+    return SnapshotEngine(config_params)
+
+
+class SaveFailed(CheckpointError):
+    """A checkpoint could not be written (disk full, storage unreachable); the previous ones are intact."""
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return f"{type(e).__name__}: {e}"
+
+
+class Saver:
+    """Writes the run's checkpoints into `store`; every rank builds one and calls `save`
+    together (DeepSpeed's save is collective).
+
+    With `background`, `save` only copies the state to CPU memory and returns: a writer
+    thread writes (and uploads) the files while training goes on. A checkpoint becomes
+    complete when every rank has written its part: the training loop learns that in the
+    all-reduce it makes every step anyway (`written()` is one of its values) and calls
+    `commit()`, which has rank 0 write trainctl.json and `latest`. A checkpoint a rank never
+    finished (killed, disk full) is never committed, so it stays invisible. `flush()` waits
+    for everything, collectively: before the next save, a rollback, and at the end."""
+
+    def __init__(self, engine, store: "Store", rank: int, keep: int, background: bool = True):
+        self.engine, self.store, self.rank, self.keep, self.background = engine, store, rank, keep, background
+        self.writer = _Writer()
+        self.files: list[Path] = []  # what this rank wrote of the pending checkpoint
+        if background:
+            self.ckpt_engine = _snapshot_engine(engine._config, self.writer, self.files)
+        else:
+            from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+            self.ckpt_engine = TorchCheckpointEngine(engine._config)
+        self.pending: tuple[str, dict[str, Any], dict[str, str]] | None = None  # (tag, meta, rank 0's extra files)
+
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any], files: dict[str, str] | None = None) -> Path:
+        """Start (background) or write (synchronous) the checkpoint of `step`; rank 0 also writes
+        `files` (name → text, e.g. the resolved config) into it. Returns its folder."""
+        self.flush()  # one checkpoint in flight at a time
+        tag = f"step_{step:08d}"
+        folder = self.store.root / tag
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # the remains of an interrupted save of the same step
+        _barrier()
+        self.files.clear()
+        self.started = time.perf_counter()
+        self.engine.checkpoint_engine = self.ckpt_engine  # DeepSpeed writes each file through it
+        try:
+            self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"step": step}, save_latest=False)
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.writer.error = e
+        own = folder / f"rank_{self.rank:05d}.pt"
+        state = {**rank_state, "rng": rng_state()}  # plain values and fresh RNG tensors: no copy needed
+        self.files.append(own)
+        self.writer.submit(lambda: _write_durably(own, lambda f: torch.save(state, f)))
+        if self.rank == 0:
+            for name, text in (files or {}).items():
+                self.files.append(folder / name)
+                self.writer.submit(lambda p=folder / name, t=text: _write_durably(p, lambda f: f.write(t.encode())))
+        if self.store.url is not None:
+            mine = list(self.files)
+            self.writer.submit(lambda: self.store.upload(mine))
+        self.pending = (tag, meta, files or {})
+        self.blocked = time.perf_counter() - self.started
+        if not self.background:
+            self.flush()
+        return folder
+
+    def written(self) -> float:
+        """1.0 when this rank has nothing left to write (its part of the pending checkpoint is on
+        storage, or failed: `commit` finds out which), else 0.0."""
+        return float(self.writer.idle())
+
+    def commit(self) -> None:
+        """Every rank has written (all voted `written`): make the pending checkpoint complete.
+        A failure on any rank raises SaveFailed on every rank."""
+        if self.pending is None:
+            return
+        tag, meta, _ = self.pending
+        self.pending = None
+        error = self.writer.wait()
+        failed = _any_rank(error is not None)
+        if failed:
+            if self.rank == 0:
+                shutil.rmtree(self.store.root / tag, ignore_errors=True)
+                self.store.discard(tag)
+            why = _describe(error) if error is not None else "another rank could not write its part"
+            raise SaveFailed(f"checkpoint {self.store.where(tag)} could not be written ({why}); the previous checkpoints "
+                             "are intact: free space or fix the storage, then run the same command to resume")
+        if self.rank == 0:
+            info = {**meta, "step": int(tag.split("_")[1]), "tag": tag, "saved_at": time.time()}
+            size = sum(self.store.commit(tag, info, self.keep).values())
+            print(f"trainctl: checkpoint {self.store.where(tag)} ({size / 2**20:,.0f} MB, complete {time.perf_counter() - self.started:.1f} s "
+                  f"after the save began; training waited {self.blocked:.2f} s of it)", flush=True)
+        _barrier()
+
+    def flush(self) -> None:
+        """Wait until the pending checkpoint (if any) is written on every rank and complete (collective)."""
+        if self.pending is not None:
+            self.commit()
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def save(engine, root: Path, step: int, rank: int, rank_state: dict[str, Any], meta: dict[str, Any], keep: int,
          files: dict[str, str] | None = None) -> Path:
-    """Save on every rank (collective); rank 0 also writes `files` (name → text, e.g. the
-    resolved config) into the checkpoint. Returns the checkpoint folder."""
-    tag = f"step_{step:08d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    folder = root / tag
-    folder.mkdir(parents=True, exist_ok=True)
-    buf = _to_bytes({**rank_state, "rng": rng_state()})
-    _atomic_write(folder / f"rank_{rank:05d}.pt", buf)
-    _barrier()  # every rank's files are on storage before rank 0 declares the checkpoint complete
-    if rank == 0:
-        for name, text in (files or {}).items():
-            _atomic_write(folder / name, text.encode())
-        sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-        _atomic_write(folder / COMPLETE, json.dumps({**meta, "step": step, "tag": tag, "saved_at": time.time(),
-                                                     "files": sizes}, indent=1).encode())
-        _atomic_write(root / "latest", tag.encode())
-        _prune(root, keep)
-    _barrier()
-    return folder
-
-
-def _to_bytes(obj: Any) -> bytes:
-    import io
-
-    bio = io.BytesIO()
-    torch.save(obj, bio)
-    return bio.getvalue()
+    """Save synchronously on every rank (collective) into a local folder of checkpoints."""
+    return Saver(engine, Store(root), rank, keep, background=False).save(step, rank_state, meta, files)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -99,20 +301,19 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
 
 
-def _prune(root: Path, keep: int) -> None:
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def damage(ckpt: Path) -> str | None:
     """Why a complete-looking checkpoint cannot be used (a file missing or of another size
     than when it was saved: truncated, or half replaced), or None when it is whole."""
-    for name, size in meta(ckpt).get("files", {}).items():
-        path = ckpt / name
-        if not path.is_file():
+    found = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
+    return _damage(meta(ckpt).get("files", {}), found)
+
+
+def _damage(saved: dict[str, int], found: dict[str, int]) -> str | None:
+    for name, size in saved.items():
+        if name not in found:
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size:,} bytes, {size:,} when saved"
+        if found[name] != size:
+            return f"{name} has {found[name]:,} bytes, {size:,} when saved"
     return None
 
 
@@ -137,6 +338,163 @@ def find_latest(root: Path) -> Path | None:
 
 def meta(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / COMPLETE).read_text())
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+class Store:
+    """Where a run's checkpoints live. A local or shared folder (`root`), or an object-store
+    folder (`url`: s3://, gs://, any fsspec URL) with a local mirror at `root`: checkpoints
+    are written into the mirror and uploaded by the background writer, and downloaded into
+    it before they are loaded (once per machine: ranks on one machine share the mirror).
+    With a URL the object store is the truth: a checkpoint is complete when its
+    trainctl.json is there, uploaded last, and `latest` there names the newest."""
+
+    def __init__(self, root: Path | str, url: str | None = None):
+        self.root = Path(root)
+        self.url = url.rstrip("/") if url else None
+        self._fs = None
+
+    def where(self, tag: str) -> str:
+        return f"{self.url}/{tag}" if self.url else str(self.root / tag)
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            self._fs = fsspec.core.url_to_fs(self.url)
+        return self._fs
+
+    def _remote(self, name: str) -> str:
+        return f"{self.fs[1]}/{name}"
+
+    def check(self) -> None:
+        """Raise CheckpointError when the object store cannot be written (before any worker starts)."""
+        if self.url is None:
+            return
+        try:
+            fs, base = self.fs
+            probe = f"{base}/.trainctl-write-check-{os.getpid()}"
+            fs.pipe_file(probe, b"ok")
+            fs.rm(probe)
+        except Exception as e:  # noqa: BLE001 - network, credentials, missing bucket alike
+            raise CheckpointError(f"cannot write checkpoint.storage_path {self.url.rsplit('/', 2)[0]} ({_describe(e)}): "
+                                  "check the URL, that the bucket exists and the credentials") from None
+
+    def upload(self, paths: list[Path]) -> None:
+        fs, _ = self.fs
+        for path in paths:
+            if path.is_file():
+                fs.put_file(str(path), self._remote(path.relative_to(self.root).as_posix()))
+
+    def _sizes(self, tag: str) -> dict[str, int]:
+        fs, base = self.fs
+        fs.invalidate_cache()
+        found = fs.find(f"{base}/{tag}", detail=True)
+        return {k[len(base) + len(tag) + 2:]: int(v["size"]) for k, v in found.items()}
+
+    def tags(self) -> list[str]:
+        """Complete checkpoints, oldest first."""
+        if self.url is None:
+            return [p.name for p in complete_checkpoints(self.root)]
+        fs, base = self.fs
+        fs.invalidate_cache()
+        return sorted(p.rstrip("/").split("/")[-2] for p in fs.glob(f"{base}/step_*/{COMPLETE}"))
+
+    def meta(self, tag: str) -> dict[str, Any]:
+        if self.url is None:
+            return meta(self.root / tag)
+        return json.loads(self.fs[0].cat_file(self._remote(f"{tag}/{COMPLETE}")))
+
+    def commit(self, tag: str, info: dict[str, Any], keep: int) -> dict[str, int]:
+        """Rank 0, once every rank's files are written: record every file's size in
+        trainctl.json (written last: from then on the checkpoint exists), point `latest` at
+        it and delete all but the newest `keep`. Returns the sizes."""
+        folder = self.root / tag
+        if self.url is None:
+            sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        else:
+            sizes = self._sizes(tag)
+            # what DeepSpeed wrote beside its files (zero_to_fp32.py), not through the writer
+            self.upload([p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in sizes])
+            sizes = self._sizes(tag)
+        data = json.dumps({**info, "files": sizes}, indent=1).encode()
+        _atomic_write(folder / COMPLETE, data)
+        if self.url is not None:
+            self.fs[0].pipe_file(self._remote(f"{tag}/{COMPLETE}"), data)
+            self.fs[0].pipe_file(self._remote("latest"), tag.encode())
+        _atomic_write(self.root / "latest", tag.encode())
+        self.delete(self.tags()[:-keep])
+        if self.url is not None:  # the mirror keeps the same ones (and no half-written older folders)
+            keep_local = set(self.tags()[-keep:])
+            for old in self.root.glob("step_*"):
+                if old.name < tag and old.name not in keep_local:
+                    shutil.rmtree(old, ignore_errors=True)
+        return sizes
+
+    def discard(self, tag: str) -> None:
+        """Remove what a failed save uploaded (best effort)."""
+        if self.url is not None:
+            try:
+                self.fs[0].rm(self._remote(tag), recursive=True)
+            except Exception:  # noqa: BLE001 - the failure being reported matters more
+                pass
+
+    def delete(self, tags: list[str]) -> None:
+        for tag in tags:
+            if self.url is not None:
+                self.fs[0].rm(self._remote(tag), recursive=True)
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+
+    def set_latest(self, tag: str) -> None:
+        if self.url is not None:
+            self.fs[0].pipe_file(self._remote("latest"), tag.encode())
+        _atomic_write(self.root / "latest", tag.encode())
+
+    def latest(self) -> Path | None:
+        """The newest whole checkpoint, on local disk (downloaded first from an object store).
+        Partial and damaged ones are passed over with a warning; CheckpointError when every
+        one is damaged; None when there is none."""
+        if self.url is None:
+            return find_latest(self.root)
+        tags = self.tags()
+        for tag in reversed(tags):
+            why = _damage(self.meta(tag).get("files", {}), self._sizes(tag))
+            if why is None:
+                return self.fetch(tag)
+            warn(f"checkpoint {self.where(tag)} is damaged ({why}); falling back to the previous one")
+        if tags:
+            raise CheckpointError(f"every checkpoint in {self.url} is damaged: restore them, or start over with --fresh --force")
+        return None
+
+    def fetch(self, tag: str) -> Path:
+        """The checkpoint `tag` on local disk: downloaded into the mirror (by the first rank of
+        this machine to get here; the others find it done)."""
+        folder = self.root / tag
+        if self.url is None:
+            return folder
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".fetch.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            info = self.meta(tag)
+            for name, size in info["files"].items():
+                local = folder / name
+                if not (local.is_file() and local.stat().st_size == size):
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = local.with_name(f".{local.name}.part")
+                    self.fs[0].get_file(self._remote(f"{tag}/{name}"), str(tmp))
+                    os.replace(tmp, local)
+            _atomic_write(folder / COMPLETE, json.dumps(info, indent=1).encode())
+        return folder
+
+
+def url_cache(url: str) -> Path:
+    """A local folder mirroring the object-store folder `url` (for export, generate, --resume)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainctl" / "checkpoints"
+    return base / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
 def needs_resharding(ckpt: Path, world: int, zero_stage: int) -> bool:

@@ -130,7 +130,12 @@ class TrainSection(Section):
 
 
 class CheckpointSection(Section):
-    storage_path: str = Field("runs", description="folder holding every run's folder (NAME/ inside it)")
+    storage_path: str = Field("runs", description="folder holding every run's folder (NAME/ inside it); or an object-store "
+                              "URL (s3://bucket/runs, gs://..., any fsspec URL) that gets the checkpoints")
+    local_path: str = Field("runs", description="with an object-store storage_path: the local folder holding the run folder "
+                            "(metrics, W&B files, and the checkpoints on their way up or down)")
+    async_save: bool = Field(True, description="write checkpoints in a background thread: training waits only for a copy "
+                             "of the state in CPU memory (which costs that much memory while the save runs)")
     every: int = Field(500, gt=0, description="steps between checkpoints (one is always written at the end)")
     keep: int = Field(2, gt=0, description="newest checkpoints kept; older ones are deleted")
     resume_from: str | None = Field(None, description="a checkpoint folder to resume from instead of the run's latest "

@@ -19,7 +19,10 @@ class NoCheckpoint(FileNotFoundError):
 
 def find_checkpoint(path: str | Path) -> Path:
     """A run folder (its latest whole checkpoint), a checkpoints folder, or a checkpoint
-    itself (NoCheckpoint if it is damaged)."""
+    itself (NoCheckpoint if it is damaged); any of these may be an object-store URL, whose
+    checkpoint is downloaded into a local cache first."""
+    if checkpoint.is_url(str(path)):
+        return _find_remote(str(path).rstrip("/"))
     p = Path(path)
     if (p / checkpoint.COMPLETE).is_file():
         why = checkpoint.damage(p)
@@ -34,6 +37,24 @@ def find_checkpoint(path: str | Path) -> Path:
         if found is not None:
             return found
     raise NoCheckpoint(f"no complete checkpoint in {p}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")
+
+
+def _find_remote(url: str) -> Path:
+    parent, tag = url.rsplit("/", 1)
+    try:
+        if tag.startswith("step_"):
+            store = checkpoint.Store(checkpoint.url_cache(parent), parent)
+            if tag in store.tags():
+                return store.fetch(tag)
+        for root in (f"{url}/checkpoints", url):
+            found = checkpoint.Store(checkpoint.url_cache(root), root).latest()
+            if found is not None:
+                return found
+    except checkpoint.CheckpointError as e:
+        raise NoCheckpoint(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - network, credentials, a missing bucket alike
+        raise NoCheckpoint(f"cannot read {url} ({type(e).__name__}: {e}): check the URL and the credentials") from None
+    raise NoCheckpoint(f"no complete checkpoint in {url}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")
 
 
 def load_model(ckpt: Path):

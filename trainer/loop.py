@@ -53,7 +53,16 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
 
 
 def run_dir(cfg: JobConfig) -> Path:
-    return Path(cfg.checkpoint.storage_path) / cfg.name
+    """The run's local folder: metrics, W&B files, attempts, and its checkpoints (or, with an
+    object-store storage_path, their local mirror)."""
+    c = cfg.checkpoint
+    return Path(c.local_path if checkpoint.is_url(c.storage_path) else c.storage_path) / cfg.name
+
+
+def checkpoint_store(cfg: JobConfig) -> checkpoint.Store:
+    c = cfg.checkpoint
+    url = f"{c.storage_path.rstrip('/')}/{cfg.name}/checkpoints" if checkpoint.is_url(c.storage_path) else None
+    return checkpoint.Store(run_dir(cfg) / "checkpoints", url)
 
 
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
@@ -179,20 +188,23 @@ def loss_alarm(loss: float, recent: deque, factor: float | None) -> str | None:
     return None
 
 
-def resume_point(cfg: JobConfig, folder: Path) -> Path | None:
+def resume_point(cfg: JobConfig, store: checkpoint.Store) -> Path | None:
     """The checkpoint to start from, the same on every rank (rank 0 decides: ranks must not
     read a shared folder at different moments and disagree). The run's own latest wins;
     `--resume PATH` (another run's checkpoint) applies until the run has one of its own,
-    so rerunning the same command after a preemption or a restart continues the run."""
+    so rerunning the same command after a preemption or a restart continues the run.
+    From an object store, each machine downloads it once."""
     found = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        found = checkpoint.find_latest(folder / "checkpoints")
+        found = store.latest()
         if found is None and cfg.checkpoint.resume_from is not None:
             found = Path(cfg.checkpoint.resume_from)
     if dist.is_initialized():
         box = [None if found is None else str(found)]
         dist.broadcast_object_list(box, src=0)
         found = None if box[0] is None else Path(box[0])
+        if found is not None and store.url is not None and found.parent == store.root:
+            found = store.fetch(found.name)
     return found
 
 
@@ -215,7 +227,8 @@ def train_worker(config: dict) -> str:
     t = cfg.train
     rank, world, local_rank = setup_distributed(cfg)
     device = torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu")
-    folder, ckpt_root = run_dir(cfg), run_dir(cfg) / "checkpoints"
+    folder, store = run_dir(cfg), checkpoint_store(cfg)
+    ckpt_root = store.root
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(cfg.to_yaml())
@@ -231,15 +244,18 @@ def train_worker(config: dict) -> str:
 
     # Model: the same seed on every rank gives the same initial weights.
     torch.manual_seed(t.seed)
-    latest = resume_point(cfg, folder)
+    latest = resume_point(cfg, store)
     reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
     engine = build_engine(Transformer(model_config(cfg)), cfg, universal=reshard)
+    saver = checkpoint.Saver(engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save)
 
     step, tokens_seen = 0, 0
     if latest is not None:
         state = checkpoint.load(engine, latest, rank, universal=ckpt_root / f".universal-{latest.name}" if reshard else None)
         stream.load_state_dict(state["data"])
         step, tokens_seen = state["step"], state["tokens_seen"]
+        if not (latest / f"rank_{rank:05d}.pt").exists():  # a rank the checkpoint's job did not have
+            torch.manual_seed(t.seed + rank + 1_000_003 * step)
         if rank == 0:
             how = f" (written by {checkpoint.meta(latest)['world_size']} workers, resharded to {world})" if reshard else ""
             print(f"trainctl: resumed from {latest} at step {step}{how}", flush=True)
@@ -252,7 +268,7 @@ def train_worker(config: dict) -> str:
         if restarts:
             print(f"trainctl: restart {restarts} of this job: resumed at step {step}, {lost:.0f} s lost since that checkpoint",
                   flush=True)
-            tracker.log({"restarts": restarts, "time_lost_s": lost}, step)
+            tracker.log({"restarts": restarts, "time_lost_s": lost}, step, event=True)
     stop = StopRequest(folder)
     status = "done"
     tokens_per_step = cfg.global_batch * seq
@@ -272,15 +288,19 @@ def train_worker(config: dict) -> str:
         position = stream.state_dict()  # where this step's data starts, to name it if it must be skipped
         loss = train_step(engine, batches, cfg.accum_steps, device, eot, poison=step + 1 == nan_at)
         nan_at = 0 if step + 1 == nan_at else nan_at
-        # Every rank needs the same verdict on the loss and on a stop request: one all-reduce.
-        loss, stop_votes = mean_over_ranks([loss, float(stop.requested())], device)
+        # Every rank needs the same verdict on the loss, on a stop request and on whether the
+        # checkpoint being written in the background is written everywhere: one all-reduce.
+        loss, stop_votes, written = mean_over_ranks([loss, float(stop.requested()), saver.written()], device)
+        if written == 1.0:
+            saver.commit()
         step += 1
         tokens_seen += tokens_per_step
 
         alarm = loss_alarm(loss, recent, t.spike_factor)
         if alarm is not None:
             rollbacks += 1
-            good = resume_point(cfg, folder)  # the newest whole checkpoint (or --resume's), agreed by every rank
+            saver.flush()  # a checkpoint still being written was of a good step
+            good = resume_point(cfg, store)  # the newest whole checkpoint (or --resume's), agreed by every rank
             if rollbacks > t.max_rollbacks or good is None:
                 why = (f"{t.max_rollbacks} rollbacks allowed (train.max_rollbacks)" if good is not None
                        else "no checkpoint to roll back to (save sooner: checkpoint.every)")
@@ -330,10 +350,9 @@ def train_worker(config: dict) -> str:
             info = {"zero_stage": t.zero_stage, "world_size": world, "global_batch": cfg.global_batch, "seq_len": seq,
                     "tokens_seen": tokens_seen, "name": cfg.name,
                     "tokenizer": tokenizer, "wandb_run_id": run_id(folder) if rank == 0 else None}
-            saved = checkpoint.save(engine, ckpt_root, step, rank, rank_state, info, keep=cfg.checkpoint.keep,
-                                    files={"config.yaml": cfg.to_yaml()})
-            if rank == 0:
-                print(f"trainctl: checkpoint {saved}", flush=True)
+            saver.save(step, rank_state, info, files={"config.yaml": cfg.to_yaml()})
+            if step == t.max_steps or preempted:
+                saver.flush()
         if preempted:
             status = "preempted"
             if rank == 0:
