@@ -27,7 +27,14 @@ class MetricsFile:
     def __init__(self, run_dir: Path, resume_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
         self._fh = None
+        self.high = self.last_step()  # before a resume drops the rows after its checkpoint
         self.rewind(resume_step)
+
+    def last_step(self) -> int:
+        """The highest step logged so far (0 for none)."""
+        if not self.path.exists():
+            return 0
+        return max((json.loads(row).get("step", 0) for row in self.path.read_text().splitlines() if row.strip()), default=0)
 
     def rewind(self, step: int) -> None:
         """Drop the rows of steps after `step`: they will be logged again (a resume, a rollback)."""
@@ -52,8 +59,9 @@ class MetricsFile:
 class WandbTracker:
     """W&B from rank 0. offline by default: the run folder lands in run_dir/wandb and
     `wandb sync` uploads it later. A stable run id (kept in run_dir) with resume="allow"
-    continues the same W&B run after a restart; W&B ignores the steps logged again after
-    a resume (they are below its current step, and equal to the ones it has)."""
+    continues the same W&B run after a restart. The steps replayed after a resume (those
+    between the checkpoint and the crash) are not sent again (see Tracker): W&B history is
+    append-only, and a resumed run recomputes them bit for bit anyway."""
 
     def __init__(self, cfg: JobConfig, run_dir: Path):
         import wandb  # an integration imports its library inside, not at the top of core files
@@ -96,6 +104,8 @@ class Tracker:
 
     def __init__(self, cfg: JobConfig, run_dir: Path, resume_step: int = 0):
         self.file = MetricsFile(run_dir, resume_step)
+        self.wandb_high = self.file.high  # W&B already holds every step up to here
+        self.carried: dict[str, Any] = {}  # events of a replayed step, sent with W&B's next new step
         self.wandb: WandbTracker | None = None
         if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
             try:
@@ -104,10 +114,18 @@ class Tracker:
                 warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
 
     def rewind(self, step: int) -> None:
-        self.file.rewind(step)  # W&B ignores steps below its current one: the replayed steps keep their first values
+        self.wandb_high = max(self.wandb_high, self.file.last_step())
+        self.file.rewind(step)  # the replayed steps keep their first values in W&B
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
+    def log(self, metrics: dict[str, Any], step: int, event: bool = False) -> None:
+        """Log a step's values. A step W&B already holds (replayed after a resume) goes to the
+        metrics file only; an `event` (a restart) then goes with W&B's next new step."""
         self.file.log(metrics, step)
+        if step <= self.wandb_high:
+            if event:
+                self.carried.update(metrics)
+            return
+        metrics, self.carried = {**self.carried, **metrics}, {}
         if self.wandb is not None:
             try:
                 self.wandb.log(metrics, step)
