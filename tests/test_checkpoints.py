@@ -376,6 +376,9 @@ def test_checkpoints_in_an_object_store_outlive_the_machine_and_export_from_ther
         r = trainctl("export", "s3://ckpt/runs/s3", "hf-s3", cwd=work, **s3, **cache)
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads((work / "hf-s3" / "config.json").read_text())["num_hidden_layers"] == 2
+        r = trainctl("export", "s3://ckpt/runs/none", "hf-none", cwd=work, **s3, **cache)
+        assert r.returncode == 2 and r.stderr.strip() == ("trainctl: error: no complete checkpoint in s3://ckpt/runs/none: "
+                                                          "give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")
 
         before = sorted(str(p) for p in work.rglob("*"))
         r = trainctl("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "name=nob",

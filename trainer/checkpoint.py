@@ -210,7 +210,7 @@ class Saver:
             from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
             self.ckpt_engine = TorchCheckpointEngine(engine._config)
-        self.pending: tuple[str, dict[str, Any], dict[str, str]] | None = None  # (tag, meta, rank 0's extra files)
+        self.pending: tuple[str, dict[str, Any]] | None = None  # (tag, meta) of the checkpoint being written
 
     def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any], files: dict[str, str] | None = None) -> Path:
         """Start (background) or write (synchronous) the checkpoint of `step`; rank 0 also writes
@@ -240,7 +240,7 @@ class Saver:
         if self.store.url is not None:
             mine = list(self.files)
             self.writer.submit(lambda: self.store.upload(mine))
-        self.pending = (tag, meta, files or {})
+        self.pending = (tag, meta)
         self.blocked = time.perf_counter() - self.started
         if not self.background:
             self.flush()
@@ -256,11 +256,17 @@ class Saver:
         A failure on any rank raises SaveFailed on every rank."""
         if self.pending is None:
             return
-        tag, meta, _ = self.pending
+        tag, meta = self.pending
         self.pending = None
         error = self.writer.wait()
-        failed = _any_rank(error is not None)
-        if failed:
+        sizes: dict[str, int] = {}
+        if not _any_rank(error is not None) and self.rank == 0:
+            try:  # the completion marker itself can meet a full disk or a failing store
+                info = {**meta, "step": int(tag.split("_")[1]), "tag": tag, "saved_at": time.time()}
+                sizes = self.store.commit(tag, info, self.keep)
+            except Exception as e:  # noqa: BLE001 - reported below, on every rank
+                error = e
+        if _any_rank(error is not None):  # every rank agrees, so none is left waiting in a collective
             if self.rank == 0:
                 shutil.rmtree(self.store.root / tag, ignore_errors=True)
                 self.store.discard(tag)
@@ -268,11 +274,9 @@ class Saver:
             raise SaveFailed(f"checkpoint {self.store.where(tag)} could not be written ({why}); the previous checkpoints "
                              "are intact: free space or fix the storage, then run the same command to resume")
         if self.rank == 0:
-            info = {**meta, "step": int(tag.split("_")[1]), "tag": tag, "saved_at": time.time()}
-            size = sum(self.store.commit(tag, info, self.keep).values())
-            print(f"trainctl: checkpoint {self.store.where(tag)} ({size / 2**20:,.0f} MB, complete {time.perf_counter() - self.started:.1f} s "
-                  f"after the save began; training waited {self.blocked:.2f} s of it)", flush=True)
-        _barrier()
+            print(f"trainctl: checkpoint {self.store.where(tag)} ({sum(sizes.values()) / 2**20:,.0f} MB, complete "
+                  f"{time.perf_counter() - self.started:.1f} s after the save began; training waited {self.blocked:.2f} s "
+                  "of it)", flush=True)
 
     def flush(self) -> None:
         """Wait until the pending checkpoint (if any) is written on every rank and complete (collective)."""
@@ -286,12 +290,6 @@ def _any_rank(flag: bool) -> bool:
     t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return t.item() > 0
-
-
-def save(engine, root: Path, step: int, rank: int, rank_state: dict[str, Any], meta: dict[str, Any], keep: int,
-         files: dict[str, str] | None = None) -> Path:
-    """Save synchronously on every rank (collective) into a local folder of checkpoints."""
-    return Saver(engine, Store(root), rank, keep, background=False).save(step, rank_state, meta, files)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -418,7 +416,7 @@ class Store:
             sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
         else:
             sizes = self._sizes(tag)
-            # what DeepSpeed wrote beside its files (zero_to_fp32.py), not through the writer
+            # anything in the folder no writer uploaded (a safety net: the writers upload what they write)
             self.upload([p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in sizes])
             sizes = self._sizes(tag)
         data = json.dumps({**info, "files": sizes}, indent=1).encode()
@@ -427,12 +425,15 @@ class Store:
             self.fs[0].pipe_file(self._remote(f"{tag}/{COMPLETE}"), data)
             self.fs[0].pipe_file(self._remote("latest"), tag.encode())
         _atomic_write(self.root / "latest", tag.encode())
-        self.delete(self.tags()[:-keep])
-        if self.url is not None:  # the mirror keeps the same ones (and no half-written older folders)
-            keep_local = set(self.tags()[-keep:])
-            for old in self.root.glob("step_*"):
-                if old.name < tag and old.name not in keep_local:
-                    shutil.rmtree(old, ignore_errors=True)
+        try:  # the checkpoint is complete: failing to delete old ones must not undo it
+            self.delete(self.tags()[:-keep])
+            if self.url is not None:  # the mirror keeps the same ones (and no half-written older folders)
+                keep_local = set(self.tags()[-keep:])
+                for old in self.root.glob("step_*"):
+                    if old.name < tag and old.name not in keep_local:
+                        shutil.rmtree(old, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            warn(f"could not delete checkpoints older than the newest {keep} in {self.url or self.root} ({_describe(e)})")
         return sizes
 
     def discard(self, tag: str) -> None:
