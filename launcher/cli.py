@@ -76,6 +76,10 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
                              "resume with the same data.seq_len")
     # Raises DataError when a split cannot fill one global batch, or mixed sources disagree.
     build_stream(cfg, 0, cfg.cluster.num_workers)
+    from launcher.plan import fit_warning
+
+    if (too_big := fit_warning(cfg)) is not None:
+        print(f"trainctl: warning: {too_big}", file=sys.stderr, flush=True)
     return newer
 
 
@@ -242,6 +246,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+    from launcher.plan import make_plan, render
+
+    cfg = load_config(args.config, args.overrides)
+    for flag, value in (("--mfu", args.mfu), ("--peak-tflops", args.peak_tflops), ("--gpu-memory-gb", args.gpu_memory_gb)):
+        if value is not None and not value > 0 or flag == "--mfu" and value > 1:
+            raise UsageError(f"{flag} {value:g} is out of range: give a positive number" + (" up to 1" if flag == "--mfu" else ""))
+    print(render(cfg, make_plan(cfg, args.mfu, args.peak_tflops, args.gpu_memory_gb), args.mfu))
+    return 0
+
+
 def launched(folder) -> None:
     """Note when this invocation started (restarts are counted from it); clear a stale stop request."""
     import json
@@ -342,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "run id first; with --resume of an earlier checkpoint of the same run: delete the newer ones")
     pr.set_defaults(fn=_cmd_run)
 
+    pl = sub.add_parser("plan", help="parameters, FLOPs, memory per ZeRO stage and time per step of a job, before launch",
+                        description="Estimate a job from its config alone: parameters, FLOPs per token, tokens per step, "
+                                    "memory per worker under each ZeRO stage with and without optimizer offload (and the "
+                                    "smallest that fits cluster.gpu_memory_gb), time per step and per run at a stated MFU.")
+    pl.add_argument("config", help="YAML job file")
+    pl.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, as for run")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+    pl.add_argument("--peak-tflops", type=float, help="peak TFLOPS per GPU (default cluster.gpu_tflops)")
+    pl.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default cluster.gpu_memory_gb)")
+    pl.set_defaults(fn=_cmd_plan)
+
     pe = sub.add_parser("export", help="write a Hugging Face folder (Llama) from a run or a checkpoint",
                         description="Gather a checkpoint's weights tensor by tensor into OUT_DIR: config.json, "
                                     "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM.")
@@ -368,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options too (`run CFG --no-ray train.lr=1`), which argparse's
     # positional list does not take: collect the leftover key=value words here.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "run"]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("run", "plan")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

@@ -1,0 +1,155 @@
+"""`trainctl plan`: what a job needs before any GPU is allocated.
+
+Parameters, training FLOPs per token, tokens per step, memory per worker under each ZeRO
+stage with and without optimizer offload, the stage that fits the declared GPU memory,
+and the time per step and per run at a stated MFU. Closed forms, no model is built:
+
+- model states (ZeRO paper, Adam): weights, gradients and optimizer state take w, g, o
+  bytes per parameter: w = g = 2 and o = 12 (fp32 master copy, m, v) in bf16/fp16;
+  w = g = 4 and o = 8 in fp32. Per worker of N: stage 0 keeps all; 1 splits o; 2 splits
+  g + o; 3 splits everything. Offload moves o (and its share of fp32 gradients) to CPU.
+- activations (per micro batch of b sequences of s tokens, a bytes each: 2 in bf16/fp16,
+  4 in fp32): each block keeps s*b*(6C + 2*K*D + 3F) values for backward (norm inputs and
+  outputs, q/k/v, the attention output, the SwiGLU's three F-wide tensors; attention
+  itself runs in SDPA's memory-efficient kernels, so no s*s term), the logits s*b*V*(a+4)
+  (the fp32 copy the loss takes). With activation checkpointing a block keeps only its
+  input, and one block's full set exists at a time during the recompute.
+- FLOPs per token: 6 * (matmul parameters, the output head included even when tied) +
+  12 * L * C * s for attention (PaLM's count). That is the "model FLOPs" MFU is defined
+  on; activation checkpointing makes the hardware do a third more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.config import JobConfig
+
+GIB = 2**30
+
+
+@dataclass
+class Memory:
+    stage: int
+    offload: bool
+    gpu_bytes: int  # model states + activations, per worker
+    cpu_bytes: int  # offloaded optimizer state, per worker
+
+
+@dataclass
+class Plan:
+    params: int
+    non_embedding: int
+    flops_per_token: int
+    tokens_per_step: int
+    activation_bytes: int
+    memory: list[Memory]
+    limit_bytes: int | None  # declared GPU memory (None on CPU)
+    step_seconds: float | None
+    run_seconds: float | None
+
+    def fits(self, stage: int, offload: bool) -> bool:
+        m = next(m for m in self.memory if m.stage == stage and m.offload == offload)
+        return self.limit_bytes is None or m.gpu_bytes <= self.limit_bytes
+
+    def smallest_fit(self) -> Memory | None:
+        """The lowest ZeRO stage that fits without offload, else the lowest with offload."""
+        for offload in (False, True):
+            for m in self.memory:
+                if m.offload == offload and self.fits(m.stage, offload):
+                    return m
+        return None
+
+
+def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_memory_gb: float | None = None) -> Plan:
+    from trainer.model import ModelConfig, count_params
+
+    m, t, n = cfg.model, cfg.train, cfg.cluster.num_workers
+    mc = ModelConfig(**m.model_dump())
+    s, b = cfg.data.seq_len, t.micro_batch_size
+    C, L, V, F, KD = mc.d_model, mc.n_layer, mc.vocab_size, mc.ffn_dim, mc.kv_heads * mc.head_dim
+    params = count_params(mc, non_embedding=False)
+    matmul = L * (2 * C * C + 2 * C * KD + 3 * C * F) + V * C  # the output head multiplies even when tied
+    flops_per_token = 6 * matmul + 12 * L * C * s
+
+    half = t.precision in ("bf16", "fp16")
+    w, g, o = (2, 2, 12) if half else (4, 4, 8)
+    a = 2 if half else 4
+    block = s * b * (6 * C + 2 * KD + 3 * F) * a
+    logits = s * b * V * (a + 4)
+    acts = (L * s * b * C * a + block if m.activation_checkpointing else L * block) + logits
+
+    memory = []
+    for offload in (False, True):
+        for stage in range(4):
+            if offload and stage == 0:
+                continue  # DeepSpeed offloads only with ZeRO 1-3
+            weights = w * params / (n if stage == 3 else 1)
+            grads = g * params / (n if stage >= 2 else 1)
+            optim = o * params / (n if stage >= 1 else 1)
+            gpu = weights + grads + (0 if offload else optim)
+            memory.append(Memory(stage, offload, int(gpu + acts), int(optim + (4 * params / n if offload else 0))))
+
+    tokens_per_step = cfg.global_batch * s
+    limit = int((gpu_memory_gb or cfg.cluster.gpu_memory_gb) * GIB) if cfg.cluster.use_gpu else None
+    peak = peak_tflops or (cfg.cluster.gpu_tflops if cfg.cluster.use_gpu else None)
+    step_s = flops_per_token * tokens_per_step / (n * peak * 1e12 * mfu) if peak else None
+    return Plan(params, count_params(mc), flops_per_token, tokens_per_step, int(acts), memory, limit, step_s,
+                step_s * t.max_steps if step_s else None)
+
+
+def _gb(n: int) -> str:
+    return f"{n / GIB:,.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    h, rest = divmod(int(seconds), 3600)
+    d, h = divmod(h, 24)
+    return (f"{d}d " if d else "") + f"{h}h{rest // 60:02d}m"
+
+
+def render(cfg: JobConfig, p: Plan, mfu: float) -> str:
+    c, t = cfg.cluster, cfg.train
+    where = f"{c.num_workers} GPUs of {_gb(p.limit_bytes)}" if p.limit_bytes else f"{c.num_workers} CPU workers"
+    lines = [
+        f"plan for '{cfg.name}' on {where}, {t.precision}, ZeRO-{t.zero_stage}" + (" + offload" if t.offload_optimizer else ""),
+        f"  parameters          {p.params:,} ({p.non_embedding:,} without embeddings)",
+        f"  FLOPs per token     {p.flops_per_token:,} (6 x matmul parameters + attention, training)",
+        f"  tokens per step     {p.tokens_per_step:,} ({cfg.global_batch} sequences x {cfg.data.seq_len})",
+        f"  activations         {_gb(p.activation_bytes)} per worker (micro batch {t.micro_batch_size}"
+        + (", activation checkpointing)" if cfg.model.activation_checkpointing else ")"),
+        "  memory per worker   model states + activations" + (" (fits?)" if p.limit_bytes else ""),
+    ]
+    for m in p.memory:
+        mark = ("fits" if p.fits(m.stage, m.offload) else "too big") if p.limit_bytes else ""
+        chosen = " <- this job" if (m.stage, m.offload) == (t.zero_stage, t.offload_optimizer) else ""
+        cpu = f" + {_gb(m.cpu_bytes)} CPU" if m.offload else ""
+        lines.append(f"    ZeRO-{m.stage}{' + offload' if m.offload else '':<10} {_gb(m.gpu_bytes):>12}{cpu:<18} {mark}{chosen}")
+    if p.step_seconds is not None:
+        lines.append(f"  time at {mfu:.0%} MFU     {_duration(p.step_seconds)} per step, {_duration(p.run_seconds)} for "
+                     f"{t.max_steps:,} steps ({p.tokens_per_step * t.max_steps / 1e9:,.2f}B tokens)")
+    if p.limit_bytes:
+        best = p.smallest_fit()
+        if best is None:
+            lines.append("  verdict: does not fit at any ZeRO stage: lower train.micro_batch_size, turn on "
+                         "model.activation_checkpointing or add GPUs")
+        else:
+            lines.append(f"  verdict: the smallest ZeRO stage that fits is ZeRO-{best.stage}" + (" with offload" if best.offload else ""))
+    return "\n".join(lines)
+
+
+def fit_warning(cfg: JobConfig) -> str | None:
+    """A warning when a GPU job's own ZeRO stage cannot fit the declared GPU memory."""
+    if not cfg.cluster.use_gpu:
+        return None
+    p = make_plan(cfg, mfu=0.4)
+    if p.fits(cfg.train.zero_stage, cfg.train.offload_optimizer):
+        return None
+    need = next(m for m in p.memory if (m.stage, m.offload) == (cfg.train.zero_stage, cfg.train.offload_optimizer))
+    best = p.smallest_fit()
+    advice = (f"ZeRO-{best.stage}{' with train.offload_optimizer' if best.offload else ''} fits" if best
+              else "lower train.micro_batch_size or turn on model.activation_checkpointing")
+    return (f"this job needs about {_gb(need.gpu_bytes)} per GPU at ZeRO-{cfg.train.zero_stage} but cluster.gpu_memory_gb is "
+            f"{cfg.cluster.gpu_memory_gb:g}: {advice} (see `trainctl plan`)")

@@ -1,0 +1,72 @@
+"""`trainctl plan` against parameter counts, FLOPs and memory worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import REPO, trainctl
+
+from launcher.config import load_config
+from launcher.plan import GIB, fit_warning, make_plan
+
+
+def test_gpt2_124m_by_hand():
+    cfg = load_config(REPO / "configs" / "gpt2-124m.yaml")
+    p = make_plan(cfg, mfu=0.4)
+    # per block: wq, wo 768x768; wk, wv 768x768 (12 kv heads of 64); SwiGLU 3 x 768x2048; two norms
+    block = 4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768
+    assert block == 7_079_424
+    assert p.params == 12 * block + 768 + 50304 * 768 == 123_587_328  # tied head counted once
+    assert p.non_embedding == 84_953_856
+    matmul = 12 * (4 * 768 * 768 + 3 * 768 * 2048) + 50304 * 768  # the tied head still multiplies
+    assert p.flops_per_token == 6 * matmul + 12 * 12 * 768 * 1024 == 854_654_976
+    assert p.tokens_per_step == 512 * 1024
+    # ZeRO-2, bf16, 8 GPUs: 2 bytes of weights whole, 2 of gradients + 12 of Adam split 8 ways
+    states = 2 * 123_587_328 + (2 + 12) * 123_587_328 // 8
+    acts = 12 * 1024 * 16 * (6 * 768 + 2 * 768 + 3 * 2048) * 2 + 1024 * 16 * 50304 * (2 + 4)
+    zero2 = next(m for m in p.memory if m.stage == 2 and not m.offload)
+    assert zero2.gpu_bytes == states + acts
+    assert p.step_seconds == pytest.approx(854_654_976 * 524_288 / (8 * 989e12 * 0.4))
+
+
+def test_llama_1b_by_hand_and_what_fits():
+    cfg = load_config(REPO / "configs" / "llama-1b.yaml")
+    p = make_plan(cfg, mfu=0.5)
+    # grouped-query attention: 8 kv heads of 64 = 512 wide; SwiGLU 8192; untied head
+    block = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
+    assert p.params == 16 * block + 2048 + 2 * 128256 * 2048 == 1_498_482_688
+    matmul = 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192) + 128256 * 2048
+    assert p.flops_per_token == 6 * matmul + 12 * 16 * 2048 * 2048
+    # activation checkpointing: each block keeps its input; one block's full set at a time
+    acts = 16 * 2048 * 4 * 2048 * 2 + 2048 * 4 * (6 * 2048 + 2 * 512 + 3 * 8192) * 2 + 2048 * 4 * 128256 * 6
+    assert p.activation_bytes == acts
+    zero3 = next(m for m in p.memory if m.stage == 3 and not m.offload)
+    assert zero3.gpu_bytes == 16 * 1_498_482_688 // 16 + acts
+
+    small = make_plan(cfg, mfu=0.5, gpu_memory_gb=12)  # ZeRO-0/1 do not fit 12 GiB, ZeRO-2 (10.96 GiB) does
+    assert not small.fits(1, False) and small.fits(2, False) and small.smallest_fit().stage == 2
+    tiny = make_plan(cfg, mfu=0.5, gpu_memory_gb=4)
+    assert tiny.smallest_fit() is None and zero3.gpu_bytes > 4 * GIB
+
+
+def test_plan_command_and_the_fit_warning(tmp_path):
+    r = trainctl("plan", "configs/llama-1b.yaml", "cluster.gpu_memory_gb=12", "train.zero_stage=1", cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "parameters          1,498,482,688 (973,146,112 without embeddings)" in r.stdout
+    assert "ZeRO-1              13.58 GiB                   too big <- this job" in r.stdout
+    assert r.stdout.strip().endswith("verdict: the smallest ZeRO stage that fits is ZeRO-2")
+    cfg = load_config(REPO / "configs" / "llama-1b.yaml", ["cluster.gpu_memory_gb=12", "train.zero_stage=1"])
+    assert fit_warning(cfg) == ("this job needs about 13.58 GiB per GPU at ZeRO-1 but cluster.gpu_memory_gb is 12: "
+                                "ZeRO-2 fits (see `trainctl plan`)")
+    assert fit_warning(load_config(REPO / "configs" / "llama-1b.yaml")) is None
+    assert fit_warning(load_config(REPO / "configs" / "tiny-cpu.yaml")) is None  # CPU jobs declare no GPU memory
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--mfu", "0"], "--mfu 0 is out of range: give a positive number up to 1"),
+    (["--mfu", "1.5"], "--mfu 1.5 is out of range"),
+    (["--gpu-memory-gb", "-1"], "--gpu-memory-gb -1 is out of range"),
+    (["model.n_layer=0"], "model.n_layer"),
+])
+def test_plan_bad_input_is_one_line_exit_2(args, fragment):
+    r = trainctl("plan", "configs/gpt2-124m.yaml", *args, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
