@@ -23,6 +23,40 @@ class JobFailed(RuntimeError):
     """A worker raised; the message carries the worker's own error."""
 
 
+class NotPlaceable(RuntimeError):
+    """The cluster cannot hold the job's workers: Ray would wait for them forever."""
+
+
+def worker_resources(cluster: ClusterSection) -> dict[str, float]:
+    res = {"CPU": float(cluster.cpus_per_worker), **({"GPU": 1.0} if cluster.use_gpu else {}), **cluster.resources_per_worker}
+    if cluster.accelerator_type:
+        res[f"accelerator_type:{cluster.accelerator_type}"] = 0.001
+    return res
+
+
+def check_placeable(cluster: ClusterSection) -> None:
+    """Raise NotPlaceable, naming what is missing, when the alive nodes cannot hold
+    `num_workers` workers of `worker_resources` (each worker whole on one node)."""
+    import ray
+
+    need = worker_resources(cluster)
+    fits, have = 0, {k: 0.0 for k in need}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        for k in need:
+            have[k] += res.get(k, 0.0)
+        fits += int(min(res.get(k, 0.0) / v for k, v in need.items() if v > 0))
+    if fits >= cluster.num_workers:
+        return
+    short = [f"{k} {have[k]:g} of {need[k] * cluster.num_workers:g}" for k in need if have[k] < need[k] * cluster.num_workers]
+    raise NotPlaceable(f"the cluster can place {fits} of the {cluster.num_workers} workers (each needs "
+                       + ", ".join(f"{k} {v:g}" for k, v in need.items()) + " on one node"
+                       + (f"; in all it has {', '.join(short)}" if short else "")
+                       + "): lower cluster.num_workers or cluster.cpus_per_worker, or add nodes")
+
+
 @dataclass
 class Connection:
     address: str
@@ -75,13 +109,14 @@ def run_on_ray(train_fn: Callable[[dict], None], config: dict[str, Any], cluster
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_placeable(cluster)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
-            resources_per_worker={"CPU": cluster.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+            resources_per_worker=worker_resources(cluster),
             placement_strategy=cluster.placement,
         ),
         run_config=RunConfig(

@@ -217,7 +217,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) != 0:
             return PREEMPTED if status == "preempted" else 0
     else:
-        from cluster.ray_job import JobFailed, connect, run_on_ray, shutdown
+        from cluster.ray_job import JobFailed, NotPlaceable, connect, run_on_ray, shutdown
 
         conn, failure = connect(cfg.cluster), None
         preempt_on_sigterm(folder, cfg.checkpoint.preempt_grace_s)
@@ -225,6 +225,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             run_on_ray(train_worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent))
         except JobFailed as e:
             failure = e
+        except NotPlaceable as e:
+            raise UsageError(str(e)) from None
         finally:
             shutdown(conn)  # first, so that Ray's forwarded worker logs end before our last line
         if failure is not None and "SaveFailed: " in str(failure):
@@ -243,6 +245,75 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from trainer.generate import sample
 
         print("trainctl: sample from the final checkpoint:\n" + sample(folder, max_new_tokens=cfg.train.sample_tokens))
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    """Validate the job here, then hand it to the cluster's Jobs API with the working directory."""
+    from urllib.parse import urlparse
+
+    from cluster.jobs import dashboard_address, submit
+    from launcher.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config never reaches the cluster
+    address = dashboard_address(args.address, cfg.cluster.address)
+    workdir = Path.cwd()
+    config_path = Path(args.config).resolve()
+    if not config_path.is_relative_to(workdir):
+        raise UsageError(f"{args.config} is outside the working directory {workdir}, which is what gets uploaded: "
+                         "run submit from a folder that holds the config")
+    overrides = [*args.overrides, "cluster.address=auto"]  # on the cluster, the job's own Ray
+    if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) == "online" and not os.environ.get("WANDB_API_KEY"):
+        print("trainctl: warning: tracking.mode is online but WANDB_API_KEY is not set in this shell: the job logs to W&B "
+              "offline (`wandb sync` its run folder later)", file=sys.stderr)
+        overrides.append("tracking.mode=offline")
+    url = urlparse(address)
+    if url.scheme == "http" and url.hostname not in ("127.0.0.1", "localhost", "::1") and os.environ.get("RAY_AUTH_MODE") != "token":
+        print(f"trainctl: warning: {address} is a remote cluster over plain HTTP without token authentication: anyone who "
+              "reaches it can run code there (set RAY_AUTH_MODE=token on the cluster and here)", file=sys.stderr)
+    if "://" not in cfg.checkpoint.storage_path and Path(cfg.checkpoint.storage_path).is_relative_to(workdir):
+        print("trainctl: warning: checkpoint.storage_path is inside the uploaded folder: on the cluster it is the job's "
+              "temporary copy; give a shared path or an object-store URL to keep the checkpoints", file=sys.stderr)
+    job = submit(address, workdir, str(config_path.relative_to(workdir)), overrides, cfg.name)
+    print(f"trainctl: submitted job {job.job_id} (run '{cfg.name}') to {address}\n"
+          f"  dashboard: {job.dashboard}\n"
+          f"  follow it: trainctl logs {job.job_id} --address {address} --follow")
+    print(job.job_id)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from cluster.jobs import dashboard_address, status
+
+    state, message = status(dashboard_address(args.address, None), args.job_id)
+    print(f"{args.job_id}: {state}" + (f" ({message})" if message else ""))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from cluster.jobs import dashboard_address, list_jobs
+
+    rows = list_jobs(dashboard_address(args.address, None))
+    print(f"{'JOB':<28} {'STATUS':<10} {'RUN':<20} STARTED")
+    for job_id, state, name, started in rows:
+        print(f"{job_id:<28} {state:<10} {name:<20} {started}")
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from cluster.jobs import dashboard_address, logs
+
+    final = logs(dashboard_address(args.address, None), args.job_id, args.follow)
+    if final:
+        print(f"trainctl: job {args.job_id} ended: {final}", file=sys.stderr)
+        return 0 if final == "SUCCEEDED" else FAILED
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from cluster.jobs import dashboard_address, stop
+
+    print(f"{args.job_id}: {stop(dashboard_address(args.address, None), args.job_id)}")
     return 0
 
 
@@ -369,6 +440,27 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default cluster.gpu_memory_gb)")
     pl.set_defaults(fn=_cmd_plan)
 
+    ps = sub.add_parser("submit", help="run a job on a remote Ray cluster through its Jobs API",
+                        description="Validate CONFIG here, upload the working directory (without .git, data, venvs, runs, "
+                                    "wandb folders) and run `trainctl run CONFIG` on the cluster. WANDB_API_KEY and other "
+                                    "credentials go along as the job's environment variables, never into files.")
+    ps.add_argument("config", help="YAML job file inside the working directory")
+    ps.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, as for run")
+    jobs_address = "the Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)"
+    ps.add_argument("--address", help=jobs_address + " or the config's cluster.address")
+    ps.set_defaults(fn=_cmd_submit)
+    for name, fn, text in (("status", _cmd_status, "a job's status"), ("logs", _cmd_logs, "a job's logs"),
+                           ("stop", _cmd_stop, "stop a job (it saves a checkpoint at the next step if it can)")):
+        pj = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ", through the cluster's Jobs API.")
+        pj.add_argument("job_id", metavar="JOB_ID")
+        pj.add_argument("--address", help=jobs_address)
+        if name == "logs":
+            pj.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        pj.set_defaults(fn=fn)
+    plist = sub.add_parser("list", help="the jobs on a cluster", description="Every job on the cluster, oldest first.")
+    plist.add_argument("--address", help=jobs_address)
+    plist.set_defaults(fn=_cmd_list)
+
     pe = sub.add_parser("export", help="write a Hugging Face folder (Llama) from a run or a checkpoint",
                         description="Gather a checkpoint's weights tensor by tensor into OUT_DIR: config.json, "
                                     "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM.")
@@ -389,20 +481,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.jobs import JobsError
     from launcher.config import ConfigError
 
     parser = build_parser()
     # Overrides may come after options too (`run CFG --no-ray train.lr=1`), which argparse's
     # positional list does not take: collect the leftover key=value words here.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("run", "plan")]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("run", "plan", "submit")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
-    except (ConfigError, DataError, UsageError) as e:
+    except (ConfigError, DataError, UsageError, JobsError) as e:
         print(f"trainctl: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

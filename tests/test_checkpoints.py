@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import SHAKESPEARE, command, env, trainctl
+from ray_cluster import two_node_cluster
 from s3_helpers import s3_server
 
 JOB = """\
@@ -268,40 +269,9 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work)
 
 
 @pytest.fixture
-def two_nodes(tmp_path):
-    """A real two-node Ray cluster on this machine's loopback interface: a head (2 CPUs) on
-    127.0.0.2 started with `ray start --head`, and a second node (1 CPU) on 127.0.0.3 joined
-    to it in its own process group, so a test can kill the whole node. Ray maps 127.0.0.1 to
-    the machine's outward address, so the nodes take other loopback addresses; token
-    authentication is on, with a token made for the test."""
-    import secrets
-    import socket
-    import tempfile
-
-    ray = str(Path(sys.executable).parent / "ray")
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    cluster_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    address = f"127.0.0.2:{port}"
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2", "--num-cpus=2",
-                    f"--temp-dir={temp}", "--include-dashboard=false"], env=env(**cluster_env), check=True,
-                   capture_output=True, timeout=120)
-    node = subprocess.Popen([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", "--num-cpus=1", "--block"],
-                            env=env(**cluster_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    probe = ("import ray, time\nray.init(address='%s', logging_level='ERROR')\nfor _ in range(120):\n"
-             "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n    time.sleep(0.5)\n"
-             "print(sum(n['Alive'] for n in ray.nodes()))" % address)
-    try:
-        alive = subprocess.run([sys.executable, "-c", probe], env=env(**cluster_env), capture_output=True, text=True, timeout=120)
-        assert alive.stdout.strip().endswith("2"), alive.stderr[-2000:]
-        yield address, node, cluster_env
-    finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-        subprocess.run([ray, "stop", "--force"], env=env(**cluster_env), capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+def two_nodes():
+    with two_node_cluster() as cluster:
+        yield cluster.address, cluster.node, cluster.env
 
 
 @pytest.mark.slow

@@ -165,6 +165,9 @@ class ClusterSection(Section):
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="PACK workers onto few nodes, or SPREAD them over "
                                                   "as many as possible (Ray placement-group strategy)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every worker")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources each worker "
+                                                   "needs, e.g. {memory: 32e9} or a custom resource a node declares")
+    accelerator_type: str | None = Field(None, description="GPU type the workers must run on, as Ray names it (A100, H100, ...)")
     gpu_memory_gb: float = Field(80, gt=0, description="memory of each GPU, for `trainctl plan` and the fit check before launch")
     gpu_tflops: float = Field(989, gt=0, description="peak dense TFLOPS of each GPU at the job's precision (H100 SXM bf16: 989), "
                               "for `trainctl plan`'s time estimates")

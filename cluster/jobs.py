@@ -1,0 +1,207 @@
+"""Jobs on a remote Ray cluster through the Ray Jobs API (the dashboard's HTTP port, 8265):
+submit, status, list, logs, stop.
+
+`submit` uploads a working directory as the job's runtime_env and runs `trainctl run` there;
+secrets travel as environment variables of the job, from the submitting shell. Errors a user
+can fix (an unreachable address, a refused token, an unknown job id, a directory too large to
+upload) are raised as JobsError with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Never uploaded: version control, environments, data, run output. Ray also honours .gitignore.
+EXCLUDES = [".git", ".venv", "venv", "env", "__pycache__", "*.pyc", ".cache", "data", "runs", "wandb", "checkpoints",
+            "*.tar", "*.safetensors", ".pytest_cache", "*.egg-info"]
+SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+           "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class JobsError(Exception):
+    """Something about the cluster or the job a user can fix; one line."""
+
+
+def dashboard_address(flag: str | None, config_address: str | None) -> str:
+    """The Jobs API address: --address, else RAY_ADDRESS, else cluster.address (when it is an
+    http(s) URL). A bare HOST:PORT gets http://."""
+    for value in (flag, os.environ.get("RAY_ADDRESS"), config_address):
+        if value and value not in ("local", "auto"):
+            return value if "://" in value else f"http://{value}"
+    raise JobsError("no cluster given: pass --address http://HEAD:8265 (the Ray dashboard), or set RAY_ADDRESS "
+                    "or cluster.address")
+
+
+def _reachable(address: str, timeout_s: float = 5) -> None:
+    url = urlparse(address)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise JobsError(f"--address {address}: give the Ray dashboard's URL, e.g. http://HEAD:8265")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise JobsError(f"cannot reach the Ray dashboard at {address} ({e.strerror or e}): is the cluster up, and is this "
+                        "its dashboard address (port 8265 by default)?") from None
+
+
+def client(address: str):
+    """A JobSubmissionClient for `address`, checked: reachable within seconds, token accepted."""
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
+    _reachable(address)
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - the SDK raises plain exceptions for HTTP failures
+        raise JobsError(_explain(address, e)) from None
+
+
+def _explain(address: str, e: Exception) -> str:
+    text = str(e)
+    if "401" in text or "403" in text or "nauthori" in text or "token" in text.lower():
+        return (f"the cluster at {address} refused this client's token: set RAY_AUTH_TOKEN (with RAY_AUTH_MODE=token) "
+                "to the cluster's token")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"the Ray dashboard at {address} answered with an error ({first})"
+
+
+def _excluded(rel: str) -> bool:
+    parts = rel.split("/")
+    return any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in EXCLUDES)
+
+
+def upload_size(root: Path) -> tuple[int, list[tuple[int, str]]]:
+    """Bytes `submit` would upload from root (EXCLUDES left out), and the largest files."""
+    total, files = 0, []
+    for folder, dirs, names in os.walk(root):
+        rel_dir = os.path.relpath(folder, root)
+        dirs[:] = [d for d in dirs if not _excluded(os.path.normpath(os.path.join(rel_dir, d)))]
+        for name in names:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if _excluded(rel):
+                continue
+            size = os.lstat(os.path.join(folder, name)).st_size
+            total += size
+            files.append((size, rel))
+    return total, sorted(files, reverse=True)[:3]
+
+
+def upload_limit() -> int:
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    return GCS_STORAGE_MAX_SIZE
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    dashboard: str
+
+
+def submit(address: str, workdir: Path, config_rel: str, overrides: list[str], name: str) -> Submitted:
+    size, largest = upload_size(workdir)
+    limit = upload_limit()
+    if size > limit:
+        biggest = ", ".join(f"{rel} ({n / 2**20:,.0f} MB)" for n, rel in largest)
+        raise JobsError(f"the working directory {workdir} holds {size / 2**20:,.0f} MB to upload, more than Ray's limit of "
+                        f"{limit / 2**20:,.0f} MB (largest: {biggest}): move data out of it or add it to .gitignore, "
+                        "and read data from shared storage or a URL")
+    c = client(address)
+    env = {k: os.environ[k] for k in SECRETS if os.environ.get(k)}
+    # `trainctl run` on the cluster adds its workers' variables to this job's runtime_env
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    # The code shipped is the code run: `python -m launcher.cli` imports from the uploaded
+    # directory when it holds trainctl, else the `trainctl` installed on the cluster runs.
+    ships_code = (workdir / "launcher" / "cli.py").is_file()
+    program = "python -m launcher.cli" if ships_code else "trainctl"
+    import shlex
+
+    entrypoint = " ".join([program, "run", shlex.quote(config_rel), *map(shlex.quote, overrides)])
+    try:
+        job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES,
+                                                                  "env_vars": env},
+                              metadata={"trainctl_name": name})
+    except Exception as e:  # noqa: BLE001
+        raise JobsError(_explain(address, e)) from None
+    return Submitted(job_id, address.rstrip("/") + f"/#/jobs/{job_id}")
+
+
+def _job(c, address: str, job_id: str):
+    try:
+        return c.get_job_info(job_id)
+    except Exception as e:  # noqa: BLE001
+        if "does not exist" in str(e) or "404" in str(e) or "not found" in str(e).lower():
+            raise JobsError(f"no job {job_id} on {address}: `trainctl list --address {address}` shows the jobs there") from None
+        raise JobsError(_explain(address, e)) from None
+
+
+def status(address: str, job_id: str) -> tuple[str, str]:
+    """(status, message) of a job."""
+    info = _job(client(address), address, job_id)
+    return str(info.status.value if hasattr(info.status, "value") else info.status), info.message or ""
+
+
+def list_jobs(address: str) -> list[tuple[str, str, str, str]]:
+    """(job id, status, run name, start time) of every job, oldest first."""
+    c = client(address)
+    try:
+        jobs = c.list_jobs()
+    except Exception as e:  # noqa: BLE001
+        raise JobsError(_explain(address, e)) from None
+    rows = []
+    for j in sorted(jobs, key=lambda j: j.start_time or 0):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
+        state = str(j.status.value if hasattr(j.status, "value") else j.status)
+        rows.append((j.submission_id or j.job_id or "-", state, (j.metadata or {}).get("trainctl_name", "-"), started))
+    return rows
+
+
+def logs(address: str, job_id: str, follow: bool, out=sys.stdout) -> str:
+    """Print the job's logs (all of them; with `follow`, then as they come until the job ends).
+    Returns the job's final status when following."""
+    c = client(address)
+    _job(c, address, job_id)
+    if not follow:
+        out.write(c.get_job_logs(job_id))
+        out.flush()
+        return ""
+    import asyncio
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())  # ends when the job does
+    return status(address, job_id)[0]
+
+
+def stop(address: str, job_id: str, wait_s: float = 60) -> str:
+    """Ask the job to stop (Ray sends SIGTERM to `trainctl run`, which saves a checkpoint at
+    the next step if it can) and wait, bounded, for it to end. Returns its final status."""
+    c = client(address)
+    info = _job(c, address, job_id)
+    state = str(info.status.value if hasattr(info.status, "value") else info.status)
+    if state in TERMINAL:
+        return state
+    c.stop_job(job_id)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        state = status(address, job_id)[0]
+        if state in TERMINAL:
+            return state
+        time.sleep(0.5)
+    raise JobsError(f"job {job_id} did not stop within {wait_s:g} s (still {state}): check `trainctl status {job_id}`")

@@ -1,0 +1,74 @@
+"""A real two-node Ray cluster on this machine, for tests: a head started with
+`ray start --head` and a second node joined to it in its own process group (so a test can
+kill the whole node), with token authentication on and a token made for the test.
+
+Ray maps 127.0.0.1 to the machine's outward address, so the nodes take other loopback
+addresses: the head 127.0.0.2, the second node 127.0.0.3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from cli_helpers import env
+
+
+@dataclass
+class Cluster:
+    address: str  # the GCS, HOST:PORT, for `ray.init` and `cluster.address`
+    dashboard: str | None  # the Jobs API, http://HOST:PORT
+    node: subprocess.Popen  # the second node's `ray start --block`
+    env: dict[str, str]  # RAY_AUTH_MODE and RAY_AUTH_TOKEN for clients
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = False) -> Iterator[Cluster]:
+    ray = str(Path(sys.executable).parent / "ray")
+    port = _free_port("127.0.0.2")
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    # PATH: jobs run `trainctl`, which lies beside this Python
+    cluster_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    address = f"127.0.0.2:{port}"
+    head = [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2", f"--num-cpus={head_cpus}",
+            f"--temp-dir={temp}"]
+    url = None
+    if dashboard:
+        dport = _free_port("127.0.0.2")
+        head += ["--include-dashboard=true", "--dashboard-host=127.0.0.2", f"--dashboard-port={dport}"]
+        url = f"http://127.0.0.2:{dport}"
+    else:
+        head.append("--include-dashboard=false")
+    subprocess.run(head, env=env(**cluster_env), check=True, capture_output=True, timeout=120)
+    node = subprocess.Popen([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={node_cpus}",
+                             "--block"], env=env(**cluster_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    probe = ("import ray, time\nray.init(address='%s', logging_level='ERROR')\nfor _ in range(120):\n"
+             "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n    time.sleep(0.5)\n"
+             "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    try:
+        alive = subprocess.run([sys.executable, "-c", probe], env=env(**cluster_env), capture_output=True, text=True, timeout=120)
+        assert alive.stdout.strip().endswith("2"), alive.stderr[-2000:]
+        yield Cluster(address, url, node, cluster_env)
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+        subprocess.run([ray, "stop", "--force"], env=env(**cluster_env), capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
