@@ -63,7 +63,7 @@ class Connection:
     started_here: bool
 
 
-def connect(cluster: ClusterSection) -> Connection:
+def connect(cluster: ClusterSection, worker_logs: bool = True) -> Connection:
     """Join the cluster named by `cluster.address`, or start a private one.
 
     'local' starts a Ray sized to the job on this machine (no dashboard); 'auto' joins
@@ -79,12 +79,16 @@ def connect(cluster: ClusterSection) -> Connection:
             num_cpus=needed,
             num_gpus=cluster.num_workers if cluster.use_gpu else 0,
             include_dashboard=False,
-            log_to_driver=True,
+            log_to_driver=worker_logs,
             configure_logging=True,
             logging_level="WARNING",
         )
         return Connection("local", True)
-    ray.init(address=cluster.address, runtime_env={"env_vars": worker_env(cluster)}, log_to_driver=True, logging_level="WARNING")
+    from data_pipeline.prepare import check_reachable
+
+    check_reachable(cluster.address)  # in seconds, where ray.init would wait for minutes
+    ray.init(address=cluster.address, runtime_env={"env_vars": worker_env(cluster)}, log_to_driver=worker_logs,
+             logging_level="WARNING")
     return Connection(cluster.address, False)
 
 

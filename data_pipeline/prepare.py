@@ -169,7 +169,7 @@ def encode_file(path: str, tokenizer: str, val_fraction: float, text_field: str)
             "splits": [split for split, _ in parts], "sizes": [len(text) for _, text in parts]}
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """A HOST:PORT Ray address that nothing answers on fails here in seconds (ray.init
     would wait for minutes)."""
     if "://" in address or ":" not in address:
@@ -200,7 +200,7 @@ def encoded_files(files: list[str], tokenizer: str, val_fraction: float, text_fi
 
         owned = not ray.is_initialized()
         if owned:
-            _check_reachable(address)
+            check_reachable(address)
             try:
                 if address == "local":  # a private Ray on this machine, whatever RAY_ADDRESS says
                     os.environ.pop("RAY_ADDRESS", None)

@@ -317,6 +317,38 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cluster_check(args: argparse.Namespace) -> int:
+    from cluster.check import allreduce, nodes_and_storage, render
+    from cluster.ray_job import NotPlaceable, connect, shutdown
+    from launcher.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # only overrides were given
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    if args.address:
+        cfg.cluster.address = args.address
+    if "://" in cfg.cluster.address and not cfg.cluster.address.startswith("ray://") or cfg.cluster.address == "local":
+        raise UsageError(f"cluster check needs the cluster's Ray address (HEAD:6379, auto or ray://HEAD:10001), not "
+                         f"{cfg.cluster.address!r}: it runs a small job from here")
+    conn = connect(cfg.cluster, worker_logs=False)
+    try:
+        nodes = nodes_and_storage(cfg.checkpoint.storage_path)
+        try:
+            net = allreduce(cfg)
+        except NotPlaceable as e:
+            raise UsageError(str(e)) from None
+    finally:
+        shutdown(conn)
+    print(render(nodes, cfg.checkpoint.storage_path, net, cfg))
+    bad = [n.node_id for n in nodes if n.storage != "ok"]
+    if bad or not net["correct"]:
+        print("trainctl: cluster check failed: " + ("storage not writable from " + ", ".join(bad) if bad else
+                                                     "the all-reduce gave a wrong result"), file=sys.stderr)
+        return FAILED
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from launcher.plan import make_plan, render
@@ -461,6 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
     plist.add_argument("--address", help=jobs_address)
     plist.set_defaults(fn=_cmd_list)
 
+    pc = sub.add_parser("cluster", help="check a Ray cluster before a long job", description="Cluster tools.")
+    pcs = pc.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
+    pcc = pcs.add_parser("check", help="nodes, storage from every node, all-reduce bandwidth",
+                         description="Alive nodes (CPUs, GPUs, memory); whether checkpoint.storage_path is writable from "
+                                     "every node; a short all-reduce over the job's workers with its bus bandwidth.")
+    pcc.add_argument("config", nargs="?", help="YAML job file (its cluster and checkpoint sections); default: the defaults")
+    pcc.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, as for run")
+    pcc.add_argument("--address", help="the cluster's Ray address (HEAD:6379, auto); overrides cluster.address")
+    pcc.set_defaults(fn=_cmd_cluster_check)
+
     pe = sub.add_parser("export", help="write a Hugging Face folder (Llama) from a run or a checkpoint",
                         description="Gather a checkpoint's weights tensor by tensor into OUT_DIR: config.json, "
                                     "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM.")
@@ -488,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options too (`run CFG --no-ray train.lr=1`), which argparse's
     # positional list does not take: collect the leftover key=value words here.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("run", "plan", "submit")]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("run", "plan", "submit", "cluster")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

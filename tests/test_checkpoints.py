@@ -66,28 +66,6 @@ def work(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_143_and_the_rerun_continues_bitwise(work):
-    run = work / "runs" / "pre"
-    proc = subprocess.Popen(command("run", "job.yaml", "name=pre"), cwd=work, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for_step(run, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    t0 = time.monotonic()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
-    assert time.monotonic() - t0 < 60  # well inside checkpoint.preempt_grace_s
-    assert err.strip().splitlines()[-1].startswith("trainctl: preempted: the run stopped at a checkpoint")
-    stopped = max(losses(run))
-    assert 5 <= stopped < 120
-    assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"  # saved at the step it stopped after
-
-    r = trainctl("run", "job.yaml", "name=pre", cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"at step {stopped}" in r.stdout
-    assert losses(run) == losses(work / "runs" / "straight")  # every step, bit for bit
-
-
-@pytest.mark.slow
 def test_a_worker_killed_with_sigkill_is_restarted_and_the_losses_match(work):
     run = work / "runs" / "killed"
     proc = subprocess.Popen(command("run", "job.yaml", "name=killed", "cluster.max_failures=1"), cwd=work, env=env(),
@@ -314,9 +292,11 @@ def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
 
 
 @pytest.mark.slow
-def test_checkpoints_in_an_object_store_outlive_the_machine_and_export_from_there(work):
-    """checkpoint.storage_path on S3 (a real moto server on 127.0.0.1): the run stops, its
-    machine's folder is lost, the same command continues bit for bit from the bucket."""
+def test_sigterm_saves_to_an_object_store_exits_143_and_a_rerun_elsewhere_continues_bitwise(work):
+    """checkpoint.storage_path on S3 (a real moto server on 127.0.0.1). SIGTERM mid-run: a
+    checkpoint of the step it stopped at reaches the bucket, the command exits 143 in time;
+    the machine's folder is then lost, and the same command continues bit for bit from the
+    bucket."""
     cache = {"XDG_CACHE_HOME": str(work / "cache")}
     with s3_server("ckpt") as (s3, client):
         job = ["job.yaml", "name=s3", "checkpoint.storage_path=s3://ckpt/runs", "checkpoint.local_path=local"]
@@ -325,9 +305,15 @@ def test_checkpoints_in_an_object_store_outlive_the_machine_and_export_from_ther
                                 stderr=subprocess.PIPE, text=True)
         wait_for_step(run, 25, proc)  # past the checkpoint at step 20
         proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 143, err[-3000:]
+        assert time.monotonic() - t0 < 60  # well inside checkpoint.preempt_grace_s
+        assert err.strip().splitlines()[-1].startswith("trainctl: preempted: the run stopped at a checkpoint in "
+                                                       "s3://ckpt/runs/s3/checkpoints")
         stopped = max(losses(run))
+        assert 25 <= stopped < 120
+        assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"  # saved at the step it stopped after
         keys = {o["Key"] for o in client.list_objects_v2(Bucket="ckpt", Prefix="runs/s3/")["Contents"]}
         before = (stopped - 1) // 20 * 20  # the periodic checkpoint kept beside the preemption's (keep: 2)
         assert {f"runs/s3/checkpoints/step_{s:08d}/{name}" for s in (before, stopped)

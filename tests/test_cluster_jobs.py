@@ -134,3 +134,21 @@ def test_cluster_bad_input_is_one_line_exit_2(site, tmp_path):
     # more workers than the nodes can hold: said at once, instead of Ray waiting for them forever
     one_line(cli(site, "run", "job.yaml", f"cluster.address={cluster.address}", "cluster.num_workers=5", "name=wide"),
              "the cluster can place 3 of the 5 workers (each needs CPU 1 on one node; in all it has CPU 3 of 5)")
+
+
+@pytest.mark.slow
+def test_cluster_check_reports_both_nodes_storage_and_bandwidth(site):
+    root, cluster = site
+    r = cli(site, "cluster", "check", "job.yaml", "--address", cluster.address)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "2 alive nodes:" in out and "127.0.0.2" in out and "127.0.0.3" in out
+    assert f"storage {root / 'shared' / 'runs'}: writable from every node" in out
+    bandwidth = re.search(r"all-reduce over 2 workers \(gloo, SPREAD\): ([0-9.]+) GB/s bus bandwidth", out)
+    assert bandwidth and float(bandwidth.group(1)) > 0, out
+
+    r = cli(site, "cluster", "check", "job.yaml", "--address", cluster.address, "checkpoint.storage_path=/proc/trainctl",
+            "cluster.num_workers=1")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("trainctl: cluster check failed: storage "
+                                                                              "not writable from "), r.stderr[-2000:]
+    assert "NOT writable from every node" in r.stdout

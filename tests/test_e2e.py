@@ -112,16 +112,6 @@ def test_generate_returns_requested_length(trained):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_from_latest_checkpoint(trained):
-    work, _ = trained
-    r = trainctl("run", "job.yaml", "train.max_steps=60", "train.sample_tokens=0", cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "at step 40" in r.stdout
-    steps = [m["step"] for m in metrics(work / "runs" / "e2e") if "loss" in m]
-    assert steps == [10, 20, 30, 40, 50, 60]
-
-
-@pytest.mark.slow
 def test_worker_failure_exits_1_with_the_workers_error(trained):
     work, _ = trained
     broken = work / "broken"
