@@ -75,7 +75,7 @@ def connect(cluster: ClusterSection, worker_logs: bool = True) -> Connection:
         os.environ.pop("RAY_ADDRESS", None)  # a stray RAY_ADDRESS would join another cluster
         needed = cluster.num_workers * cluster.cpus_per_worker
         ray.init(
-            runtime_env={"env_vars": worker_env(cluster)},
+            runtime_env=runtime_env(cluster),
             num_cpus=needed,
             num_gpus=cluster.num_workers if cluster.use_gpu else 0,
             include_dashboard=False,
@@ -87,9 +87,22 @@ def connect(cluster: ClusterSection, worker_logs: bool = True) -> Connection:
     from data_pipeline.prepare import check_reachable
 
     check_reachable(cluster.address)  # in seconds, where ray.init would wait for minutes
-    ray.init(address=cluster.address, runtime_env={"env_vars": worker_env(cluster)}, log_to_driver=worker_logs,
+    ray.init(address=cluster.address, runtime_env=runtime_env(cluster), log_to_driver=worker_logs,
              logging_level="WARNING")
     return Connection(cluster.address, False)
+
+
+def quiet_worker_logs() -> None:
+    """Run in every Ray worker process at start (runtime_env worker_process_setup_hook).
+    Ray Train's placement-group cleaner asks the state API every few seconds and, on a Ray
+    started without its dashboard (ours, for a local job), warns each time it cannot."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def runtime_env(cluster: ClusterSection) -> dict[str, Any]:
+    return {"env_vars": worker_env(cluster), "worker_process_setup_hook": "cluster.ray_job.quiet_worker_logs"}
 
 
 def worker_env(cluster: ClusterSection) -> dict[str, str]:
