@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shlex
 import socket
 import sys
 import time
@@ -127,8 +128,6 @@ def submit(address: str, workdir: Path, config_rel: str, overrides: list[str], n
     # directory when it holds trainctl, else the `trainctl` installed on the cluster runs.
     ships_code = (workdir / "launcher" / "cli.py").is_file()
     program = "python -m launcher.cli" if ships_code else "trainctl"
-    import shlex
-
     entrypoint = " ".join([program, "run", shlex.quote(config_rel), *map(shlex.quote, overrides)])
     try:
         job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES,

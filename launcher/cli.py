@@ -428,6 +428,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
+def _job_arguments(parser: argparse.ArgumentParser, config_help: str, optional: bool = False) -> None:
+    """CONFIG and its key=value overrides, as every command that reads a job file takes them."""
+    parser.add_argument("config", nargs="?" if optional else None, help=config_help)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.lr=3e-4 cluster.num_workers=1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="trainctl", description="Train deep transformers: Ray launches, WebDataset streams, DeepSpeed ZeRO trains, W&B tracks.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -451,8 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("run", help="train: a YAML job file plus key=value overrides",
                         description="Run a job: defaults, then CONFIG, then section.key=value overrides (e.g. train.max_steps=100). "
                                     "Resumes from the run's latest checkpoint if there is one.")
-    pr.add_argument("config", help="YAML job file (see configs/)")
-    pr.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4 cluster.num_workers=1")
+    _job_arguments(pr, "YAML job file (see configs/)")
     pr.add_argument("--address", help="Ray cluster: local (default: a private Ray here), auto, or HOST:PORT; overrides cluster.address")
     pr.add_argument("--no-ray", action="store_true", help="run the worker in this process (alone, or one rank under torchrun)")
     pr.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (or run folder's latest) instead of the run's own latest")
@@ -465,8 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Estimate a job from its config alone: parameters, FLOPs per token, tokens per step, "
                                     "memory per worker under each ZeRO stage with and without optimizer offload (and the "
                                     "smallest that fits cluster.gpu_memory_gb), time per step and per run at a stated MFU.")
-    pl.add_argument("config", help="YAML job file")
-    pl.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, as for run")
+    _job_arguments(pl, "YAML job file")
     pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
     pl.add_argument("--peak-tflops", type=float, help="peak TFLOPS per GPU (default cluster.gpu_tflops)")
     pl.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default cluster.gpu_memory_gb)")
@@ -476,8 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Validate CONFIG here, upload the working directory (without .git, data, venvs, runs, "
                                     "wandb folders) and run `trainctl run CONFIG` on the cluster. WANDB_API_KEY and other "
                                     "credentials go along as the job's environment variables, never into files.")
-    ps.add_argument("config", help="YAML job file inside the working directory")
-    ps.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, as for run")
+    _job_arguments(ps, "YAML job file inside the working directory")
     jobs_address = "the Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)"
     ps.add_argument("--address", help=jobs_address + " or the config's cluster.address")
     ps.set_defaults(fn=_cmd_submit)
@@ -498,8 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     pcc = pcs.add_parser("check", help="nodes, storage from every node, all-reduce bandwidth",
                          description="Alive nodes (CPUs, GPUs, memory); whether checkpoint.storage_path is writable from "
                                      "every node; a short all-reduce over the job's workers with its bus bandwidth.")
-    pcc.add_argument("config", nargs="?", help="YAML job file (its cluster and checkpoint sections); default: the defaults")
-    pcc.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, as for run")
+    _job_arguments(pcc, "YAML job file (its cluster and checkpoint sections); default: the defaults", optional=True)
     pcc.add_argument("--address", help="the cluster's Ray address (HEAD:6379, auto); overrides cluster.address")
     pcc.set_defaults(fn=_cmd_cluster_check)
 
@@ -530,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options too (`run CFG --no-ray train.lr=1`), which argparse's
     # positional list does not take: collect the leftover key=value words here.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("run", "plan", "submit", "cluster")]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

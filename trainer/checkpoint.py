@@ -154,28 +154,33 @@ def _snapshot(item: Any, pool: dict[str, torch.Tensor], key: str) -> Any:
     return item
 
 
-def _snapshot_engine(config_params, writer: _Writer, written: list[Path]):
-    """DeepSpeed's file writer made asynchronous: each state dict is copied to CPU memory in
-    the training thread (the next optimizer step changes the live tensors) and written by
-    the background writer. DeepSpeed clones only some of its state dicts before saving (not
-    the ZeRO optimizer partitions), so the copy here is the only one and covers all. The
-    copies' memory is kept for the next save (one checkpoint is in flight at a time)."""
+def _checkpoint_engine(config_params, writer: _Writer, written: list[Path], background: bool):
+    """DeepSpeed's file writer, recording each path in `written` (uploaded to an object store
+    afterwards) and fsyncing each file. With `background` it is asynchronous: each state dict
+    is copied to CPU memory in the training thread (the next optimizer step changes the live
+    tensors) and written by the background writer. DeepSpeed clones only some of its state
+    dicts before saving (not the ZeRO optimizer partitions), so the copy here is the only one
+    and covers all; its memory is kept for the next save (one checkpoint is in flight at a time)."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     pool: dict[str, torch.Tensor] = {}
 
-    class SnapshotEngine(TorchCheckpointEngine):
+    class Engine(TorchCheckpointEngine):
         def preserves_storage_sharing(self) -> bool:
-            return False  # DeepSpeed skips its own clone: every tensor is copied once, here
+            return not background  # in the background DeepSpeed skips its own clone: every tensor is copied once, here
 
         def save(self, state_dict, path: str) -> None:
-            snapshot, zipfile = _snapshot(state_dict, pool, Path(path).name), self.zipfile_serialization
+            written.append(Path(path))
+            zipfile = self.zipfile_serialization
+            if not background:
+                _write_durably(Path(path), lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile))
+                return
+            snapshot = _snapshot(state_dict, pool, Path(path).name)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the copies out of GPU memory are done before the writer reads them
-            written.append(Path(path))
             writer.submit(lambda: _write_durably(Path(path), lambda f: torch.save(snapshot, f, _use_new_zipfile_serialization=zipfile)))
 
-    return SnapshotEngine(config_params)
+    return Engine(config_params)
 
 
 class SaveFailed(CheckpointError):
@@ -204,12 +209,7 @@ class Saver:
         self.engine, self.store, self.rank, self.keep, self.background = engine, store, rank, keep, background
         self.writer = _Writer()
         self.files: list[Path] = []  # what this rank wrote of the pending checkpoint
-        if background:
-            self.ckpt_engine = _snapshot_engine(engine._config, self.writer, self.files)
-        else:
-            from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-            self.ckpt_engine = TorchCheckpointEngine(engine._config)
+        self.ckpt_engine = _checkpoint_engine(engine._config, self.writer, self.files, background)
         self.pending: tuple[str, dict[str, Any]] | None = None  # (tag, meta) of the checkpoint being written
 
     def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any], files: dict[str, str] | None = None) -> Path:
@@ -415,10 +415,7 @@ class Store:
         if self.url is None:
             sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
         else:
-            sizes = self._sizes(tag)
-            # anything in the folder no writer uploaded (a safety net: the writers upload what they write)
-            self.upload([p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in sizes])
-            sizes = self._sizes(tag)
+            sizes = self._sizes(tag)  # every rank's writer uploaded what it wrote
         data = json.dumps({**info, "files": sizes}, indent=1).encode()
         _atomic_write(folder / COMPLETE, data)
         if self.url is not None:
