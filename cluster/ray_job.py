@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,21 +72,15 @@ def connect(cluster: ClusterSection, worker_logs: bool = True) -> Connection:
     """
     import ray
 
-    if cluster.address == "local":
-        os.environ.pop("RAY_ADDRESS", None)  # a stray RAY_ADDRESS would join another cluster
-        needed = cluster.num_workers * cluster.cpus_per_worker
-        ray.init(
-            runtime_env=runtime_env(cluster),
-            num_cpus=needed,
-            num_gpus=cluster.num_workers if cluster.use_gpu else 0,
-            include_dashboard=False,
-            log_to_driver=worker_logs,
-            configure_logging=True,
-            logging_level="WARNING",
-        )
-        return Connection("local", True)
-    from data_pipeline.prepare import check_reachable
+    from data_pipeline.prepare import check_reachable, private_ray_on_loopback
 
+    if cluster.address == "local":
+        needed = cluster.num_workers * cluster.cpus_per_worker
+        with private_ray_on_loopback():
+            ray.init(runtime_env=runtime_env(cluster), num_cpus=needed,
+                     num_gpus=cluster.num_workers if cluster.use_gpu else 0, include_dashboard=False,
+                     log_to_driver=worker_logs, configure_logging=True, logging_level="WARNING")
+        return Connection("local", True)
     check_reachable(cluster.address)  # in seconds, where ray.init would wait for minutes
     ray.init(address=cluster.address, runtime_env=runtime_env(cluster), log_to_driver=worker_logs,
              logging_level="WARNING")
@@ -99,6 +94,48 @@ def quiet_worker_logs() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def serve_rendezvous_on_loopback() -> None:
+    """Run in each training worker before torch's process group is made. Rank 0 serves
+    torch's rendezvous store, which listens on every interface whatever address it is
+    given; when that address is the loopback one (a private local Ray), listen there only."""
+    import importlib
+
+    # `import torch.distributed.rendezvous as …` would give the function of that name
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    create = rendezvous._create_c10d_store
+    if getattr(create, "__name__", "") == "create_store":
+        return
+
+    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        if rank != 0 or hostname not in ("127.0.0.1", "localhost") or rendezvous._torchelastic_use_agent_store():
+            return create(hostname, port, rank, world_size, timeout, use_libuv)
+        listener = socket.create_server(("127.0.0.1", port), backlog=128)
+        return rendezvous.TCPStore(host_name=hostname, port=port, world_size=world_size, is_master=True,
+                                   timeout=timeout, multi_tenant=True, master_listen_fd=listener.detach(),
+                                   use_libuv=use_libuv)
+
+    rendezvous._create_c10d_store = create_store
+
+
+def torch_config(cluster: ClusterSection):
+    """Ray Train's TorchConfig, whose backend first runs serve_rendezvous_on_loopback in
+    every worker."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(serve_rendezvous_on_loopback)
+            super().on_start(worker_group, backend_config)
+
+    class Config(TorchConfig):
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return Config(backend="nccl" if cluster.use_gpu else "gloo")
 
 
 def runtime_env(cluster: ClusterSection) -> dict[str, Any]:
@@ -124,7 +161,7 @@ def run_on_ray(train_fn: Callable[[dict], None], config: dict[str, Any], cluster
     """
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     check_placeable(cluster)
     trainer = TorchTrainer(
@@ -141,7 +178,7 @@ def run_on_ray(train_fn: Callable[[dict], None], config: dict[str, Any], cluster
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cluster.max_failures),
         ),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        torch_config=torch_config(cluster),
     )
     try:
         trainer.fit()

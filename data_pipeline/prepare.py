@@ -15,6 +15,7 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -181,6 +182,30 @@ def check_reachable(address: str) -> None:
         raise DataError(f"--address {address}: no Ray cluster answers there ({e}): start one or check the address") from None
 
 
+@contextlib.contextmanager
+def private_ray_on_loopback():
+    """Around the ray.init that starts a private Ray: its processes listen on 127.0.0.1
+    only. On Linux Ray takes the machine's outward address as the node address and its
+    gRPC servers (GCS, raylet, workers, object manager) listen on every interface, so
+    anyone on the network could reach a laptop's job. Ray's single-machine mode (its
+    default on macOS and Windows) uses 127.0.0.1; the processes ray.init starts inherit
+    the variable, and this process's copy of it was read when ray was imported."""
+    import ray._private.ray_constants as ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.pop("RAY_ADDRESS", None)  # a stray RAY_ADDRESS would join another cluster
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:  # a `ray start` this process runs later must still be able to join nodes
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before_env
+
+
 def _one_thread_each() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes already use every core
 
@@ -202,9 +227,9 @@ def encoded_files(files: list[str], tokenizer: str, val_fraction: float, text_fi
         if owned:
             check_reachable(address)
             try:
-                if address == "local":  # a private Ray on this machine, whatever RAY_ADDRESS says
-                    os.environ.pop("RAY_ADDRESS", None)
-                    ray.init(include_dashboard=False, log_to_driver=False)
+                if address == "local":
+                    with private_ray_on_loopback():
+                        ray.init(include_dashboard=False, log_to_driver=False)
                 else:
                     ray.init(address=address, log_to_driver=False)
             except (ConnectionError, ValueError, RuntimeError) as e:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,3 +26,27 @@ def env(**extra: str) -> dict[str, str]:
 
 def trainctl(*args: str, cwd, timeout: float = 420, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict[int, set[str]]]:
+    """trainctl(...), sampling every 0.2 s which addresses its process tree (the private
+    Ray it starts included) listens on: returns the result and {pid: {"IP PROCESS-NAME", ...}}."""
+    import psutil
+
+    proc = subprocess.Popen(command(*args), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, set[str]] = {}
+    with ThreadPoolExecutor(1) as pool:  # the pipes drain while this thread samples
+        out = pool.submit(proc.communicate, timeout=timeout)
+        while not out.done():
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in tree:
+                try:
+                    seen.setdefault(p.pid, set()).update(f"{c.laddr.ip} {p.name()}" for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            time.sleep(0.2)
+        stdout, stderr = out.result()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), seen

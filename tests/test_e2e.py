@@ -4,12 +4,13 @@ real DeepSpeed ZeRO-2 on gloo, real tar shards and W&B in offline mode."""
 from __future__ import annotations
 
 import glob
+import ipaddress
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, SHAKESPEARE, trainctl
+from cli_helpers import REPO, SHAKESPEARE, trainctl, trainctl_watched
 
 JOB = """\
 name: e2e
@@ -35,14 +36,14 @@ def trained(tmp_path_factory):
     r = trainctl("prepare", "text.txt", "--out", "data", cwd=work)
     assert r.returncode == 0, r.stderr
     (work / "job.yaml").write_text(JOB)
-    r = trainctl("run", "job.yaml", cwd=work)
+    r, listening = trainctl_watched("run", "job.yaml", cwd=work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return work, r
+    return work, r, listening
 
 
 @pytest.mark.slow
 def test_prepare_wrote_shards_and_manifest(trained):
-    work, _ = trained
+    work, *_ = trained
     manifest = json.loads((work / "data" / "manifest.json").read_text())
     tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     assert tokens == 300_000 + 2  # every byte, plus one end-of-text per split part
@@ -50,9 +51,27 @@ def test_prepare_wrote_shards_and_manifest(trained):
     assert listing.stdout.splitlines()[0].endswith(".tokens")
 
 
+def loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+
+@pytest.mark.slow
+def test_the_private_ray_listens_on_loopback_only_and_ends_with_the_job(trained):
+    import psutil
+
+    _, _, listening = trained
+    sockets = set().union(*listening.values())
+    assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= {s.split(" ", 1)[1].split(".")[0] for s in sockets}
+    outward = [s for s in sockets if not loopback(s.split(" ")[0])]
+    assert outward == [], outward  # before: the GCS, raylet and workers on every interface
+    alive = [pid for pid in listening if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], [psutil.Process(pid).cmdline()[:3] for pid in alive]
+
+
 @pytest.mark.slow
 def test_run_loss_falls_and_metrics_have_the_keys(trained):
-    work, r = trained
+    work, r, _ = trained
     rows = metrics(work / "runs" / "e2e")
     train = [m for m in rows if "loss" in m]
     val = [m for m in rows if "val_loss" in m]
@@ -67,7 +86,7 @@ def test_run_loss_falls_and_metrics_have_the_keys(trained):
 
 @pytest.mark.slow
 def test_checkpoints_complete_and_pruned(trained):
-    work, _ = trained
+    work, *_ = trained
     root = work / "runs" / "e2e" / "checkpoints"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000040"]  # keep: 1
     assert (root / "latest").read_text() == "step_00000040"
@@ -82,7 +101,7 @@ def test_checkpoints_complete_and_pruned(trained):
 def test_wandb_offline_run_holds_the_metrics(trained):
     from wandb_records import history
 
-    work, _ = trained
+    work, *_ = trained
     files = glob.glob(str(work / "runs" / "e2e" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
     rows = history(Path(files[0]))
@@ -97,7 +116,7 @@ def test_wandb_offline_run_holds_the_metrics(trained):
 
 @pytest.mark.slow
 def test_generate_returns_requested_length(trained):
-    work, _ = trained
+    work, *_ = trained
     r = trainctl("generate", "runs/e2e", "--prompt", "ROMEO:", "--max-new-tokens", "30", "--temperature", "0", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:")
@@ -113,7 +132,7 @@ def test_generate_returns_requested_length(trained):
 
 @pytest.mark.slow
 def test_worker_failure_exits_1_with_the_workers_error(trained):
-    work, _ = trained
+    work, *_ = trained
     broken = work / "broken"
     subprocess.run(["cp", "-r", str(work / "data"), str(broken)], check=True)
     (broken / "train-000000.tar").write_bytes(b"not a tar file" * 100)
@@ -126,7 +145,7 @@ def test_worker_failure_exits_1_with_the_workers_error(trained):
 @pytest.mark.slow
 def test_single_plain_process_without_ray(trained):
     """The same worker function alone in this process: `--no-ray` with one worker."""
-    work, _ = trained
+    work, *_ = trained
     r = trainctl("run", "job.yaml", "--no-ray", "name=solo", "cluster.num_workers=1", "train.max_steps=10",
                  "train.eval_every=10", "checkpoint.every=10", "train.sample_tokens=5", cwd=work, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -138,7 +157,7 @@ def test_single_plain_process_without_ray(trained):
 
 @pytest.mark.slow
 def test_bpe_dataset_trains_and_its_tokenizer_travels_into_the_checkpoint(trained):
-    work, _ = trained
+    work, *_ = trained
     r = trainctl("prepare", "text.txt", "--out", "bpe", "--tokenizer", "bpe:512", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
     small = trainctl("run", "job.yaml", "--no-ray", "name=bpe", "data.path=bpe", "cluster.num_workers=1", cwd=work)
@@ -162,7 +181,7 @@ def test_training_over_http_matches_the_local_folder(trained):
     import http.server
     import threading
 
-    work, _ = trained
+    work, *_ = trained
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(work))
     handler.log_message = lambda *a: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -183,7 +202,7 @@ def test_training_over_http_matches_the_local_folder(trained):
 @pytest.mark.slow
 def test_skip_policy_finishes_under_ray_with_a_corrupt_shard(trained):
     """data.on_error=skip: both workers pass over the broken shard and finish (bounded by the timeout)."""
-    work, _ = trained
+    work, *_ = trained
     r = trainctl("prepare", "text.txt", "--out", "broken-skip", "--shard-size-mb", "0.1", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
     broken = work / "broken-skip"
@@ -205,7 +224,7 @@ def test_raw_text_shards_train_without_prepare(trained):
     """Shards of .txt samples written by plain webdataset: `trainctl run` reads them as they are."""
     import webdataset as wds
 
-    work, _ = trained
+    work, *_ = trained
     (work / "raw").mkdir()
     text = (work / "text.txt").read_text()
     for s in range(2):
@@ -225,7 +244,7 @@ def test_raw_text_shards_train_without_prepare(trained):
 
 @pytest.mark.slow
 def test_mixed_sources_train_and_log_their_proportions(trained):
-    work, _ = trained
+    work, *_ = trained
     (work / "code.txt").write_text((REPO / "trainer" / "model.py").read_text() * 8)
     assert trainctl("prepare", "code.txt", "--out", "code", cwd=work, timeout=120).returncode == 0
     (work / "mix.yaml").write_text(JOB.replace("data: {path: data,", "data: {sources: [{path: data, weight: 3}, {path: code, weight: 1}],"))
@@ -242,7 +261,7 @@ def test_mixed_sources_train_and_log_their_proportions(trained):
 def test_document_masking_trains(trained):
     """data.document_masking through DeepSpeed: the same first batch, a different loss than
     without the mask wherever a window holds an end-of-text."""
-    work, _ = trained
+    work, *_ = trained
     (work / "docs").mkdir()
     text = (work / "text.txt").read_text()
     for i in range(60):  # many short documents, so that windows cross document ends
