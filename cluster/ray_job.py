@@ -7,10 +7,13 @@ worker the resolved config as a plain dict.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from trainer.config import ClusterSection
@@ -64,12 +67,14 @@ class Connection:
     started_here: bool
 
 
-def connect(cluster: ClusterSection, worker_logs: bool = True) -> Connection:
+def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = True) -> Connection:
     """Join the cluster named by `cluster.address`, or start a private one.
 
     'local' starts a Ray sized to the job on this machine (no dashboard); 'auto' joins
-    the cluster `ray start` made here; anything else is a cluster address.
+    the cluster `ray start` made here; anything else is a cluster address. Without
+    `verbose`, Ray's own warnings in this process are left out (errors still show).
     """
+    level = "WARNING" if verbose else "ERROR"
     import ray
 
     from data_pipeline.prepare import check_reachable, private_ray_on_loopback
@@ -79,11 +84,11 @@ def connect(cluster: ClusterSection, worker_logs: bool = True) -> Connection:
         with private_ray_on_loopback():
             ray.init(runtime_env=runtime_env(cluster), num_cpus=needed,
                      num_gpus=cluster.num_workers if cluster.use_gpu else 0, include_dashboard=False,
-                     log_to_driver=worker_logs, configure_logging=True, logging_level="WARNING")
+                     log_to_driver=worker_logs, configure_logging=True, logging_level=level)
         return Connection("local", True)
     check_reachable(cluster.address)  # in seconds, where ray.init would wait for minutes
     ray.init(address=cluster.address, runtime_env=runtime_env(cluster), log_to_driver=worker_logs,
-             logging_level="WARNING")
+             logging_level=level)
     return Connection(cluster.address, False)
 
 
@@ -147,7 +152,7 @@ def worker_env(cluster: ClusterSection) -> dict[str, str]:
     # Ray Train's print patch tees each print to its logger once stdout is wrapped (W&B wraps
     # rank 0's), so every progress line would reach the console twice.
     env = {"DS_ACCELERATOR": "cuda" if cluster.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TRAINCTL_VERBOSE": os.environ.get("TRAINCTL_VERBOSE", "0")}
     env.update(cluster.env)
     return env
 
@@ -198,8 +203,47 @@ def _worker_error(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else "training failed"
 
 
+def route_worker_logs(log_path: Path) -> None:
+    """Show the workers' trainctl lines (progress, checkpoints, warnings, the summary:
+    tracking.CONSOLE_LINE) on this console as they are, and append every other line of
+    their output (Ray's, DeepSpeed's, torch's, a traceback) to `log_path`, each with the
+    process it came from, instead of Ray's forwarding of everything."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from trainer.tracking import CONSOLE_LINE
+
+    console = re.compile(CONSOLE_LINE)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a", buffering=1)
+    # Nodes that share a log folder (several on one machine) each publish every line; Ray's
+    # own printing hides that with its deduplicator, this with the lines seen lately.
+    recent: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+
+    def handle(data: dict) -> None:
+        who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')} ip={data.get('ip')}) "
+        for line in data.get("lines", []):
+            key = (data.get("pid"), data.get("is_err"), line)  # each node's copy names itself as the ip
+            if key in recent:
+                continue
+            recent[key] = None
+            if len(recent) > 10_000:
+                recent.popitem(last=False)
+            if console.match(line):
+                print(line, file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)
+            else:
+                log.write(who + line + "\n")
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler(LOG_HANDLER, handle)
+
+
+LOG_HANDLER = "trainctl_worker_logs"
+
+
 def shutdown(conn: Connection) -> None:
     import ray
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     if ray.is_initialized():
-        ray.shutdown()
+        ray.shutdown()  # stops Ray's log thread, so every forwarded line has been handled
+    dispatcher.remove_handler(LOG_HANDLER)

@@ -186,6 +186,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
+    if args.verbose:
+        os.environ["TRAINCTL_VERBOSE"] = "1"  # read by the workers (Ray passes it on: cluster.ray_job.worker_env)
+    if args.profile:
+        try:
+            cfg.train.profile = args.profile  # validated on assignment
+        except ValueError:
+            raise UsageError(f"--profile {args.profile}: give N (N steps after a 5-step warm-up) or FIRST-LAST, e.g. 20-22") from None
     folder, store, rank0 = run_dir(cfg), checkpoint_store(cfg), int(os.environ.get("RANK", "0")) == 0
     if args.fresh:
         start_over(folder, store, args.force, delete=False)
@@ -217,9 +224,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) != 0:
             return PREEMPTED if status == "preempted" else 0
     else:
-        from cluster.ray_job import JobFailed, NotPlaceable, connect, run_on_ray, shutdown
+        from cluster.ray_job import JobFailed, NotPlaceable, connect, route_worker_logs, run_on_ray, shutdown
 
-        conn, failure = connect(cfg.cluster), None
+        conn, failure = connect(cfg.cluster, verbose=args.verbose), None
+        if not args.verbose:
+            route_worker_logs(folder / "workers.log")
         preempt_on_sigterm(folder, cfg.checkpoint.preempt_grace_s)
         try:
             run_on_ray(train_worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent))
@@ -233,7 +242,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"trainctl: error: {str(failure).split('SaveFailed: ', 1)[1]}", file=sys.stderr)
             return 2
         if failure is not None:
-            print(f"trainctl: training failed: {failure}", file=sys.stderr)
+            where = "" if args.verbose else f" (the workers' output: {folder / 'workers.log'})"
+            print(f"trainctl: training failed: {failure}{where}", file=sys.stderr)
             return FAILED
         status = "preempted" if (folder / PREEMPT).exists() else "done"
         (folder / PREEMPT).unlink(missing_ok=True)
@@ -465,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--fresh", action="store_true", help="start over, ignoring the run's checkpoints (refused if the run folder holds a run, unless --force)")
     pr.add_argument("--force", action="store_true", help="with --fresh: delete the run folder's checkpoints, metrics and W&B "
                     "run id first; with --resume of an earlier checkpoint of the same run: delete the newer ones")
+    pr.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and the workers' own output on the "
+                    "console (by default it goes to RUN_FOLDER/workers.log)")
+    pr.add_argument("--profile", metavar="STEPS", help="write a torch profiler trace of these steps into the run folder: "
+                    "N (the N steps after a 5-step warm-up) or FIRST-LAST (e.g. 20-22)")
     pr.set_defaults(fn=_cmd_run)
 
     pl = sub.add_parser("plan", help="parameters, FLOPs, memory per ZeRO stage and time per step of a job, before launch",
@@ -473,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "smallest that fits cluster.gpu_memory_gb), time per step and per run at a stated MFU.")
     _job_arguments(pl, "YAML job file")
     pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
-    pl.add_argument("--peak-tflops", type=float, help="peak TFLOPS per GPU (default cluster.gpu_tflops)")
+    pl.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU (default cluster.peak_tflops, else an H100's 989)")
     pl.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default cluster.gpu_memory_gb)")
     pl.set_defaults(fn=_cmd_plan)
 

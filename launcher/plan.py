@@ -14,18 +14,19 @@ and the time per step and per run at a stated MFU. Closed forms, no model is bui
   itself runs in SDPA's memory-efficient kernels, so no s*s term), the logits s*b*V*(a+4)
   (the fp32 copy the loss takes). With activation checkpointing a block keeps only its
   input, and one block's full set exists at a time during the recompute.
-- FLOPs per token: 6 * (matmul parameters, the output head included even when tied) +
-  12 * L * C * s for attention (PaLM's count). That is the "model FLOPs" MFU is defined
-  on; activation checkpointing makes the hardware do a third more.
+- FLOPs per token: trainer/perf.py's flops_per_token, 6 N + 12 L H Q T (the convention MFU
+  is logged with); activation checkpointing makes the hardware do a third more.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer import perf
 from trainer.config import JobConfig
 
 GIB = 2**30
+H100_TFLOPS = 989.0  # the peak a GPU job's time estimate assumes without cluster.peak_tflops
 
 
 @dataclass
@@ -69,8 +70,7 @@ def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_
     s, b = cfg.data.seq_len, t.micro_batch_size
     C, L, V, F, KD = mc.d_model, mc.n_layer, mc.vocab_size, mc.ffn_dim, mc.kv_heads * mc.head_dim
     params = count_params(mc, non_embedding=False)
-    matmul = L * (2 * C * C + 2 * C * KD + 3 * C * F) + V * C  # the output head multiplies even when tied
-    flops_per_token = 6 * matmul + 12 * L * C * s
+    flops_per_token = perf.flops_per_token(mc, s)
 
     half = t.precision in ("bf16", "fp16")
     w, g, o = (2, 2, 12) if half else (4, 4, 8)
@@ -92,7 +92,7 @@ def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_
 
     tokens_per_step = cfg.global_batch * s
     limit = int((gpu_memory_gb or cfg.cluster.gpu_memory_gb) * GIB) if cfg.cluster.use_gpu else None
-    peak = peak_tflops or (cfg.cluster.gpu_tflops if cfg.cluster.use_gpu else None)
+    peak = peak_tflops or cfg.cluster.peak_tflops or (H100_TFLOPS if cfg.cluster.use_gpu else None)
     step_s = flops_per_token * tokens_per_step / (n * peak * 1e12 * mfu) if peak else None
     return Plan(params, count_params(mc), flops_per_token, tokens_per_step, int(acts), memory, limit, step_s,
                 step_s * t.max_steps if step_s else None)

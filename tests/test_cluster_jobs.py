@@ -78,7 +78,7 @@ def test_a_submitted_job_runs_on_both_nodes_and_matches_the_local_run(site):
 
     followed = cli(site, "logs", job_id, "--address", cluster.dashboard, "--follow")
     assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
-    assert followed.stdout.count("step     20/20 | loss") == 1 and "trainctl: done: 20 steps" in followed.stdout
+    assert followed.stdout.count("step     20/20 [####################] 100% | loss") == 1 and "trainctl: done: 20 steps" in followed.stdout
     assert f"trainctl: job {job_id} ended: SUCCEEDED" in followed.stderr
     assert cli(site, "status", job_id, "--address", cluster.dashboard).stdout.startswith(f"{job_id}: SUCCEEDED")
     listed = cli(site, "list", "--address", cluster.dashboard).stdout

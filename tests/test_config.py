@@ -184,3 +184,14 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragme
     if "model.vocab_size=100" not in args:  # that case needs the prepared data to know the vocabulary
         assert after == before
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_gpu_fast_path_overlaps_communication_and_uses_the_fused_adam():
+    gpu = deepspeed_config(load_config(REPO / "configs/gpt2-124m.yaml", []))
+    assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's fused Adam
+    z = gpu["zero_optimization"]
+    assert (z["stage"], z["overlap_comm"], z["contiguous_gradients"], z["reduce_bucket_size"]) == (2, True, True, 200_000_000)
+    z3 = deepspeed_config(load_config(REPO / "configs/llama-7b.yaml", []))["zero_optimization"]
+    assert z3["stage"] == 3 and z3["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and z3["overlap_comm"]
+    cpu = deepspeed_config(load_config(None, ["train.zero_stage=2"]))["zero_optimization"]
+    assert cpu == {"stage": 2}  # gloo on a CPU: DeepSpeed's defaults, no overlap stream to use

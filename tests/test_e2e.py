@@ -51,6 +51,11 @@ def test_prepare_wrote_shards_and_manifest(trained):
     assert listing.stdout.splitlines()[0].endswith(".tokens")
 
 
+KEYS = ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_time_s",
+        "time_data_s", "time_forward_backward_s", "time_optimizer_s", "time_sync_s", "time_checkpoint_s", "mem_peak_gb",
+        "goodput")
+
+
 def loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
@@ -76,12 +81,46 @@ def test_run_loss_falls_and_metrics_have_the_keys(trained):
     train = [m for m in rows if "loss" in m]
     val = [m for m in rows if "val_loss" in m]
     assert [m["step"] for m in train] == [10, 20, 30, 40]
-    assert {"step", "loss", "lr", "tokens_per_s"} <= set(train[0])
-    assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait"] < 1 and m["data_skipped_shards"] == 0 for m in train)
+    assert set(KEYS) <= set(train[0]), set(KEYS) - set(train[0])
+    for m in train:
+        assert m["tokens_per_s"] > 0 and 0 <= m["data_wait"] < 1 and m["data_skipped_shards"] == 0
+        assert m["tokens_per_s_per_worker"] == pytest.approx(m["tokens_per_s"] / 2)
+        assert 0 < m["mfu"] < 1 and 0 < m["goodput"] < 1 and m["loss_scale"] == 1.0 and m["grad_norm"] > 0
+        assert 0.05 < m["mem_peak_gb"] < 8  # the largest worker's RSS
+        parts = sum(m[f"time_{p}_s"] for p in ("data", "forward_backward", "optimizer", "sync", "checkpoint"))
+        assert parts == pytest.approx(m["step_time_s"], rel=0.10), m
+    # a checkpoint was written at step 20: its cost shows in the interval after it
+    assert train[2]["time_checkpoint_s"] > 20 * train[0]["time_checkpoint_s"]
+    # MFU is the tokens' FLOPs over the measured peak: the peak recovered from the figures is the same each time
+    flops = json.loads((work / "runs" / "e2e" / "run.json").read_text())["flops_per_token"]
+    peak = json.loads((work / "runs" / "e2e" / "run.json").read_text())["peak_tflops_per_worker"]
+    assert all(m["mfu"] == pytest.approx(m["tokens_per_s"] * flops / (2 * peak * 1e12)) for m in train)
     assert train[0]["loss"] < 5.6 and train[-1]["loss"] < train[0]["loss"] - 0.4
     assert [m["step"] for m in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
-    assert r.stdout.count("step     40/40 | loss") == 1 and "ETA" in r.stdout  # rank 0 only, once
+    assert r.stdout.count("step     40/40 [####################] 100% | loss") == 1 and "ETA" in r.stdout  # rank 0, once
     assert "sample from the final checkpoint" in r.stdout
+
+
+@pytest.mark.slow
+def test_the_console_shows_progress_and_the_summary_and_the_rest_goes_to_the_log_file(trained):
+    work, r, _ = trained
+    last = metrics(work / "runs" / "e2e")
+    final_loss = [m for m in last if "loss" in m][-1]["loss"]
+    vals = [m["val_loss"] for m in last if "val_loss" in m]
+    progress = [line for line in r.stdout.splitlines() if line.startswith("step ") and "| loss" in line]
+    assert len(progress) == 4 and f"| loss {final_loss:.4f} |" in progress[-1]
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table}
+    assert cells["tokens seen"] == f"{40 * 16 * 32:,}" and cells["restarts"] == "0"
+    assert cells["final val_loss"] == f"{vals[-1]:.4f} (step 40)" and cells["best val_loss"].startswith(f"{min(vals):.4f}")
+    assert cells["mean MFU"].endswith("(fp32 matmul measured on this CPU)")
+    noise = [line for line in (r.stdout + r.stderr).splitlines()
+             if "INFO" in line or "pid=" in line or "DeepSpeed" in line or "Warning" in line]
+    assert noise == [], noise[:5]
+    log = (work / "runs" / "e2e" / "workers.log").read_text()
+    assert "(RayTrainWorker" in log or "(TrainController" in log  # what Ray would have printed is kept here
+    samples = [json.loads(line) for line in (work / "runs" / "e2e" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [20, 20, 40, 40] and all(len(s["prompt"]) == 32 for s in samples)
 
 
 @pytest.mark.slow
@@ -99,7 +138,7 @@ def test_checkpoints_complete_and_pruned(trained):
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics(trained):
-    from wandb_records import history
+    from wandb_records import history, summary
 
     work, *_ = trained
     files = glob.glob(str(work / "runs" / "e2e" / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -112,6 +151,14 @@ def test_wandb_offline_run_holds_the_metrics(trained):
         for key, value in m.items():
             if key != "step":
                 assert by_step[m["step"]][key] == pytest.approx(value), (m["step"], key)
+    assert all(r["trainer/global_step"] == r["_step"] for r in rows)  # the x axis every chart is drawn against
+    facts = summary(Path(files[0]))
+    assert facts["tokenizer"] == {"name": "byte", "vocab_size": 257, "eot": 256} and facts["tokens_per_step"] == 512
+    assert facts["flops_per_token"] == json.loads((work / "runs" / "e2e" / "run.json").read_text())["flops_per_token"]
+    assert facts["summary/tokens seen"] == "20,480" and facts["summary/restarts"] == "0"
+    assert facts["val/samples/_type"] == "table-file" and facts["val/samples/nrows"] == 2
+    table = json.loads((Path(files[0]).parent / "files" / facts["val/samples/path"]).read_text())
+    assert table["columns"] == ["prompt", "sample"] and len(table["data"][0][0]) == 32
 
 
 @pytest.mark.slow
@@ -200,8 +247,9 @@ def test_training_over_http_matches_the_local_folder(trained):
 
 
 @pytest.mark.slow
-def test_skip_policy_finishes_under_ray_with_a_corrupt_shard(trained):
-    """data.on_error=skip: both workers pass over the broken shard and finish (bounded by the timeout)."""
+def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_profile_work(trained):
+    """data.on_error=skip: both workers pass over the broken shard and finish (bounded by the
+    timeout). The same run (to spare a Ray start) has --verbose and --profile 2."""
     work, *_ = trained
     r = trainctl("prepare", "text.txt", "--out", "broken-skip", "--shard-size-mb", "0.1", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -212,11 +260,24 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard(trained):
     first = TokenStream(str(broken), "train", 32, 8, 0, 2, seed=1337).epoch_plan(0)[0][0]["path"]  # read first
     (broken / first).write_bytes(b"not a tar file" * 100)
     r = trainctl("run", "job.yaml", "name=skip", "data.path=broken-skip", "data.on_error=skip", "train.max_steps=10",
-                 "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+                 "train.sample_tokens=0", "tracking.mode=disabled", "--verbose", "--profile", "2", cwd=work, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [m for m in metrics(work / "runs" / "skip") if "loss" in m]
     assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
     assert "skipping a shard (data.on_error=skip): shard" in r.stdout + r.stderr and first in r.stdout + r.stderr
+
+    # --verbose: Ray's forwarding of everything, nothing in workers.log
+    assert "(RayTrainWorker pid=" in r.stdout + r.stderr and "(TrainController pid=" in r.stdout + r.stderr
+    assert not (work / "runs" / "skip" / "workers.log").exists()
+    # --profile 2: steps 6-7 (after the 5-step warm-up), a Chrome trace per rank
+    assert "trainctl: profile of steps 6-7:" in r.stdout
+    for rank in (0, 1):
+        trace = json.loads((work / "runs" / "skip" / "profile" / f"trace-steps6-7-rank{rank}.json").read_text())
+        names = {e.get("name", "") for e in trace["traceEvents"]}
+        assert any("aten::mm" in n or "aten::addmm" in n for n in names) and any("backward" in n.lower() for n in names)
+    bad = trainctl("run", "job.yaml", "name=prof2", "--profile", "two", cwd=work)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("trainctl: error: --profile two: give N")
+    assert not (work / "runs" / "prof2").exists()
 
 
 @pytest.mark.slow

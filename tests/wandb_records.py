@@ -45,3 +45,17 @@ def history(path: Path) -> list[dict]:
         if rec.WhichOneof("record_type") == "history":
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
     return rows
+
+
+def summary(path: Path) -> dict:
+    """The run's summary as the file leaves it: every summary update, in order, merged."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out: dict = {}
+    for raw in records(path):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "summary":
+            for i in rec.summary.update:
+                out[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+    return out

@@ -110,6 +110,10 @@ class TrainSection(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs a GPU (loss scaling)")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
+    profile: str | None = Field(None, pattern=r"^[1-9][0-9]*(-[1-9][0-9]*)?$", description="steps to trace with the torch "
+                                "profiler into the run folder: N (N steps after a 5-step warm-up) or FIRST-LAST "
+                                "(`trainctl run --profile`)")
+    compile: bool = Field(False, description="torch.compile the model (Module.compile: the first steps pay the compile time)")
     eval_every: int = Field(100, gt=0, description="steps between validation passes (and at the end)")
     eval_batches: int = Field(20, gt=0, description="global validation batches per pass (capped by the split)")
     log_every: int = Field(10, gt=0, description="steps between metric lines")
@@ -169,8 +173,9 @@ class ClusterSection(Section):
                                                    "needs, e.g. {memory: 32e9} or a custom resource a node declares")
     accelerator_type: str | None = Field(None, description="GPU type the workers must run on, as Ray names it (A100, H100, ...)")
     gpu_memory_gb: float = Field(80, gt=0, description="memory of each GPU, for `trainctl plan` and the fit check before launch")
-    gpu_tflops: float = Field(989, gt=0, description="peak dense TFLOPS of each GPU at the job's precision (H100 SXM bf16: 989), "
-                              "for `trainctl plan`'s time estimates")
+    peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one worker's device, for MFU and "
+                                      "`trainctl plan`; null = by the GPU's name (H100/H200 SXM 989, A100 312, bf16), "
+                                      "or measured with a matmul on a CPU (plan assumes an H100 for a GPU job)")
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

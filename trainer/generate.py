@@ -86,3 +86,16 @@ def sample(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temp
     gen = torch.Generator().manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
     return tok.decode(out[0, len(ids):].tolist())
+
+
+@torch.no_grad()
+def continue_prompts(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, seed: int) -> torch.Tensor:
+    """Continuations (B, max_new_tokens) of `prompts` (B, T) from a model being trained:
+    in eval mode for the call, with a generator of its own (training's randomness is left
+    as it was). Under ZeRO-3 every rank must call it (each forward gathers the weights)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=prompts.device).manual_seed(seed)
+    out = model.generate(prompts, max_new_tokens, temperature=0.8, top_k=200, generator=gen)
+    model.train(was_training)
+    return out[:, prompts.shape[1]:]

@@ -15,18 +15,20 @@ import signal
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches
-from trainer import checkpoint
+from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches, tokenizer_from_dict
+from trainer import checkpoint, perf
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
+from trainer.generate import continue_prompts
 from trainer.model import ModelConfig, Transformer, document_segments
-from trainer.tracking import Tracker, run_id, warn
+from trainer.tracking import Tracker, duration, progress_line, run_id, summary_table, warn
 
 
 def model_config(cfg: JobConfig) -> ModelConfig:
@@ -94,20 +96,26 @@ def forward(engine, batch: torch.Tensor, eot: int | None):
 
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum_steps: int, device: torch.device,
-               eot: int | None = None, poison: bool = False) -> float:
+               eot: int | None = None, poison: bool = False, timer: perf.StepTimer | None = None) -> float:
     """One optimizer step over `accum_steps` micro batches; returns this rank's mean loss.
-    `eot` turns on document masking; `poison` (a test hook) makes the loss NaN, so the
+    `eot` turns on document masking; `timer` adds the seconds of each part (waiting for
+    data, forward+backward, optimizer); `poison` (a test hook) makes the loss NaN, so the
     gradients and then the weights go NaN as they would in a real divergence."""
-    total = 0.0
+    timer = timer or perf.StepTimer(cuda=False)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(accum_steps):
-        batch = next(batches).to(device, non_blocking=True)  # (B, T+1)
-        _, loss = forward(engine, batch, eot)
-        if poison:
-            loss = loss * float("nan")
-        engine.backward(loss)
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        total += loss.item()
-    return total / accum_steps
+        with timer("data", host=True):
+            batch = next(batches)
+        batch = batch.to(device, non_blocking=True)  # (B, T+1)
+        with timer("forward_backward"):
+            _, loss = forward(engine, batch, eot)
+            if poison:
+                loss = loss * float("nan")
+            engine.backward(loss)
+        with timer("optimizer"):
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        total += loss.detach()
+    return total.item() / accum_steps  # one synchronisation per step, not one per micro batch
 
 
 @torch.no_grad()
@@ -122,28 +130,6 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device, eot: int
     engine.train()
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
-
-
-def timed(batches: Iterator[torch.Tensor], waited: list[float]) -> Iterator[torch.Tensor]:
-    """`batches`, adding the seconds spent waiting for each one to waited[0]."""
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        waited[0] += time.perf_counter() - t0
-        yield batch
-
-
-def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Each value averaged over the ranks, in one all-reduce."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 PREEMPT = "PREEMPT"  # a file in the run folder: the launcher got SIGTERM, save and stop
@@ -175,6 +161,7 @@ class Diverged(RuntimeError):
 
 
 SPIKE_WINDOW = 20  # steps whose mean loss a spike is measured against
+VAL_SAMPLES, VAL_PROMPT_TOKENS, VAL_SAMPLE_TOKENS = 2, 32, 64  # validation samples logged at each evaluation
 
 
 def loss_alarm(loss: float, recent: deque, factor: float | None) -> str | None:
@@ -208,16 +195,24 @@ def resume_point(cfg: JobConfig, store: checkpoint.Store) -> Path | None:
     return found
 
 
-def record_attempt(folder: Path, step: int, ckpt: Path | None) -> tuple[int, float]:
-    """Note this start of the workers; returns (restarts so far in this invocation, seconds
-    lost to the last one: from the save of the checkpoint it resumes from until now)."""
+@dataclass
+class Attempt:
+    restarts: int  # restarts of the workers so far in this invocation
+    lost_s: float  # seconds lost to the last one: from the save of the checkpoint it resumed from until now
+    launched_at: float  # when this invocation of `trainctl run` started (wall clock)
+    launched_step: int  # the step its first attempt started at
+
+
+def record_attempt(folder: Path, step: int, ckpt: Path | None) -> Attempt:
+    """Note this start of the workers in the run folder and say where it stands."""
     started = json.loads((folder / LAUNCH).read_text())["started_at"] if (folder / LAUNCH).exists() else time.time()
     attempts = folder / "attempts.jsonl"
     with open(attempts, "a") as f:
         f.write(json.dumps({"at": time.time(), "step": step}) + "\n")
-    restarts = sum(json.loads(line)["at"] >= started for line in attempts.read_text().splitlines()) - 1
+    mine = [row for row in map(json.loads, attempts.read_text().splitlines()) if row["at"] >= started]
+    restarts = len(mine) - 1
     lost = time.time() - checkpoint.meta(ckpt).get("saved_at", time.time()) if restarts and ckpt is not None else 0.0
-    return restarts, lost
+    return Attempt(restarts, lost, started, mine[0]["step"])
 
 
 def train_worker(config: dict) -> str:
@@ -238,6 +233,7 @@ def train_worker(config: dict) -> str:
     stream = Loader(build_stream(cfg, rank, world), cfg.data.num_workers, pin_memory=cfg.cluster.use_gpu)
     tokenizer = stream.manifest["tokenizer"]
     eot = tokenizer["eot"] if cfg.data.document_masking else None
+    tok = tokenizer_from_dict(tokenizer)
     val = [batch for path in data_paths(cfg)  # every source's validation split, in order
            for batch in eval_batches(path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches,
                                      on_error=cfg.data.on_error, raw=raw_options(cfg))]
@@ -263,36 +259,49 @@ def train_worker(config: dict) -> str:
         torch.manual_seed(t.seed + rank)  # dropout and sampling differ per rank
 
     tracker = Tracker(cfg, folder, resume_step=step) if rank == 0 else None
+    attempt = record_attempt(folder, step, latest) if rank == 0 else None
+    if attempt is not None and attempt.restarts:
+        print(f"trainctl: restart {attempt.restarts} of this job: resumed at step {step}, {attempt.lost_s:.0f} s lost since "
+              "that checkpoint", flush=True)
+        tracker.log({"restarts": attempt.restarts, "time_lost_s": attempt.lost_s}, step, event=True)
+    peak, peak_source = perf.device_peak_tflops(cfg.cluster.peak_tflops, cfg.cluster.use_gpu)
+    if not cfg.cluster.use_gpu and not cfg.cluster.peak_tflops:
+        (peak,) = perf.mean_over_ranks([peak], device)  # measured on every rank at once, as they train
+    flops = perf.flops_per_token(model_config(cfg), seq)
+    tokens_per_step = cfg.global_batch * seq
+    meter = perf.Meter(flops, world, tokens_per_step, peak, device, step,
+                       *((attempt.launched_at, attempt.launched_step) if attempt else ()))
     if rank == 0:
-        restarts, lost = record_attempt(folder, step, latest)
-        if restarts:
-            print(f"trainctl: restart {restarts} of this job: resumed at step {step}, {lost:.0f} s lost since that checkpoint",
-                  flush=True)
-            tracker.log({"restarts": restarts, "time_lost_s": lost}, step, event=True)
+        tracker.describe({"flops_per_token": flops, "peak_tflops_per_worker": peak, "peak_source": peak_source,
+                          "tokens_per_step": tokens_per_step, "tokenizer": tokenizer})
+    timer = meter.timer
     stop = StopRequest(folder)
     status = "done"
-    tokens_per_step = cfg.global_batch * seq
-    waited = [0.0]  # seconds this rank waited for data since the last log line
-    batches = timed(iter(stream), waited)
+    batches = iter(stream)
     start_step, t_start = step, time.perf_counter()
-    t_log, step_log = t_start, step
     recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last steps' losses, for spike detection
+    val_losses: list[tuple[int, float]] = []
     # Rollbacks so far, and a step whose data window is passed over after one (both kept in checkpoints).
     rollbacks, skip_step = (state.get("rollbacks", 0), state.get("skip_step")) if latest is not None else (0, None)
     nan_at = int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", 0))  # a test hook: poison this step's loss, once
+    profiler = perf.Profiler(t.profile, step, t.max_steps, folder, rank, cfg.cluster.use_gpu)
+    meter.restart_interval(step)  # the first interval starts here, not when the meter was made
     while step < t.max_steps:
+        profiler.tick(step + 1)
         if step + 1 == skip_step:  # the window that made the loss diverge: consume it untrained
             for _ in range(cfg.accum_steps):
                 next(batches)
             skip_step = None
         position = stream.state_dict()  # where this step's data starts, to name it if it must be skipped
-        loss = train_step(engine, batches, cfg.accum_steps, device, eot, poison=step + 1 == nan_at)
+        loss = train_step(engine, batches, cfg.accum_steps, device, eot, poison=step + 1 == nan_at, timer=timer)
         nan_at = 0 if step + 1 == nan_at else nan_at
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.
-        loss, stop_votes, written = mean_over_ranks([loss, float(stop.requested()), saver.written()], device)
+        with timer("sync"):
+            loss, stop_votes, written = perf.mean_over_ranks([loss, float(stop.requested()), saver.written()], device)
         if written == 1.0:
-            saver.commit()
+            with timer("checkpoint", host=True):
+                saver.commit()
         step += 1
         tokens_seen += tokens_per_step
 
@@ -308,10 +317,11 @@ def train_worker(config: dict) -> str:
             reshard = checkpoint.needs_resharding(good, world, t.zero_stage)
             state = checkpoint.load(engine, good, rank, universal=ckpt_root / f".universal-{good.name}" if reshard else None)
             stream.load_state_dict(state["data"])
-            batches = timed(iter(stream), waited)
+            batches = iter(stream)
             skip_step, bad_step = step, step
             step, tokens_seen = state["step"], state["tokens_seen"]
             recent.clear()
+            meter.restart_interval(step)
             if rank == 0:
                 tracker.rewind(step)
                 warn(f"step {bad_step}: {alarm}: rolled back to {good} (rollback {rollbacks} of {t.max_rollbacks}); "
@@ -322,26 +332,30 @@ def train_worker(config: dict) -> str:
         recent.append(loss)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            (wait_s,) = mean_over_ranks([waited[0]], device)
-            now = time.perf_counter()
-            data_wait = wait_s / (now - t_log)  # share of the interval the ranks spent waiting for data
-            waited[0] = 0.0
-            tok_s = (step - step_log) * tokens_per_step / (now - t_log)
-            eta = (now - t_start) / (step - start_step) * (t.max_steps - step)
-            t_log, step_log = now, step
-            if rank == 0:
-                lr = engine.get_lr()[0]
-                tracker.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen, "epoch": stream.epoch,
-                             "data_wait": data_wait, "data_skipped_shards": len(stream.skipped), "rollbacks": rollbacks,
-                             **({"data_mix": stream.proportions()} if cfg.data.sources else {})}, step)
-                print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                      f"data wait {data_wait:.0%} | ETA {_duration(eta)}", flush=True)
+            figures = meter.interval(step)
+            with meter.aside():  # logging is not a step: every rank leaves its time out (a barrier ends it)
+                if rank == 0:
+                    m = {"loss": loss, **perf.optimizer_figures(engine, t.precision), **figures, "tokens": tokens_seen,
+                         "epoch": stream.epoch, "data_skipped_shards": len(stream.skipped), "rollbacks": rollbacks,
+                         **({"data_mix": stream.proportions()} if cfg.data.sources else {})}
+                    tracker.log(m, step)
+                    eta = (time.perf_counter() - t_start) / (step - start_step) * (t.max_steps - step)
+                    print(progress_line(step, t.max_steps, m, eta), flush=True)
+                dist.barrier()
 
         if val and (step % t.eval_every == 0 or step == t.max_steps):
-            val_loss = evaluate(engine, val, device, eot)
-            if rank == 0:
-                tracker.log({"val_loss": val_loss}, step)
-                print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
+            with meter.aside():  # evaluation is not a step either
+                val_loss = evaluate(engine, val, device, eot)
+                val_losses.append((step, val_loss))
+                if t.sample_tokens:  # a few validation prompts continued, on every rank (ZeRO-3 gathers weights)
+                    prompts = val[0][:VAL_SAMPLES, :VAL_PROMPT_TOKENS].to(device)
+                    out = continue_prompts(engine.module, prompts, min(t.sample_tokens, VAL_SAMPLE_TOKENS), seed=step)
+                if rank == 0:
+                    tracker.log({"val_loss": val_loss}, step)
+                    if t.sample_tokens:
+                        tracker.samples(step, [[tok.decode(p.tolist()), tok.decode(c.tolist())] for p, c in zip(prompts, out)])
+                    print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
+                dist.barrier()
 
         preempted = stop_votes > 0
         if step % cfg.checkpoint.every == 0 or step == t.max_steps or preempted:
@@ -350,17 +364,23 @@ def train_worker(config: dict) -> str:
             info = {"zero_stage": t.zero_stage, "world_size": world, "global_batch": cfg.global_batch, "seq_len": seq,
                     "tokens_seen": tokens_seen, "name": cfg.name,
                     "tokenizer": tokenizer, "wandb_run_id": run_id(folder) if rank == 0 else None}
-            saver.save(step, rank_state, info, files={"config.yaml": cfg.to_yaml()})
-            if step == t.max_steps or preempted:
-                saver.flush()
+            with timer("checkpoint", host=True):
+                saver.save(step, rank_state, info, files={"config.yaml": cfg.to_yaml()})
+                if step == t.max_steps or preempted:
+                    saver.flush()
         if preempted:
             status = "preempted"
             if rank == 0:
                 print(f"trainctl: preempted: stopped at step {step} with a checkpoint; run the same command to resume", flush=True)
             break
 
+    profiler.close(step)
     if rank == 0:
-        tracker.finish()
+        wall = time.perf_counter() - t_start
         if status == "done":
-            print(f"trainctl: done: {step} steps, {tokens_seen:,} tokens in {_duration(time.perf_counter() - t_start)}", flush=True)
+            print(f"trainctl: done: {step} steps, {tokens_seen:,} tokens in {duration(wall)}", flush=True)
+        summary = perf.run_summary(val_losses, tokens_seen, wall, meter, attempt.restarts, peak, peak_source)
+        tracker.summarize(summary)
+        tracker.finish()
+        print(summary_table(summary), flush=True)
     return status

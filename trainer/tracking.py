@@ -21,6 +21,34 @@ def warn(message: str) -> None:
     print(f"trainctl: warning: {message}", file=sys.stderr, flush=True)
 
 
+# What trainctl itself prints from a worker: the driver shows these lines on its console
+# and sends every other line of worker output (Ray's, DeepSpeed's, torch's) to the run's log
+# file. Progress and summary lines are shaped to match; anything else starts "trainctl:".
+CONSOLE_LINE = r"^(trainctl:|step +\d+/\d+ |\| )"
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, max_steps: int, m: dict[str, Any], eta_s: float, width: int = 20) -> str:
+    """One line per log interval, readable through any log forwarding (no carriage returns):
+    step 150/1500 [##------------------] 10% | loss 2.6161 | 15,136 tok/s | MFU 3.1% | ETA 1m30s"""
+    done = int(width * step / max_steps)
+    mfu = f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
+    return (f"step {step:>6}/{max_steps} [{'#' * done}{'-' * (width - done)}] {step / max_steps:>4.0%} | loss {m['loss']:.4f} | "
+            f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s{mfu} | step {m['step_time_s'] * 1000:,.0f} ms "
+            f"(data {m['data_wait']:.0%}) | ETA {duration(eta_s)}")
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column table, every line starting with '| '."""
+    w0, w1 = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    return "\n".join(f"| {k:<{w0}} | {v:<{w1}} |" for k, v in rows)
+
+
 class MetricsFile:
     """Appends one JSON object per logged step to run_dir/metrics.jsonl."""
 
@@ -82,8 +110,18 @@ class WandbTracker:
             settings=wandb.Settings(silent=True, console="off"),
         )
 
+        # Every metric is drawn against the global step, so a resumed run continues one line.
+        self.run.define_metric("trainer/global_step")
+        self.run.define_metric("*", step_metric="trainer/global_step")
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log({**{k: v for k, v in metrics.items() if v is not None}, "trainer/global_step": step}, step=step)
+
+    def summarize(self, values: dict[str, Any]) -> None:
+        self.run.summary.update(values)
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.log({key: self._wandb.Table(columns=columns, data=rows)}, step)
 
     def finish(self) -> None:
         self.run.finish()
@@ -132,6 +170,29 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 warn(f"W&B log failed, tracking turned off ({type(e).__name__}: {e})")
                 self.wandb = None
+
+    def _wandb_call(self, what: str, *args) -> None:
+        if self.wandb is not None:
+            try:
+                getattr(self.wandb, what)(*args)
+            except Exception as e:  # noqa: BLE001
+                warn(f"W&B {what} failed, tracking turned off ({type(e).__name__}: {e})")
+                self.wandb = None
+
+    def describe(self, values: dict[str, Any]) -> None:
+        """Facts about the run (its plan figures, the tokenizer): run.json and the W&B summary."""
+        (self.file.path.parent / "run.json").write_text(json.dumps(values, indent=1) + "\n")
+        self._wandb_call("summarize", values)
+
+    def summarize(self, rows: list[tuple[str, str]]) -> None:
+        self._wandb_call("summarize", {f"summary/{k}": v for k, v in rows})
+
+    def samples(self, step: int, rows: list[list[Any]]) -> None:
+        """Validation samples (prompt, continuation) as a W&B table, and samples.jsonl."""
+        with open(self.file.path.parent / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, "prompt": p, "sample": c}) + "\n" for p, c in rows)
+        if step > self.wandb_high:
+            self._wandb_call("table", "val/samples", ["prompt", "sample"], rows, step)
 
     def finish(self) -> None:
         self.file.finish()
