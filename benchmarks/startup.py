@@ -4,7 +4,7 @@ tiny config (configs/tiny-cpu.yaml: a private local Ray, 2 gloo workers, DeepSpe
     python benchmarks/startup.py [--runs 3]
 
 Each run is a fresh `trainctl run configs/tiny-cpu.yaml` of 20 steps logged every step
-(no sample, one evaluation at the end) into a temporary run folder; the corpus is prepared
+(no sample, one evaluation at the end, W&B offline as the config has it) into a temporary run folder; the corpus is prepared
 once beforehand (into data.cache_dir, as the README's first run does), so the figures are
 the start-up of a run, not of a dataset. The first finished step is the moment its
 progress line reaches this process's stdout. Prints each run, then the best against the
@@ -29,7 +29,7 @@ TARGET_S = 15.0
 def one_run(folder: str, steps: int) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / "tiny-cpu.yaml"), "name=startup",
            f"checkpoint.storage_path={folder}", f"train.max_steps={steps}", "train.log_every=1", "train.sample_tokens=0",
-           f"train.eval_every={steps}", "train.eval_batches=2", "tracking.mode=disabled", "--fresh", "--force"]
+           f"train.eval_every={steps}", "train.eval_batches=2", "--fresh", "--force"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -8,7 +8,8 @@ FLOPs in training (forward + backward), where N is the weights of every matrix m
 embedding lookups or norms), L layers, H heads of Q dimensions, T the context. MFU is the
 FLOPs of the tokens trained per second over the peak of the devices that trained them:
 dense bf16 989 TFLOP/s for an H100/H200 SXM, 312 for an A100, `cluster.peak_tflops` to
-override; on a CPU, a peak measured once with a matmul.
+override; on a CPU, one core's fp32 matmul rate (measured once) times the threads a worker
+uses.
 """
 
 from __future__ import annotations
@@ -45,16 +46,26 @@ def gpu_peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
-def measure_cpu_peak_tflops(seconds: float = 0.3, n: int = 512) -> float:
-    """This process's fp32 matmul rate, TFLOP/s, with the threads torch uses here."""
+def measure_cpu_peak_tflops(seconds: float = 0.3, n: int = 512, bursts: int = 5) -> float:
+    """The fp32 matmul rate of one core, TFLOP/s, times the threads torch uses here: the
+    best of a few short bursts on one thread (other processes starting up beside it only
+    make some bursts slower; two threads on two hyperthreads measure less than one)."""
     g = torch.Generator().manual_seed(0)  # not the global generator: training's randomness stays as seeded
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    a @ b  # warm the kernels
-    done, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        a @ b
-        done += 1
-    return 2 * n**3 * done / elapsed / 1e12
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a @ b  # warm the kernels
+        best = 0.0
+        for _ in range(bursts):
+            done, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < seconds / bursts:
+                a @ b
+                done += 1
+            best = max(best, 2 * n**3 * done / elapsed / 1e12)
+    finally:
+        torch.set_num_threads(threads)
+    return best * threads
 
 
 def device_peak_tflops(override: float | None, use_gpu: bool) -> tuple[float | None, str]:
@@ -65,7 +76,34 @@ def device_peak_tflops(override: float | None, use_gpu: bool) -> tuple[float | N
         name = torch.cuda.get_device_name()
         peak = gpu_peak_tflops(name)
         return peak, (f"{name}, dense bf16" if peak else f"{name}: unknown peak, set cluster.peak_tflops for MFU")
-    return measure_cpu_peak_tflops(), "fp32 matmul measured on this CPU"
+    return cpu_peak_tflops(), "fp32 matmul measured on this CPU"
+
+
+def cpu_peak_tflops() -> float:
+    """measure_cpu_peak_tflops, once per machine, thread count and number of ranks sharing
+    it: kept in ~/.cache/trainctl/cpu_peak.json (under XDG_CACHE_HOME if set)."""
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainctl" / "cpu_peak.json"
+    key = "|".join(map(str, (platform.processor() or platform.machine(), os.cpu_count(), torch.get_num_threads(),
+                             os.environ.get("LOCAL_WORLD_SIZE", "1"), torch.__version__)))
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_cpu_peak_tflops()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".cpu_peak.{os.getpid()}.json")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # measured again next time
+    return known[key]
 
 
 def mfu(tokens_per_s: float, flops: int, world: int, peak_tflops: float | None) -> float | None:

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +139,33 @@ def run_id(run_dir: Path) -> str:
 
 
 class Tracker:
-    """Fans each log call out to the metrics file and, if it works, W&B."""
+    """Fans each log call out to the metrics file and, if it works, W&B.
+
+    W&B starts in a thread (its service takes a second or more), so the first steps do not
+    wait for it: calls made before it is up are kept and sent, in order, once it is."""
 
     def __init__(self, cfg: JobConfig, run_dir: Path, resume_step: int = 0):
         self.file = MetricsFile(run_dir, resume_step)
         self.wandb_high = self.file.high  # W&B already holds every step up to here
         self.carried: dict[str, Any] = {}  # events of a replayed step, sent with W&B's next new step
         self.wandb: WandbTracker | None = None
+        self.pending: list[tuple[str, tuple]] = []  # calls made while W&B starts
+        self.starting: Future | None = None
         if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
-            try:
-                self.wandb = WandbTracker(cfg, run_dir)
-            except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
-                warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
+            self.starting = ThreadPoolExecutor(1, thread_name_prefix="wandb-init").submit(WandbTracker, cfg, run_dir)
+
+    def _started(self, wait: bool) -> bool:
+        """Whether W&B's start has finished (waiting for it if `wait`); a failed start is one warning."""
+        if self.starting is None:
+            return True
+        if not wait and not self.starting.done():
+            return False
+        try:
+            self.wandb = self.starting.result()
+        except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
+            warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
+        self.starting = None
+        return True
 
     def rewind(self, step: int) -> None:
         self.wandb_high = max(self.wandb_high, self.file.last_step())
@@ -164,19 +180,21 @@ class Tracker:
                 self.carried.update(metrics)
             return
         metrics, self.carried = {**self.carried, **metrics}, {}
-        if self.wandb is not None:
-            try:
-                self.wandb.log(metrics, step)
-            except Exception as e:  # noqa: BLE001
-                warn(f"W&B log failed, tracking turned off ({type(e).__name__}: {e})")
-                self.wandb = None
+        self._wandb_call("log", metrics, step)
 
-    def _wandb_call(self, what: str, *args) -> None:
-        if self.wandb is not None:
+    def _wandb_call(self, what: str, *args, wait: bool = False) -> None:
+        self.pending.append((what, args))
+        if not self._started(wait):
+            return
+        calls, self.pending = self.pending, []
+        for name, call_args in calls:
+            if self.wandb is None:
+                return
             try:
-                getattr(self.wandb, what)(*args)
+                getattr(self.wandb, name)(*call_args)
             except Exception as e:  # noqa: BLE001
-                warn(f"W&B {what} failed, tracking turned off ({type(e).__name__}: {e})")
+                hint = f"; run `wandb sync` on {self.file.path.parent}/wandb" if name == "finish" else ""
+                warn(f"W&B {name} failed, tracking turned off ({type(e).__name__}: {e}){hint}")
                 self.wandb = None
 
     def describe(self, values: dict[str, Any]) -> None:
@@ -196,8 +214,4 @@ class Tracker:
 
     def finish(self) -> None:
         self.file.finish()
-        if self.wandb is not None:
-            try:
-                self.wandb.finish()
-            except Exception as e:  # noqa: BLE001
-                warn(f"W&B finish failed ({type(e).__name__}: {e}); run `wandb sync` on {self.file.path.parent}/wandb")
+        self._wandb_call("finish", wait=True)  # the calls kept while W&B started go out first
