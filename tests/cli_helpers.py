@@ -29,7 +29,7 @@ def trainctl(*args: str, cwd, timeout: float = 420, **extra_env: str) -> subproc
 
 
 def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict[int, set[str]]]:
-    """trainctl(...), sampling every 0.2 s which addresses its process tree (the private
+    """trainctl(...), sampling every 0.5 s which addresses its process tree (the private
     Ray it starts included) listens on: returns the result and {pid: {"IP PROCESS-NAME", ...}}."""
     import psutil
 
@@ -39,14 +39,16 @@ def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.
         out = pool.submit(proc.communicate, timeout=timeout)
         while not out.done():
             try:
-                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                tree = {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
             except psutil.NoSuchProcess:
                 break
-            for p in tree:
+            tree[proc.pid] = psutil.Process(proc.pid)
+            for pid, p in tree.items():  # per process: a system-wide scan reads every process's fds
                 try:
-                    seen.setdefault(p.pid, set()).update(f"{c.laddr.ip} {p.name()}" for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+                    seen.setdefault(pid, set()).update(f"{c.laddr.ip} {p.name()}" for c in p.net_connections("tcp")
+                                                       if c.status == psutil.CONN_LISTEN)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            time.sleep(0.2)
+            time.sleep(0.5)
         stdout, stderr = out.result()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), seen

@@ -285,6 +285,7 @@ def train_worker(config: dict) -> str:
     rollbacks, skip_step = (state.get("rollbacks", 0), state.get("skip_step")) if latest is not None else (0, None)
     nan_at = int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", 0))  # a test hook: poison this step's loss, once
     profiler = perf.Profiler(t.profile, step, t.max_steps, folder, rank, cfg.cluster.use_gpu)
+    dist.barrier()  # every rank starts timing together (rank 0 had more to set up)
     meter.restart_interval(step)  # the first interval starts here, not when the meter was made
     while step < t.max_steps:
         profiler.tick(step + 1)
