@@ -15,9 +15,13 @@ uses.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
 import resource
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -82,11 +86,6 @@ def device_peak_tflops(override: float | None, use_gpu: bool) -> tuple[float | N
 def cpu_peak_tflops() -> float:
     """measure_cpu_peak_tflops, once per machine, thread count and number of ranks sharing
     it: kept in ~/.cache/trainctl/cpu_peak.json (under XDG_CACHE_HOME if set)."""
-    import json
-    import os
-    import platform
-    from pathlib import Path
-
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainctl" / "cpu_peak.json"
     key = "|".join(map(str, (platform.processor() or platform.machine(), os.cpu_count(), torch.get_num_threads(),
                              os.environ.get("LOCAL_WORLD_SIZE", "1"), torch.__version__)))
@@ -136,9 +135,6 @@ class StepTimer:
             t0 = time.perf_counter()
             yield
             self.totals[part] += time.perf_counter() - t0
-
-    def add(self, part: str, seconds: float) -> None:
-        self.totals[part] += seconds
 
     def take(self) -> dict[str, float]:
         if self.events:
@@ -199,7 +195,7 @@ class Meter:
         self.timer = StepTimer(self.cuda)
         self.t_log, self.step_log, self.aside_s = time.perf_counter(), step, 0.0
         self.launched_at, self.launched_step = launched_at, launched_step
-        self.compute_s, self.compute_steps = 0.0, 0
+        self.step_compute_s: list[float] = []  # each interval's forward+backward+optimizer seconds per step
         self.mfus: list[float] = []
         self.last_goodput: float | None = None
 
@@ -227,8 +223,7 @@ class Meter:
         step_s = wall / steps
         tok_s = steps * self.tokens_per_step / wall
         per_step = {p: v / steps for p, v in zip(PARTS, mean)}
-        self.compute_s += per_step["forward_backward"] + per_step["optimizer"]
-        self.compute_steps += 1
+        self.step_compute_s.append(per_step["forward_backward"] + per_step["optimizer"])
         out = {"tokens_per_s": tok_s, "tokens_per_s_per_worker": tok_s / self.world, "step_time_s": step_s,
                **{f"time_{p}_s": v for p, v in per_step.items()},
                "time_other_s": max(step_s - sum(per_step.values()), 0.0),
@@ -238,7 +233,7 @@ class Meter:
             out["mfu"] = u
             self.mfus.append(u)
         if self.launched_at is not None:
-            useful = (step - self.launched_step) * self.compute_s / self.compute_steps
+            useful = (step - self.launched_step) * sum(self.step_compute_s) / len(self.step_compute_s)
             out["goodput"] = self.last_goodput = min(useful / max(time.time() - self.launched_at, 1e-9), 1.0)
         self.t_log, self.step_log, self.aside_s = now, step, 0.0
         return out
@@ -283,10 +278,9 @@ class Profiler:
         elif self.prof is not None and step > last:
             self.close(step - 1)
 
-    def close(self, last: int | None = None) -> None:
-        """Write the trace of the steps up to `last` (default: the window's end)."""
+    def close(self, end: int) -> None:
+        """Write the trace of the steps up to `end` (the last step run), if one is open."""
         if self.prof is not None:
-            end = last if last is not None else self.window[1]
             self.prof.__exit__(None, None, None)
             out = self.folder / "profile" / f"trace-steps{self.started}-{end}-rank{self.rank}.json"
             out.parent.mkdir(parents=True, exist_ok=True)

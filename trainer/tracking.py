@@ -36,7 +36,8 @@ def duration(seconds: float) -> str:
 
 def progress_line(step: int, max_steps: int, m: dict[str, Any], eta_s: float, width: int = 20) -> str:
     """One line per log interval, readable through any log forwarding (no carriage returns):
-    step 150/1500 [##------------------] 10% | loss 2.6161 | 15,136 tok/s | MFU 3.1% | ETA 1m30s"""
+    step    150/1500 [##------------------]  10% | loss 2.6161 | lr 1.00e-03 | 15,136 tok/s | MFU 46.1% |
+    step 135 ms (data 0%) | ETA 3m09s"""
     done = int(width * step / max_steps)
     mfu = f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
     return (f"step {step:>6}/{max_steps} [{'#' * done}{'-' * (width - done)}] {step / max_steps:>4.0%} | loss {m['loss']:.4f} | "
