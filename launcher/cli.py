@@ -189,10 +189,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.verbose:
         os.environ["TRAINCTL_VERBOSE"] = "1"  # read by the workers (Ray passes it on: cluster.ray_job.worker_env)
     if args.profile:
+        from trainer.config import PROFILE_HELP
+
         try:
             cfg.train.profile = args.profile  # validated on assignment
         except ValueError:
-            raise UsageError(f"--profile {args.profile}: give N (N steps after a 5-step warm-up) or FIRST-LAST, e.g. 20-22") from None
+            raise UsageError(f"--profile {args.profile}: {PROFILE_HELP}") from None
     folder, store, rank0 = run_dir(cfg), checkpoint_store(cfg), int(os.environ.get("RANK", "0")) == 0
     if args.fresh:
         start_over(folder, store, args.force, delete=False)

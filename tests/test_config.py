@@ -94,6 +94,8 @@ def test_wrong_type(tmp_path):
         (["tracking.mode=foo"], "tracking.mode='foo' is not allowed"),
         (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
         (["train.zero_stage=4"], "train.zero_stage=4 is not allowed"),
+        (["train.profile=1-x"], "train.profile='1-x': give N (N steps after a 5-step warm-up) or FIRST-LAST"),
+        (["cluster.peak_tflops=0"], "cluster.peak_tflops=0 in the command-line overrides: input should be greater than 0"),
         (["train.offload_optimizer=true"], "needs train.zero_stage 1, 2 or 3"),
         (["name=a b"], "name='a b' must be letters"),
         (["train.lr"], "not of the form section.key=value"),

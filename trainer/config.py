@@ -14,7 +14,7 @@ from typing import Literal
 
 import yaml
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -90,6 +90,9 @@ class DataSection(Section):
         return self
 
 
+PROFILE_HELP = "give N (N steps after a 5-step warm-up) or FIRST-LAST, e.g. 20-22"
+
+
 class TrainSection(Section):
     max_steps: int = Field(1000, gt=0, description="optimizer steps to train")
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass")
@@ -110,7 +113,7 @@ class TrainSection(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs a GPU (loss scaling)")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
-    profile: str | None = Field(None, pattern=r"^[1-9][0-9]*(-[1-9][0-9]*)?$", description="steps to trace with the torch "
+    profile: str | None = Field(None, description="steps to trace with the torch "
                                 "profiler into the run folder: N (N steps after a 5-step warm-up) or FIRST-LAST "
                                 "(`trainctl run --profile`)")
     compile: bool = Field(False, description="torch.compile the model (Module.compile: the first steps pay the compile time)")
@@ -125,6 +128,13 @@ class TrainSection(Section):
     )
     max_rollbacks: int = Field(3, ge=0, description="rollbacks to the last checkpoint allowed before the run stops; 0 = stop at "
                                "the first non-finite or spiking loss")
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)?", v):
+            raise ValueError(f"train.profile={v!r}: {PROFILE_HELP}")
+        return v
 
     @model_validator(mode="after")
     def _lr(self) -> "TrainSection":
