@@ -1,29 +1,39 @@
 """Tokens/s and MFU of the GPU configs on one GPU: `trainctl run --no-ray` of
-configs/gpt2-124m.yaml and configs/llama-1b.yaml for a few hundred (124M) or a few dozen
-(1B) steps, steady state read from the run's metrics.jsonl.
+configs/gpt2-124m.yaml (150 steps) and configs/llama-1b.yaml (32 steps), steady state read
+from the run's metrics.jsonl.
 
-    python benchmarks/gpu_mfu.py --out DIR [--budget-s 450] [--runs gpt2-124m,llama-1b,gpt2-124m+compile]
+    python benchmarks/gpu_mfu.py --out DIR [--budget-s 450] [--runs gpt2-124m,llama-1b,gpt2-124m@train.compile=false]
 
 Each run is the config as written, made to fit one GPU: 1 worker, a global batch of 64
-sequences for 124M (65,536 tokens, 4 micro batches of 16) and 32 for 1B (65,536 tokens, 8
-micro batches of 4), the byte-level standard-library corpus (data.path=stdlib, prepared on
+sequences for 124M and 32 for 1B (65,536 tokens per step either way; the configs' micro
+batches of 32 and 8), the byte-level standard-library corpus (data.path=stdlib, prepared on
 first use: the token values do not change the arithmetic), W&B disabled, no evaluation or
-checkpoint inside the window. llama-1b runs ZeRO-2 without activation checkpointing: on
-one GPU ZeRO-3 only adds gathers, and 80 GB hold its activations. A `+compile` suffix adds
-train.compile=true. Once the last step's metrics are written the run is killed (its final
-evaluation and checkpoint are not part of the figure). The first two logged intervals
-(warm-up, kernel builds, compilation) are dropped; the figures are medians of the rest.
+checkpoint inside the window. A run named CONFIG@KEY=VALUE@... adds those overrides (a
+variant); `--profile A-B` also writes a torch profiler trace of steps A-B of each config's
+first run and prints where its GPU time went. Once the last step's metrics are written the
+run is killed (its final evaluation and checkpoint are not part of the figure). The first
+two logged intervals (warm-up, kernel builds, compilation) are dropped; the figures are
+medians of the rest.
 
 MFU is trainctl's own (README, "How MFU is counted"): 6N + 12LHQT FLOPs per token against
 the device's dense bf16 peak. Prints one row per run and the targets last (>= 45% for
-124M, >= 50% for 1B). Writes DIR/NAME.log (each run's output) and DIR/results.json.
+124M, >= 50% for 1B). Writes DIR/NAME.log (each run's output), DIR/results.json (with
+every interval's metrics) and DIR/NAME.trace.json.gz (the profiled runs).
+
+On a GPU machine without Ray or W&B installed, the packages `--no-ray` needs are
+deepspeed, pydantic and webdataset (with their own dependencies); set
+TORCH_CUDA_ARCH_LIST to the GPU's architecture (9.0 for Hopper) so that DeepSpeed's
+fused Adam builds for that one.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,26 +44,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"gpt2-124m": 0.45, "llama-1b": 0.50}
 RUNS = {
-    "gpt2-124m": ["train.global_batch_size=64", "train.max_steps=200", "train.log_every=10"],
-    "llama-1b": ["train.global_batch_size=32", "train.max_steps=40", "train.log_every=4",
-                 "train.zero_stage=2", "model.activation_checkpointing=false"],
+    "gpt2-124m": ["train.global_batch_size=64", "train.max_steps=150", "train.log_every=10"],
+    "llama-1b": ["train.global_batch_size=32", "train.max_steps=32", "train.log_every=4"],
 }
 COMMON = ["cluster.num_workers=1", "cluster.address=local", "data.path=stdlib", "tracking.mode=disabled",
           "train.eval_every=1000000", "checkpoint.every=1000000", "train.warmup_steps=10", "train.sample_tokens=0"]
 SKIP = 2  # logged intervals dropped at the start
 
 
-def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str]) -> dict:
-    config, _, flag = spec.partition("+")
-    overrides = [*COMMON, *RUNS.get(config, []), f"name=bench-{spec.replace('+', '-')}",
-                 f"data.cache_dir={work / 'cache'}", f"checkpoint.storage_path={work / 'runs'}", *extra]
-    if flag == "compile":
-        overrides.append("train.compile=true")
+def slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec).strip("-")
+
+
+def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str], profile: str | None) -> dict:
+    config, *variant = spec.split("@")
+    name = f"bench-{slug(spec)}"
+    overrides = [*COMMON, *RUNS.get(config, []), f"name={name}", f"data.cache_dir={work / 'cache'}",
+                 f"checkpoint.storage_path={work / 'runs'}", *extra, *variant]
+    if profile:
+        overrides.append(f"train.profile={profile}")
     max_steps = int(next(o for o in reversed(overrides) if o.startswith("train.max_steps=")).split("=")[1])
-    metrics = work / "runs" / f"bench-{spec.replace('+', '-')}" / "metrics.jsonl"
+    folder = work / "runs" / name
+    metrics = folder / "metrics.jsonl"
     cmd = [sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / f"{config}.yaml"), "--no-ray",
            "--fresh", "--force", *overrides]
-    log = open(out / f"{spec.replace('+', '-')}.log", "w")
+    log = open(out / f"{slug(spec)}.log", "w")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
@@ -82,10 +97,36 @@ def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str])
                       data_wait=statistics.median(r["data_wait"] for r in steady),
                       mem_peak_gb=max(r["mem_peak_gb"] for r in steady),
                       last_step=rows[-1]["step"])
+    result["rows"] = rows  # every interval, with the step-time breakdown
+    for trace in sorted((folder / "profile").glob("trace-*.json")):
+        result["profile"] = trace_summary(trace)
+        with open(trace, "rb") as f, gzip.open(out / f"{slug(spec)}.trace.json.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
     if status != "ok":
-        tail = (out / f"{spec.replace('+', '-')}.log").read_text().splitlines()[-15:]
+        tail = (out / f"{slug(spec)}.log").read_text().splitlines()[-15:]
         print(f"--- {spec}: {status}; the end of its output:\n" + "\n".join(tail), flush=True)
     return result
+
+
+def trace_summary(path: Path, top: int = 12) -> dict:
+    """Where a Chrome trace's device time went: the span from the first to the last
+    kernel, the share of it with a kernel running, and the kernels that took the most."""
+    events = json.loads(path.read_text()).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        return {"kernels": 0}
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:  # the union of the kernels' intervals (streams overlap)
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    total: dict[str, float] = {}
+    for e in kernels:
+        total[e["name"][:90]] = total.get(e["name"][:90], 0.0) + e["dur"]
+    span = spans[-1][1] - spans[0][0]
+    return {"kernels": len(kernels), "span_ms": span / 1e3, "busy": busy / span,
+            "top": [(n, round(us / 1e3, 2), round(us / sum(total.values()), 4))
+                    for n, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]]}
 
 
 def device_line() -> str:
@@ -112,7 +153,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the logs and results.json")
     ap.add_argument("--work", default="/tmp/trainctl-gpu-bench", help="run folders and the prepared corpus")
-    ap.add_argument("--runs", default="gpt2-124m,llama-1b,gpt2-124m+compile")
+    ap.add_argument("--runs", default="gpt2-124m,llama-1b")
+    ap.add_argument("--profile", help="A-B: a trace of steps A-B in each config's first run")
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting runs after this many seconds")
     ap.add_argument("--min-run-s", type=float, default=90.0, help="do not start a run with less time than this left")
     ap.add_argument("extra", nargs="*", help="more KEY=VALUE overrides for every run")
@@ -123,25 +165,30 @@ def main() -> None:
     end = time.monotonic() + args.budget_s
     device = device_line()
     print(device, flush=True)
-    results = []
+    results, profiled = [], set()
     for spec in args.runs.split(","):
         if end - time.monotonic() < args.min_run_s:
             results.append({"run": spec, "status": "not started (budget)"})
             continue
-        results.append(one_run(spec, out, work, end, args.extra))
+        config = spec.split("@")[0]
+        profile = args.profile if args.profile and config not in profiled else None
+        profiled.add(config)
+        results.append(one_run(spec, out, work, end, args.extra, profile))
         (out / "results.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
-        print(json.dumps(results[-1]), flush=True)
+        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("rows", "profile")}), flush=True)
+        if "profile" in results[-1]:
+            print(json.dumps(results[-1]["profile"], indent=1), flush=True)
     print(f"\n{device}")
-    print(f"{'run':<22} {'status':<12} {'tokens/s':>10} {'MFU':>7} {'step s':>7} {'peak GB':>8} {'wall s':>7}")
+    print(f"{'run':<40} {'status':<12} {'tokens/s':>10} {'MFU':>7} {'step s':>7} {'peak GB':>8} {'wall s':>7}")
     for r in results:
         if r.get("mfu") is None:
-            print(f"{r['run']:<22} {r['status']:<12}")
+            print(f"{r['run']:<40} {r['status']:<12}")
             continue
-        print(f"{r['run']:<22} {r['status']:<12} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['step_time_s']:>7.3f} "
+        print(f"{r['run']:<40} {r['status']:<12} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['step_time_s']:>7.3f} "
               f"{r['mem_peak_gb']:>8.1f} {r['wall_s']:>7.0f}")
     for r in results:
-        target = TARGETS.get(r["run"].split("+")[0])
-        if r.get("mfu") is not None and target:
+        target = TARGETS.get(r["run"])
+        if r.get("mfu") is not None and target and "@" not in r["run"]:
             print(f"{r['run']}: MFU {r['mfu']:.1%} against the {target:.0%} target: {'met' if r['mfu'] >= target else 'not met'}")
 
 

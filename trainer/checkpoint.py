@@ -48,9 +48,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank, if there is a group. NCCL's barrier is given this rank's GPU
+    (without device_ids it guesses, and warns on every call)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def rng_state() -> dict[str, Any]:
@@ -220,7 +225,7 @@ class Saver:
         folder = self.store.root / tag
         if self.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # the remains of an interrupted save of the same step
-        _barrier()
+        barrier()
         self.files.clear()
         self.started = time.perf_counter()
         self.engine.checkpoint_engine = self.ckpt_engine  # DeepSpeed writes each file through it
@@ -526,9 +531,9 @@ def load(engine, ckpt: Path, rank: int, universal: Path | None = None) -> dict[s
     if universal is not None:
         if rank == 0:
             to_universal(ckpt, universal)
-        _barrier()
+        barrier()
         path, _ = engine.load_checkpoint(str(universal), tag=ckpt.name)
-        _barrier()
+        barrier()
         if rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
     else:

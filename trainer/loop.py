@@ -285,7 +285,7 @@ def train_worker(config: dict) -> str:
     rollbacks, skip_step = (state.get("rollbacks", 0), state.get("skip_step")) if latest is not None else (0, None)
     nan_at = int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", 0))  # a test hook: poison this step's loss, once
     profiler = perf.Profiler(t.profile, step, t.max_steps, folder, rank, cfg.cluster.use_gpu)
-    dist.barrier()  # every rank starts timing together (rank 0 had more to set up)
+    checkpoint.barrier()  # every rank starts timing together (rank 0 had more to set up)
     meter.restart_interval(step)  # the first interval starts here, not when the meter was made
     while step < t.max_steps:
         profiler.tick(step + 1)
@@ -342,7 +342,7 @@ def train_worker(config: dict) -> str:
                     tracker.log(m, step)
                     eta = (time.perf_counter() - t_start) / (step - start_step) * (t.max_steps - step)
                     print(progress_line(step, t.max_steps, m, eta), flush=True)
-                dist.barrier()
+                checkpoint.barrier()
 
         if val and (step % t.eval_every == 0 or step == t.max_steps):
             with meter.aside():  # evaluation is not a step either
@@ -356,7 +356,7 @@ def train_worker(config: dict) -> str:
                     if t.sample_tokens:
                         tracker.samples(step, [[tok.decode(p.tolist()), tok.decode(c.tolist())] for p, c in zip(prompts, out)])
                     print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
-                dist.barrier()
+                checkpoint.barrier()
 
         preempted = stop_votes > 0
         if step % cfg.checkpoint.every == 0 or step == t.max_steps or preempted:
