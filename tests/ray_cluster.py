@@ -56,7 +56,10 @@ def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = F
         url = f"http://127.0.0.2:{dport}"
     else:
         head.append("--include-dashboard=false")
-    subprocess.run(head, env=env(**cluster_env), check=True, capture_output=True, timeout=120)
+    # The GCS declares a node dead after 5 failed health checks, 3 s apart by default (a
+    # killed node's job waited ~15 s for that); 1 s apart here, each allowed 2 s.
+    health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000"}
+    subprocess.run(head, env=env(**cluster_env, **health), check=True, capture_output=True, timeout=120)
     node = subprocess.Popen([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={node_cpus}",
                              "--block"], env=env(**cluster_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -79,7 +79,12 @@ def import_deepspeed(use_gpu: bool):
     first import, so it must be set before anything imports deepspeed."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     import deepspeed
+    import deepspeed.ops
     from deepspeed.utils import logger
+
+    # DeepSpeed's shared-memory all-reduce serves only its inference path; building it is a
+    # ~30 s g++ compile on a machine's first run (and a "built successfully" line). Off.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     if os.environ.get("TRAINCTL_VERBOSE") != "1":
         logger.setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) only with --verbose
