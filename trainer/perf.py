@@ -20,6 +20,7 @@ import os
 import platform
 import resource
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -273,7 +274,9 @@ class Profiler:
         if self.prof is None and first <= step <= last:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
             self.prof = torch.profiler.profile(activities=activities)
-            self.prof.__enter__()
+            with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": we trace one
+                warnings.filterwarnings("ignore", message=".*Profiler clears events")
+                self.prof.__enter__()
             self.started = step
         elif self.prof is not None and step > last:
             self.close(step - 1)
