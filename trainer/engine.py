@@ -82,9 +82,11 @@ def import_deepspeed(use_gpu: bool):
     import deepspeed.ops
     from deepspeed.utils import logger
 
-    # DeepSpeed's shared-memory all-reduce serves only its inference path; building it is a
-    # ~30 s g++ compile on a machine's first run (and a "built successfully" line). Off.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not use_gpu:
+        # DeepSpeed's CPU shared-memory all-reduce serves only its inference path; building it
+        # is a ~30 s g++ compile on a machine's first run (and a "built successfully" line).
+        # Off. (Not on GPUs: there the op does not exist, and this lookup would probe every op.)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     if os.environ.get("TRAINCTL_VERBOSE") != "1":
         logger.setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) only with --verbose
