@@ -273,6 +273,8 @@ class Profiler:
         first, last = self.window
         if self.prof is None and first <= step <= last:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+            if os.environ.get("TRAINCTL_VERBOSE") != "1":  # Kineto prints "USDT:… profiler_start/stop" lines
+                os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the first profiler starts
             self.prof = torch.profiler.profile(activities=activities)
             with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": we trace one
                 warnings.filterwarnings("ignore", message=".*Profiler clears events")
