@@ -76,7 +76,9 @@ def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str],
     while time.monotonic() < deadline:
         time.sleep(1.0)
         if metrics.exists():
-            rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "mfu" in r]
+            text = metrics.read_text()
+            whole = text[:text.rfind("\n") + 1]  # a row being written is read next time
+            rows = [r for r in map(json.loads, whole.splitlines()) if "mfu" in r]
         if rows and rows[-1]["step"] >= max_steps:
             status = "ok"
             break
