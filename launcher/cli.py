@@ -188,6 +188,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg.checkpoint.resume_from = args.resume
     if args.verbose:
         os.environ["TRAINCTL_VERBOSE"] = "1"  # read by the workers (Ray passes it on: cluster.ray_job.worker_env)
+    if args.no_ray:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, when it started the ranks
+        if cfg.cluster.num_workers != world:
+            how = "" if "WORLD_SIZE" in os.environ else " (or start the ranks with torchrun)"
+            raise UsageError(f"--no-ray runs {world} process{'es' * (world > 1)} but cluster.num_workers="
+                             f"{cfg.cluster.num_workers}: set cluster.num_workers={world}{how}")
     if args.profile:
         from trainer.config import PROFILE_HELP
 

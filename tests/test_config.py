@@ -95,6 +95,7 @@ def test_wrong_type(tmp_path):
         (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
         (["train.zero_stage=4"], "train.zero_stage=4 is not allowed"),
         (["train.profile=1-x"], "train.profile='1-x': give N (N steps after a 5-step warm-up) or FIRST-LAST"),
+        (["train.profile=22-20"], "train.profile='22-20': give N (N steps after a 5-step warm-up) or FIRST-LAST with FIRST <= LAST"),
         (["cluster.peak_tflops=0"], "cluster.peak_tflops=0 in the command-line overrides: input should be greater than 0"),
         (["train.offload_optimizer=true"], "needs train.zero_stage 1, 2 or 3"),
         (["name=a b"], "name='a b' must be letters"),

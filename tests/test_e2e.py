@@ -28,6 +28,11 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def console_before_sample(r) -> str:
+    """A run's stdout up to its closing sample (which is any text), then its stderr."""
+    return r.stdout.split("trainctl: sample from the final checkpoint:")[0] + r.stderr
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One real training run shared by the tests below: prepare, then run 40 steps."""
@@ -114,8 +119,7 @@ def test_the_console_shows_progress_and_the_summary_and_the_rest_goes_to_the_log
     assert cells["tokens seen"] == f"{40 * 16 * 32:,}" and cells["restarts"] == "0"
     assert cells["final val_loss"] == f"{vals[-1]:.4f} (step 40)" and cells["best val_loss"].startswith(f"{min(vals):.4f}")
     assert cells["mean MFU"].endswith("(fp32 matmul measured on this CPU)")
-    before_sample = r.stdout.split("trainctl: sample from the final checkpoint:")[0]  # the sample is any text
-    noise = [line for line in (before_sample + r.stderr).splitlines()
+    noise = [line for line in console_before_sample(r).splitlines()
              if "INFO" in line or "pid=" in line or "DeepSpeed" in line or "Warning" in line]
     assert noise == [], noise[:5]
     log = (work / "runs" / "e2e" / "workers.log").read_text()
@@ -198,8 +202,7 @@ def test_single_plain_process_without_ray(trained):
     r = trainctl("run", "job.yaml", "--no-ray", "name=solo", "cluster.num_workers=1", "train.max_steps=10",
                  "train.eval_every=10", "checkpoint.every=10", "train.sample_tokens=5", "--profile", "1-2", cwd=work, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    before_sample = r.stdout.split("trainctl: sample from the final checkpoint:")[0]  # the sample is any text
-    noise = [line for line in (before_sample + r.stderr).splitlines()
+    noise = [line for line in console_before_sample(r).splitlines()
              if not line.startswith(("trainctl: ", "step ", "| ", "+-", " ")) and line.strip()]
     assert noise == [], noise
     rows = metrics(work / "runs" / "solo")
@@ -305,8 +308,14 @@ def test_raw_text_shards_train_without_prepare(trained):
     rows = metrics(work / "runs" / "raw")
     assert [m["step"] for m in rows] == [3, 6] and all("val_loss" not in m for m in rows)  # raw shards: no val split
     assert json.loads((work / "runs" / "raw" / "checkpoints" / "step_00000006" / "trainctl.json").read_text())["step"] == 6
-    bad = trainctl("run", "job.yaml", "--no-ray", "name=raw2", "data.path=raw/part-{0000..0009}.tar", cwd=work, timeout=120)
+    bad = trainctl("run", "job.yaml", "--no-ray", "name=raw2", "data.path=raw/part-{0000..0009}.tar", "cluster.num_workers=1",
+                   cwd=work, timeout=120)
     assert bad.returncode == 2 and "8 of 10 shards do not exist" in bad.stderr, bad.stderr
+    # --no-ray alone is one process: the job's 2 workers are refused before anything is written
+    bad = trainctl("run", "job.yaml", "--no-ray", "name=raw3", cwd=work, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("trainctl: error: --no-ray runs 1 process but cluster.num_workers=2: "
+                                                          "set cluster.num_workers=1 (or start the ranks with torchrun)")
+    assert not (work / "runs" / "raw3").exists()
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ class DataSection(Section):
         return self
 
 
-PROFILE_HELP = "give N (N steps after a 5-step warm-up) or FIRST-LAST, e.g. 20-22"
+PROFILE_HELP = "give N (N steps after a 5-step warm-up) or FIRST-LAST with FIRST <= LAST, e.g. 20-22"
 
 
 class TrainSection(Section):
@@ -132,7 +132,8 @@ class TrainSection(Section):
     @field_validator("profile")
     @classmethod
     def _profile(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)?", v):
+        m = re.fullmatch(r"([1-9][0-9]*)(?:-([1-9][0-9]*))?", v) if v is not None else None
+        if v is not None and (m is None or (m[2] is not None and int(m[1]) > int(m[2]))):
             raise ValueError(f"train.profile={v!r}: {PROFILE_HELP}")
         return v
 

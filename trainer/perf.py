@@ -251,7 +251,7 @@ def profile_window(spec: str, start_step: int, max_steps: int) -> tuple[int, int
     first steps (less warm-up if the run is short), "FIRST-LAST" as given."""
     if "-" in spec:
         first, last = map(int, spec.split("-"))
-        return first, min(max(first, last), max_steps)
+        return first, min(last, max_steps)  # FIRST <= LAST: the config checks it
     n = int(spec)
     first = start_step + 1 + max(0, min(WARMUP_STEPS, max_steps - start_step - n))
     return first, min(first + n - 1, max_steps)
