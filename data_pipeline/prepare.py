@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from data_pipeline import ustar
 from data_pipeline.errors import DataError
 from data_pipeline.sources import describe_error, is_url, join, parent, read_bytes
 from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, parse_spec, token_dtype, tokenizer_from_dict
@@ -255,31 +256,13 @@ def encoded_files(files: list[str], tokenizer: str, val_fraction: float, text_fi
         done()
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte USTAR header tarfile writes for a regular file with our fixed metadata
-    (mode 0644, uid/gid 0, mtime 0, no user names), built directly: tarfile's own takes
-    ~30 µs a member, which made it the bottleneck of `prepare` on many short documents."""
-    h = bytearray(512)
-    raw = name.encode()
-    if len(raw) > 100 or size >= 8**11:
-        raise ValueError(f"{name} ({size} bytes) does not fit a plain USTAR header")
-    h[:len(raw)] = raw
-    h[100:124] = b"0000644\0" b"0000000\0" b"0000000\0"  # mode, uid, gid
-    h[124:156] = b"%011o\0" % size + b"00000000000\0" + b" " * 8  # size, mtime; checksum counted as spaces
-    h[156:157] = b"0"  # a regular file
-    h[257:265] = b"ustar\x0000"  # then empty user and group names, device numbers and prefix
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
 class ShardWriter:
     """Writes `{split}-{i:06d}.tar` shards of token samples, rolling over at a byte budget.
 
-    Each shard is a plain USTAR archive, byte for byte what tarfile would write for the same
-    members (tests/test_data_prepare.py checks), hashed as it is written.
+    Each shard is a plain USTAR archive (data_pipeline.ustar), byte for byte what tarfile
+    would write for the same members (tests/test_data_prepare.py checks), hashed as it is
+    written.
     """
-
-    BLOCK, RECORD = 512, 20 * 512
 
     def __init__(self, folder: str, split: str, shard_size_bytes: int, on_close: Callable[[str], None] | None = None):
         self.folder, self.split, self.limit, self.on_close = folder, split, shard_size_bytes, on_close
@@ -298,8 +281,8 @@ class ShardWriter:
         self.size += len(data)
 
     def _close(self) -> None:
-        self._put(bytes(2 * self.BLOCK))  # the end-of-archive blocks, then padding to a whole record, as tarfile does
-        self._put(bytes(-self.size % self.RECORD))
+        self._put(ustar.END)
+        self._put(ustar.record_padding(self.size))
         self.file.close()
         self.file = None
         self.shards[-1].update(bytes=self.size, sha256=self.sha.hexdigest())
@@ -312,8 +295,8 @@ class ShardWriter:
             self._close()
         if self.file is None:
             self._open()
-        self._put(ustar_header(f"{self.key:09d}.tokens", len(data)))
-        self._put(data + bytes(-len(data) % self.BLOCK))
+        self._put(ustar.header(f"{self.key:09d}.tokens", len(data)))
+        self._put(ustar.padded(data))
         self.key += 1
         self.shards[-1]["samples"] += 1
         self.shards[-1]["tokens"] += len(tokens)

@@ -42,6 +42,7 @@ from data_pipeline.prepare import load_manifest
 from data_pipeline.raw import FORMAT as RAW_FORMAT
 from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, shard_urls, tokenize_sample
 from data_pipeline.tokenizer import tokenizer_from_dict
+from data_pipeline.ustar import token_members
 from data_pipeline.sources import BACKOFF_S, RETRIES, describe_error, is_url, join, open_stream, parent, transient
 
 
@@ -73,32 +74,6 @@ class HashingReader:
 
     def close(self) -> None:
         self.stream.close()
-
-
-def token_members(data: bytes, dtype: np.dtype, url: str) -> list[np.ndarray]:
-    """The `.tokens` members of a token shard's bytes, as views (no copy).
-
-    Our shards are plain USTAR archives of regular files (see prepare.ShardWriter), so the
-    512-byte headers are walked directly; this is several times faster than a generic tar
-    reader. Anything else in the archive is an error naming the shard.
-    """
-    arrays, pos = [], 0
-    while pos + 512 <= len(data) and data[pos] != 0:  # a zero block ends the archive
-        header = data[pos:pos + 512]
-        name = header[:100].rstrip(b"\0").decode("utf-8", errors="replace")
-        try:
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise DataError(f"shard {url} is unreadable (bad tar header at byte {pos}): prepare the dataset again") from None
-        if header[156:157] not in (b"0", b"\0") or not name.endswith(".tokens"):
-            raise DataError(f"shard {url}: sample {name.rsplit('.', 1)[0]} has no .tokens member ({name}): "
-                            "it is not a trainctl token shard; prepare the dataset again")
-        pos += 512
-        if pos + size > len(data):
-            raise DataError(f"shard {url} is truncated inside {name}: prepare the dataset again")
-        arrays.append(np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=pos))
-        pos += -(-size // 512) * 512
-    return arrays
 
 
 def read_shard(shard: dict, dtype: np.dtype, tokenize: Callable[[dict, str], list[np.ndarray]] | None = None) -> list[np.ndarray]:
