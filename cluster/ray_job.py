@@ -77,7 +77,7 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
     level = "WARNING" if verbose else "ERROR"
     import ray
 
-    from data_pipeline.prepare import check_reachable, private_ray_on_loopback
+    from cluster.local_ray import check_reachable, private_ray_on_loopback
 
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker

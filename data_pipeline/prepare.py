@@ -15,7 +15,6 @@ complete.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import hashlib
@@ -24,23 +23,25 @@ import multiprocessing
 import os
 import posixpath
 import shutil
-import socket
 import sys
 import sysconfig
 import tempfile
 import time
-from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
 from data_pipeline import ustar
 from data_pipeline.errors import DataError
+from data_pipeline.prefetch import prefetched
 from data_pipeline.sources import describe_error, is_url, join, parent, read_bytes
 from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, parse_spec, token_dtype, tokenizer_from_dict
+
+T = TypeVar("T")
+# map_fn(fn, items, *args): fn(item, *args) of each item, in order, wherever it runs.
+Mapper = Callable[..., Iterator[Any]]
 
 FORMAT = "trainctl.tokens/1"
 SPLITS = ("train", "val")
@@ -171,89 +172,35 @@ def encode_file(path: str, tokenizer: str, val_fraction: float, text_field: str)
             "splits": [split for split, _ in parts], "sizes": [len(text) for _, text in parts]}
 
 
-def check_reachable(address: str) -> None:
-    """A HOST:PORT Ray address that nothing answers on fails here in seconds (ray.init
-    would wait for minutes)."""
-    if "://" in address or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except (OSError, ValueError) as e:
-        raise DataError(f"--address {address}: no Ray cluster answers there ({e}): start one or check the address") from None
-
-
-@contextlib.contextmanager
-def private_ray_on_loopback():
-    """Around the ray.init that starts a private Ray: its processes listen on 127.0.0.1
-    only. On Linux Ray takes the machine's outward address as the node address and its
-    gRPC servers (GCS, raylet, workers, object manager) listen on every interface, so
-    anyone on the network could reach a laptop's job. Ray's single-machine mode (its
-    default on macOS and Windows) uses 127.0.0.1; the processes ray.init starts inherit
-    the variable, and this process's copy of it was read when ray was imported."""
-    import ray._private.ray_constants as ray_constants
-
-    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    before_env, before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.pop("RAY_ADDRESS", None)  # a stray RAY_ADDRESS would join another cluster
-    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-    try:
-        yield
-    finally:  # a `ray start` this process runs later must still be able to join nodes
-        ray_constants.ENABLE_RAY_CLUSTER = before
-        if before_env is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before_env
-
-
 def _one_thread_each() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes already use every core
 
 
-def encoded_files(files: list[str], tokenizer: str, val_fraction: float, text_field: str, workers: int = 1,
-                  address: str | None = None) -> Iterator[dict]:
-    """encode_file of each file, in file order: here (workers=1), in `workers` local
-    processes, or as Ray tasks on the cluster at `address` (its nodes must see the input
-    paths: shared storage). At most a few files per worker are in flight, so memory stays
-    bounded whatever the corpus size."""
-    args = (tokenizer, val_fraction, text_field)
-    if address is None and (workers <= 1 or len(files) < 2):
-        yield from (encode_file(f, *args) for f in files)
-        return
-    if address is not None:
-        import ray
-
-        owned = not ray.is_initialized()
-        if owned:
-            check_reachable(address)
-            try:
-                if address == "local":
-                    with private_ray_on_loopback():
-                        ray.init(include_dashboard=False, log_to_driver=False)
-                else:
-                    ray.init(address=address, log_to_driver=False)
-            except (ConnectionError, ValueError, RuntimeError) as e:
-                raise DataError(f"--address {address}: no Ray cluster there ({str(e).splitlines()[0]}): start one or check the address") from None
-        task = ray.remote(num_cpus=1)(encode_file)
-        window = 2 * max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        submit, result, done = (lambda f: task.remote(f, *args)), ray.get, (ray.shutdown if owned else lambda: None)
-    else:  # spawned, not forked: the caller may hold threads (a Ray worker, the tokenizers pool)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each)
-        window = 2 * workers
-        submit, result = (lambda f: pool.submit(encode_file, f, *args)), (lambda fut: fut.result())
-        done = partial(pool.shutdown, cancel_futures=True)
+def process_map(fn: Callable[..., T], items: list, *args, workers: int) -> Iterator[T]:
+    """fn(item, *args) of each item, in order, in `workers` local processes, at most two
+    items per worker in flight."""
+    # Spawned, not forked: the caller may hold threads (a Ray worker, the tokenizers pool).
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each)
     try:
-        pending: deque = deque()
-        upcoming = iter(files)
-        while True:
-            while len(pending) < window and (f := next(upcoming, None)) is not None:
-                pending.append(submit(f))
-            if not pending:
-                return
-            yield result(pending.popleft())
+        for _, future in prefetched(items, lambda item: pool.submit(fn, item, *args), 2 * workers):
+            yield future.result()
     finally:
-        done()
+        pool.shutdown(cancel_futures=True)
+
+
+def encoded_files(files: list[str], tokenizer: str, val_fraction: float, text_field: str, workers: int = 1,
+                  map_fn: Mapper | None = None) -> Iterator[dict]:
+    """encode_file of each file, in file order: here (workers=1), in `workers` local
+    processes, or through `map_fn` (cluster.local_ray.ray_mapper: Ray tasks on a cluster).
+    At most a few files per worker are in flight, so memory stays bounded whatever the
+    corpus size."""
+    args = (tokenizer, val_fraction, text_field)
+    if map_fn is not None:
+        yield from map_fn(encode_file, files, *args)
+    elif workers <= 1 or len(files) < 2:
+        yield from (encode_file(f, *args) for f in files)
+    else:
+        yield from process_map(encode_file, files, *args, workers=workers)
 
 
 class ShardWriter:
@@ -380,12 +327,12 @@ class RemoteOut:
 def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1,
             shard_size_bytes: int = 256 * 2**20, sample_tokens: int = 8192, name: str | None = None,
             overwrite: bool = False, skip_empty: bool = False, progress: bool = False, text_field: str = "text",
-            workers: int = 1, address: str | None = None) -> dict:
+            workers: int = 1, map_fn: Mapper | None = None) -> dict:
     """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest.
 
-    Files are tokenized in `workers` processes, or as Ray tasks on the cluster at
-    `address`, and written in file order here, so the shards are the same byte for byte
-    whatever the parallelism.
+    Files are tokenized in `workers` processes, or through `map_fn` (Ray tasks on a
+    cluster: cluster.local_ray.ray_mapper), and written in file order here, so the shards
+    are the same byte for byte whatever the parallelism.
 
     A text file is one document (its tail `val_fraction` of tokens goes to val); a .jsonl
     file holds one document per line in `text_field`, a .tar raw-text WebDataset shard one
@@ -418,7 +365,7 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         docs = dict.fromkeys(SPLITS, 0)
         t0, t_report, n_bytes, n_tokens = time.perf_counter(), time.perf_counter(), 0, 0
         tty = sys.stderr.isatty()  # a bar that redraws itself on a terminal, plain lines in a log
-        encoded = encoded_files(files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, address)
+        encoded = encoded_files(files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, map_fn)
         for i, parts in enumerate(encoded):
             begin = 0
             for split, size, end in zip(parts["splits"], parts["sizes"], parts["ends"].tolist()):

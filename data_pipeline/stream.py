@@ -29,7 +29,6 @@ import os
 import sys
 import tarfile
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
+from data_pipeline.prefetch import prefetched
 from data_pipeline.prepare import load_manifest
 from data_pipeline.raw import FORMAT as RAW_FORMAT
 from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, shard_urls, tokenize_sample
@@ -124,15 +124,8 @@ def read_shards(shards: list[dict], read: Callable[[dict], list[np.ndarray]], on
     in a background thread meanwhile. on_error="skip" passes over a shard that cannot be
     used, with a warning naming it, and records its url in `skipped`."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-shards")
-    pending: deque = deque()
-    upcoming = iter(shards)
     try:
-        while True:
-            while len(pending) <= prefetch and (shard := next(upcoming, None)) is not None:
-                pending.append((shard, pool.submit(read, shard)))
-            if not pending:
-                return
-            shard, future = pending.popleft()
+        for shard, future in prefetched(shards, partial(pool.submit, read), prefetch + 1):
             try:
                 arrays = future.result()
             except DataError as e:

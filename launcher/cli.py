@@ -25,9 +25,14 @@ class UsageError(ValueError):
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipeline import prepare, summarize
 
+    map_fn = None
+    if args.address is not None:  # tokenize as Ray tasks on that cluster
+        from cluster.local_ray import ray_mapper
+
+        map_fn = ray_mapper(args.address)
     manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                        shard_size_bytes=int(args.shard_size_mb * 2**20), overwrite=args.overwrite, progress=True,
-                       text_field=args.text_field, workers=args.workers, address=args.address)
+                       text_field=args.text_field, workers=args.workers, map_fn=map_fn)
     print(summarize(manifest))
     return 0
 
