@@ -48,8 +48,10 @@ def transient(error: BaseException) -> bool:
     return isinstance(error, (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, OSError))
 
 
-def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> T:
-    """fn(), retried on transient errors; DataError naming `what` when it keeps failing."""
+def with_retries(fn: Callable[[], T], what: str, retries: int | None = None,
+                 failed: Callable[[BaseException], str] | None = None) -> T:
+    """fn(), retried on transient errors; DataError naming `what` when it keeps failing
+    (or saying `failed(error)`, where given)."""
     retries = RETRIES if retries is None else retries
     for attempt in range(retries + 1):
         try:
@@ -58,6 +60,8 @@ def with_retries(fn: Callable[[], T], what: str, retries: int | None = None) -> 
             raise
         except Exception as e:  # noqa: BLE001 - sorted into transient or not just below
             if not transient(e) or attempt == retries:
+                if failed is not None:
+                    raise DataError(failed(e)) from None
                 tries = f" after {attempt + 1} tries" if attempt else ""
                 raise DataError(f"cannot read {what}{tries}: {describe_error(e)}") from None
             time.sleep(BACKOFF_S * 2**attempt)

@@ -27,8 +27,6 @@ import hashlib
 import itertools
 import os
 import sys
-import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -41,9 +39,9 @@ from data_pipeline.prefetch import prefetched
 from data_pipeline.prepare import load_manifest
 from data_pipeline.raw import FORMAT as RAW_FORMAT
 from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, shard_urls, tokenize_sample
+from data_pipeline.sources import describe_error, is_url, join, open_stream, parent, with_retries
 from data_pipeline.tokenizer import tokenizer_from_dict
 from data_pipeline.ustar import token_members
-from data_pipeline.sources import BACKOFF_S, RETRIES, describe_error, is_url, join, open_stream, parent, transient
 
 
 class HashingReader:
@@ -87,33 +85,29 @@ def read_shard(shard: dict, dtype: np.dtype, tokenize: Callable[[dict, str], lis
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     url = shard["url"]
-    for attempt in range(RETRIES + 1):
-        stream = None
+
+    def attempt() -> tuple[list[np.ndarray], str]:
+        # A short remote stream is a dropped connection (retried); a short local file is truncated.
+        stream = HashingReader(open_stream(url), shard.get("bytes") if is_url(url) else None)
         try:
-            # A short remote stream is a dropped connection (retried); a short local file is truncated.
-            stream = HashingReader(open_stream(url), shard.get("bytes") if is_url(url) else None)
             if tokenize is None:  # our own token shards: one read, members sliced in place
-                arrays = token_members(stream.read_all(), dtype, url)
-                break
+                return token_members(stream.read_all(), dtype, url), stream.sha.hexdigest()
             arrays = []
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                 arrays += tokenize(sample, url)
             stream.drain()  # the tar's end blocks count in the checksum too
-            break
-        except DataError:
-            raise
-        except Exception as e:  # tarfile, IO, network and webdataset errors alike: name the shard
-            if not transient(e) or isinstance(e, tarfile.TarError) or attempt == RETRIES:
-                raise DataError(f"shard {url} is unreadable ({describe_error(e)}): prepare the dataset again or check the storage") from None
-            time.sleep(BACKOFF_S * 2**attempt)
+            return arrays, stream.sha.hexdigest()
         finally:
-            if stream is not None:
-                stream.close()
+            stream.close()
+
+    # tarfile, IO, network and webdataset errors alike name the shard; only transient ones are retried.
+    arrays, sha256 = with_retries(attempt, url, failed=lambda e: f"shard {url} is unreadable ({describe_error(e)}): "
+                                  "prepare the dataset again or check the storage")
     tokens = sum(len(a) for a in arrays)
     if "tokens" in shard and tokens != shard["tokens"]:
         raise DataError(f"shard {url} holds {tokens:,} tokens but the manifest says {shard['tokens']:,}: "
                         "it is truncated or was replaced; prepare the dataset again")
-    if "sha256" in shard and stream.sha.hexdigest() != shard["sha256"]:
+    if "sha256" in shard and sha256 != shard["sha256"]:
         raise DataError(f"shard {url} fails its sha256 check against the manifest: it is corrupt; prepare the dataset again")
     return arrays
 

@@ -102,9 +102,9 @@ def test_raw_source_has_no_validation_split(corpus):
 
 
 def test_pipe_urls_only_when_allowed(corpus, monkeypatch):
-    from data_pipeline import stream as stream_module
+    from data_pipeline import sources
 
-    monkeypatch.setattr(stream_module, "BACKOFF_S", 0.01)  # a failing command is retried like a network error
+    monkeypatch.setattr(sources, "BACKOFF_S", 0.01)  # a failing command is retried like a network error
     root, spec, _ = corpus
     pipe = f"pipe:cat {root}/raw-{{000000..000003}}.tar"
     with pytest.raises(DataError, match="is a pipe: URL, which runs a shell command: set data.allow_pipe=true"):

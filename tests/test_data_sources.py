@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare
-from data_pipeline import sources, stream as stream_module
+from data_pipeline import sources
 from s3_helpers import s3_server
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -69,8 +69,7 @@ def server(data):
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(sources, "BACKOFF_S", 0.01)
-    monkeypatch.setattr(stream_module, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(sources, "BACKOFF_S", 0.01)  # every retry goes through sources.with_retries
     Handler.fail, Handler.mode, Handler.requests = {}, "503", []
 
 
