@@ -18,10 +18,10 @@ import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.raw import RawOptions
-from data_pipeline.stream import TokenStream
+from data_pipeline.stream import BatchStream, TokenStream
 
 
-class MixedStream:
+class MixedStream(BatchStream):
     """TokenStream's interface over several weighted sources."""
 
     def __init__(self, sources: list[tuple[str, float]], seq_len: int, micro_batch_size: int, rank: int, world_size: int,
@@ -40,9 +40,7 @@ class MixedStream:
         if any(s.manifest["tokenizer"] != self.subs[0].manifest["tokenizer"] for s in self.subs):
             raise DataError("data.sources use different tokenizers: prepare them all with the same --tokenizer")
         self.manifest = self.subs[0].manifest
-        self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.global_batch = micro_batch_size * world_size * grad_accum_steps
+        super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)
         self.step = 0
         self.taken = np.zeros(len(sources), dtype=np.int64)  # windows drawn from each source so far
 
@@ -53,10 +51,6 @@ class MixedStream:
     @property
     def skipped(self) -> list[str]:
         return [url for s in self.subs for url in s.skipped]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.manifest["tokenizer"]["vocab_size"]
 
     def proportions(self) -> dict[str, float]:
         """The realised share of each source so far."""
@@ -75,31 +69,23 @@ class MixedStream:
         if state.get("names") != self.names:
             raise DataError(f"the saved data position mixes {state.get('names')} but this job mixes {self.names}: "
                             "resume with the same data.sources or start a fresh run")
-        for key in ("seed", "global_batch", "seq_len"):
-            if state[key] != getattr(self, key):
-                raise DataError(f"the saved data position has {key}={state[key]} but this job has {getattr(self, key)}: "
-                                f"resume with the same {key} or start a fresh run")
+        self._check_state(state)
         for sub, sub_state in zip(self.subs, state["sources"]):
             sub.load_state_dict(sub_state)
         self.step, self.taken = state["step"], np.array(state["taken"], dtype=np.int64)
 
     def position(self) -> dict:
-        return {"state": self.state_dict(), "epoch": self.epoch, "skipped": self.skipped, "mix": self.proportions()}
+        return {**super().position(), "mix": self.proportions()}
 
-    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
-        """As TokenStream.steps: (this rank's rows of each step or None, the position after it)."""
+    def _batches(self) -> Iterator[list[torch.Tensor]]:
+        """Each step's global batch, a (T+1,) window per slot; every rank draws every window."""
         its = [iter(s) for s in self.subs]
-        rows, n = self.micro_batch_size * self.accum, 0
         while True:
             slots = self.slots(self.step)
-            batch = [next(its[i])[0] for i in slots]  # (T+1,) each; every rank draws every window
+            batch = [next(its[i])[0] for i in slots]
             np.add.at(self.taken, slots, 1)
             self.step += 1
-            mine = torch.stack(batch[self.rank * rows:(self.rank + 1) * rows]).numpy() if n // group % workers == worker else None
-            n += 1
-            yield mine, self.position()
+            yield batch
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for rows, _ in self.steps():
-            for a in range(self.accum):
-                yield torch.from_numpy(rows[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
+    def _rank_rows(self, rows: list[torch.Tensor]) -> np.ndarray:
+        return torch.stack(rows).numpy()

@@ -258,7 +258,56 @@ def shard_reader(manifest: dict) -> Callable[[dict], list[np.ndarray]]:
     return partial(read_shard, dtype=dtype, tokenize=lambda sample, url: tokenize_sample(sample, url, tok, field))
 
 
-class TokenStream:
+class BatchStream:
+    """What TokenStream and MixedStream share: the batch geometry, the checks of a saved
+    position, and the hand-out of this rank's rows of each global batch (to the training
+    process, or to DataLoader workers in turn). A subclass makes `_batches()`, its global
+    batches from the current position on, updating the position before each is yielded,
+    and `_rank_rows(rows)`, the (A·B, T+1) int64 array of this rank's slice of one."""
+
+    def __init__(self, seq_len: int, micro_batch_size: int, rank: int, world_size: int, grad_accum_steps: int, seed: int):
+        self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.global_batch = micro_batch_size * world_size * grad_accum_steps
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    def _check_state(self, state: dict) -> None:
+        """A saved position must have this job's seed, global batch and sequence length."""
+        for key in ("seed", "global_batch", "seq_len"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"the saved data position has {key}={state[key]} but this job has {getattr(self, key)}: "
+                                f"resume with the same {key} or start a fresh run")
+
+    def position(self) -> dict:
+        """Where the stream stands, for the loop and the checkpoint: state_dict() plus the
+        epoch and the shards skipped so far."""
+        return {"state": self.state_dict(), "epoch": self.epoch, "skipped": list(self.skipped)}
+
+    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
+        """(this rank's rows of each global batch as one (A·B, T+1) int64 array, the
+        position after it), from the current position on, endlessly.
+
+        With `workers` > 1 only every `workers`-th group of `group` steps from here, starting
+        at group `worker`, carries its rows (the others None): DataLoader worker k builds
+        those, and the DataLoader hands them out in turn, so the order is the same for any
+        number of workers.
+        """
+        rows = self.micro_batch_size * self.accum
+        for n, batch in enumerate(self._batches()):
+            mine = self._rank_rows(batch[self.rank * rows:(self.rank + 1) * rows]) if n // group % workers == worker else None
+            yield mine, self.position()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Micro batches of (micro_batch_size, seq_len+1) tokens, in this process."""
+        for rows, _ in self.steps():
+            for a in range(self.accum):
+                yield torch.from_numpy(rows[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
+
+
+class TokenStream(BatchStream):
     """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one rank.
 
     >>> stream = TokenStream("data/book", "train", 256, 8, rank=0, world_size=2)  # doctest: +SKIP
@@ -276,10 +325,8 @@ class TokenStream:
             raise DataError(f"the dataset {data} has no '{split}' split")
         self.shards = self.manifest["splits"][split]["shards"]
         self.dtype = np.dtype(self.manifest["dtype"])
-        self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps
-        self.rank, self.world_size = rank, world_size
-        self.global_batch = micro_batch_size * world_size * grad_accum_steps
-        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
         self.on_error, self.skipped = on_error, []  # urls of shards passed over, in order
@@ -290,10 +337,6 @@ class TokenStream:
             raise DataError(f"the {split} split of {data} holds {self.tokens:,} tokens, too few for one global batch of "
                             f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len")
         self.epoch, self.step_in_epoch = 0, 0
-
-    @property
-    def vocab_size(self) -> int:
-        return self.manifest["tokenizer"]["vocab_size"]
 
     def epoch_plan(self, epoch: int) -> tuple[list[dict], int, int | None]:
         """(shards in this epoch's order, token offset of the first window, steps in the
@@ -317,10 +360,7 @@ class TokenStream:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position (call before iterating). The global batch, the
         sequence length and the seed must match; the number of ranks may differ."""
-        for key in ("seed", "global_batch", "seq_len"):
-            if state[key] != getattr(self, key):
-                raise DataError(f"the saved data position has {key}={state[key]} but this job has {getattr(self, key)}: "
-                                f"resume with the same {key} or start a fresh run")
+        self._check_state(state)
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
 
     def _global_batches(self, epoch: int, first_step: int) -> Iterator[np.ndarray]:
@@ -356,30 +396,15 @@ class TokenStream:
             if n == 0:
                 raise DataError(f"every shard of {self.manifest['root']} failed (data.on_error=skip): nothing left to train on")
 
-    def position(self) -> dict:
-        """Where the stream stands, for the loop and the checkpoint: state_dict() plus the
-        epoch and the shards skipped so far."""
-        return {"state": self.state_dict(), "epoch": self.epoch, "skipped": list(self.skipped)}
-
-    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
-        """(this rank's rows of each global batch as one (A·B, T+1) int64 array, the
-        position after it), from the current position on, endlessly.
-
-        With `workers` > 1 only every `workers`-th group of `group` steps from here, starting
-        at group `worker`, carries its rows (the others None): DataLoader worker k builds
-        those, and the DataLoader hands them out in turn, so the order is the same for any
-        number of workers.
-        """
-        rows, n = self.micro_batch_size * self.accum, 0
+    def _batches(self) -> Iterator[np.ndarray]:
+        """The global batches from the current position on, endlessly, across epochs."""
         while True:
             steps, fresh = self.steps_per_epoch, self.step_in_epoch == 0
             for batch in self._global_batches(self.epoch, self.step_in_epoch):
-                mine = batch[self.rank * rows:(self.rank + 1) * rows].astype(np.int64) if n // group % workers == worker else None
-                n += 1
                 self.step_in_epoch += 1  # the position after this step
                 if self.step_in_epoch == steps:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                yield mine, self.position()
+                yield batch
                 if self.step_in_epoch == 0:
                     break
             if steps is None:  # raw-text shards: the epoch ended with the data
@@ -388,11 +413,8 @@ class TokenStream:
                                     f"{self.global_batch} x {self.seq_len + 1}: add data or lower the batch size or data.seq_len")
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        """Micro batches of (micro_batch_size, seq_len+1) tokens, in this process."""
-        for rows, _ in self.steps():
-            for a in range(self.accum):
-                yield torch.from_numpy(rows[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
+    def _rank_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows.astype(np.int64)
 
 
 def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
