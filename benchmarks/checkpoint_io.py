@@ -62,7 +62,8 @@ def main() -> None:
     from trainer.config import JobConfig
     from trainer.engine import build_engine, import_deepspeed
     from trainer.loop import train_step
-    from trainer.model import ModelConfig, Transformer
+    from trainer.saver import Saver
+    from trainer.model import Transformer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +75,7 @@ def main() -> None:
         "data": {"seq_len": 64}, "train": {"micro_batch_size": 2, "zero_stage": args.zero_stage}, "cluster": {"num_workers": 1}})
 
     def engine():
-        return build_engine(Transformer(ModelConfig(**cfg.model.model_dump())), cfg)
+        return build_engine(Transformer(cfg.model), cfg)
 
     e = engine()
     train_step(e, iter([torch.randint(0, 257, (2, 65))]), 1, torch.device("cpu"))
@@ -85,12 +86,12 @@ def main() -> None:
     names = ["sync save", "async save", "async blocked", "load", "raw write"]
     best = dict.fromkeys(names, float("inf"))
     step = 0
-    background = checkpoint.Saver(e, store, 0, keep=1, background=True)  # one per run, as in training: its copy buffers stay
+    background = Saver(e, store, 0, keep=1, background=True)  # one per run, as in training: its copy buffers stay
     try:
         for _ in range(2):
             step += 1
             t0 = time.perf_counter()
-            saved = checkpoint.Saver(e, store, 0, keep=1, background=False).save(step, {"step": step}, meta)
+            saved = Saver(e, store, 0, keep=1, background=False).save(step, {"step": step}, meta)
             best["sync save"] = min(best["sync save"], time.perf_counter() - t0)
             n_bytes = folder_bytes(saved)
             best["raw write"] = min(best["raw write"], raw_write(root / "raw.bin", n_bytes))

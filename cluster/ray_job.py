@@ -152,7 +152,7 @@ def worker_env(cluster: ClusterSection) -> dict[str, str]:
     # Ray Train's print patch tees each print to its logger once stdout is wrapped (W&B wraps
     # rank 0's), so every progress line would reach the console twice.
     env = {"DS_ACCELERATOR": "cuda" if cluster.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TRAINCTL_VERBOSE": os.environ.get("TRAINCTL_VERBOSE", "0")}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.update(cluster.env)
     return env
 
@@ -205,12 +205,12 @@ def _worker_error(text: str) -> str:
 
 def route_worker_logs(log_path: Path) -> None:
     """Show the workers' trainctl lines (progress, checkpoints, warnings, the summary:
-    tracking.CONSOLE_LINE) on this console as they are, and append every other line of
+    console.CONSOLE_LINE) on this console as they are, and append every other line of
     their output (Ray's, DeepSpeed's, torch's, a traceback) to `log_path`, each with the
     process it came from, instead of Ray's forwarding of everything."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    from trainer.tracking import CONSOLE_LINE
+    from trainer.console import CONSOLE_LINE
 
     console = re.compile(CONSOLE_LINE)
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -63,10 +63,10 @@ class Plan:
 
 
 def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_memory_gb: float | None = None) -> Plan:
-    from trainer.model import ModelConfig, count_params
+    from trainer.model import count_params
 
     m, t, n = cfg.model, cfg.train, cfg.cluster.num_workers
-    mc = ModelConfig(**m.model_dump())
+    mc = m
     s, b = cfg.data.seq_len, t.micro_batch_size
     C, L, V, F, KD = mc.d_model, mc.n_layer, mc.vocab_size, mc.ffn_dim, mc.kv_heads * mc.head_dim
     params = count_params(mc, non_embedding=False)

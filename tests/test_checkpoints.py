@@ -219,7 +219,8 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.generate import find_checkpoint, load_model
+    from trainer.checkpoint import find_checkpoint
+    from trainer.generate import load_model
 
     r = trainctl("export", "runs/straight", "hf", cwd=work)
     assert r.returncode == 0 and "exported runs/straight to hf" in r.stdout, r.stderr[-2000:]
@@ -277,7 +278,8 @@ def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer.generate import find_checkpoint, load_model
+    from trainer.checkpoint import find_checkpoint
+    from trainer.generate import load_model
 
     r = trainctl("run", "job.yaml", "--no-ray", "name=z3", "cluster.num_workers=1", "train.zero_stage=3",
                  "train.grad_accum_steps=2", "train.max_steps=6", "checkpoint.every=6", cwd=work)

@@ -172,7 +172,8 @@ def test_generate_returns_requested_length(trained):
     r = trainctl("generate", "runs/e2e", "--prompt", "ROMEO:", "--max-new-tokens", "30", "--temperature", "0", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:")
-    from trainer.generate import find_checkpoint, load_model
+    from trainer.checkpoint import find_checkpoint
+    from trainer.generate import load_model
     import torch
 
     model, tok = load_model(find_checkpoint(work / "runs" / "e2e"))

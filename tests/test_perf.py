@@ -7,7 +7,7 @@ import pytest
 
 from trainer import perf
 from trainer.model import ModelConfig
-from trainer.tracking import CONSOLE_LINE, progress_line, summary_table
+from trainer.console import CONSOLE_LINE, progress_line, summary_table
 
 
 def test_flops_per_token_of_gpt2_small_by_hand():

@@ -6,26 +6,21 @@ Layout, under RUN/checkpoints/:
         trainctl.json       written last, by rank 0, once every rank has saved: "complete"
     latest                  the tag of the newest complete checkpoint (atomically replaced)
 
-DeepSpeed writes client_state from rank 0 only, so per-rank state lives in files of its
-own. `save_checkpoint` must run on every rank with the same tag or the job hangs, and
-`load_checkpoint` returns (None, None) silently when nothing is there: both are handled
-here and nowhere else.
+This module owns the layout, the stores (a folder, or an object store with a local
+mirror), finding and loading checkpoints; writing them is saver.py's. DeepSpeed writes
+client_state from rank 0 only, so per-rank state lives in files of its own;
+`load_checkpoint` returns (None, None) silently when nothing is there (handled in `load`).
 """
 
 from __future__ import annotations
 
-import atexit
-import copy
 import errno
 import fcntl
 import hashlib
 import json
 import os
-import queue
 import random
 import shutil
-import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.tracking import warn
+from data_pipeline.sources import is_url
+from trainer.console import warn
 
 COMPLETE = "trainctl.json"
 
@@ -44,7 +40,7 @@ class CheckpointError(Exception):
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    _write_durably(tmp, lambda f: f.write(data))
+    write_durably(tmp, lambda f: f.write(data))
     os.replace(tmp, path)
 
 
@@ -73,54 +69,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _Writer:
-    """One background thread that runs a rank's checkpoint jobs in order. The first job
-    that raises stops the rest until `wait` hands its error to the training thread."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        self._done = threading.Condition()
-        self._queued = 0  # jobs submitted and not yet run
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="trainctl-checkpoint-writer", daemon=True)
-        self._thread.start()
-        # A daemon thread stopped inside torch.save at interpreter exit aborts the process
-        # ("terminate called without an active exception"): let the jobs finish first.
-        atexit.register(self.stop)
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._done:
-            self._queued += 1
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    job()
-                except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
-                    self.error = e
-            with self._done:
-                self._queued -= 1
-                self._done.notify_all()
-
-    def idle(self) -> bool:
-        with self._done:
-            return self._queued == 0
-
-    def wait(self) -> BaseException | None:
-        """Block until every job submitted so far has run; returns (and clears) the first error."""
-        with self._done:
-            self._done.wait_for(lambda: self._queued == 0)
-        error, self.error = self.error, None
-        return error
-
-
-def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
+def write_durably(path: Path, write: Callable[[Any], None]) -> None:
     """write(file) then fsync: a checkpoint declared complete must survive a power cut. A full
     disk is named as such (torch.save reports it as 'unexpected pos ...')."""
     try:
@@ -136,165 +85,10 @@ def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
-def _snapshot(item: Any, pool: dict[str, torch.Tensor], key: str) -> Any:
-    """A copy of `item` whose tensors are copies in CPU memory, made into the buffers of `pool`
-    (kept from one save to the next: copying into memory already mapped is several times
-    faster than into fresh allocations). Containers are copied as needed, keeping their
-    types (DeepSpeed's clone_tensors_for_torch_save turns torch.Size into a tuple, which its
-    ZeRO-3 reader then fails on)."""
-    if torch.is_tensor(item):
-        buf = pool.get(key)
-        if buf is None or buf.shape != item.shape or buf.dtype != item.dtype:
-            buf = pool[key] = torch.empty(item.shape, dtype=item.dtype, pin_memory=item.is_cuda)
-        return buf.copy_(item.detach(), non_blocking=item.is_cuda)
-    if isinstance(item, dict):
-        out = copy.copy(item)
-        for k, v in item.items():
-            out[k] = _snapshot(v, pool, f"{key}/{k}")
-        return out
-    if isinstance(item, list):
-        return [_snapshot(v, pool, f"{key}/{i}") for i, v in enumerate(item)]
-    if type(item) is tuple:
-        return tuple(_snapshot(v, pool, f"{key}/{i}") for i, v in enumerate(item))
-    return item
-
-
-def _checkpoint_engine(config_params, writer: _Writer, written: list[Path], background: bool):
-    """DeepSpeed's file writer, recording each path in `written` (uploaded to an object store
-    afterwards) and fsyncing each file. With `background` it is asynchronous: each state dict
-    is copied to CPU memory in the training thread (the next optimizer step changes the live
-    tensors) and written by the background writer. DeepSpeed clones only some of its state
-    dicts before saving (not the ZeRO optimizer partitions), so the copy here is the only one
-    and covers all; its memory is kept for the next save (one checkpoint is in flight at a time)."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    pool: dict[str, torch.Tensor] = {}
-
-    class Engine(TorchCheckpointEngine):
-        def preserves_storage_sharing(self) -> bool:
-            return not background  # in the background DeepSpeed skips its own clone: every tensor is copied once, here
-
-        def save(self, state_dict, path: str) -> None:
-            written.append(Path(path))
-            zipfile = self.zipfile_serialization
-            if not background:
-                _write_durably(Path(path), lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile))
-                return
-            snapshot = _snapshot(state_dict, pool, Path(path).name)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the copies out of GPU memory are done before the writer reads them
-            writer.submit(lambda: _write_durably(Path(path), lambda f: torch.save(snapshot, f, _use_new_zipfile_serialization=zipfile)))
-
-    return Engine(config_params)
-
-
-class SaveFailed(CheckpointError):
-    """A checkpoint could not be written (disk full, storage unreachable); the previous ones are intact."""
-
-
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
     return f"{type(e).__name__}: {e}"
-
-
-class Saver:
-    """Writes the run's checkpoints into `store`; every rank builds one and calls `save`
-    together (DeepSpeed's save is collective).
-
-    With `background`, `save` only copies the state to CPU memory and returns: a writer
-    thread writes (and uploads) the files while training goes on. A checkpoint becomes
-    complete when every rank has written its part: the training loop learns that in the
-    all-reduce it makes every step anyway (`written()` is one of its values) and calls
-    `commit()`, which has rank 0 write trainctl.json and `latest`. A checkpoint a rank never
-    finished (killed, disk full) is never committed, so it stays invisible. `flush()` waits
-    for everything, collectively: before the next save, a rollback, and at the end."""
-
-    def __init__(self, engine, store: "Store", rank: int, keep: int, background: bool = True):
-        self.engine, self.store, self.rank, self.keep, self.background = engine, store, rank, keep, background
-        self.writer = _Writer()
-        self.files: list[Path] = []  # what this rank wrote of the pending checkpoint
-        self.ckpt_engine = _checkpoint_engine(engine._config, self.writer, self.files, background)
-        self.pending: tuple[str, dict[str, Any]] | None = None  # (tag, meta) of the checkpoint being written
-
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any], files: dict[str, str] | None = None) -> Path:
-        """Start (background) or write (synchronous) the checkpoint of `step`; rank 0 also writes
-        `files` (name → text, e.g. the resolved config) into it. Returns its folder."""
-        self.flush()  # one checkpoint in flight at a time
-        tag = f"step_{step:08d}"
-        folder = self.store.root / tag
-        if self.rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)  # the remains of an interrupted save of the same step
-        barrier()
-        self.files.clear()
-        self.started = time.perf_counter()
-        self.engine.checkpoint_engine = self.ckpt_engine  # DeepSpeed writes each file through it
-        try:
-            self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"step": step}, save_latest=False)
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            self.writer.error = e
-        own = folder / f"rank_{self.rank:05d}.pt"
-        state = {**rank_state, "rng": rng_state()}  # plain values and fresh RNG tensors: no copy needed
-        self.files.append(own)
-        self.writer.submit(lambda: _write_durably(own, lambda f: torch.save(state, f)))
-        if self.rank == 0:
-            for name, text in (files or {}).items():
-                self.files.append(folder / name)
-                self.writer.submit(lambda p=folder / name, t=text: _write_durably(p, lambda f: f.write(t.encode())))
-        if self.store.url is not None:
-            mine = list(self.files)
-            self.writer.submit(lambda: self.store.upload(mine))
-        self.pending = (tag, meta)
-        self.blocked = time.perf_counter() - self.started
-        if not self.background:
-            self.flush()
-        return folder
-
-    def written(self) -> float:
-        """1.0 when this rank has nothing left to write (its part of the pending checkpoint is on
-        storage, or failed: `commit` finds out which), else 0.0."""
-        return float(self.writer.idle())
-
-    def commit(self) -> None:
-        """Every rank has written (all voted `written`): make the pending checkpoint complete.
-        A failure on any rank raises SaveFailed on every rank."""
-        if self.pending is None:
-            return
-        tag, meta = self.pending
-        self.pending = None
-        error = self.writer.wait()
-        sizes: dict[str, int] = {}
-        if not _any_rank(error is not None) and self.rank == 0:
-            try:  # the completion marker itself can meet a full disk or a failing store
-                info = {**meta, "step": int(tag.split("_")[1]), "tag": tag, "saved_at": time.time()}
-                sizes = self.store.commit(tag, info, self.keep)
-            except Exception as e:  # noqa: BLE001 - reported below, on every rank
-                error = e
-        if _any_rank(error is not None):  # every rank agrees, so none is left waiting in a collective
-            if self.rank == 0:
-                shutil.rmtree(self.store.root / tag, ignore_errors=True)
-                self.store.discard(tag)
-            why = _describe(error) if error is not None else "another rank could not write its part"
-            raise SaveFailed(f"checkpoint {self.store.where(tag)} could not be written ({why}); the previous checkpoints "
-                             "are intact: free space or fix the storage, then run the same command to resume")
-        if self.rank == 0:
-            print(f"trainctl: checkpoint {self.store.where(tag)} ({sum(sizes.values()) / 2**20:,.0f} MB, complete "
-                  f"{time.perf_counter() - self.started:.1f} s after the save began; training waited {self.blocked:.2f} s "
-                  "of it)", flush=True)
-
-    def flush(self) -> None:
-        """Wait until the pending checkpoint (if any) is written on every rank and complete (collective)."""
-        if self.pending is not None:
-            self.commit()
-
-
-def _any_rank(flag: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.item() > 0
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -343,10 +137,6 @@ def meta(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / COMPLETE).read_text())
 
 
-def is_url(path: str) -> bool:
-    return "://" in str(path)
-
-
 class Store:
     """Where a run's checkpoints live. A local or shared folder (`root`), or an object-store
     folder (`url`: s3://, gs://, any fsspec URL) with a local mirror at `root`: checkpoints
@@ -384,7 +174,7 @@ class Store:
             fs.pipe_file(probe, b"ok")
             fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - network, credentials, missing bucket alike
-            raise CheckpointError(f"cannot write checkpoint.storage_path {self.url.rsplit('/', 2)[0]} ({_describe(e)}): "
+            raise CheckpointError(f"cannot write checkpoint.storage_path {self.url.rsplit('/', 2)[0]} ({describe_error(e)}): "
                                   "check the URL, that the bucket exists and the credentials") from None
 
     def upload(self, paths: list[Path]) -> None:
@@ -435,7 +225,7 @@ class Store:
                     if old.name < tag and old.name not in keep_local:
                         shutil.rmtree(old, ignore_errors=True)
         except Exception as e:  # noqa: BLE001
-            warn(f"could not delete checkpoints older than the newest {keep} in {self.url or self.root} ({_describe(e)})")
+            warn(f"could not delete checkpoints older than the newest {keep} in {self.url or self.root} ({describe_error(e)})")
         return sizes
 
     def discard(self, tag: str) -> None:
@@ -498,6 +288,50 @@ def url_cache(url: str) -> Path:
     """A local folder mirroring the object-store folder `url` (for export, generate, --resume)."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainctl" / "checkpoints"
     return base / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+class NoCheckpoint(FileNotFoundError):
+    """The path holds no complete """
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A run folder (its latest whole checkpoint), a checkpoints folder, or a checkpoint
+    itself (NoCheckpoint if it is damaged); any of these may be an object-store URL, whose
+    checkpoint is downloaded into a local cache first."""
+    if is_url(str(path)):
+        return _find_remote(str(path).rstrip("/"))
+    p = Path(path)
+    if (p / COMPLETE).is_file():
+        why = damage(p)
+        if why:
+            raise NoCheckpoint(f"checkpoint {p} is damaged ({why}): give an earlier one")
+        return p
+    for root in (p / "checkpoints", p):
+        try:
+            found = find_latest(root)
+        except CheckpointError as e:
+            raise NoCheckpoint(str(e)) from None
+        if found is not None:
+            return found
+    raise NoCheckpoint(f"no complete checkpoint in {p}: give a run folder (storage_path/NAME) or a checkpoint folder")
+
+
+def _find_remote(url: str) -> Path:
+    parent, tag = url.rsplit("/", 1)
+    try:
+        if tag.startswith("step_"):
+            store = Store(url_cache(parent), parent)
+            if tag in store.tags():
+                return store.fetch(tag)
+        for root in (f"{url}/checkpoints", url):
+            found = Store(url_cache(root), root).latest()
+            if found is not None:
+                return found
+    except CheckpointError as e:
+        raise NoCheckpoint(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - network, credentials, a missing bucket alike
+        raise NoCheckpoint(f"cannot read {url} ({type(e).__name__}: {e}): check the URL and the credentials") from None
+    raise NoCheckpoint(f"no complete checkpoint in {url}: give a run folder (storage_path/NAME) or a checkpoint folder")
 
 
 def needs_resharding(ckpt: Path, world: int, zero_stage: int) -> bool:

@@ -16,36 +16,11 @@ import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainer.model_config import ModelConfig
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSection(Section):
-    """The transformer's shape; mirrors trainer.model.ModelConfig."""
-
-    vocab_size: int = Field(257, gt=0, description="embedding rows; must be >= the tokenizer's vocabulary")
-    n_layer: int = Field(4, gt=0, description="transformer blocks")
-    n_head: int = Field(4, gt=0, description="query heads")
-    n_kv_head: int | None = Field(None, gt=0, description="key/value heads (grouped-query attention); null = n_head")
-    d_model: int = Field(128, gt=0, description="residual stream width")
-    d_ff: int | None = Field(None, gt=0, description="SwiGLU hidden size; null = about 8/3 * d_model")
-    max_seq_len: int = Field(256, gt=0, description="longest context the model accepts (RoPE table size)")
-    rope_theta: float = Field(10000.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    tie_embeddings: bool = Field(True, description="share the input embedding with the output head")
-    activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")
-
-    @model_validator(mode="after")
-    def _shape(self) -> "ModelSection":
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
-        if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"model.d_model / model.n_head = {self.d_model // self.n_head} must be even (rotary embeddings rotate pairs)")
-        kv = self.n_kv_head or self.n_head
-        if self.n_head % kv:
-            raise ValueError(f"model.n_kv_head={kv} must divide model.n_head={self.n_head}")
-        return self
 
 
 class MixSource(Section):
@@ -167,6 +142,8 @@ class TrackingSection(Section):
     entity: str | None = None
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
+    verbose: bool = Field(False, description="Ray's, DeepSpeed's and torch's own output on the console (else in the "
+                          "run's workers.log) and DeepSpeed's INFO lines; `trainctl run --verbose` sets it")
 
 
 class ClusterSection(Section):
@@ -194,7 +171,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class JobConfig(Section):
     name: str = Field("run", description="the run's name: its folder under checkpoint.storage_path")
-    model: ModelSection = Field(default_factory=ModelSection)
+    model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)

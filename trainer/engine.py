@@ -74,7 +74,7 @@ def lr_factor(step: int, cfg: JobConfig) -> float:
     return (t.min_lr + coeff * (t.lr - t.min_lr)) / t.lr
 
 
-def import_deepspeed(use_gpu: bool):
+def import_deepspeed(use_gpu: bool, verbose: bool = False):
     """Import DeepSpeed with the right accelerator. DS_ACCELERATOR is read once, at the
     first import, so it must be set before anything imports deepspeed."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
@@ -88,7 +88,7 @@ def import_deepspeed(use_gpu: bool):
         # Off. (Not on GPUs: there the op does not exist, and this lookup would probe every op.)
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-    if os.environ.get("TRAINCTL_VERBOSE") != "1":
+    if not verbose:
         logger.setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) only with --verbose
     return deepspeed
 
@@ -96,7 +96,7 @@ def import_deepspeed(use_gpu: bool):
 def build_engine(model: torch.nn.Module, cfg: JobConfig, universal: bool = False):
     """Wrap `model` in a DeepSpeed engine (the distributed group must already exist).
     `universal`: it will load a universal checkpoint (one written by another number of ranks)."""
-    deepspeed = import_deepspeed(cfg.cluster.use_gpu)
+    deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
     groups = model.optim_groups(cfg.train.weight_decay)
     if cfg.train.compile:
         model.compile()  # in place: the state dict's keys (and so checkpoints) stay those of the plain model

@@ -71,7 +71,7 @@ def llama_config(mc: ModelConfig, eot: int) -> dict:
 
 def model_config(ckpt: Path) -> ModelConfig:
     cfg = JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    return ModelConfig(**cfg.model.model_dump())
+    return cfg.model
 
 
 def weight_shapes(mc: ModelConfig) -> dict[str, list[int]]:
@@ -182,7 +182,7 @@ def _bytes_to_unicode() -> list[str]:
 
 def export(path: str | Path, out_dir: str | Path) -> Path:
     """Write the Hugging Face folder for a run's latest checkpoint (or a given one)."""
-    from trainer.generate import NoCheckpoint, find_checkpoint
+    from trainer.checkpoint import NoCheckpoint, find_checkpoint
 
     try:
         ckpt = find_checkpoint(path)

@@ -10,57 +10,13 @@ import yaml
 from data_pipeline import tokenizer_from_dict
 from trainer import checkpoint
 from trainer.config import JobConfig
-from trainer.model import ModelConfig, Transformer
-
-
-class NoCheckpoint(FileNotFoundError):
-    """The path holds no complete checkpoint."""
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest whole checkpoint), a checkpoints folder, or a checkpoint
-    itself (NoCheckpoint if it is damaged); any of these may be an object-store URL, whose
-    checkpoint is downloaded into a local cache first."""
-    if checkpoint.is_url(str(path)):
-        return _find_remote(str(path).rstrip("/"))
-    p = Path(path)
-    if (p / checkpoint.COMPLETE).is_file():
-        why = checkpoint.damage(p)
-        if why:
-            raise NoCheckpoint(f"checkpoint {p} is damaged ({why}): give an earlier one")
-        return p
-    for root in (p / "checkpoints", p):
-        try:
-            found = checkpoint.find_latest(root)
-        except checkpoint.CheckpointError as e:
-            raise NoCheckpoint(str(e)) from None
-        if found is not None:
-            return found
-    raise NoCheckpoint(f"no complete checkpoint in {p}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")
-
-
-def _find_remote(url: str) -> Path:
-    parent, tag = url.rsplit("/", 1)
-    try:
-        if tag.startswith("step_"):
-            store = checkpoint.Store(checkpoint.url_cache(parent), parent)
-            if tag in store.tags():
-                return store.fetch(tag)
-        for root in (f"{url}/checkpoints", url):
-            found = checkpoint.Store(checkpoint.url_cache(root), root).latest()
-            if found is not None:
-                return found
-    except checkpoint.CheckpointError as e:
-        raise NoCheckpoint(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - network, credentials, a missing bucket alike
-        raise NoCheckpoint(f"cannot read {url} ({type(e).__name__}: {e}): check the URL and the credentials") from None
-    raise NoCheckpoint(f"no complete checkpoint in {url}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")
+from trainer.model import Transformer
 
 
 def load_model(ckpt: Path):
     """(model in eval mode, tokenizer) from a checkpoint folder."""
     cfg = JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    model = Transformer(ModelConfig(**cfg.model.model_dump()))
+    model = Transformer(cfg.model)
     model.load_state_dict(checkpoint.load_model_state(ckpt))
     model.eval()
     return model, tokenizer_from_dict(checkpoint.meta(ckpt)["tokenizer"])
@@ -78,7 +34,7 @@ def sample(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temp
         model, tok_dict = load_export(Path(path))
         tok = tokenizer_from_dict(tok_dict)
     else:
-        model, tok = load_model(find_checkpoint(path))
+        model, tok = load_model(checkpoint.find_checkpoint(path))
     ids = tok.encode(prompt)
     if len(ids) == 0:
         ids = [tok.eot]

@@ -1,23 +1,20 @@
 """The training loop: one worker function, the same under Ray Train, torchrun, or alone.
 
-`train_worker(config_dict)` reads top to bottom: join the process group, build the data,
-the model and the engine, resume if a checkpoint exists, then loop with plain
-`if step % every == 0` blocks for logging, evaluation and checkpoints. `train_step` is
-split out so a test can drive it.
+`train_worker(config_dict)` builds a `Worker` (process group, data, model, engine, saver,
+tracker), restores the newest checkpoint into its `TrainState` if there is one, then
+loops: one `train_step`, one all-reduce of the step's verdicts, and plain
+`if step % every == 0` blocks that call `log`, `validate` and `save`. A divergence
+rolls back through the same `restore` as a resume.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import signal
 import socket
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,14 +22,14 @@ import torch.distributed as dist
 from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches, tokenizer_from_dict
 from trainer import checkpoint, perf
 from trainer.config import JobConfig
+from trainer.console import duration, progress_line, summary_table
 from trainer.engine import build_engine, import_deepspeed
 from trainer.generate import continue_prompts
-from trainer.model import ModelConfig, Transformer, document_segments
-from trainer.tracking import Tracker, duration, progress_line, run_id, summary_table, warn
-
-
-def model_config(cfg: JobConfig) -> ModelConfig:
-    return ModelConfig(**cfg.model.model_dump())
+from trainer.guard import DivergenceGuard
+from trainer.model import Transformer, document_segments
+from trainer.run_folder import StopRequest, checkpoint_store, record_attempt, run_dir
+from trainer.saver import Saver
+from trainer.tracking import Tracker, run_id
 
 
 def raw_options(cfg: JobConfig) -> RawOptions:
@@ -54,19 +51,6 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
     return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, **common)
 
 
-def run_dir(cfg: JobConfig) -> Path:
-    """The run's local folder: metrics, W&B files, attempts, and its checkpoints (or, with an
-    object-store storage_path, their local mirror)."""
-    c = cfg.checkpoint
-    return Path(c.local_path if checkpoint.is_url(c.storage_path) else c.storage_path) / cfg.name
-
-
-def checkpoint_store(cfg: JobConfig) -> checkpoint.Store:
-    c = cfg.checkpoint
-    url = f"{c.storage_path.rstrip('/')}/{cfg.name}/checkpoints" if checkpoint.is_url(c.storage_path) else None
-    return checkpoint.Store(run_dir(cfg) / "checkpoints", url)
-
-
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     """Join (or make) the process group; returns (rank, world_size, local_rank).
 
@@ -78,7 +62,7 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed = import_deepspeed(cfg.cluster.use_gpu)
+    deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -132,47 +116,30 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device, eot: int
     return (total[0] / total[1]).item()
 
 
-PREEMPT = "PREEMPT"  # a file in the run folder: the launcher got SIGTERM, save and stop
-LAUNCH = "launch.json"  # written by the launcher: when this invocation started (restarts are counted from it)
 
 
-class StopRequest:
-    """A request to save and stop at the next step boundary: SIGTERM to this process (when
-    the worker runs on the main thread: alone or under torchrun), or the PREEMPT file the
-    launcher writes when it gets SIGTERM (under Ray, whose workers run the loop in a
-    thread). Every rank checks after each step and they agree in one all-reduce."""
-
-    def __init__(self, folder: Path):
-        self.file, self.signalled = folder / PREEMPT, False
-        try:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread
-            pass
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.signalled = True
-
-    def requested(self) -> bool:
-        return self.signalled or self.file.exists()
-
-
-class Diverged(RuntimeError):
-    """The loss went non-finite or spiked more often than train.max_rollbacks allows."""
-
-
-SPIKE_WINDOW = 20  # steps whose mean loss a spike is measured against
 VAL_SAMPLES, VAL_PROMPT_TOKENS, VAL_SAMPLE_TOKENS = 2, 32, 64  # validation samples logged at each evaluation
 
 
-def loss_alarm(loss: float, recent: deque, factor: float | None) -> str | None:
-    """Why a step's loss (the mean over ranks) must not stand, or None."""
-    if not math.isfinite(loss):
-        return f"the loss is {loss}"
-    if factor is not None and len(recent) == recent.maxlen:
-        mean = sum(recent) / len(recent)
-        if loss > factor * mean:
-            return f"the loss {loss:.4f} is {loss / mean:.1f}x the mean of the last {len(recent)} steps ({mean:.4f})"
-    return None
+@dataclass
+class TrainState:
+    """Everything of the loop a checkpoint carries (with the engine's state and each rank's
+    RNG): the position in steps, tokens and data, and the divergence guard's counters."""
+
+    stream: Loader
+    step: int = 0
+    tokens_seen: int = 0
+    rollbacks: int = 0  # divergence rollbacks so far in the run
+    skip_step: int | None = None  # a step whose data window is passed over untrained (after a rollback)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
+                "rollbacks": self.rollbacks, "skip_step": self.skip_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["data"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.rollbacks, self.skip_step = state.get("rollbacks", 0), state.get("skip_step")
 
 
 def resume_point(cfg: JobConfig, store: checkpoint.Store) -> Path | None:
@@ -196,192 +163,212 @@ def resume_point(cfg: JobConfig, store: checkpoint.Store) -> Path | None:
 
 
 @dataclass
-class Attempt:
-    restarts: int  # restarts of the workers so far in this invocation
-    lost_s: float  # seconds lost to the last one: from the save of the checkpoint it resumed from until now
-    launched_at: float  # when this invocation of `trainctl run` started (wall clock)
-    launched_step: int  # the step its first attempt started at
+class Worker:
+    """What one rank trains with: built once by `start`, then read by the loop's helpers."""
+
+    cfg: JobConfig
+    rank: int
+    world: int
+    device: torch.device
+    folder: Path
+    store: checkpoint.Store
+    stream: Loader
+    val: list[torch.Tensor]  # this rank's validation batches, every source's in order
+    tokenizer: dict
+    eot: int | None  # the end-of-text token when attention is masked per document
+    engine: Any = None
+    saver: Saver | None = None
+    tracker: Tracker | None = None  # rank 0's
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def record_attempt(folder: Path, step: int, ckpt: Path | None) -> Attempt:
-    """Note this start of the workers in the run folder and say where it stands."""
-    started = json.loads((folder / LAUNCH).read_text())["started_at"] if (folder / LAUNCH).exists() else time.time()
-    attempts = folder / "attempts.jsonl"
-    with open(attempts, "a") as f:
-        f.write(json.dumps({"at": time.time(), "step": step}) + "\n")
-    mine = [row for row in map(json.loads, attempts.read_text().splitlines()) if row["at"] >= started]
-    restarts = len(mine) - 1
-    lost = time.time() - checkpoint.meta(ckpt).get("saved_at", time.time()) if restarts and ckpt is not None else 0.0
-    return Attempt(restarts, lost, started, mine[0]["step"])
-
-
-def train_worker(config: dict) -> str:
-    """Train to train.max_steps; returns "done", or "preempted" when stopped by a request
-    (a checkpoint of the last step is saved first)."""
-    cfg = JobConfig.model_validate(config)
+def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
+    """Join the group and build the data, the model and the engine; returns the worker and
+    the checkpoint to resume from (None: a new run)."""
     t = cfg.train
     rank, world, local_rank = setup_distributed(cfg)
-    device = torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu")
     folder, store = run_dir(cfg), checkpoint_store(cfg)
-    ckpt_root = store.root
     if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+        store.root.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(cfg.to_yaml())
-
     # Data: every rank reads the same global order and keeps its own slice of each batch.
-    seq = cfg.data.seq_len
     stream = Loader(build_stream(cfg, rank, world), cfg.data.num_workers, pin_memory=cfg.cluster.use_gpu)
     tokenizer = stream.manifest["tokenizer"]
-    eot = tokenizer["eot"] if cfg.data.document_masking else None
-    tok = tokenizer_from_dict(tokenizer)
-    val = [batch for path in data_paths(cfg)  # every source's validation split, in order
-           for batch in eval_batches(path, "val", seq, t.micro_batch_size, rank, world, max_batches=t.eval_batches,
-                                     on_error=cfg.data.on_error, raw=raw_options(cfg))]
-
-    # Model: the same seed on every rank gives the same initial weights.
-    torch.manual_seed(t.seed)
+    val = [batch for path in data_paths(cfg)
+           for batch in eval_batches(path, "val", cfg.data.seq_len, t.micro_batch_size, rank, world,
+                                     max_batches=t.eval_batches, on_error=cfg.data.on_error, raw=raw_options(cfg))]
+    w = Worker(cfg, rank, world, torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu"), folder, store,
+               stream, val, tokenizer, tokenizer["eot"] if cfg.data.document_masking else None)
+    torch.manual_seed(t.seed)  # the same seed on every rank gives the same initial weights
     latest = resume_point(cfg, store)
     reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
-    engine = build_engine(Transformer(model_config(cfg)), cfg, universal=reshard)
-    saver = checkpoint.Saver(engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save)
+    w.engine = build_engine(Transformer(cfg.model), cfg, universal=reshard)
+    w.saver = Saver(w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save)
+    return w, latest
 
-    step, tokens_seen = 0, 0
+
+def restore(w: Worker, state: TrainState, ckpt: Path) -> None:
+    """Load `ckpt` into the engine and `state` (collective): a resume, or a rollback. A rank
+    the checkpoint's job did not have takes rank 0's state and a seed of its own."""
+    reshard = checkpoint.needs_resharding(ckpt, w.world, w.cfg.train.zero_stage)
+    scratch = w.store.root / f".universal-{ckpt.name}" if reshard else None
+    state.load_state_dict(checkpoint.load(w.engine, ckpt, w.rank, universal=scratch))
+    if not (ckpt / f"rank_{w.rank:05d}.pt").exists():
+        torch.manual_seed(w.cfg.train.seed + w.rank + 1_000_003 * state.step)
+
+
+def log(w: Worker, state: TrainState, loss: float, figures: dict[str, Any], eta_s: float) -> None:
+    """The log interval's metrics to the tracker and a progress line (rank 0)."""
+    if w.rank == 0:
+        m = {"loss": loss, **perf.optimizer_figures(w.engine, w.cfg.train.precision), **figures, "tokens": state.tokens_seen,
+             "epoch": w.stream.epoch, "data_skipped_shards": len(w.stream.skipped), "rollbacks": state.rollbacks,
+             **({"data_mix": w.stream.proportions()} if w.cfg.data.sources else {})}
+        w.tracker.log(m, state.step)
+        print(progress_line(state.step, w.cfg.train.max_steps, m, eta_s), flush=True)
+
+
+def validate(w: Worker, step: int) -> None:
+    """The validation loss, and a few validation prompts continued (on every rank: ZeRO-3
+    gathers the weights for each forward)."""
+    t = w.cfg.train
+    val_loss = evaluate(w.engine, w.val, w.device, w.eot)
+    w.val_losses.append((step, val_loss))
+    if t.sample_tokens:
+        prompts = w.val[0][:VAL_SAMPLES, :VAL_PROMPT_TOKENS].to(w.device)
+        out = continue_prompts(w.engine.module, prompts, min(t.sample_tokens, VAL_SAMPLE_TOKENS), seed=step)
+    if w.rank == 0:
+        w.tracker.log({"val_loss": val_loss}, step)
+        if t.sample_tokens:
+            tok = tokenizer_from_dict(w.tokenizer)
+            w.tracker.samples(step, [[tok.decode(p.tolist()), tok.decode(c.tolist())] for p, c in zip(prompts, out)])
+        print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
+
+
+def save(w: Worker, state: TrainState, wait: bool) -> None:
+    """A checkpoint of this step (in the background unless `wait` or checkpoint.async_save=false)."""
+    cfg = w.cfg
+    info = {"zero_stage": cfg.train.zero_stage, "world_size": w.world, "global_batch": cfg.global_batch,
+            "seq_len": cfg.data.seq_len, "tokens_seen": state.tokens_seen, "name": cfg.name, "tokenizer": w.tokenizer,
+            "wandb_run_id": run_id(w.folder) if w.rank == 0 else None}
+    w.saver.save(state.step, state.state_dict(), info, files={"config.yaml": cfg.to_yaml()})
+    if wait:
+        w.saver.flush()
+
+
+def rollback(w: Worker, state: TrainState, guard: DivergenceGuard, alarm: str, position: dict) -> None:
+    """Back to the newest whole checkpoint, agreed by every rank, keeping the rollback count;
+    the diverged step's data window is skipped when the run gets back to it."""
+    bad_step, rollbacks = state.step, state.rollbacks + 1
+    w.saver.flush()  # a checkpoint still being written was of a good step
+    good = resume_point(w.cfg, w.store)
+    guard.allow(rollbacks, bad_step, alarm, good)
+    restore(w, state, good)
+    state.rollbacks = rollbacks
+    state.skip_step = guard.rolled_back(bad_step, alarm, good, rollbacks, position)
+    if w.rank == 0:
+        w.tracker.rewind(state.step)
+
+
+def train_worker(config: dict, nan_at_step: int = 0) -> str:
+    """Train to train.max_steps; returns "done", or "preempted" when stopped by a request
+    (a checkpoint of the last step is saved first). `nan_at_step` (fault injection for tests)
+    makes that step's loss NaN once, as a real divergence would."""
+    cfg = JobConfig.model_validate(config)
+    t, every = cfg.train, cfg.checkpoint.every
+    w, latest = start(cfg)
+    state = TrainState(w.stream)
     if latest is not None:
-        state = checkpoint.load(engine, latest, rank, universal=ckpt_root / f".universal-{latest.name}" if reshard else None)
-        stream.load_state_dict(state["data"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        if not (latest / f"rank_{rank:05d}.pt").exists():  # a rank the checkpoint's job did not have
-            torch.manual_seed(t.seed + rank + 1_000_003 * step)
-        if rank == 0:
-            how = f" (written by {checkpoint.meta(latest)['world_size']} workers, resharded to {world})" if reshard else ""
-            print(f"trainctl: resumed from {latest} at step {step}{how}", flush=True)
+        restore(w, state, latest)
+        if w.rank == 0:
+            how = (f" (written by {checkpoint.meta(latest)['world_size']} workers, resharded to {w.world})"
+                   if checkpoint.needs_resharding(latest, w.world, t.zero_stage) else "")
+            print(f"trainctl: resumed from {latest} at step {state.step}{how}", flush=True)
     else:
-        torch.manual_seed(t.seed + rank)  # dropout and sampling differ per rank
-
-    tracker = Tracker(cfg, folder, resume_step=step) if rank == 0 else None
-    attempt = record_attempt(folder, step, latest) if rank == 0 else None
-    if attempt is not None and attempt.restarts:
-        print(f"trainctl: restart {attempt.restarts} of this job: resumed at step {step}, {attempt.lost_s:.0f} s lost since "
-              "that checkpoint", flush=True)
-        tracker.log({"restarts": attempt.restarts, "time_lost_s": attempt.lost_s}, step, event=True)
-    peak, peak_source = perf.device_peak_tflops(cfg.cluster.peak_tflops, cfg.cluster.use_gpu)
-    if not cfg.cluster.use_gpu and not cfg.cluster.peak_tflops:
-        (peak,) = perf.mean_over_ranks([peak], device)  # measured on every rank at once, as they train
-    flops = perf.flops_per_token(model_config(cfg), seq)
-    tokens_per_step = cfg.global_batch * seq
-    meter = perf.Meter(flops, world, tokens_per_step, peak, device, step,
-                       *((attempt.launched_at, attempt.launched_step) if attempt else ()))
-    if rank == 0:
-        tracker.describe({"flops_per_token": flops, "peak_tflops_per_worker": peak, "peak_source": peak_source,
-                          "tokens_per_step": tokens_per_step, "tokenizer": tokenizer})
-    timer = meter.timer
-    stop = StopRequest(folder)
-    status = "done"
-    batches = iter(stream)
-    start_step, t_start = step, time.perf_counter()
-    recent: deque[float] = deque(maxlen=SPIKE_WINDOW)  # the last steps' losses, for spike detection
-    val_losses: list[tuple[int, float]] = []
-    # Rollbacks so far, and a step whose data window is passed over after one (both kept in checkpoints).
-    rollbacks, skip_step = (state.get("rollbacks", 0), state.get("skip_step")) if latest is not None else (0, None)
-    nan_at = int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", 0))  # a test hook: poison this step's loss, once
-    profiler = perf.Profiler(t.profile, step, t.max_steps, folder, rank, cfg.cluster.use_gpu)
+        torch.manual_seed(t.seed + w.rank)  # dropout and sampling differ per rank
+    meter, attempt = start_tracking(w, state.step, latest)
+    guard = DivergenceGuard(t.spike_factor, t.max_rollbacks, w.folder / "rollbacks.jsonl" if w.rank == 0 else None)
+    profiler = perf.Profiler(t.profile, state.step, t.max_steps, w.folder, w.rank, cfg.cluster.use_gpu, cfg.tracking.verbose)
+    stop, status, timer = StopRequest(w.folder), "done", meter.timer
+    batches, start_step, t_start = iter(w.stream), state.step, time.perf_counter()
     checkpoint.barrier()  # every rank starts timing together (rank 0 had more to set up)
-    meter.restart_interval(step)  # the first interval starts here, not when the meter was made
-    while step < t.max_steps:
-        profiler.tick(step + 1)
-        if step + 1 == skip_step:  # the window that made the loss diverge: consume it untrained
-            for _ in range(cfg.accum_steps):
-                next(batches)
-            skip_step = None
-        position = stream.state_dict()  # where this step's data starts, to name it if it must be skipped
-        loss = train_step(engine, batches, cfg.accum_steps, device, eot, poison=step + 1 == nan_at, timer=timer)
-        nan_at = 0 if step + 1 == nan_at else nan_at
+    meter.restart_interval(state.step)  # the first interval starts here, not when the meter was made
+    while state.step < t.max_steps:
+        profiler.tick(state.step + 1)
+        state.skip_step = guard.skip_window(state.step + 1, state.skip_step, batches, cfg.accum_steps)
+        position = w.stream.state_dict()  # where this step's data starts, to name it if it must be skipped
+        poison, nan_at_step = state.step + 1 == nan_at_step, 0 if state.step + 1 == nan_at_step else nan_at_step
+        loss = train_step(w.engine, batches, cfg.accum_steps, w.device, w.eot, poison=poison, timer=timer)
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.
         with timer("sync"):
-            loss, stop_votes, written = perf.mean_over_ranks([loss, float(stop.requested()), saver.written()], device)
+            loss, stop_votes, written = perf.mean_over_ranks([loss, float(stop.requested()), w.saver.written()], w.device)
         if written == 1.0:
             with timer("checkpoint", host=True):
-                saver.commit()
-        step += 1
-        tokens_seen += tokens_per_step
+                w.saver.commit()
+        state.step, state.tokens_seen = state.step + 1, state.tokens_seen + meter.tokens_per_step
+        last, preempted = state.step == t.max_steps, stop_votes > 0
 
-        alarm = loss_alarm(loss, recent, t.spike_factor)
-        if alarm is not None:
-            rollbacks += 1
-            saver.flush()  # a checkpoint still being written was of a good step
-            good = resume_point(cfg, store)  # the newest whole checkpoint (or --resume's), agreed by every rank
-            if rollbacks > t.max_rollbacks or good is None:
-                why = (f"{t.max_rollbacks} rollbacks allowed (train.max_rollbacks)" if good is not None
-                       else "no checkpoint to roll back to (save sooner: checkpoint.every)")
-                raise Diverged(f"step {step}: {alarm}; {why}: lower train.lr or raise train.warmup_steps")
-            reshard = checkpoint.needs_resharding(good, world, t.zero_stage)
-            state = checkpoint.load(engine, good, rank, universal=ckpt_root / f".universal-{good.name}" if reshard else None)
-            stream.load_state_dict(state["data"])
-            batches = iter(stream)
-            skip_step, bad_step = step, step
-            step, tokens_seen = state["step"], state["tokens_seen"]
-            recent.clear()
-            meter.restart_interval(step)
-            if rank == 0:
-                tracker.rewind(step)
-                warn(f"step {bad_step}: {alarm}: rolled back to {good} (rollback {rollbacks} of {t.max_rollbacks}); "
-                     f"the data of step {bad_step} will be skipped: {json.dumps(position)}")
-                with open(folder / "rollbacks.jsonl", "a") as f:
-                    f.write(json.dumps({"step": bad_step, "alarm": alarm, "checkpoint": str(good), "skipped": position}) + "\n")
+        if (alarm := guard.check(loss)) is not None:
+            rollback(w, state, guard, alarm, position)
+            batches = iter(w.stream)
+            meter.restart_interval(state.step)
             continue
-        recent.append(loss)
-
-        if step % t.log_every == 0 or step == t.max_steps:
-            figures = meter.interval(step)
+        if state.step % t.log_every == 0 or last:
+            figures = meter.interval(state.step)
             with meter.aside():  # logging is not a step: every rank leaves its time out (a barrier ends it)
-                if rank == 0:
-                    m = {"loss": loss, **perf.optimizer_figures(engine, t.precision), **figures, "tokens": tokens_seen,
-                         "epoch": stream.epoch, "data_skipped_shards": len(stream.skipped), "rollbacks": rollbacks,
-                         **({"data_mix": stream.proportions()} if cfg.data.sources else {})}
-                    tracker.log(m, step)
-                    eta = (time.perf_counter() - t_start) / (step - start_step) * (t.max_steps - step)
-                    print(progress_line(step, t.max_steps, m, eta), flush=True)
+                eta = (time.perf_counter() - t_start) / (state.step - start_step) * (t.max_steps - state.step)
+                log(w, state, loss, figures, eta)
                 checkpoint.barrier()
-
-        if val and (step % t.eval_every == 0 or step == t.max_steps):
+        if w.val and (state.step % t.eval_every == 0 or last):
             with meter.aside():  # evaluation is not a step either
-                val_loss = evaluate(engine, val, device, eot)
-                val_losses.append((step, val_loss))
-                if t.sample_tokens:  # a few validation prompts continued, on every rank (ZeRO-3 gathers weights)
-                    prompts = val[0][:VAL_SAMPLES, :VAL_PROMPT_TOKENS].to(device)
-                    out = continue_prompts(engine.module, prompts, min(t.sample_tokens, VAL_SAMPLE_TOKENS), seed=step)
-                if rank == 0:
-                    tracker.log({"val_loss": val_loss}, step)
-                    if t.sample_tokens:
-                        tracker.samples(step, [[tok.decode(p.tolist()), tok.decode(c.tolist())] for p, c in zip(prompts, out)])
-                    print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
+                validate(w, state.step)
                 checkpoint.barrier()
-
-        preempted = stop_votes > 0
-        if step % cfg.checkpoint.every == 0 or step == t.max_steps or preempted:
-            rank_state = {"data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen, "rollbacks": rollbacks,
-                          "skip_step": skip_step}  # a rollback's pending skip survives a restart
-            info = {"zero_stage": t.zero_stage, "world_size": world, "global_batch": cfg.global_batch, "seq_len": seq,
-                    "tokens_seen": tokens_seen, "name": cfg.name,
-                    "tokenizer": tokenizer, "wandb_run_id": run_id(folder) if rank == 0 else None}
+        if state.step % every == 0 or last or preempted:
             with timer("checkpoint", host=True):
-                saver.save(step, rank_state, info, files={"config.yaml": cfg.to_yaml()})
-                if step == t.max_steps or preempted:
-                    saver.flush()
+                save(w, state, wait=last or preempted)
         if preempted:
             status = "preempted"
-            if rank == 0:
-                print(f"trainctl: preempted: stopped at step {step} with a checkpoint; run the same command to resume", flush=True)
+            if w.rank == 0:
+                print(f"trainctl: preempted: stopped at step {state.step} with a checkpoint; run the same command to "
+                      "resume", flush=True)
             break
-
-    profiler.close(step)
-    if rank == 0:
-        wall = time.perf_counter() - t_start
-        if status == "done":
-            print(f"trainctl: done: {step} steps, {tokens_seen:,} tokens in {duration(wall)}", flush=True)
-        summary = perf.run_summary(val_losses, tokens_seen, wall, meter, attempt.restarts, peak, peak_source)
-        tracker.summarize(summary)
-        tracker.finish()
-        print(summary_table(summary), flush=True)
+    profiler.close(state.step)
+    if w.rank == 0:
+        finish(w, state, status, meter, attempt, time.perf_counter() - t_start)
     return status
+
+
+def start_tracking(w: Worker, step: int, latest: Path | None) -> tuple[perf.Meter, Any]:
+    """The throughput meter on every rank; on rank 0 the tracker, this start of the workers
+    recorded (and reported when it is a restart), and the run's facts."""
+    cfg = w.cfg
+    attempt = None
+    if w.rank == 0:
+        w.tracker = Tracker(cfg, w.folder, resume_step=step)
+        attempt = record_attempt(w.folder, step, latest)
+        if attempt.restarts:
+            print(f"trainctl: restart {attempt.restarts} of this job: resumed at step {step}, {attempt.lost_s:.0f} s "
+                  "lost since that checkpoint", flush=True)
+            w.tracker.log({"restarts": attempt.restarts, "time_lost_s": attempt.lost_s}, step, event=True)
+    peak, peak_source = perf.device_peak_tflops(cfg.cluster.peak_tflops, cfg.cluster.use_gpu)
+    if not cfg.cluster.use_gpu and not cfg.cluster.peak_tflops:
+        (peak,) = perf.mean_over_ranks([peak], w.device)  # measured on every rank at once, as they train
+    flops = perf.flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens_per_step = cfg.global_batch * cfg.data.seq_len
+    meter = perf.Meter(flops, w.world, tokens_per_step, peak, w.device, step,
+                       *((attempt.launched_at, attempt.launched_step) if attempt else ()), peak_source=peak_source)
+    if w.rank == 0:
+        w.tracker.describe({"flops_per_token": flops, "peak_tflops_per_worker": peak, "peak_source": peak_source,
+                            "tokens_per_step": tokens_per_step, "tokenizer": w.tokenizer})
+    return meter, attempt
+
+
+def finish(w: Worker, state: TrainState, status: str, meter: perf.Meter, attempt, wall_s: float) -> None:
+    """Rank 0 at the end: the done line, the run's summary to the tracker and the console."""
+    if status == "done":
+        print(f"trainctl: done: {state.step} steps, {state.tokens_seen:,} tokens in {duration(wall_s)}", flush=True)
+    summary = perf.run_summary(w.val_losses, state.tokens_seen, wall_s, meter, attempt.restarts, meter.peak,
+                               meter.peak_source)
+    w.tracker.summarize(summary)
+    w.tracker.finish()
+    print(summary_table(summary), flush=True)

@@ -2,8 +2,10 @@
 
 Owns the architecture (RMSNorm pre-norm blocks, grouped-query attention with rotary
 position embeddings, SwiGLU MLP, optionally tied output head), its initialisation, the
-weight-decay parameter groups, the closed-form parameter count and sampling. It never
-sees the training config and imports nothing from the rest of trainctl.
+weight-decay parameter groups, the closed-form parameter count and sampling. Its config,
+`ModelConfig` (trainer/model_config.py, torch-free so the launcher validates a job without
+importing torch), is the job file's `model:` section itself: one schema, so the two cannot
+drift. It never sees the rest of the training config and imports nothing else of trainctl.
 
 Shape letters: B batch, T sequence, C d_model, H query heads, K key/value heads,
 D head_dim, F ffn_dim, V vocab_size.
@@ -12,67 +14,13 @@ D head_dim, F ffn_dim, V vocab_size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 257  # embedding rows; 257 = 256 bytes + one end-of-text token
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # query heads
-    n_kv_head: int | None = None  # key/value heads; None = n_head (plain MHA), fewer = grouped-query attention
-    d_model: int = 128  # residual stream width
-    # SwiGLU hidden size; None = 8/3 * d_model rounded up to a multiple of 64, which keeps
-    # the MLP's three matrices at about the parameter count of a 4 * d_model GELU MLP.
-    d_ff: int | None = None
-    max_seq_len: int = 256  # longest context accepted; the size of the RoPE table
-    rope_theta: float = 10000.0  # RoPE base: the longest rotation wavelength grows with it
-    norm_eps: float = 1e-5  # added to the RMS before dividing
-    dropout: float = 0.0  # on attention weights and on each block's two residual branches
-    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
-    activation_checkpointing: bool = False  # recompute each block in backward to save memory
-
-    def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be positive")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta={self.rope_theta} must be positive")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps={self.norm_eps} must be positive")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.d_model % self.n_head:
-            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
-        if self.head_dim % 2:
-            raise ValueError(
-                f"d_model / n_head = {self.head_dim} must be even (rotary embeddings rotate pairs); "
-                f"change d_model={self.d_model} or n_head={self.n_head}"
-            )
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"n_kv_head={self.kv_heads} must divide n_head={self.n_head}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        """n_kv_head resolved: the number of key/value heads."""
-        return self.n_kv_head or self.n_head
-
-    @property
-    def ffn_dim(self) -> int:
-        """d_ff resolved: the SwiGLU hidden size."""
-        if self.d_ff is not None:
-            return self.d_ff
-        return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+from trainer.model_config import ModelConfig
 
 
 def document_segments(idx: torch.Tensor, eot: int) -> torch.Tensor:

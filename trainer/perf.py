@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.model import ModelConfig
-from trainer.tracking import duration
+from trainer.model_config import ModelConfig
+from trainer.console import duration
 
 # Dense bf16 TFLOP/s of one GPU by (a part of) its name, most specific first.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0),
@@ -190,8 +190,9 @@ class Meter:
     """
 
     def __init__(self, flops: int, world: int, tokens_per_step: int, peak_tflops: float | None, device: torch.device,
-                 step: int, launched_at: float | None = None, launched_step: int = 0):
+                 step: int, launched_at: float | None = None, launched_step: int = 0, peak_source: str = ""):
         self.flops, self.world, self.tokens_per_step, self.peak = flops, world, tokens_per_step, peak_tflops
+        self.peak_source = peak_source  # where the peak came from: a GPU's datasheet, a measurement, the config
         self.device, self.cuda = device, device.type == "cuda"
         self.timer = StepTimer(self.cuda)
         self.t_log, self.step_log, self.aside_s = time.perf_counter(), step, 0.0
@@ -262,9 +263,10 @@ class Profiler:
     the step about to run, and `close()` after the loop. Each rank writes its own Chrome trace
     (chrome://tracing or https://ui.perfetto.dev) into FOLDER/profile/."""
 
-    def __init__(self, spec: str | None, start_step: int, max_steps: int, folder, rank: int, cuda: bool):
+    def __init__(self, spec: str | None, start_step: int, max_steps: int, folder, rank: int, cuda: bool,
+                 verbose: bool = False):
         self.window = profile_window(spec, start_step, max_steps) if spec else None
-        self.folder, self.rank, self.cuda = folder, rank, cuda
+        self.folder, self.rank, self.cuda, self.verbose = folder, rank, cuda, verbose
         self.prof = None
 
     def tick(self, step: int) -> None:
@@ -273,7 +275,7 @@ class Profiler:
         first, last = self.window
         if self.prof is None and first <= step <= last:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
-            if os.environ.get("TRAINCTL_VERBOSE") != "1":  # Kineto prints "USDT:… profiler_start/stop" lines
+            if not self.verbose:  # Kineto prints "USDT:… profiler_start/stop" lines
                 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the first profiler starts
             self.prof = torch.profiler.profile(activities=activities)
             with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": we trace one

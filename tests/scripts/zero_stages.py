@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from launcher.config import load_config
 from trainer.engine import build_engine
-from trainer.loop import model_config, setup_distributed, train_step
+from trainer.loop import setup_distributed, train_step
 from trainer.model import Transformer
 
 STEPS = 8
@@ -24,7 +24,7 @@ def main(out: str) -> None:
                                  "data.seq_len=32", "train.warmup_steps=2", f"train.max_steps={STEPS}", "train.lr=3e-3"])
         rank, world, _ = setup_distributed(cfg)
         torch.manual_seed(0)
-        engine = build_engine(Transformer(model_config(cfg)), cfg)
+        engine = build_engine(Transformer(cfg.model), cfg)
         gen = torch.Generator().manual_seed(1234 + rank)  # each rank its own batches, the same for every stage
         data = iter([torch.randint(0, 64, (2, 33), generator=gen) for _ in range(STEPS * 2)])
         losses = []

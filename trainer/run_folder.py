@@ -1,0 +1,133 @@
+"""The run folder, `checkpoint.storage_path/NAME/`: where it is and what the launcher and
+the workers leave in it; both sides go through this module. Torch-free at import (the
+launcher's commands that only check a job must start fast).
+
+    config.yaml        the resolved job (rank 0, at start)
+    checkpoints/       the run's checkpoints (or, with an object-store storage_path, their mirror)
+    metrics.jsonl      one row per logged step (tracking.py); wandb/ and wandb_run_id beside it
+    launch.json        when this invocation of `trainctl run` started: restarts count from it
+    attempts.jsonl     one row per start of the workers
+    rollbacks.jsonl    one row per divergence rollback (guard.py)
+    PREEMPT            present while a stop is requested (the launcher got SIGTERM)
+    workers.log        Ray's, DeepSpeed's and torch's own output, unless --verbose
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from data_pipeline.sources import is_url
+from trainer.config import JobConfig
+
+if TYPE_CHECKING:
+    from trainer.checkpoint import Store
+
+PREEMPT = "PREEMPT"
+LAUNCH = "launch.json"
+RUN_FILES = ("checkpoints", "metrics.jsonl", "attempts.jsonl", "wandb_run_id")  # what --fresh --force deletes
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked: one line for the user."""
+
+
+def run_dir(cfg: JobConfig) -> Path:
+    """The run's local folder (with an object-store storage_path, checkpoint.local_path/NAME)."""
+    c = cfg.checkpoint
+    return Path(c.local_path if is_url(c.storage_path) else c.storage_path) / cfg.name
+
+
+def checkpoint_store(cfg: JobConfig) -> Store:
+    from trainer import checkpoint  # torch: not for the commands that only read the config
+
+    c = cfg.checkpoint
+    url = f"{c.storage_path.rstrip('/')}/{cfg.name}/checkpoints" if is_url(c.storage_path) else None
+    return checkpoint.Store(run_dir(cfg) / "checkpoints", url)
+
+
+def launched(folder: Path) -> None:
+    """Note when this invocation started (restarts are counted from it); clear a stale stop request."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PREEMPT).unlink(missing_ok=True)
+        (folder / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
+    except OSError as e:
+        raise RunFolderError(f"cannot write the run folder {folder} ({e.strerror or e}): set checkpoint.storage_path to "
+                             "a folder this machine (and every node) can write") from None
+
+
+def start_over(folder: Path, store: Store, force: bool, delete: bool) -> None:
+    """--fresh: refuse to mix into a run folder that holds a run, unless --force; then
+    (`delete`, once the job is known to be valid) delete its checkpoints, metrics and W&B
+    run id (a new W&B run)."""
+    held = [p.name for p in (folder / "checkpoints", folder / "metrics.jsonl") if p.exists()]
+    if store.url is not None and store.tags():
+        held.append(store.url)
+    if not held:
+        return
+    if not force:
+        raise RunFolderError(f"--fresh: {folder} already holds a run ({', '.join(held)}): "
+                             "add --force to delete it and start over, or choose another name=")
+    if not delete:
+        return
+    store.delete(store.tags())
+    for p in (folder / name for name in RUN_FILES):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def rewind(store: Store, to: Path, newer: list[Path]) -> None:
+    """Delete the checkpoints after `to` and point `latest` at it."""
+    store.delete([c.name for c in newer])
+    store.set_latest(to.name)
+
+
+class StopRequest:
+    """A request to save and stop at the next step boundary: SIGTERM to this process (when
+    the worker runs on the main thread: alone or under torchrun), or the PREEMPT file the
+    launcher writes when it gets SIGTERM (under Ray, whose workers run the loop in a
+    thread). Every rank checks after each step and they agree in one all-reduce."""
+
+    def __init__(self, folder: Path):
+        self.file, self.signalled = folder / PREEMPT, False
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread
+            pass
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
+
+    def requested(self) -> bool:
+        return self.signalled or self.file.exists()
+
+
+@dataclass
+class Attempt:
+    restarts: int  # restarts of the workers so far in this invocation
+    lost_s: float  # seconds lost to the last one: from the save of the checkpoint it resumed from until now
+    launched_at: float  # when this invocation of `trainctl run` started (wall clock)
+    launched_step: int  # the step its first attempt started at
+
+
+def record_attempt(folder: Path, step: int, ckpt: Path | None) -> Attempt:
+    """Note this start of the workers in the run folder and say where it stands."""
+    started = json.loads((folder / LAUNCH).read_text())["started_at"] if (folder / LAUNCH).exists() else time.time()
+    attempts = folder / "attempts.jsonl"
+    with open(attempts, "a") as f:
+        f.write(json.dumps({"at": time.time(), "step": step}) + "\n")
+    mine = [row for row in map(json.loads, attempts.read_text().splitlines()) if row["at"] >= started]
+    restarts = len(mine) - 1
+    from trainer import checkpoint
+
+    lost = time.time() - checkpoint.meta(ckpt).get("saved_at", time.time()) if restarts and ckpt is not None else 0.0
+    return Attempt(restarts, lost, started, mine[0]["step"])
