@@ -26,8 +26,10 @@ TIMEOUT_S = 60
 T = TypeVar("T")
 
 
-def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+def is_url(path: str | os.PathLike) -> bool:
+    """A URL (any scheme://, file:// too), not a plain local path: opened by urllib or
+    fsspec (open_stream reads file:// ones as local files). Checkpoint paths use it too."""
+    return "://" in str(path)
 
 
 def join(root: str, name: str) -> str:
