@@ -1,7 +1,7 @@
 """trainctl against nanoGPT's own loop on nanoGPT's Shakespeare CPU recipe: tokens/s and the
 wall time to a validation loss of 1.89, start-up included, in one run.
 
-    python benchmarks/vs_nanogpt.py [--target 1.89] [--text ../shared/data/tinyshakespeare.txt]
+    python benchmarks/vs_nanogpt.py [--target 1.89] [--text tests/data/tinyshakespeare.txt]
 
 The recipe (nanoGPT config/train_shakespeare_char.py with its README's CPU overrides):
 4 layers, 4 heads, width 128, context 64, batch 12, AdamW lr 1e-3 (100 warm-up steps, cosine
@@ -154,7 +154,7 @@ def trainctl(text_path: str, folder: str, target: float) -> tuple[float | None, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=1.89)
-    ap.add_argument("--text", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    ap.add_argument("--text", default=str(REPO / "tests" / "data" / "tinyshakespeare.txt"))
     args = ap.parse_args()
     text = Path(args.text).read_text()
     print("nanoGPT's loop:", flush=True)

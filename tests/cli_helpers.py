@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "tests" / "data" / "tinyshakespeare.txt"  # the one test corpus, inside the repo
 
 
 def command(*args: str) -> list[str]:

@@ -11,8 +11,7 @@ import torch
 
 from data_pipeline import DataError, MixedStream, prepare
 from data_pipeline.prepare import stdlib_files
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import webdataset as wds
 
 from data_pipeline import ByteTokenizer, DataError, load_manifest, prepare, resolve_dataset, tokenizer_from_dict
 from data_pipeline.prepare import stdlib_files
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ import torch
 import webdataset as wds
 
 from data_pipeline import DataError, RawOptions, TokenStream, eval_batches, open_dataset
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture(scope="module")

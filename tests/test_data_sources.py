@@ -17,8 +17,7 @@ import torch
 from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare
 from data_pipeline import sources
 from s3_helpers import s3_server
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from cli_helpers import SHAKESPEARE
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):

@@ -11,8 +11,7 @@ import torch
 
 from data_pipeline import DataError, TokenStream, eval_batches, prepare
 from data_pipeline.stream import row_batches, shuffle_order, skip_tokens, window_blocks
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture(scope="module")

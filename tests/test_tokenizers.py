@@ -4,14 +4,13 @@ compression, determinism, and the errors a user meets."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_pipeline import DataError, TokenStream, build_tokenizer, load_manifest, prepare, tokenizer_from_dict
+from cli_helpers import SHAKESPEARE
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TEXT = "ROMEO: Wherefore art thou — ünïcode, 世界, tabs\tand  spaces\n"
 
 
