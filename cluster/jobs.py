@@ -9,7 +9,6 @@ upload) are raised as JobsError with one line saying what to do.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import shlex
 import socket
@@ -21,9 +20,11 @@ from urllib.parse import urlparse
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-# Never uploaded: version control, environments, data, run output. Ray also honours .gitignore.
+# Never uploaded: version control, environments, data, run output (gitignore patterns, the
+# last match wins; Ray also honours .gitignore and .rayignore). trainctl's own test corpus,
+# tests/data (1 MB), goes along, so configs/shakespeare-char.yaml runs from a submit.
 EXCLUDES = [".git", ".venv", "venv", "env", "__pycache__", "*.pyc", ".cache", "data", "runs", "wandb", "checkpoints",
-            "*.tar", "*.safetensors", ".pytest_cache", "*.egg-info"]
+            "*.tar", "*.safetensors", ".pytest_cache", "*.egg-info", "!/tests/data", "!/tests/data/**"]
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
            "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -79,25 +80,161 @@ def _explain(address: str, e: Exception) -> str:
     return f"the Ray dashboard at {address} answered with an error ({first})"
 
 
-def _excluded(rel: str) -> bool:
-    parts = rel.split("/")
-    return any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in EXCLUDES)
+def _rules(folder: Path, inherited: list) -> list:
+    """What decides, under `folder`, what Ray's upload leaves out: the rules of the folders
+    above it plus folder's own .gitignore and .rayignore, read as Ray's packaging reads them
+    (it checks each folder, then what is in it, against these)."""
+    import logging
+
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    return inherited + get_excludes_from_ignore_files(folder, include_gitignore=gitignore,
+                                                      logger=logging.getLogger("trainctl.upload"))
+
+
+def _root_rules(root: Path) -> list:
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    return _rules(root, [_get_excludes(root, EXCLUDES)])
+
+
+def left_out(root: Path, path: Path) -> bool:
+    """Whether `submit`'s upload of the folder `root` leaves `path` (inside it) out."""
+    root = root.absolute()
+    node, rules = root, _root_rules(root)
+    for part in ("", *path.absolute().relative_to(root).parts):
+        node = node / part
+        if part and node.is_dir():
+            rules = _rules(node, rules)
+        if any(rule(node) for rule in rules):
+            return True
+    return False
 
 
 def upload_size(root: Path) -> tuple[int, list[tuple[int, str]]]:
-    """Bytes `submit` would upload from root (EXCLUDES left out), and the largest files."""
+    """Bytes `submit` would upload from root (what Ray leaves out left out), and the largest files."""
+    root = root.absolute()
     total, files = 0, []
+    rules = {root: _root_rules(root)}
     for folder, dirs, names in os.walk(root):
-        rel_dir = os.path.relpath(folder, root)
-        dirs[:] = [d for d in dirs if not _excluded(os.path.normpath(os.path.join(rel_dir, d)))]
+        here = rules.pop(Path(folder))
+        kept = []
+        for d in dirs:
+            sub = _rules(Path(folder, d), here)
+            if not any(rule(Path(folder, d)) for rule in sub):
+                kept.append(d)
+                rules[Path(folder, d)] = sub
+        dirs[:] = kept
         for name in names:
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if _excluded(rel):
+            if any(rule(Path(folder, name)) for rule in here):
                 continue
             size = os.lstat(os.path.join(folder, name)).st_size
             total += size
-            files.append((size, rel))
+            files.append((size, os.path.relpath(os.path.join(folder, name), root)))
     return total, sorted(files, reverse=True)[:3]
+
+
+def _data_paths(cfg) -> list[tuple[str, str]]:
+    """(key, path) of each dataset the job reads: data.path, or each data.sources[i].path."""
+    if cfg.data.sources:
+        return [(f"data.sources[{i}].path", s.path) for i, s in enumerate(cfg.data.sources)]
+    return [("data.path", cfg.data.path)]
+
+
+def _local_path(path: str, workdir: Path) -> Path | None:
+    """The local file, folder, glob or brace list a data path names (absolute), or None for a
+    URL, the `stdlib` corpus or a pipe: command."""
+    from data_pipeline.sources import is_url
+
+    if path.startswith("file://"):  # a local file all the same
+        local = urlparse(path).path
+    elif path == "stdlib" or path.startswith("pipe:") or is_url(path):
+        return None
+    else:
+        local = os.path.expanduser(path)
+    return Path(os.path.normpath(os.path.join(workdir, local)))
+
+
+def _fixed_part(path: Path) -> Path:
+    """A glob's or brace list's folder: the path up to its first part with a pattern in it."""
+    parts = []
+    for part in path.parts:
+        if any(c in part for c in "*?[{"):
+            break
+        parts.append(part)
+    return Path(*parts)
+
+
+def _placed(path: str, workdir: Path) -> tuple[str, Path] | None:
+    """Where a local data path is for `submit`: ("uploaded", its path inside workdir),
+    ("left out", the same) or ("outside", its absolute path); None for a URL, `stdlib` or a
+    pipe: command. A path that reaches workdir through a symlink is inside it."""
+    local = _local_path(path, workdir)
+    if local is None:
+        return None
+    fixed = _fixed_part(local)
+    if not fixed.is_relative_to(workdir):
+        real, real_root = Path(os.path.realpath(fixed)), Path(os.path.realpath(workdir))
+        if not real.is_relative_to(real_root):
+            return "outside", local
+        local = workdir / real.relative_to(real_root) / local.relative_to(fixed)
+        fixed = workdir / real.relative_to(real_root)
+    return ("left out" if left_out(workdir, fixed) else "uploaded"), local
+
+
+def local_data_outside(cfg, workdir: Path) -> str | None:
+    """One line for the first local dataset of the job that `submit`'s upload of workdir does
+    not carry (outside it, or inside but left out of the upload), else None. URLs, `stdlib`
+    and pipe: commands pass: the cluster reads them itself."""
+    workdir = Path(workdir).absolute()
+    fixes = "give an http(s)://, s3:// or gs:// URL, or pass --shared-data if every node mounts it at that path"
+    for key, path in _data_paths(cfg):
+        where = _placed(path, workdir)
+        if where is None or where[0] == "uploaded":
+            continue
+        if where[0] == "outside":
+            return (f"{key} {path} is outside the folder submit uploads ({workdir}) and not a URL: copy it under "
+                    f"{workdir}, {fixes}")
+        return (f"{key} {path} is in the folder submit uploads ({workdir}) but the upload leaves it out (it skips "
+                f"folders named data, runs, .cache, ... and what .gitignore lists): move it to a folder that goes "
+                f"along, {fixes}")
+    return None
+
+
+def _yaml_value(value) -> str:
+    """`value` as the right-hand side of a key=value override (which is read as YAML)."""
+    import json
+
+    import yaml
+
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
+def cluster_data_overrides(cfg, workdir: Path) -> list[str]:
+    """Overrides that point the job on the cluster at the datasets it has here: one the upload
+    carries relative to the uploaded folder (the job runs in its copy of it), any other local
+    one (on storage every node mounts, --shared-data) at its absolute path here."""
+    workdir = Path(workdir).absolute()
+
+    def there(path: str) -> str:
+        where = _placed(path, workdir)
+        if where is None:
+            return path
+        return os.path.relpath(where[1], workdir) if where[0] == "uploaded" else str(where[1])
+
+    if all(_placed(path, workdir) is None for _, path in _data_paths(cfg)):
+        return []
+    if cfg.data.sources:
+        sources = [{**s.model_dump(mode="json"), "path": there(s.path)} for s in cfg.data.sources]
+        return ["data.sources=" + _yaml_value(sources)]
+    return ["data.path=" + _yaml_value(there(cfg.data.path))]
 
 
 def upload_limit() -> int:

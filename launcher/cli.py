@@ -275,7 +275,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     """Validate the job here, then hand it to the cluster's Jobs API with the working directory."""
     from urllib.parse import urlparse
 
-    from cluster.jobs import dashboard_address, submit
+    from cluster.jobs import cluster_data_overrides, dashboard_address, local_data_outside, submit
     from launcher.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config never reaches the cluster
@@ -285,7 +285,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not config_path.is_relative_to(workdir):
         raise UsageError(f"{args.config} is outside the working directory {workdir}, which is what gets uploaded: "
                          "run submit from a folder that holds the config")
-    overrides = [*args.overrides, "cluster.address=auto"]  # on the cluster, the job's own Ray
+    if not args.shared_data and (problem := local_data_outside(cfg, workdir)):
+        raise UsageError(problem)  # a job that would not find its data never reaches the cluster
+    # on the cluster: the data where it is there, and the job's own Ray
+    overrides = [*args.overrides, *cluster_data_overrides(cfg, workdir), "cluster.address=auto"]
     if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) == "online" and not os.environ.get("WANDB_API_KEY"):
         print("trainctl: warning: tracking.mode is online but WANDB_API_KEY is not set in this shell: the job logs to W&B "
               "offline (`wandb sync` its run folder later)", file=sys.stderr)
@@ -511,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     _job_arguments(ps, "YAML job file inside the working directory")
     jobs_address = "the Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)"
     ps.add_argument("--address", help=jobs_address + " or the config's cluster.address")
+    ps.add_argument("--shared-data", action="store_true", help="the job's local data paths outside what is uploaded "
+                    "(data.path, data.sources) are on storage every node mounts at the same path: submit them as they "
+                    "are (without it, submit refuses them)")
     ps.set_defaults(fn=_cmd_submit)
     for name, fn, text in (("status", _cmd_status, "a job's status"), ("logs", _cmd_logs, "a job's logs"),
                            ("stop", _cmd_stop, "stop a job (it saves a checkpoint at the next step if it can)")):

@@ -54,7 +54,8 @@ def cli(site, *args, timeout=300, **extra):
 
 
 def submit(site, *overrides, **extra) -> tuple[str, subprocess.CompletedProcess]:
-    r = cli(site, "submit", "job.yaml", "--address", site[1].dashboard, *overrides, **extra)
+    # the data is in shared/, beside the job folder: on storage every node mounts
+    r = cli(site, "submit", "job.yaml", "--address", site[1].dashboard, "--shared-data", *overrides, **extra)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.strip().splitlines()[-1], r
 
@@ -127,7 +128,7 @@ def test_cluster_bad_input_is_one_line_exit_2(site, tmp_path):
     (big / "job.yaml").write_text((root / "job" / "job.yaml").read_text())
     with open(big / "weights.bin", "wb") as f:
         f.truncate(600 * 2**20)
-    r = trainctl("submit", "job.yaml", "--address", d, cwd=big, **cluster.env)
+    r = trainctl("submit", "job.yaml", "--address", d, "--shared-data", cwd=big, **cluster.env)
     one_line(r, "holds 600 MB to upload, more than Ray's limit of")
     assert "weights.bin (600 MB)" in r.stderr
     assert cli(site, "list", "--address", d).stdout == before  # nothing was submitted
