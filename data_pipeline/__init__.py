@@ -1,9 +1,9 @@
-"""Data: text to WebDataset token shards (`prepare`), the tokenizer, and the resumable
-per-rank stream of token batches (`TokenStream`).
+"""Data for training: text to token shards (`prepare`), tokenizers, and the resumable
+per-rank batch streams (`TokenStream`, `MixedStream`, `Loader`).
 
-The stream, the mixer and the loader import torch; they load on first use, so a process
-that only prepares data (a `prepare --workers` process, a Ray task) starts in a fraction
-of a second.
+The torch-importing modules (stream, mix, loader) load on first use, so a process that
+only prepares data (a `prepare --workers` process, a Ray task) starts in a fraction of a
+second. Nothing here imports Ray (cluster/local_ray.py runs `prepare --address`).
 """
 
 import importlib

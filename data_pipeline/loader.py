@@ -1,20 +1,9 @@
 """Batches built in DataLoader worker processes, in the stream's exact order.
 
-The training process only waits for finished batches: reading, checking, packing,
-shuffling and stacking run in `num_workers` processes (PyTorch DataLoader workers, each
-with its copy of the stream). Steps travel in groups of about 4 MB (at most 64 steps);
-worker k builds every num_workers-th group starting at k, and the DataLoader hands the
-groups out in turn, so the sequence is the stream's own whatever the number of workers.
-Each batch comes with the stream's position after it; the
-loader keeps the position of the last batch handed out, so a checkpoint records exactly
-what the model has seen — not what the workers have prefetched — and a resume with any
-number of workers (or ranks) continues the same global sequence.
-
-Each worker reads the whole stream and builds only its own steps, so its shards are read
-once per worker; one worker is usually enough to keep a GPU fed (benchmarks/data_throughput.py).
-
->>> loader = Loader(TokenStream("data/book", "train", 256, 8, 0, 1), num_workers=1)  # doctest: +SKIP
->>> batch = next(iter(loader)); loader.state_dict()  # doctest: +SKIP
+Worker k builds every num_workers-th group of steps (about 4 MB each) and the DataLoader
+hands the groups out in turn, so the sequence is the stream's own for any number of
+workers. The loader keeps the position of the last batch handed out, not of what the
+workers have prefetched, so a checkpoint records exactly what the model has seen.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Mixing several datasets by weight, deterministically and resumably.
-
-Each slot of a global batch draws its source from the weights with a generator seeded by
-(seed, step), so the mix is a pure function of the position, like the rest of the order.
-Each source is a TokenStream of one window per step (its own seeded order, shuffle and
-epochs), so its position is exact to the window. Every rank builds the same global batch
-and keeps its rows, as in TokenStream.
-
->>> mixed = MixedStream([("data/web", 0.7), ("data/code", 0.3)], 1024, 8, rank=0, world_size=2)  # doctest: +SKIP
+"""Mixing several datasets by weight, deterministically and resumably: each global-batch
+slot's source is drawn by a generator seeded by (seed, step), and each source is its own
+TokenStream of one window per step, so the mix, like the rest of the order, is a pure
+function of the position.
 """
 
 from __future__ import annotations

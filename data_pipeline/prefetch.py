@@ -1,6 +1,6 @@
-"""Bounded read-ahead, the one way work is started ahead of its consumer here (shards read
-in a thread, files tokenized in processes or Ray tasks): a fixed window of work in flight,
-results in input order, so memory stays bounded and the output does not depend on timing."""
+"""Bounded read-ahead, the one way work starts ahead of its consumer here (shard reads,
+tokenizing in processes or Ray tasks): a fixed window in flight and results in input
+order, so memory stays bounded and the output does not depend on timing."""
 
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
 """`trainctl prepare`: text files to WebDataset token shards plus a manifest.json.
 
-Every input file is one document, followed by an end-of-text token. The tail
-`val_fraction` of each file goes to the validation split (as nanoGPT splits its text).
-Documents are cut into samples of at most `sample_tokens` tokens, stored as raw arrays in
-tar members `{key:09d}.tokens`, so `tar -tf` lists them and plain `webdataset` reads them.
-Shards are written deterministically (fixed member metadata, sorted inputs): the same
-inputs give byte-identical shards. The dataset is built in a sibling folder and moved into
-place at the end, and manifest.json is its last file, so a folder holding a manifest is
-complete.
-
->>> prepare(["book.txt"], "data/book")  # doctest: +SKIP
-{'format': 'trainctl.tokens/1', 'splits': {'train': {...}, 'val': {...}}, ...}
+Deterministic (sorted inputs, fixed tar metadata, results written in file order whoever
+tokenizes), so the same inputs give byte-identical shards. The dataset is built aside and
+moved into place with manifest.json last, so a folder holding a manifest is complete.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Raw-text WebDataset shards written by others, read without a prepare step.
-
-A data.path that names tar shards — one URL, or a list in brace notation such as
-`corpus/part-{000000..000099}.tar` or `https://host/c/part-{0000..0999}.tar` — is such a
-source, unless a manifest.json beside the shards lists them: then they are a subset of a
-prepared dataset (stream.manifest_subset). Each sample's `.txt` member is one document; a `.json` member holds one document in
-its `data.text_field`, a `.jsonl` member one per line. Documents are tokenized as the
-shards are read (in the reader thread) and separated by end-of-text.
-
-Their token counts are unknown until read, so an epoch ends where the data ends (the same
-step on every rank, as every rank reads the same stream), and a resume replays the epoch
-up to the saved position instead of seeking to it.
+"""Raw-text WebDataset shards written by others (a .tar URL or brace list), tokenized as
+they are read, without a prepare step. Their token counts are unknown until read, so an
+epoch ends where the data ends and a resume replays the epoch up to its position.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""From `data.path` to a prepared dataset folder.
-
-A job's data.path may already be a prepared dataset (a folder with manifest.json), raw
-text (files, a folder, a glob) or `stdlib`. Raw text is prepared once into a cache folder
-whose name is a hash of what went into it, so a second run, or a second rank, finds it
-ready; an edited input file gets a new folder.
+"""From `data.path` to a prepared dataset folder: a prepared dataset is used as it is; raw
+text or `stdlib` is prepared once into a cache folder named by a hash of its inputs, so
+later runs and other ranks find it ready and an edited input gets a new folder.
 """
 
 from __future__ import annotations

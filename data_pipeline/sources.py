@@ -1,10 +1,7 @@
-"""Where data comes from: local paths, http(s):// URLs and any other fsspec URL (s3://,
-gs://, ...), opened as byte streams, with bounded retries and backoff for the errors a
-network throws now and then.
-
-A transient error (connection refused or reset, timeout, a truncated body, HTTP 5xx, 408
-or 429) is retried `RETRIES` times with exponential backoff; anything else (404, a
-missing file, no permission) fails at once with a DataError naming the URL.
+"""Where data comes from: local paths, http(s):// and other fsspec URLs, opened as byte
+streams, and the one retry policy: transient network errors (refused, reset, timeout,
+truncated, HTTP 5xx/408/429) retried `RETRIES` times with backoff, anything else a
+DataError at once, naming the URL.
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
 """The streaming reader: prepared shards to (B, T+1) token batches for one rank.
 
-The global order of training sequences is a pure function of (seed, epoch, position),
-whatever the number of ranks:
-
-    shards, permuted per epoch ─► tokens (each shard read whole and checked against the
-                                  manifest, one shard ahead in a thread)
-      ─► packed windows of T+1 tokens at stride T, from a per-epoch offset
-      ─► shuffled within consecutive blocks of `shuffle_buffer` windows
-      ─► global batches of G = micro_batch_size · world_size · grad_accum_steps windows
-      ─► rank r keeps rows [r·B·A, (r+1)·B·A) of each, as A micro batches of B
-
-Every rank reads the same stream and keeps its slice, so every rank gets the same number
-of batches (no hang at an epoch's end) and the position (epoch, step in epoch) resumes
-exactly, with the same or another number of ranks. The shards' token counts in the
-manifest let a resume start reading at the right shard instead of replaying the epoch.
-Raw-text shards (data_pipeline/raw.py) have no counts: their epochs end where the data
-ends and a resume replays the epoch. Each stage is a small generator; windows move a
-shuffle block at a time, as (n, T+1) arrays (a strided view, one gather to shuffle), so
-no Python runs per window.
+The global order is a pure function of (seed, epoch, position), whatever the number of
+ranks: shards permuted per epoch → tokens → windows of T+1 at stride T from a per-epoch
+offset → shuffled in blocks of `shuffle_buffer` → global batches of B·world·A windows, of
+which rank r keeps its rows. Every rank reads the same stream, so all make the same number
+of steps and a position resumes exactly on any number of ranks; the manifest's token
+counts let a resume start at the right shard. Windows move a block at a time as arrays,
+so no Python runs per window.
 """
 
 from __future__ import annotations

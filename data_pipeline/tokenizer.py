@@ -1,14 +1,7 @@
-"""Tokenizers: text to token ids and back, and a dict form that travels with the data.
-
-Three kinds, one interface (`encode`, `decode`, `vocab_size`, `eot`, `to_dict`):
-
-- `byte` (built in): ids 0..255 are the bytes of the UTF-8 text, 256 is end-of-text;
-- `bpe:VOCAB_SIZE`: byte-level BPE trained by `prepare` on a sample of the corpus with the
-  Hugging Face `tokenizers` library, end-of-text `<|endoftext|>`;
-- a Hugging Face `tokenizer.json` file given by path; it must have an end-of-text token.
-
-The dict form (for BPE and files it carries the whole tokenizer.json) goes into
-manifest.json and into every checkpoint, so a checkpoint samples without the dataset.
+"""Tokenizers behind one interface (`encode`, `decode`, `vocab_size`, `eot`, `to_dict`):
+`byte` (ids 0..255, end-of-text 256), `bpe:VOCAB_SIZE` (byte-level BPE that `prepare`
+trains on the corpus) or a Hugging Face tokenizer.json. The dict form travels in
+manifest.json and every checkpoint, so a checkpoint samples without the dataset.
 
 >>> tok = ByteTokenizer()
 >>> tok.encode("hi").tolist(), tok.decode([104, 105, 256])
