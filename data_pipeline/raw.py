@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipeline.errors import DataError
+from data_pipeline.sources import is_url
 from data_pipeline.tokenizer import build_tokenizer, parse_spec, token_dtype
 
 FORMAT = "trainctl.raw-shards"
@@ -39,7 +40,7 @@ def shard_urls(spec: str, allow_pipe: bool = False) -> list[str]:
     urls = list(braceexpand(spec))
     if any(u.startswith("pipe:") for u in urls) and not allow_pipe:
         raise DataError(f"data.path {spec!r} is a pipe: URL, which runs a shell command: set data.allow_pipe=true to allow it")
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    missing = [u for u in urls if not is_url(u) and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
         raise DataError(f"data.path {spec!r}: {len(missing)} of {len(urls)} shards do not exist, the first {missing[0]}: "
                         "check the path and the brace range")
