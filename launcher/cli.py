@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from data_pipeline import DataError
@@ -43,7 +44,8 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
     rewind deletes."""
     from data_pipeline import open_dataset, resolve_dataset
     from trainer import checkpoint
-    from trainer.loop import build_stream, checkpoint_store, data_paths, raw_options
+    from trainer.loop import build_stream, data_paths, raw_options
+    from trainer.run_folder import checkpoint_store
 
     d = cfg.data
     if d.sources:
@@ -90,7 +92,7 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
 
 def resume_checkpoint(path: str):
     """The checkpoint `--resume PATH` names: a checkpoint folder, or a run folder (its latest)."""
-    from trainer.generate import NoCheckpoint, find_checkpoint
+    from trainer.checkpoint import NoCheckpoint, find_checkpoint
 
     if not Path(path).exists():
         raise UsageError(f"--resume {path} does not exist: give a checkpoint folder (RUN/checkpoints/step_...) or a run folder")
@@ -107,7 +109,7 @@ def branch_point(cfg, wanted, own, force: bool):
     Another run's checkpoint applies until this run has one of its own (so the same command
     rerun after a preemption continues). An earlier checkpoint of this run rewinds it, which
     needs --force: its newer checkpoints are deleted once the job is known to be valid."""
-    from trainer.loop import checkpoint_store
+    from trainer.run_folder import checkpoint_store
 
     store = checkpoint_store(cfg)
     root = store.root.resolve()
@@ -124,12 +126,6 @@ def branch_point(cfg, wanted, own, force: bool):
     return wanted, newer
 
 
-def rewind(store, to, newer) -> None:
-    """Delete the checkpoints after `to` and point `latest` at it."""
-    store.delete([c.name for c in newer])
-    store.set_latest(to.name)
-
-
 def check_shapes(cfg, ckpt) -> None:
     """A checkpoint of another model shape is refused before any worker starts, naming the
     first tensor that differs and both shapes."""
@@ -137,11 +133,11 @@ def check_shapes(cfg, ckpt) -> None:
     import yaml
 
     from trainer.config import JobConfig
-    from trainer.model import ModelConfig, Transformer
+    from trainer.model import Transformer
 
     def shapes(model_section) -> dict[str, list[int]]:
         with torch.device("meta"):
-            model = Transformer(ModelConfig(**model_section.model_dump()))
+            model = Transformer(model_section)
         return {name: list(p.shape) for name, p in model.state_dict().items()}
 
     theirs = shapes(JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text())).model)
@@ -154,33 +150,10 @@ def check_shapes(cfg, ckpt) -> None:
                              "use the model settings the checkpoint was trained with, or another name= (or --fresh)")
 
 
-def start_over(folder, store, force: bool, delete: bool) -> None:
-    """--fresh: refuse to mix into a run folder that holds a run, unless --force; then
-    (`delete`, once the job is known to be valid) delete its checkpoints, metrics and W&B
-    run id (a new W&B run)."""
-    import shutil
-
-    held = [p.name for p in (folder / "checkpoints", folder / "metrics.jsonl") if p.exists()]
-    if store.url is not None and store.tags():
-        held.append(store.url)
-    if not held:
-        return
-    if not force:
-        raise UsageError(f"--fresh: {folder} already holds a run ({', '.join(held)}): "
-                         "add --force to delete it and start over, or choose another name=")
-    if not delete:
-        return
-    store.delete(store.tags())
-    for p in (folder / "checkpoints", folder / "metrics.jsonl", folder / "attempts.jsonl", folder / "wandb_run_id"):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from launcher.config import load_config
-    from trainer.loop import PREEMPT, checkpoint_store, run_dir, train_worker
+    from trainer.loop import train_worker
+    from trainer.run_folder import PREEMPT, checkpoint_store, launched, rewind, run_dir, start_over
 
     cfg = load_config(args.config, args.overrides)
     if args.address:
@@ -192,7 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
     if args.verbose:
-        os.environ["TRAINCTL_VERBOSE"] = "1"  # read by the workers (Ray passes it on: cluster.ray_job.worker_env)
+        cfg.tracking.verbose = True
     if args.no_ray:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, when it started the ranks
         if cfg.cluster.num_workers != world:
@@ -216,15 +189,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if newer:
             rewind(store, Path(cfg.checkpoint.resume_from), newer)
         launched(folder)
+    # Fault injection for the divergence tests, read here at the edge and handed to the workers.
+    worker = partial(train_worker, nan_at_step=int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", "0")))
     print(f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
           f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
           + (", ".join(f"{s.path} (weight {s.weight:g})" for s in cfg.data.sources) if cfg.data.sources else cfg.data.path),
           flush=True)
     if args.no_ray:
-        from trainer.checkpoint import SaveFailed
+        from trainer.saver import SaveFailed
 
         try:
-            status = train_worker(cfg.model_dump(mode="json"))
+            status = worker(cfg.model_dump(mode="json"))
         except SaveFailed as e:  # a full disk, an unreachable bucket: the user's to fix, no traceback
             print(f"trainctl: error: {e}", file=sys.stderr)
             return 2
@@ -244,7 +219,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             route_worker_logs(folder / "workers.log")
         preempt_on_sigterm(folder, cfg.checkpoint.preempt_grace_s)
         try:
-            run_on_ray(train_worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent))
+            run_on_ray(worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent))
         except JobFailed as e:
             failure = e
         except NotPlaceable as e:
@@ -387,29 +362,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def launched(folder) -> None:
-    """Note when this invocation started (restarts are counted from it); clear a stale stop request."""
-    import json
-    import time
-
-    from trainer.loop import LAUNCH, PREEMPT
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / PREEMPT).unlink(missing_ok=True)
-        (folder / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
-    except OSError as e:
-        raise UsageError(f"cannot write the run folder {folder} ({e.strerror or e}): set checkpoint.storage_path to a "
-                         "folder this machine (and every node) can write") from None
-
-
 def preempt_on_sigterm(folder, grace_s: float) -> None:
     """SIGTERM to the launcher (spot reclaim, scancel, pod eviction): ask the workers to
     save at the next step boundary and stop; if they have not within grace_s, exit anyway."""
     import signal
     import threading
 
-    from trainer.loop import PREEMPT
+    from trainer.run_folder import PREEMPT
 
     def on_sigterm(signum, frame):
         (folder / PREEMPT).touch()
@@ -434,7 +393,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from trainer.generate import NoCheckpoint, sample
+    from trainer.checkpoint import NoCheckpoint
+    from trainer.generate import sample
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
@@ -561,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cluster.jobs import JobsError
     from launcher.config import ConfigError
+    from trainer.run_folder import RunFolderError
 
     parser = build_parser()
     # Overrides may come after options too (`run CFG --no-ray train.lr=1`), which argparse's
@@ -573,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
-    except (ConfigError, DataError, UsageError, JobsError) as e:
+    except (ConfigError, DataError, UsageError, JobsError, RunFolderError) as e:
         print(f"trainctl: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
