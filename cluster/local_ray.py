@@ -1,16 +1,17 @@
 """Starting or joining Ray from this process: the reachability check that fails in
-seconds, the private single-machine Ray bound to loopback, and Ray tasks as a `map_fn`
-for `trainctl prepare --address` (data_pipeline never imports Ray itself)."""
+seconds, Ray's usage reporting off, and Ray tasks as a `map_fn` for `trainctl prepare
+--address` (data_pipeline never imports Ray itself). The private Ray's loopback binding
+is trainer/patches.py's `ray_single_machine_mode`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from typing import Any, Callable, Iterator
 
 from data_pipeline.errors import DataError
 from data_pipeline.prefetch import prefetched
+from trainer import patches
 
 
 def check_reachable(address: str) -> None:
@@ -25,28 +26,10 @@ def check_reachable(address: str) -> None:
         raise DataError(f"--address {address}: no Ray cluster answers there ({e}): start one or check the address") from None
 
 
-@contextlib.contextmanager
-def private_ray_on_loopback():
-    """Around the ray.init that starts a private Ray: its processes listen on 127.0.0.1
-    only. On Linux Ray takes the machine's outward address as the node address and its
-    gRPC servers (GCS, raylet, workers, object manager) listen on every interface, so
-    anyone on the network could reach a laptop's job. Ray's single-machine mode (its
-    default on macOS and Windows) uses 127.0.0.1; the processes ray.init starts inherit
-    the variable, and this process's copy of it was read when ray was imported."""
-    import ray._private.ray_constants as ray_constants
-
-    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    before_env, before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.pop("RAY_ADDRESS", None)  # a stray RAY_ADDRESS would join another cluster
-    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-    try:
-        yield
-    finally:  # a `ray start` this process runs later must still be able to join nodes
-        ray_constants.ENABLE_RAY_CLUSTER = before
-        if before_env is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before_env
+def no_usage_stats() -> None:
+    """Before this process starts or joins Ray: Ray reports usage to its maintainers unless
+    told not to; a training job does not phone home (and CI machines have no route out)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def ray_mapper(address: str) -> Callable[..., Iterator[Any]]:
@@ -61,10 +44,11 @@ def ray_mapper(address: str) -> Callable[..., Iterator[Any]]:
 
         owned = not ray.is_initialized()
         if owned:
+            no_usage_stats()
             check_reachable(address)
             try:
                 if address == "local":
-                    with private_ray_on_loopback():
+                    with patches.ray_single_machine_mode():
                         ray.init(include_dashboard=False, log_to_driver=False)
                 else:
                     ray.init(address=address, log_to_driver=False)

@@ -8,19 +8,15 @@ worker the resolved config as a plain dict.
 from __future__ import annotations
 
 import collections
-import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from trainer import patches
 from trainer.config import ClusterSection
 
-# Ray reports usage to its maintainers unless told not to; a training job should not
-# phone home, and CI machines have no route out anyway.
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 class JobFailed(RuntimeError):
@@ -77,11 +73,12 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
     level = "WARNING" if verbose else "ERROR"
     import ray
 
-    from cluster.local_ray import check_reachable, private_ray_on_loopback
+    from cluster.local_ray import check_reachable, no_usage_stats
 
+    no_usage_stats()
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker
-        with private_ray_on_loopback():
+        with patches.ray_single_machine_mode():
             ray.init(runtime_env=runtime_env(cluster), num_cpus=needed,
                      num_gpus=cluster.num_workers if cluster.use_gpu else 0, include_dashboard=False,
                      log_to_driver=worker_logs, configure_logging=True, logging_level=level)
@@ -101,46 +98,10 @@ def quiet_worker_logs() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def serve_rendezvous_on_loopback() -> None:
-    """Run in each training worker before torch's process group is made. Rank 0 serves
-    torch's rendezvous store, which listens on every interface whatever address it is
-    given; when that address is the loopback one (a private local Ray), listen there only."""
-    import importlib
-
-    # `import torch.distributed.rendezvous as …` would give the function of that name
-    rendezvous = importlib.import_module("torch.distributed.rendezvous")
-    create = rendezvous._create_c10d_store
-    if getattr(create, "__name__", "") == "create_store":
-        return
-
-    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
-        if rank != 0 or hostname not in ("127.0.0.1", "localhost") or rendezvous._torchelastic_use_agent_store():
-            return create(hostname, port, rank, world_size, timeout, use_libuv)
-        listener = socket.create_server(("127.0.0.1", port), backlog=128)
-        return rendezvous.TCPStore(host_name=hostname, port=port, world_size=world_size, is_master=True,
-                                   timeout=timeout, multi_tenant=True, master_listen_fd=listener.detach(),
-                                   use_libuv=use_libuv)
-
-    rendezvous._create_c10d_store = create_store
-
-
 def torch_config(cluster: ClusterSection):
-    """Ray Train's TorchConfig, whose backend first runs serve_rendezvous_on_loopback in
-    every worker."""
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend
-
-    class Backend(_TorchBackend):
-        def on_start(self, worker_group, backend_config):
-            worker_group.execute(serve_rendezvous_on_loopback)
-            super().on_start(worker_group, backend_config)
-
-    class Config(TorchConfig):
-        @property
-        def backend_cls(self):
-            return Backend
-
-    return Config(backend="nccl" if cluster.use_gpu else "gloo")
+    """Ray Train's TorchConfig, whose backend first serves torch's rendezvous store on the
+    loopback address in every worker (when the job's address is the loopback one)."""
+    return patches.ray_torch_backend(patches.rendezvous_on_loopback, "nccl" if cluster.use_gpu else "gloo")
 
 
 def runtime_env(cluster: ClusterSection) -> dict[str, Any]:
@@ -208,9 +169,9 @@ def route_worker_logs(log_path: Path) -> None:
     console.CONSOLE_LINE) on this console as they are, and append every other line of
     their output (Ray's, DeepSpeed's, torch's, a traceback) to `log_path`, each with the
     process it came from, instead of Ray's forwarding of everything."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
     from trainer.console import CONSOLE_LINE
+
+    dispatcher = patches.ray_log_dispatcher()
 
     console = re.compile(CONSOLE_LINE)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +194,7 @@ def route_worker_logs(log_path: Path) -> None:
             else:
                 log.write(who + line + "\n")
 
-    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler(patches.RAY_PRINT_HANDLER)
     dispatcher.add_handler(LOG_HANDLER, handle)
 
 
@@ -242,8 +203,7 @@ LOG_HANDLER = "trainctl_worker_logs"
 
 def shutdown(conn: Connection) -> None:
     import ray
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     if ray.is_initialized():
         ray.shutdown()  # stops Ray's log thread, so every forwarded line has been handled
-    dispatcher.remove_handler(LOG_HANDLER)
+    patches.ray_log_dispatcher().remove_handler(LOG_HANDLER)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.sources import is_url
+from trainer import patches
 from trainer.console import warn
 
 COMPLETE = "trainctl.json"
@@ -359,9 +360,7 @@ def load(engine, ckpt: Path, rank: int, universal: Path | None = None) -> dict[s
     """Restore the engine (collective) and return this rank's own state. `universal`: a
     scratch folder where rank 0 converts the checkpoint first, for an engine built with
     `universal=True` on another number of ranks than the checkpoint's."""
-    # DeepSpeed reads this flag at each load: an engine built to load a universal checkpoint
-    # (a resharded resume) later rolls back to checkpoints of its own world size.
-    engine._config.load_universal_checkpoint = universal is not None
+    patches.set_load_universal(engine, universal is not None)
     if universal is not None:
         if rank == 0:
             to_universal(ckpt, universal)

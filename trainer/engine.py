@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from trainer import patches
 from trainer.config import JobConfig
 
 
@@ -79,14 +80,11 @@ def import_deepspeed(use_gpu: bool, verbose: bool = False):
     first import, so it must be set before anything imports deepspeed."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     import deepspeed
-    import deepspeed.ops
+    import deepspeed.ops  # noqa: F401 - the op table patches.skip_deepspeed_shm_op edits
     from deepspeed.utils import logger
 
     if not use_gpu:
-        # DeepSpeed's CPU shared-memory all-reduce serves only its inference path; building it
-        # is a ~30 s g++ compile on a machine's first run (and a "built successfully" line).
-        # Off. (Not on GPUs: there the op does not exist, and this lookup would probe every op.)
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        patches.skip_deepspeed_shm_op(deepspeed)  # a ~30 s compile of an op only its inference uses
 
     if not verbose:
         logger.setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) only with --verbose

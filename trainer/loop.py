@@ -1,7 +1,7 @@
 """The training loop: one worker function, the same under Ray Train, torchrun, or alone.
 
-`train_worker(config_dict)` builds a `Worker` (process group, data, model, engine, saver,
-tracker), restores the newest checkpoint into its `TrainState` if there is one, then
+`train_worker(config_dict)` builds a `Worker` (build.py: process group, data, model,
+engine, saver, tracker), restores the newest checkpoint into its `TrainState` if there is one, then
 loops: one `train_step`, one all-reduce of the step's verdicts, and plain
 `if step % every == 0` blocks that call `log`, `validate` and `save`. A divergence
 rolls back through the same `restore` as a resume.
@@ -9,68 +9,24 @@ rolls back through the same `restore` as a resume.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches, tokenizer_from_dict
+from data_pipeline import Loader, tokenizer_from_dict
 from trainer import checkpoint, perf
+from trainer.build import Worker, resume_point, start, start_tracking
 from trainer.config import JobConfig
 from trainer.console import duration, progress_line, summary_table
-from trainer.engine import build_engine, import_deepspeed
 from trainer.generate import continue_prompts
 from trainer.guard import DivergenceGuard
-from trainer.model import Transformer, document_segments
-from trainer.run_folder import StopRequest, checkpoint_store, record_attempt, run_dir
-from trainer.saver import Saver
-from trainer.tracking import Tracker, run_id
-
-
-def raw_options(cfg: JobConfig) -> RawOptions:
-    """How to read data.path if it names raw-text shards."""
-    return RawOptions(cfg.data.tokenizer, cfg.data.text_field, cfg.data.allow_pipe)
-
-
-def data_paths(cfg: JobConfig) -> list[str]:
-    return [s.path for s in cfg.data.sources] if cfg.data.sources else [cfg.data.path]
-
-
-def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedStream:
-    """This rank's training stream: one dataset, or several mixed by weight."""
-    d, t = cfg.data, cfg.train
-    common = dict(grad_accum_steps=cfg.accum_steps, seed=t.seed, shuffle_buffer=d.shuffle_buffer, on_error=d.on_error,
-                  raw=raw_options(cfg))
-    if d.sources:
-        return MixedStream([(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, **common)
-    return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, **common)
-
-
-def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
-    """Join (or make) the process group; returns (rank, world_size, local_rank).
-
-    Under Ray Train the group already exists (TorchConfig made it); under torchrun the
-    env:// variables are set; a plain process becomes a group of one.
-    """
-    if not dist.is_initialized() and "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if world != cfg.cluster.num_workers:
-        raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers} but {world} processes joined; set cluster.num_workers={world}")
-    if cfg.cluster.use_gpu:
-        torch.cuda.set_device(local_rank)
-    return rank, world, local_rank
+from trainer.model import document_segments
+from trainer.run_folder import Attempt, StopRequest
+from trainer.tracking import run_id
 
 
 def forward(engine, batch: torch.Tensor, eot: int | None):
@@ -140,71 +96,6 @@ class TrainState:
         self.stream.load_state_dict(state["data"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.rollbacks, self.skip_step = state.get("rollbacks", 0), state.get("skip_step")
-
-
-def resume_point(cfg: JobConfig, store: checkpoint.Store) -> Path | None:
-    """The checkpoint to start from, the same on every rank (rank 0 decides: ranks must not
-    read a shared folder at different moments and disagree). The run's own latest wins;
-    `--resume PATH` (another run's checkpoint) applies until the run has one of its own,
-    so rerunning the same command after a preemption or a restart continues the run.
-    From an object store, each machine downloads it once."""
-    found = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        found = store.latest()
-        if found is None and cfg.checkpoint.resume_from is not None:
-            found = Path(cfg.checkpoint.resume_from)
-    if dist.is_initialized():
-        box = [None if found is None else str(found)]
-        dist.broadcast_object_list(box, src=0)
-        found = None if box[0] is None else Path(box[0])
-        if found is not None and store.url is not None and found.parent == store.root:
-            found = store.fetch(found.name)
-    return found
-
-
-@dataclass
-class Worker:
-    """What one rank trains with: built once by `start`, then read by the loop's helpers."""
-
-    cfg: JobConfig
-    rank: int
-    world: int
-    device: torch.device
-    folder: Path
-    store: checkpoint.Store
-    stream: Loader
-    val: list[torch.Tensor]  # this rank's validation batches, every source's in order
-    tokenizer: dict
-    eot: int | None  # the end-of-text token when attention is masked per document
-    engine: Any = None
-    saver: Saver | None = None
-    tracker: Tracker | None = None  # rank 0's
-    val_losses: list[tuple[int, float]] = field(default_factory=list)
-
-
-def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
-    """Join the group and build the data, the model and the engine; returns the worker and
-    the checkpoint to resume from (None: a new run)."""
-    t = cfg.train
-    rank, world, local_rank = setup_distributed(cfg)
-    folder, store = run_dir(cfg), checkpoint_store(cfg)
-    if rank == 0:
-        store.root.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(cfg.to_yaml())
-    # Data: every rank reads the same global order and keeps its own slice of each batch.
-    stream = Loader(build_stream(cfg, rank, world), cfg.data.num_workers, pin_memory=cfg.cluster.use_gpu)
-    tokenizer = stream.manifest["tokenizer"]
-    val = [batch for path in data_paths(cfg)
-           for batch in eval_batches(path, "val", cfg.data.seq_len, t.micro_batch_size, rank, world,
-                                     max_batches=t.eval_batches, on_error=cfg.data.on_error, raw=raw_options(cfg))]
-    w = Worker(cfg, rank, world, torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu"), folder, store,
-               stream, val, tokenizer, tokenizer["eot"] if cfg.data.document_masking else None)
-    torch.manual_seed(t.seed)  # the same seed on every rank gives the same initial weights
-    latest = resume_point(cfg, store)
-    reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
-    w.engine = build_engine(Transformer(cfg.model), cfg, universal=reshard)
-    w.saver = Saver(w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save)
-    return w, latest
 
 
 def restore(w: Worker, state: TrainState, ckpt: Path) -> None:
@@ -338,32 +229,7 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
     return status
 
 
-def start_tracking(w: Worker, step: int, latest: Path | None) -> tuple[perf.Meter, Any]:
-    """The throughput meter on every rank; on rank 0 the tracker, this start of the workers
-    recorded (and reported when it is a restart), and the run's facts."""
-    cfg = w.cfg
-    attempt = None
-    if w.rank == 0:
-        w.tracker = Tracker(cfg, w.folder, resume_step=step)
-        attempt = record_attempt(w.folder, step, latest)
-        if attempt.restarts:
-            print(f"trainctl: restart {attempt.restarts} of this job: resumed at step {step}, {attempt.lost_s:.0f} s "
-                  "lost since that checkpoint", flush=True)
-            w.tracker.log({"restarts": attempt.restarts, "time_lost_s": attempt.lost_s}, step, event=True)
-    peak, peak_source = perf.device_peak_tflops(cfg.cluster.peak_tflops, cfg.cluster.use_gpu)
-    if not cfg.cluster.use_gpu and not cfg.cluster.peak_tflops:
-        (peak,) = perf.mean_over_ranks([peak], w.device)  # measured on every rank at once, as they train
-    flops = perf.flops_per_token(cfg.model, cfg.data.seq_len)
-    tokens_per_step = cfg.global_batch * cfg.data.seq_len
-    meter = perf.Meter(flops, w.world, tokens_per_step, peak, w.device, step,
-                       *((attempt.launched_at, attempt.launched_step) if attempt else ()), peak_source=peak_source)
-    if w.rank == 0:
-        w.tracker.describe({"flops_per_token": flops, "peak_tflops_per_worker": peak, "peak_source": peak_source,
-                            "tokens_per_step": tokens_per_step, "tokenizer": w.tokenizer})
-    return meter, attempt
-
-
-def finish(w: Worker, state: TrainState, status: str, meter: perf.Meter, attempt, wall_s: float) -> None:
+def finish(w: Worker, state: TrainState, status: str, meter: perf.Meter, attempt: Attempt, wall_s: float) -> None:
     """Rank 0 at the end: the done line, the run's summary to the tracker and the console."""
     if status == "done":
         print(f"trainctl: done: {state.step} steps, {state.tokens_seen:,} tokens in {duration(wall_s)}", flush=True)

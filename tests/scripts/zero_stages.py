@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from launcher.config import load_config
 from trainer.engine import build_engine
-from trainer.loop import setup_distributed, train_step
+from trainer.build import setup_distributed
+from trainer.loop import train_step
 from trainer.model import Transformer
 
 STEPS = 8

@@ -1,0 +1,144 @@
+"""Every use trainctl makes of another library's private internals, in one place.
+
+Each function below names the versions it was written for and why no public API does
+the job. `TARGETS` lists the private names they rely on; tests/test_patches.py checks
+that each still exists in the installed libraries, so an upgrade that removes one fails
+in CI with the patch's name instead of silently changing a user's job. Nothing here runs
+at import: a caller applies a patch where it needs it. The Ray ones import Ray inside
+and are called only from cluster/ (trainer/ itself never imports Ray).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any, Callable, Iterator
+
+# (patch, module, attribute path inside it, the versions it was written for)
+TARGETS = [
+    ("rendezvous_on_loopback", "torch.distributed.rendezvous", "_create_c10d_store", "torch 2.4-2.13"),
+    ("rendezvous_on_loopback", "torch.distributed.rendezvous", "_torchelastic_use_agent_store", "torch 2.4-2.13"),
+    ("ray_single_machine_mode", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "ray 2.40-2.60"),
+    ("ray_single_machine_mode", "ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR", "ray 2.40-2.60"),
+    ("skip_deepspeed_shm_op", "deepspeed.ops", "__compatible_ops__", "deepspeed 0.16-0.19"),
+    ("ray_log_dispatcher", "ray._private.ray_logging", "global_worker_stdstream_dispatcher.add_handler", "ray 2.40-2.60"),
+    ("ray_log_dispatcher", "ray._private.ray_logging", "global_worker_stdstream_dispatcher.remove_handler", "ray 2.40-2.60"),
+    ("set_load_universal", "deepspeed.runtime.config", "DeepSpeedConfig", "deepspeed 0.16-0.19"),
+    ("ray_torch_backend", "ray.train.torch.config", "_TorchBackend.on_start", "ray 2.40-2.60"),
+    ("ray_upload_limit", "ray._private.runtime_env.packaging", "GCS_STORAGE_MAX_SIZE", "ray 2.40-2.60"),
+]
+
+
+def rendezvous_on_loopback() -> None:
+    """torch 2.4-2.13. Rank 0 serves torch's rendezvous store (TCPStore), which listens on
+    every interface whatever address it is given; when that address is the loopback one (a
+    private local Ray), listen there only. torch has no option for the listening address,
+    so its private store factory is wrapped. Idempotent."""
+    import importlib
+
+    # `import torch.distributed.rendezvous as …` would give the function of that name
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    create = rendezvous._create_c10d_store
+    if getattr(create, "__name__", "") == "create_store":
+        return
+
+    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        if rank != 0 or hostname not in ("127.0.0.1", "localhost") or rendezvous._torchelastic_use_agent_store():
+            return create(hostname, port, rank, world_size, timeout, use_libuv)
+        listener = socket.create_server(("127.0.0.1", port), backlog=128)
+        return rendezvous.TCPStore(host_name=hostname, port=port, world_size=world_size, is_master=True,
+                                   timeout=timeout, multi_tenant=True, master_listen_fd=listener.detach(),
+                                   use_libuv=use_libuv)
+
+    rendezvous._create_c10d_store = create_store
+
+
+@contextlib.contextmanager
+def ray_single_machine_mode() -> Iterator[None]:
+    """ray 2.40-2.60. Around the ray.init that starts a private Ray: its processes listen
+    on 127.0.0.1 only. On Linux Ray takes the machine's outward address as the node address
+    and its gRPC servers listen on every interface; its single-machine mode (the default on
+    macOS and Windows) uses 127.0.0.1. The processes ray.init starts read the variable;
+    this process read its copy into ray_constants when ray was imported, so both are set,
+    and both restored after (a later `ray start` here must still be able to join nodes)."""
+    import ray._private.ray_constants as ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.pop("RAY_ADDRESS", None)  # a stray RAY_ADDRESS would join another cluster
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before_env
+
+
+def skip_deepspeed_shm_op(deepspeed) -> None:
+    """deepspeed 0.16-0.19, CPU only. DeepSpeed's shared-memory all-reduce serves only its
+    inference path, yet init_distributed builds it: a ~30 s g++ compile on a machine's first
+    run and a "built successfully" line. Marking it incompatible in the op table skips it.
+    (Not on GPUs: the op does not exist there, and the lookup would probe every op.)"""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def ray_log_dispatcher():
+    """ray 2.40-2.60. The driver's dispatcher of forwarded worker output: trainctl replaces
+    Ray's printing handler ("ray_print_logs") with its own, which keeps the console to
+    trainctl's lines and sends the rest to the run's log file. Ray has no public hook."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    return global_worker_stdstream_dispatcher
+
+
+RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray registers its printing handler under
+
+
+def set_load_universal(engine, on: bool) -> None:
+    """deepspeed 0.16-0.19. DeepSpeed reads `load_universal_checkpoint` from its config at
+    each load, but only sets it when the engine is built: an engine built to load a
+    universal checkpoint (a resharded resume) must later roll back to checkpoints of its own
+    world size, and the reverse."""
+    engine._config.load_universal_checkpoint = on
+
+
+def ray_torch_backend(before_start: Callable[[], None], backend: str):
+    """ray 2.40-2.60. Ray Train's TorchConfig whose backend runs `before_start` in every
+    worker before torch's process group is made (to apply rendezvous_on_loopback there).
+    Ray Train takes no hook for that; its private backend class is subclassed."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(before_start)
+            super().on_start(worker_group, backend_config)
+
+    class Config(TorchConfig):
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return Config(backend=backend)
+
+
+def ray_upload_limit() -> int:
+    """ray 2.40-2.60. The largest working directory the Jobs API accepts (read, not
+    changed: `submit` refuses a bigger one before uploading)."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    return GCS_STORAGE_MAX_SIZE
+
+
+def resolve(module: str, attribute: str) -> Any:
+    """The object at `module`.`attribute` (dotted), AttributeError/ImportError if gone."""
+    import importlib
+
+    obj = importlib.import_module(module)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
