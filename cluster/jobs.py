@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 # Never uploaded: version control, environments, data, run output (gitignore patterns, the
 # last match wins; Ray also honours .gitignore and .rayignore). trainctl's own test corpus,
 # tests/data (1 MB), goes along, so configs/shakespeare-char.yaml runs from a submit.
@@ -86,17 +84,19 @@ def _rules(folder: Path, inherited: list) -> list:
     (it checks each folder, then what is in it, against these)."""
     import logging
 
-    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+    from trainer.patches import ray_upload_matchers
 
+    _, get_excludes_from_ignore_files = ray_upload_matchers()
     gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
     return inherited + get_excludes_from_ignore_files(folder, include_gitignore=gitignore,
                                                       logger=logging.getLogger("trainctl.upload"))
 
 
 def _root_rules(root: Path) -> list:
-    from ray._private.runtime_env.packaging import _get_excludes
+    from trainer.patches import ray_upload_matchers
 
-    return _rules(root, [_get_excludes(root, EXCLUDES)])
+    get_excludes, _ = ray_upload_matchers()
+    return _rules(root, [get_excludes(root, EXCLUDES)])
 
 
 def left_out(root: Path, path: Path) -> bool:
@@ -238,9 +238,9 @@ def cluster_data_overrides(cfg, workdir: Path) -> list[str]:
 
 
 def upload_limit() -> int:
-    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+    from trainer.patches import ray_upload_limit
 
-    return GCS_STORAGE_MAX_SIZE
+    return ray_upload_limit()
 
 
 @dataclass

@@ -44,7 +44,7 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
     rewind deletes."""
     from data_pipeline import open_dataset, resolve_dataset
     from trainer import checkpoint
-    from trainer.loop import build_stream, data_paths, raw_options
+    from trainer.build import build_stream, data_paths, raw_options
     from trainer.run_folder import checkpoint_store
 
     d = cfg.data

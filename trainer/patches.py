@@ -27,6 +27,8 @@ TARGETS = [
     ("set_load_universal", "deepspeed.runtime.config", "DeepSpeedConfig", "deepspeed 0.16-0.19"),
     ("ray_torch_backend", "ray.train.torch.config", "_TorchBackend.on_start", "ray 2.40-2.60"),
     ("ray_upload_limit", "ray._private.runtime_env.packaging", "GCS_STORAGE_MAX_SIZE", "ray 2.40-2.60"),
+    ("ray_upload_matchers", "ray._private.runtime_env.packaging", "_get_excludes", "ray 2.40-2.60"),
+    ("ray_upload_matchers", "ray._private.runtime_env.packaging", "get_excludes_from_ignore_files", "ray 2.40-2.60"),
 ]
 
 
@@ -132,6 +134,15 @@ def ray_upload_limit() -> int:
     from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
 
     return GCS_STORAGE_MAX_SIZE
+
+
+def ray_upload_matchers():
+    """ray 2.40-2.60. Ray's own matchers of what a runtime_env upload leaves out: the
+    `excludes` patterns (`_get_excludes`) and each folder's .gitignore/.rayignore. Read, not
+    changed: `submit` checks and sizes exactly what Ray will upload."""
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    return _get_excludes, get_excludes_from_ignore_files
 
 
 def resolve(module: str, attribute: str) -> Any:
