@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # `pip install torch` would pull a multi-GB CUDA build). Override for a GPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test clean
+.PHONY: setup run test lint format clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,14 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf runs .cache/trainctl

@@ -41,7 +41,7 @@ def raw_write(path: Path, n_bytes: int) -> float:
     with open(path, "wb") as f:
         left = n_bytes
         while left > 0:
-            f.write(block[:min(left, len(block))])
+            f.write(block[: min(left, len(block))])
             left -= len(block)
         f.flush()
         os.fsync(f.fileno())  # as every checkpoint file is
@@ -62,17 +62,22 @@ def main() -> None:
     from trainer.config import JobConfig
     from trainer.engine import build_engine, import_deepspeed
     from trainer.loop import train_step
-    from trainer.saver import Saver
     from trainer.model import Transformer
+    from trainer.saver import Saver
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import_deepspeed(False).init_distributed(dist_backend="gloo")
-    cfg = JobConfig.model_validate({
-        "model": {"n_layer": args.layers, "n_head": 8, "d_model": args.width, "max_seq_len": 64, "vocab_size": 257},
-        "data": {"seq_len": 64}, "train": {"micro_batch_size": 2, "zero_stage": args.zero_stage}, "cluster": {"num_workers": 1}})
+    cfg = JobConfig.model_validate(
+        {
+            "model": {"n_layer": args.layers, "n_head": 8, "d_model": args.width, "max_seq_len": 64, "vocab_size": 257},
+            "data": {"seq_len": 64},
+            "train": {"micro_batch_size": 2, "zero_stage": args.zero_stage},
+            "cluster": {"num_workers": 1},
+        }
+    )
 
     def engine():
         return build_engine(Transformer(cfg.model), cfg)
@@ -114,10 +119,12 @@ def main() -> None:
     print(f"model {params / 1e6:.1f}M parameters, ZeRO-{args.zero_stage}, checkpoint {mb:.0f} MB in {args.dir}")
     for name, seconds in best.items():
         print(f"  {name:<13} {seconds:6.2f} s  {mb / seconds:8.1f} MB/s")
-    print(f"sync save / raw write speed = {best['raw write'] / best['sync save']:.2f}; "
-          f"async save / raw write speed = {best['raw write'] / best['async save']:.2f}; "
-          f"load / raw write speed = {best['raw write'] / best['load']:.2f}; "
-          f"training blocked for {best['async blocked'] / best['async save']:.0%} of the background save")
+    print(
+        f"sync save / raw write speed = {best['raw write'] / best['sync save']:.2f}; "
+        f"async save / raw write speed = {best['raw write'] / best['async save']:.2f}; "
+        f"load / raw write speed = {best['raw write'] / best['load']:.2f}; "
+        f"training blocked for {best['async blocked'] / best['async save']:.0%} of the background save"
+    )
 
 
 if __name__ == "__main__":

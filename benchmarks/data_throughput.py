@@ -40,8 +40,13 @@ def make_dataset(root: Path, tokens: int, sample_tokens: int, shard_mb: float) -
         link = root / "src" / f"{i:06d}.py"
         link.parent.mkdir(exist_ok=True)
         os.symlink(f, link)
-    prepare([str(root / "src")], str(root / "data"), val_fraction=0.0, shard_size_bytes=int(shard_mb * 2**20),
-            sample_tokens=sample_tokens)
+    prepare(
+        [str(root / "src")],
+        str(root / "data"),
+        val_fraction=0.0,
+        shard_size_bytes=int(shard_mb * 2**20),
+        sample_tokens=sample_tokens,
+    )
     return str(root / "data")
 
 
@@ -78,14 +83,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--sample-tokens", type=int, default=8192, help="tokens per tar member (prepare's default)")
-    ap.add_argument("--shard-mb", type=float, default=16, help="shard size: several shards, so reading ahead can overlap")
+    ap.add_argument(
+        "--shard-mb", type=float, default=16, help="shard size: several shards, so reading ahead can overlap"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp), args.tokens, args.sample_tokens, args.shard_mb)
-        readers = {"raw read": lambda: raw_read(data, args.tokens),
-                   "plain webdataset": lambda: plain_webdataset(data, args.tokens),
-                   "trainctl stream": lambda: stream(data, args.tokens, args.seq_len, args.batch, 0),
-                   "trainctl, 1 worker": lambda: stream(data, args.tokens, args.seq_len, args.batch, 1)}
+        readers = {
+            "raw read": lambda: raw_read(data, args.tokens),
+            "plain webdataset": lambda: plain_webdataset(data, args.tokens),
+            "trainctl stream": lambda: stream(data, args.tokens, args.seq_len, args.batch, 0),
+            "trainctl, 1 worker": lambda: stream(data, args.tokens, args.seq_len, args.batch, 1),
+        }
         best: dict[str, float] = {}
         for _ in range(2):  # interleaved rounds; keep each reader's best
             for name, fn in readers.items():
@@ -93,12 +102,16 @@ def main() -> None:
                 n = fn()
                 rate = n / (time.perf_counter() - t0)
                 best[name] = max(best.get(name, 0.0), rate)
-        print(f"{args.tokens:,} tokens in {args.shard_mb:g} MB shards, seq_len {args.seq_len}, micro batch {args.batch}")
+        print(
+            f"{args.tokens:,} tokens in {args.shard_mb:g} MB shards, seq_len {args.seq_len}, micro batch {args.batch}"
+        )
         for name, rate in best.items():
             print(f"  {name:<18} {rate / 1e6:8.1f} M tokens/s")
         fastest = max(best["trainctl stream"], best["trainctl, 1 worker"])
-        print(f"stream (best of in-process and 1 worker) / raw read = {fastest / best['raw read']:.2f}; "
-              f"stream / plain webdataset = {fastest / best['plain webdataset']:.2f}")
+        print(
+            f"stream (best of in-process and 1 worker) / raw read = {fastest / best['raw read']:.2f}; "
+            f"stream / plain webdataset = {fastest / best['plain webdataset']:.2f}"
+        )
 
 
 if __name__ == "__main__":

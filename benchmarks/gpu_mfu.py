@@ -47,8 +47,16 @@ RUNS = {
     "gpt2-124m": ["train.global_batch_size=64", "train.max_steps=150", "train.log_every=10"],
     "llama-1b": ["train.global_batch_size=32", "train.max_steps=32", "train.log_every=4"],
 }
-COMMON = ["cluster.num_workers=1", "cluster.address=local", "data.path=stdlib", "tracking.mode=disabled",
-          "train.eval_every=1000000", "checkpoint.every=1000000", "train.warmup_steps=10", "train.sample_tokens=0"]
+COMMON = [
+    "cluster.num_workers=1",
+    "cluster.address=local",
+    "data.path=stdlib",
+    "tracking.mode=disabled",
+    "train.eval_every=1000000",
+    "checkpoint.every=1000000",
+    "train.warmup_steps=10",
+    "train.sample_tokens=0",
+]
 SKIP = 2  # logged intervals dropped at the start
 
 
@@ -59,25 +67,47 @@ def slug(spec: str) -> str:
 def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str], profile: str | None) -> dict:
     config, *variant = spec.split("@")
     name = f"bench-{slug(spec)}"
-    overrides = [*COMMON, *RUNS.get(config, []), f"name={name}", f"data.cache_dir={work / 'cache'}",
-                 f"checkpoint.storage_path={work / 'runs'}", *extra, *variant]
+    overrides = [
+        *COMMON,
+        *RUNS.get(config, []),
+        f"name={name}",
+        f"data.cache_dir={work / 'cache'}",
+        f"checkpoint.storage_path={work / 'runs'}",
+        *extra,
+        *variant,
+    ]
     if profile:
         overrides.append(f"train.profile={profile}")
     max_steps = int(next(o for o in reversed(overrides) if o.startswith("train.max_steps=")).split("=")[1])
     folder = work / "runs" / name
     metrics = folder / "metrics.jsonl"
-    cmd = [sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / f"{config}.yaml"), "--no-ray",
-           "--fresh", "--force", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        str(REPO / "configs" / f"{config}.yaml"),
+        "--no-ray",
+        "--fresh",
+        "--force",
+        *overrides,
+    ]
     log = open(out / f"{slug(spec)}.log", "w")
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
     rows, status = [], "timed out"
     while time.monotonic() < deadline:
         time.sleep(1.0)
         if metrics.exists():
             text = metrics.read_text()
-            whole = text[:text.rfind("\n") + 1]  # a row being written is read next time
+            whole = text[: text.rfind("\n") + 1]  # a row being written is read next time
             rows = [r for r in map(json.loads, whole.splitlines()) if "mfu" in r]
         if rows and rows[-1]["step"] >= max_steps:
             status = "ok"
@@ -90,15 +120,25 @@ def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str],
     proc.wait()
     log.close()
     steady = rows[SKIP:]
-    result = {"run": spec, "status": status, "wall_s": round(time.monotonic() - t0, 1), "intervals": len(steady),
-              "tokens_per_s": None, "mfu": None, "step_time_s": None, "mem_peak_gb": None}
+    result = {
+        "run": spec,
+        "status": status,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "intervals": len(steady),
+        "tokens_per_s": None,
+        "mfu": None,
+        "step_time_s": None,
+        "mem_peak_gb": None,
+    }
     if steady:
-        result.update(tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
-                      mfu=statistics.median(r["mfu"] for r in steady),
-                      step_time_s=statistics.median(r["step_time_s"] for r in steady),
-                      data_wait=statistics.median(r["data_wait"] for r in steady),
-                      mem_peak_gb=max(r["mem_peak_gb"] for r in steady),
-                      last_step=rows[-1]["step"])
+        result.update(
+            tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
+            mfu=statistics.median(r["mfu"] for r in steady),
+            step_time_s=statistics.median(r["step_time_s"] for r in steady),
+            data_wait=statistics.median(r["data_wait"] for r in steady),
+            mem_peak_gb=max(r["mem_peak_gb"] for r in steady),
+            last_step=rows[-1]["step"],
+        )
     result["rows"] = rows  # every interval, with the step-time breakdown
     for trace in sorted((folder / "profile").glob("trace-*.json")):
         result["profile"] = trace_summary(trace)
@@ -126,9 +166,15 @@ def trace_summary(path: Path, top: int = 12) -> dict:
     for e in kernels:
         total[e["name"][:90]] = total.get(e["name"][:90], 0.0) + e["dur"]
     span = spans[-1][1] - spans[0][0]
-    return {"kernels": len(kernels), "span_ms": span / 1e3, "busy": busy / span,
-            "top": [(n, round(us / 1e3, 2), round(us / sum(total.values()), 4))
-                    for n, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]]}
+    return {
+        "kernels": len(kernels),
+        "span_ms": span / 1e3,
+        "busy": busy / span,
+        "top": [
+            (n, round(us / 1e3, 2), round(us / sum(total.values()), 4))
+            for n, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]
+        ],
+    }
 
 
 def device_line() -> str:
@@ -147,8 +193,10 @@ def device_line() -> str:
     end.record()
     torch.cuda.synchronize()
     tflops = 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
-    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
-            f"bf16 8192^3 matmul {tflops:.0f} TFLOP/s on random data")
+    return (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+        f"bf16 8192^3 matmul {tflops:.0f} TFLOP/s on random data"
+    )
 
 
 def main() -> None:
@@ -186,12 +234,16 @@ def main() -> None:
         if r.get("mfu") is None:
             print(f"{r['run']:<40} {r['status']:<12}")
             continue
-        print(f"{r['run']:<40} {r['status']:<12} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['step_time_s']:>7.3f} "
-              f"{r['mem_peak_gb']:>8.1f} {r['wall_s']:>7.0f}")
+        print(
+            f"{r['run']:<40} {r['status']:<12} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['step_time_s']:>7.3f} "
+            f"{r['mem_peak_gb']:>8.1f} {r['wall_s']:>7.0f}"
+        )
     for r in results:
         target = TARGETS.get(r["run"])
         if r.get("mfu") is not None and target and "@" not in r["run"]:
-            print(f"{r['run']}: MFU {r['mfu']:.1%} against the {target:.0%} target: {'met' if r['mfu'] >= target else 'not met'}")
+            print(
+                f"{r['run']}: MFU {r['mfu']:.1%} against the {target:.0%} target: {'met' if r['mfu'] >= target else 'not met'}"
+            )
 
 
 if __name__ == "__main__":

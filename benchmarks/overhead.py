@@ -79,10 +79,25 @@ def bare(steps: int, warmup: int = 20) -> float:
 
 def trainctl(steps: int, folder: str, zero_stage: int) -> float:
     every = max(steps // 10, 1)
-    cmd = [sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / "tiny-cpu.yaml"), "name=overhead",
-           f"checkpoint.storage_path={folder}", f"train.max_steps={steps}", f"train.log_every={every}",
-           "train.sample_tokens=0", f"train.eval_every={steps}", "train.eval_batches=2", "tracking.mode=disabled",
-           f"checkpoint.every={steps}", f"train.zero_stage={zero_stage}", "--fresh", "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        str(REPO / "configs" / "tiny-cpu.yaml"),
+        "name=overhead",
+        f"checkpoint.storage_path={folder}",
+        f"train.max_steps={steps}",
+        f"train.log_every={every}",
+        "train.sample_tokens=0",
+        f"train.eval_every={steps}",
+        "train.eval_batches=2",
+        "tracking.mode=disabled",
+        f"checkpoint.every={steps}",
+        f"train.zero_stage={zero_stage}",
+        "--fresh",
+        "--force",
+    ]
     subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True)
     rows = [json.loads(line) for line in (Path(folder) / "overhead" / "metrics.jsonl").read_text().splitlines()]
     return statistics.mean([r["step_time_s"] for r in rows if "step_time_s" in r][2:])
@@ -92,19 +107,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--zero-stage", type=int, default=0, help="trainctl's ZeRO stage: 0 is DDP's algorithm (all-reduce the "
-                    "gradients, every rank steps the whole model); 1-3 shard state at the cost of more communication")
+    ap.add_argument(
+        "--zero-stage",
+        type=int,
+        default=0,
+        help="trainctl's ZeRO stage: 0 is DDP's algorithm (all-reduce the "
+        "gradients, every rank steps the whole model); 1-3 shard state at the cost of more communication",
+    )
     args = ap.parse_args()
     results: dict[str, list[float]] = {"bare": [], "trainctl": []}
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
-            for name, fn in (("bare", lambda: bare(args.steps)), ("trainctl", lambda: trainctl(args.steps, folder, args.zero_stage))):
+            for name, fn in (
+                ("bare", lambda: bare(args.steps)),
+                ("trainctl", lambda: trainctl(args.steps, folder, args.zero_stage)),
+            ):
                 results[name].append(fn())
-                print(f"round {r + 1}: {name:<8} {results[name][-1] * 1000:7.1f} ms per step "
-                      f"({2 * MICRO * SEQ / results[name][-1]:,.0f} tokens/s)", flush=True)
+                print(
+                    f"round {r + 1}: {name:<8} {results[name][-1] * 1000:7.1f} ms per step "
+                    f"({2 * MICRO * SEQ / results[name][-1]:,.0f} tokens/s)",
+                    flush=True,
+                )
     b, t = min(results["bare"]), min(results["trainctl"])
-    print(f"best: bare {b * 1000:.1f} ms, trainctl (ZeRO-{args.zero_stage}) {t * 1000:.1f} ms per step; "
-          f"trainctl / bare = {t / b:.3f} (target <= 1.05)")
+    print(
+        f"best: bare {b * 1000:.1f} ms, trainctl (ZeRO-{args.zero_stage}) {t * 1000:.1f} ms per step; "
+        f"trainctl / bare = {t / b:.3f} (target <= 1.05)"
+    )
 
 
 if __name__ == "__main__":

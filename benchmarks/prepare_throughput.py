@@ -45,7 +45,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--tokenizer", default="byte", help="byte, or a tokenizer.json (bpe:N would train a new one each run)")
+    ap.add_argument(
+        "--tokenizer", default="byte", help="byte, or a tokenizer.json (bpe:N would train a new one each run)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         inputs = make_inputs(Path(tmp), args.files)
@@ -56,13 +58,22 @@ def main() -> None:
             for workers in (1, args.workers):
                 out = Path(tmp, f"out-{workers}")
                 t0 = time.perf_counter()
-                prepare(inputs, str(out), tokenizer=args.tokenizer, shard_size_bytes=16 * 2**20, workers=workers, overwrite=True)
+                prepare(
+                    inputs,
+                    str(out),
+                    tokenizer=args.tokenizer,
+                    shard_size_bytes=16 * 2**20,
+                    workers=workers,
+                    overwrite=True,
+                )
                 best[workers] = min(best.get(workers, float("inf")), time.perf_counter() - t0)
                 digests.add(digest(out))
         print(f"{mb:.1f} MB of JSONL in {args.files} files, tokenizer {args.tokenizer}, {os.cpu_count()} cores")
         for workers, seconds in best.items():
             print(f"  --workers {workers:<3} {seconds:6.2f} s  {mb / seconds:6.1f} MB/s")
-        print(f"same shards: {len(digests) == 1}; --workers {args.workers} / --workers 1 speed = {best[1] / best[args.workers]:.2f}")
+        print(
+            f"same shards: {len(digests) == 1}; --workers {args.workers} / --workers 1 speed = {best[1] / best[args.workers]:.2f}"
+        )
 
 
 if __name__ == "__main__":

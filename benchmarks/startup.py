@@ -27,9 +27,22 @@ TARGET_S = 15.0
 
 
 def one_run(folder: str, steps: int) -> tuple[float, float]:
-    cmd = [sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / "tiny-cpu.yaml"), "name=startup",
-           f"checkpoint.storage_path={folder}", f"train.max_steps={steps}", "train.log_every=1", "train.sample_tokens=0",
-           f"train.eval_every={steps}", "train.eval_batches=2", "--fresh", "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        str(REPO / "configs" / "tiny-cpu.yaml"),
+        "name=startup",
+        f"checkpoint.storage_path={folder}",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.sample_tokens=0",
+        f"train.eval_every={steps}",
+        "train.eval_batches=2",
+        "--fresh",
+        "--force",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -50,18 +63,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / "tiny-cpu.yaml"), "name=warm",
-                        f"checkpoint.storage_path={folder}", "train.max_steps=1", "train.sample_tokens=0",
-                        "tracking.mode=disabled"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                       check=True, capture_output=True)  # prepares the corpus once, untimed
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "run",
+                str(REPO / "configs" / "tiny-cpu.yaml"),
+                "name=warm",
+                f"checkpoint.storage_path={folder}",
+                "train.max_steps=1",
+                "train.sample_tokens=0",
+                "tracking.mode=disabled",
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=True,
+            capture_output=True,
+        )  # prepares the corpus once, untimed
         results = []
         for i in range(args.runs):
             first, total = one_run(folder, args.steps)
             results.append((first, total))
-            print(f"run {i + 1}: first step after {first:.1f} s, exit after {total:.1f} s ({args.steps} steps)", flush=True)
+            print(
+                f"run {i + 1}: first step after {first:.1f} s, exit after {total:.1f} s ({args.steps} steps)",
+                flush=True,
+            )
     best_first, best_total = min(r[0] for r in results), min(r[1] for r in results)
-    print(f"best: first step {best_first:.1f} s, exit {best_total:.1f} s; first step / {TARGET_S:.0f} s target = "
-          f"{best_first / TARGET_S:.2f}")
+    print(
+        f"best: first step {best_first:.1f} s, exit {best_total:.1f} s; first step / {TARGET_S:.0f} s target = "
+        f"{best_first / TARGET_S:.2f}"
+    )
 
 
 if __name__ == "__main__":

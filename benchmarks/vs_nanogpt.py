@@ -94,13 +94,14 @@ def nanogpt(text: str, target: float) -> tuple[float | None, float, int]:
     def batch(split):
         d = splits[split]
         ix = torch.randint(len(d) - CONTEXT, (BATCH,), generator=gen)
-        return torch.stack([d[i:i + CONTEXT] for i in ix]), torch.stack([d[i + 1:i + 1 + CONTEXT] for i in ix])
+        return torch.stack([d[i : i + CONTEXT] for i in ix]), torch.stack([d[i + 1 : i + 1 + CONTEXT] for i in ix])
 
     model = GPT(len(chars))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=LR, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.99)
+    )
     train_s = 0.0
     for it in range(MAX_ITERS + 1):
         if it % EVAL_EVERY == 0 and it > 0:
@@ -114,7 +115,11 @@ def nanogpt(text: str, target: float) -> tuple[float | None, float, int]:
         if it == MAX_ITERS:
             break
         s0 = time.perf_counter()
-        lr = LR * (it + 1) / (WARMUP + 1) if it < WARMUP else MIN_LR + 0.5 * (1 + math.cos(math.pi * (it - WARMUP) / (DECAY - WARMUP))) * (LR - MIN_LR)
+        lr = (
+            LR * (it + 1) / (WARMUP + 1)
+            if it < WARMUP
+            else MIN_LR + 0.5 * (1 + math.cos(math.pi * (it - WARMUP) / (DECAY - WARMUP))) * (LR - MIN_LR)
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         loss = model(*batch("train"))
@@ -129,13 +134,28 @@ def nanogpt(text: str, target: float) -> tuple[float | None, float, int]:
 def trainctl(text_path: str, folder: str, target: float) -> tuple[float | None, float, int]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     data = Path(folder) / "data"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", text_path, "--out", str(data), "--val-fraction", "0.1"],
-                   cwd=REPO, env=env, check=True, capture_output=True)  # nanoGPT's prepare.py, untimed
-    cmd = [sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / "shakespeare-char.yaml"), f"data.path={data}",
-           f"checkpoint.storage_path={folder}", f"train.eval_batches={EVAL_ITERS}", "train.sample_tokens=0"]
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "prepare", text_path, "--out", str(data), "--val-fraction", "0.1"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )  # nanoGPT's prepare.py, untimed
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        str(REPO / "configs" / "shakespeare-char.yaml"),
+        f"data.path={data}",
+        f"checkpoint.storage_path={folder}",
+        f"train.eval_batches={EVAL_ITERS}",
+        "train.sample_tokens=0",
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
     reached, rates, step = None, [], 0
     for line in proc.stdout:
         if m := re.search(r"step +(\d+)/\d+ .*\| ([\d,]+) tok/s", line):
@@ -166,8 +186,10 @@ def main() -> None:
         when = f"{secs:.1f} s (step {steps})" if secs else f"not reached in {steps} steps"
         print(f"{name:<9} {rate:9,.0f} tokens/s while training; val <= {args.target}: {when}")
     if n_time and t_time:
-        print(f"trainctl / nanoGPT: time to val {args.target} = {t_time / n_time:.2f} (target <= 1.0); "
-              f"tokens/s = {t_rate / n_rate:.2f}")
+        print(
+            f"trainctl / nanoGPT: time to val {args.target} = {t_time / n_time:.2f} (target <= 1.0); "
+            f"tokens/s = {t_rate / n_rate:.2f}"
+        )
 
 
 if __name__ == "__main__":

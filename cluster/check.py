@@ -59,15 +59,25 @@ def nodes_and_storage(storage_path: str, timeout_s: float = 60) -> list[NodeRepo
 
     probe = ray.remote(num_cpus=0)(_probe_storage)
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(storage_path)
-            for n in alive]
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(storage_path)
+        for n in alive
+    ]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     reports = []
     for n, ref in zip(alive, refs):
         res = n.get("Resources", {})
         storage = ray.get(ref) if ref in ready else f"no answer within {timeout_s:g} s"
-        reports.append(NodeReport(n["NodeID"][:12], n.get("NodeManagerAddress", "?"), res.get("CPU", 0), res.get("GPU", 0),
-                                  res.get("memory", 0) / 2**30, storage))
+        reports.append(
+            NodeReport(
+                n["NodeID"][:12],
+                n.get("NodeManagerAddress", "?"),
+                res.get("CPU", 0),
+                res.get("GPU", 0),
+                res.get("memory", 0) / 2**30,
+                storage,
+            )
+        )
     return reports
 
 
@@ -92,7 +102,9 @@ def _allreduce_worker(config: dict) -> None:
     # bus bandwidth (as nccl-tests reports it): each rank sends and receives 2(W-1)/W of the buffer
     busbw = n * 4 * 2 * (world - 1) / world / seconds / 1e9
     if dist.get_rank() == 0:  # Ray Train V2 keeps reported metrics only with a checkpoint: a queue brings them back
-        config["results"].put({"busbw_gbs": busbw, "seconds": seconds, "correct": x[0].item() == world ** (config["rounds"] + 1)})
+        config["results"].put(
+            {"busbw_gbs": busbw, "seconds": seconds, "correct": x[0].item() == world ** (config["rounds"] + 1)}
+        )
 
 
 def allreduce(cfg: JobConfig, mb: int = 16, rounds: int = 5) -> dict:
@@ -108,10 +120,15 @@ def allreduce(cfg: JobConfig, mb: int = 16, rounds: int = 5) -> dict:
     trainer = TorchTrainer(
         _allreduce_worker,
         train_loop_config={"mb": mb, "rounds": rounds, "use_gpu": c.use_gpu, "results": results},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=worker_resources(c),
-                                     placement_strategy=c.placement),
-        run_config=RunConfig(name=f"trainctl-check-{int(time.time())}", storage_path=os.path.join(os.path.expanduser("~"),
-                                                                                                   "ray_results")),
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers,
+            use_gpu=c.use_gpu,
+            resources_per_worker=worker_resources(c),
+            placement_strategy=c.placement,
+        ),
+        run_config=RunConfig(
+            name=f"trainctl-check-{int(time.time())}", storage_path=os.path.join(os.path.expanduser("~"), "ray_results")
+        ),
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
     )
     trainer.fit()
@@ -119,14 +136,23 @@ def allreduce(cfg: JobConfig, mb: int = 16, rounds: int = 5) -> dict:
 
 
 def render(nodes: list[NodeReport], storage_path: str, net: dict | None, cfg: JobConfig) -> str:
-    lines = [f"{len(nodes)} alive nodes:", f"  {'NODE':<13} {'ADDRESS':<16} {'CPUS':>5} {'GPUS':>5} {'MEMORY':>10}  STORAGE"]
+    lines = [
+        f"{len(nodes)} alive nodes:",
+        f"  {'NODE':<13} {'ADDRESS':<16} {'CPUS':>5} {'GPUS':>5} {'MEMORY':>10}  STORAGE",
+    ]
     for n in nodes:
-        lines.append(f"  {n.node_id:<13} {n.address:<16} {n.cpus:>5g} {n.gpus:>5g} {n.memory_gb:>7.1f} GiB  {n.storage}")
-    lines.append(f"storage {storage_path}: " + ("writable from every node" if all(n.storage == "ok" for n in nodes)
-                                                  else "NOT writable from every node"))
+        lines.append(
+            f"  {n.node_id:<13} {n.address:<16} {n.cpus:>5g} {n.gpus:>5g} {n.memory_gb:>7.1f} GiB  {n.storage}"
+        )
+    lines.append(
+        f"storage {storage_path}: "
+        + ("writable from every node" if all(n.storage == "ok" for n in nodes) else "NOT writable from every node")
+    )
     if net is not None:
         backend = "nccl" if cfg.cluster.use_gpu else "gloo"
-        lines.append(f"all-reduce over {cfg.cluster.num_workers} workers ({backend}, {cfg.cluster.placement}): "
-                     f"{net['busbw_gbs']:.3f} GB/s bus bandwidth, {net['seconds'] * 1e3:.1f} ms per 16 MB"
-                     + ("" if net["correct"] else "; WRONG RESULT"))
+        lines.append(
+            f"all-reduce over {cfg.cluster.num_workers} workers ({backend}, {cfg.cluster.placement}): "
+            f"{net['busbw_gbs']:.3f} GB/s bus bandwidth, {net['seconds'] * 1e3:.1f} ms per 16 MB"
+            + ("" if net["correct"] else "; WRONG RESULT")
+        )
     return "\n".join(lines)

@@ -21,10 +21,35 @@ from urllib.parse import urlparse
 # Never uploaded: version control, environments, data, run output (gitignore patterns, the
 # last match wins; Ray also honours .gitignore and .rayignore). trainctl's own test corpus,
 # tests/data (1 MB), goes along, so configs/shakespeare-char.yaml runs from a submit.
-EXCLUDES = [".git", ".venv", "venv", "env", "__pycache__", "*.pyc", ".cache", "data", "runs", "wandb", "checkpoints",
-            "*.tar", "*.safetensors", ".pytest_cache", "*.egg-info", "!/tests/data", "!/tests/data/**"]
-SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-           "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "env",
+    "__pycache__",
+    "*.pyc",
+    ".cache",
+    "data",
+    "runs",
+    "wandb",
+    "checkpoints",
+    "*.tar",
+    "*.safetensors",
+    ".pytest_cache",
+    "*.egg-info",
+    "!/tests/data",
+    "!/tests/data/**",
+]
+SECRETS = (
+    "WANDB_API_KEY",
+    "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -38,8 +63,9 @@ def dashboard_address(flag: str | None, config_address: str | None) -> str:
     for value in (flag, os.environ.get("RAY_ADDRESS"), config_address):
         if value and value not in ("local", "auto"):
             return value if "://" in value else f"http://{value}"
-    raise JobsError("no cluster given: pass --address http://HEAD:8265 (the Ray dashboard), or set RAY_ADDRESS "
-                    "or cluster.address")
+    raise JobsError(
+        "no cluster given: pass --address http://HEAD:8265 (the Ray dashboard), or set RAY_ADDRESS or cluster.address"
+    )
 
 
 def _reachable(address: str, timeout_s: float = 5) -> None:
@@ -51,8 +77,10 @@ def _reachable(address: str, timeout_s: float = 5) -> None:
         with socket.create_connection((url.hostname, port), timeout=timeout_s):
             pass
     except OSError as e:
-        raise JobsError(f"cannot reach the Ray dashboard at {address} ({e.strerror or e}): is the cluster up, and is this "
-                        "its dashboard address (port 8265 by default)?") from None
+        raise JobsError(
+            f"cannot reach the Ray dashboard at {address} ({e.strerror or e}): is the cluster up, and is this "
+            "its dashboard address (port 8265 by default)?"
+        ) from None
 
 
 def client(address: str):
@@ -72,8 +100,10 @@ def client(address: str):
 def _explain(address: str, e: Exception) -> str:
     text = str(e)
     if "401" in text or "403" in text or "nauthori" in text or "token" in text.lower():
-        return (f"the cluster at {address} refused this client's token: set RAY_AUTH_TOKEN (with RAY_AUTH_MODE=token) "
-                "to the cluster's token")
+        return (
+            f"the cluster at {address} refused this client's token: set RAY_AUTH_TOKEN (with RAY_AUTH_MODE=token) "
+            "to the cluster's token"
+        )
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return f"the Ray dashboard at {address} answered with an error ({first})"
 
@@ -88,8 +118,9 @@ def _rules(folder: Path, inherited: list) -> list:
 
     _, get_excludes_from_ignore_files = ray_upload_matchers()
     gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-    return inherited + get_excludes_from_ignore_files(folder, include_gitignore=gitignore,
-                                                      logger=logging.getLogger("trainctl.upload"))
+    return inherited + get_excludes_from_ignore_files(
+        folder, include_gitignore=gitignore, logger=logging.getLogger("trainctl.upload")
+    )
 
 
 def _root_rules(root: Path) -> list:
@@ -194,11 +225,15 @@ def local_data_outside(cfg, workdir: Path) -> str | None:
         if where is None or where[0] == "uploaded":
             continue
         if where[0] == "outside":
-            return (f"{key} {path} is outside the folder submit uploads ({workdir}) and not a URL: copy it under "
-                    f"{workdir}, {fixes}")
-        return (f"{key} {path} is in the folder submit uploads ({workdir}) but the upload leaves it out (it skips "
-                f"folders named data, runs, .cache, ... and what .gitignore lists): move it to a folder that goes "
-                f"along, {fixes}")
+            return (
+                f"{key} {path} is outside the folder submit uploads ({workdir}) and not a URL: copy it under "
+                f"{workdir}, {fixes}"
+            )
+        return (
+            f"{key} {path} is in the folder submit uploads ({workdir}) but the upload leaves it out (it skips "
+            f"folders named data, runs, .cache, ... and what .gitignore lists): move it to a folder that goes "
+            f"along, {fixes}"
+        )
     return None
 
 
@@ -254,9 +289,11 @@ def submit(address: str, workdir: Path, config_rel: str, overrides: list[str], n
     limit = upload_limit()
     if size > limit:
         biggest = ", ".join(f"{rel} ({n / 2**20:,.0f} MB)" for n, rel in largest)
-        raise JobsError(f"the working directory {workdir} holds {size / 2**20:,.0f} MB to upload, more than Ray's limit of "
-                        f"{limit / 2**20:,.0f} MB (largest: {biggest}): move data out of it or add it to .gitignore, "
-                        "and read data from shared storage or a URL")
+        raise JobsError(
+            f"the working directory {workdir} holds {size / 2**20:,.0f} MB to upload, more than Ray's limit of "
+            f"{limit / 2**20:,.0f} MB (largest: {biggest}): move data out of it or add it to .gitignore, "
+            "and read data from shared storage or a URL"
+        )
     c = client(address)
     env = {k: os.environ[k] for k in SECRETS if os.environ.get(k)}
     # `trainctl run` on the cluster adds its workers' variables to this job's runtime_env
@@ -267,9 +304,11 @@ def submit(address: str, workdir: Path, config_rel: str, overrides: list[str], n
     program = "python -m launcher.cli" if ships_code else "trainctl"
     entrypoint = " ".join([program, "run", shlex.quote(config_rel), *map(shlex.quote, overrides)])
     try:
-        job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES,
-                                                                  "env_vars": env},
-                              metadata={"trainctl_name": name})
+        job_id = c.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES, "env_vars": env},
+            metadata={"trainctl_name": name},
+        )
     except Exception as e:  # noqa: BLE001
         raise JobsError(_explain(address, e)) from None
     return Submitted(job_id, address.rstrip("/") + f"/#/jobs/{job_id}")
@@ -280,7 +319,9 @@ def _job(c, address: str, job_id: str):
         return c.get_job_info(job_id)
     except Exception as e:  # noqa: BLE001
         if "does not exist" in str(e) or "404" in str(e) or "not found" in str(e).lower():
-            raise JobsError(f"no job {job_id} on {address}: `trainctl list --address {address}` shows the jobs there") from None
+            raise JobsError(
+                f"no job {job_id} on {address}: `trainctl list --address {address}` shows the jobs there"
+            ) from None
         raise JobsError(_explain(address, e)) from None
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from data_pipeline.errors import DataError
 from data_pipeline.prefetch import prefetched
@@ -23,7 +24,9 @@ def check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError) as e:
-        raise DataError(f"--address {address}: no Ray cluster answers there ({e}): start one or check the address") from None
+        raise DataError(
+            f"--address {address}: no Ray cluster answers there ({e}): start one or check the address"
+        ) from None
 
 
 def no_usage_stats() -> None:
@@ -53,7 +56,9 @@ def ray_mapper(address: str) -> Callable[..., Iterator[Any]]:
                 else:
                     ray.init(address=address, log_to_driver=False)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise DataError(f"--address {address}: no Ray cluster there ({str(e).splitlines()[0]}): start one or check the address") from None
+                raise DataError(
+                    f"--address {address}: no Ray cluster there ({str(e).splitlines()[0]}): start one or check the address"
+                ) from None
         task = ray.remote(num_cpus=1)(fn)
         window = 2 * max(int(ray.cluster_resources().get("CPU", 1)), 1)
         try:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import collections
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainer import patches
 from trainer.config import ClusterSection
-
 
 
 class JobFailed(RuntimeError):
@@ -28,7 +28,11 @@ class NotPlaceable(RuntimeError):
 
 
 def worker_resources(cluster: ClusterSection) -> dict[str, float]:
-    res = {"CPU": float(cluster.cpus_per_worker), **({"GPU": 1.0} if cluster.use_gpu else {}), **cluster.resources_per_worker}
+    res = {
+        "CPU": float(cluster.cpus_per_worker),
+        **({"GPU": 1.0} if cluster.use_gpu else {}),
+        **cluster.resources_per_worker,
+    }
     if cluster.accelerator_type:
         res[f"accelerator_type:{cluster.accelerator_type}"] = 0.001
     return res
@@ -50,11 +54,16 @@ def check_placeable(cluster: ClusterSection) -> None:
         fits += int(min(res.get(k, 0.0) / v for k, v in need.items() if v > 0))
     if fits >= cluster.num_workers:
         return
-    short = [f"{k} {have[k]:g} of {need[k] * cluster.num_workers:g}" for k in need if have[k] < need[k] * cluster.num_workers]
-    raise NotPlaceable(f"the cluster can place {fits} of the {cluster.num_workers} workers (each needs "
-                       + ", ".join(f"{k} {v:g}" for k, v in need.items()) + " on one node"
-                       + (f"; in all it has {', '.join(short)}" if short else "")
-                       + "): lower cluster.num_workers or cluster.cpus_per_worker, or add nodes")
+    short = [
+        f"{k} {have[k]:g} of {need[k] * cluster.num_workers:g}" for k in need if have[k] < need[k] * cluster.num_workers
+    ]
+    raise NotPlaceable(
+        f"the cluster can place {fits} of the {cluster.num_workers} workers (each needs "
+        + ", ".join(f"{k} {v:g}" for k, v in need.items())
+        + " on one node"
+        + (f"; in all it has {', '.join(short)}" if short else "")
+        + "): lower cluster.num_workers or cluster.cpus_per_worker, or add nodes"
+    )
 
 
 @dataclass
@@ -79,13 +88,18 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker
         with patches.ray_single_machine_mode():
-            ray.init(runtime_env=runtime_env(cluster), num_cpus=needed,
-                     num_gpus=cluster.num_workers if cluster.use_gpu else 0, include_dashboard=False,
-                     log_to_driver=worker_logs, configure_logging=True, logging_level=level)
+            ray.init(
+                runtime_env=runtime_env(cluster),
+                num_cpus=needed,
+                num_gpus=cluster.num_workers if cluster.use_gpu else 0,
+                include_dashboard=False,
+                log_to_driver=worker_logs,
+                configure_logging=True,
+                logging_level=level,
+            )
         return Connection("local", True)
     check_reachable(cluster.address)  # in seconds, where ray.init would wait for minutes
-    ray.init(address=cluster.address, runtime_env=runtime_env(cluster), log_to_driver=worker_logs,
-             logging_level=level)
+    ray.init(address=cluster.address, runtime_env=runtime_env(cluster), log_to_driver=worker_logs, logging_level=level)
     return Connection(cluster.address, False)
 
 
@@ -112,14 +126,18 @@ def worker_env(cluster: ClusterSection) -> dict[str, str]:
     """Environment for every worker: DeepSpeed's accelerator (read once, at import) and the user's extras."""
     # Ray Train's print patch tees each print to its logger once stdout is wrapped (W&B wraps
     # rank 0's), so every progress line would reach the console twice.
-    env = {"DS_ACCELERATOR": "cuda" if cluster.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {
+        "DS_ACCELERATOR": "cuda" if cluster.use_gpu else "cpu",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     env.update(cluster.env)
     return env
 
 
-def run_on_ray(train_fn: Callable[[dict], None], config: dict[str, Any], cluster: ClusterSection,
-               name: str, storage_path: str) -> None:
+def run_on_ray(
+    train_fn: Callable[[dict], None], config: dict[str, Any], cluster: ClusterSection, name: str, storage_path: str
+) -> None:
     """Run `train_fn(config)` on `cluster.num_workers` Ray Train workers and wait.
 
     Raises JobFailed with the worker's error when training fails after the allowed

@@ -10,14 +10,35 @@ import importlib
 
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import default_corpus, load_manifest, prepare, summarize
-from data_pipeline.resolve import resolve_dataset
 from data_pipeline.raw import RawOptions
+from data_pipeline.resolve import resolve_dataset
 from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, tokenizer_from_dict
 
-_LAZY = {"Loader": "loader", "MixedStream": "mix", "TokenStream": "stream", "eval_batches": "stream", "open_dataset": "stream"}
+_LAZY = {
+    "Loader": "loader",
+    "MixedStream": "mix",
+    "TokenStream": "stream",
+    "eval_batches": "stream",
+    "open_dataset": "stream",
+}
 
-__all__ = ["ByteTokenizer", "DataError", "Loader", "MixedStream", "RawOptions", "TokenStream", "build_tokenizer", "default_corpus",
-           "eval_batches", "load_manifest", "open_dataset", "prepare", "resolve_dataset", "summarize", "tokenizer_from_dict"]
+__all__ = [
+    "ByteTokenizer",
+    "DataError",
+    "Loader",
+    "MixedStream",
+    "RawOptions",
+    "TokenStream",
+    "build_tokenizer",
+    "default_corpus",
+    "eval_batches",
+    "load_manifest",
+    "open_dataset",
+    "prepare",
+    "resolve_dataset",
+    "summarize",
+    "tokenizer_from_dict",
+]
 
 
 def __getattr__(name: str):

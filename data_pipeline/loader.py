@@ -8,7 +8,7 @@ workers have prefetched, so a checkpoint records exactly what the model has seen
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -50,9 +50,15 @@ class Loader:
     memory, so `.to(device, non_blocking=True)` overlaps the copy with compute.
     """
 
-    def __init__(self, stream, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2,
-                 group: int | None = None):
-        self.stream, self.num_workers, self.pin_memory, self.prefetch_factor = stream, num_workers, pin_memory, prefetch_factor
+    def __init__(
+        self, stream, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2, group: int | None = None
+    ):
+        self.stream, self.num_workers, self.pin_memory, self.prefetch_factor = (
+            stream,
+            num_workers,
+            pin_memory,
+            prefetch_factor,
+        )
         step_bytes = stream.micro_batch_size * stream.accum * (stream.seq_len + 1) * 8
         self.group = group or min(max((4 << 20) // step_bytes, 1), 64)  # steps handed over at once: about 4 MB
         self.position = stream.position()
@@ -88,8 +94,13 @@ class Loader:
                 rows = torch.from_numpy(rows)
                 yield (rows.pin_memory() if self.pin_memory else rows), position
             return
-        for rows, positions in DataLoader(_Steps(self.stream, self.group), batch_size=None, num_workers=self.num_workers,
-                                          pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor):
+        for rows, positions in DataLoader(
+            _Steps(self.stream, self.group),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        ):
             if rows is None:
                 raise DataError(positions[0]["error"])
             yield from zip(rows, positions)
@@ -99,4 +110,4 @@ class Loader:
         for rows, position in self._steps():
             self.position = position  # set as the step's first micro batch goes out, as the stream does
             for a in range(accum):
-                yield rows[a * b:(a + 1) * b]
+                yield rows[a * b : (a + 1) * b]

@@ -6,7 +6,7 @@ function of the position.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,9 +19,19 @@ from data_pipeline.stream import BatchStream, TokenStream
 class MixedStream(BatchStream):
     """TokenStream's interface over several weighted sources."""
 
-    def __init__(self, sources: list[tuple[str, float]], seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 grad_accum_steps: int = 1, seed: int = 0, shuffle_buffer: int = 8192, on_error: str = "fail",
-                 raw: RawOptions | None = None):
+    def __init__(
+        self,
+        sources: list[tuple[str, float]],
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        grad_accum_steps: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 8192,
+        on_error: str = "fail",
+        raw: RawOptions | None = None,
+    ):
         if not sources:
             raise DataError("data.sources is empty: give at least one {path, weight}")
         weights = np.array([w for _, w in sources], dtype=np.float64)
@@ -30,8 +40,21 @@ class MixedStream(BatchStream):
         self.weights = weights / weights.sum()
         self.names = [path for path, _ in sources]
         # Each source: its own order (seed + index), one window per step.
-        self.subs = [TokenStream(path, "train", seq_len, 1, 0, 1, seed=seed + 1009 * i, shuffle_buffer=shuffle_buffer,
-                                 on_error=on_error, raw=raw) for i, (path, _) in enumerate(sources)]
+        self.subs = [
+            TokenStream(
+                path,
+                "train",
+                seq_len,
+                1,
+                0,
+                1,
+                seed=seed + 1009 * i,
+                shuffle_buffer=shuffle_buffer,
+                on_error=on_error,
+                raw=raw,
+            )
+            for i, (path, _) in enumerate(sources)
+        ]
         if any(s.manifest["tokenizer"] != self.subs[0].manifest["tokenizer"] for s in self.subs):
             raise DataError("data.sources use different tokenizers: prepare them all with the same --tokenizer")
         self.manifest = self.subs[0].manifest
@@ -54,16 +77,27 @@ class MixedStream(BatchStream):
 
     def slots(self, step: int) -> np.ndarray:
         """The source of each of the step's global-batch slots."""
-        return np.random.default_rng([self.seed, 7919, step]).choice(len(self.subs), size=self.global_batch, p=self.weights)
+        return np.random.default_rng([self.seed, 7919, step]).choice(
+            len(self.subs), size=self.global_batch, p=self.weights
+        )
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "global_batch": self.global_batch, "seq_len": self.seq_len,
-                "sources": [s.state_dict() for s in self.subs], "names": self.names, "taken": self.taken.tolist()}
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "seq_len": self.seq_len,
+            "sources": [s.state_dict() for s in self.subs],
+            "names": self.names,
+            "taken": self.taken.tolist(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("names") != self.names:
-            raise DataError(f"the saved data position mixes {state.get('names')} but this job mixes {self.names}: "
-                            "resume with the same data.sources or start a fresh run")
+            raise DataError(
+                f"the saved data position mixes {state.get('names')} but this job mixes {self.names}: "
+                "resume with the same data.sources or start a fresh run"
+            )
         self._check_state(state)
         for sub, sub_state in zip(self.subs, state["sources"]):
             sub.load_state_dict(sub_state)

@@ -5,7 +5,8 @@ order, so memory stays bounded and the output does not depend on timing."""
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 H = TypeVar("H")

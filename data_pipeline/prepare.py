@@ -19,9 +19,10 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -74,15 +75,23 @@ def read_documents(path: str, text_field: str) -> list[bytes] | None:
 
     if path.endswith(".jsonl"):
         with open(path, "rb") as f:
-            return [json_text(line, text_field, f"{path} line {n}", "pass --text-field with the field that holds the text").encode()
-                    for n, line in enumerate(f, 1) if line.strip()]
+            return [
+                json_text(
+                    line, text_field, f"{path} line {n}", "pass --text-field with the field that holds the text"
+                ).encode()
+                for n, line in enumerate(f, 1)
+                if line.strip()
+            ]
     if path.endswith(".tar"):
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
         try:
             with open(path, "rb") as f:
-                return [doc.encode() for sample in group_by_keys(tar_file_expander([{"url": path, "stream": f}]))
-                        for doc in documents(sample, path, text_field)]
+                return [
+                    doc.encode()
+                    for sample in group_by_keys(tar_file_expander([{"url": path, "stream": f}]))
+                    for doc in documents(sample, path, text_field)
+                ]
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - a broken tar, named
@@ -99,12 +108,13 @@ def split_documents(path: str, val_fraction: float, text_field: str) -> Iterator
         parts = [("train", raw[:cut]), ("val", raw[cut:])]
     else:
         n_val = int(len(docs) * val_fraction)
-        parts = [("train", d) for d in docs[:len(docs) - n_val]] + [("val", d) for d in docs[len(docs) - n_val:]]
+        parts = [("train", d) for d in docs[: len(docs) - n_val]] + [("val", d) for d in docs[len(docs) - n_val :]]
     yield from ((split, text) for split, text in parts if text)
 
 
-def corpus_sample(files: list[str], text_field: str = "text", budget_bytes: int = 16 * 2**20,
-                  piece_bytes: int = 1 << 16) -> Iterator[str]:
+def corpus_sample(
+    files: list[str], text_field: str = "text", budget_bytes: int = 16 * 2**20, piece_bytes: int = 1 << 16
+) -> Iterator[str]:
     """Text for training a tokenizer: up to `budget_bytes`, an equal share from each file
     (at least one piece each, in file order), so one large file does not dominate."""
     share = max(piece_bytes, budget_bytes // len(files))
@@ -115,10 +125,10 @@ def corpus_sample(files: list[str], text_field: str = "text", budget_bytes: int 
             with open(path, "rb") as f:
                 head = f.read(min(share, budget_bytes - used))
         else:
-            head = b"\n".join(docs)[:min(share, budget_bytes - used)]
+            head = b"\n".join(docs)[: min(share, budget_bytes - used)]
         used += len(head)
         for start in range(0, len(head), piece_bytes):
-            yield head[start:start + piece_bytes].decode("utf-8", errors="replace")
+            yield head[start : start + piece_bytes].decode("utf-8", errors="replace")
         if used >= budget_bytes:
             return
 
@@ -159,9 +169,16 @@ def encode_file(path: str, tokenizer: str, val_fraction: float, text_field: str)
     dtype = token_dtype(tok.vocab_size)
     parts = list(split_documents(path, val_fraction, text_field))
     eot = np.array([tok.eot], dtype=dtype)
-    docs = [np.concatenate([ids.astype(dtype, copy=False), eot]) for ids in encode_documents(tok, [text for _, text in parts])]
-    return {"tokens": np.concatenate(docs) if docs else np.zeros(0, dtype), "ends": np.cumsum([len(d) for d in docs]),
-            "splits": [split for split, _ in parts], "sizes": [len(text) for _, text in parts]}
+    docs = [
+        np.concatenate([ids.astype(dtype, copy=False), eot])
+        for ids in encode_documents(tok, [text for _, text in parts])
+    ]
+    return {
+        "tokens": np.concatenate(docs) if docs else np.zeros(0, dtype),
+        "ends": np.cumsum([len(d) for d in docs]),
+        "splits": [split for split, _ in parts],
+        "sizes": [len(text) for _, text in parts],
+    }
 
 
 def _one_thread_each() -> None:
@@ -180,8 +197,14 @@ def process_map(fn: Callable[..., T], items: list, *args, workers: int) -> Itera
         pool.shutdown(cancel_futures=True)
 
 
-def encoded_files(files: list[str], tokenizer: str, val_fraction: float, text_field: str, workers: int = 1,
-                  map_fn: Mapper | None = None) -> Iterator[dict]:
+def encoded_files(
+    files: list[str],
+    tokenizer: str,
+    val_fraction: float,
+    text_field: str,
+    workers: int = 1,
+    map_fn: Mapper | None = None,
+) -> Iterator[dict]:
     """encode_file of each file, in file order: here (workers=1), in `workers` local
     processes, or through `map_fn` (cluster.local_ray.ray_mapper: Ray tasks on a cluster).
     At most a few files per worker are in flight, so memory stays bounded whatever the
@@ -243,8 +266,11 @@ class ShardWriter:
     def finish(self) -> dict:
         if self.file is not None:
             self._close()
-        return {"shards": self.shards, "samples": sum(s["samples"] for s in self.shards),
-                "tokens": sum(s["tokens"] for s in self.shards)}
+        return {
+            "shards": self.shards,
+            "samples": sum(s["samples"] for s in self.shards),
+            "tokens": sum(s["tokens"] for s in self.shards),
+        }
 
 
 def _check_out(out_dir: str, overwrite: bool) -> None:
@@ -274,13 +300,19 @@ class RemoteOut:
             bucket = self.root.split("/")[0]
             if not self.fs.exists(bucket):
                 raise DataError(f"--out {url}: {bucket} does not exist: create it first, or check the URL")
-            names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root)} if self.fs.exists(self.root) else set()
+            names = (
+                {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root)}
+                if self.fs.exists(self.root)
+                else set()
+            )
         except (ImportError, ValueError) as e:
             raise DataError(f"--out {url}: {e}") from None
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - network and credential errors alike, named
-            raise DataError(f"--out {url} is not reachable ({describe_error(e)}): check the URL and the credentials") from None
+            raise DataError(
+                f"--out {url} is not reachable ({describe_error(e)}): check the URL and the credentials"
+            ) from None
         if names and "manifest.json" not in names:
             raise DataError(f"--out {url} is not empty and holds no dataset: choose an empty or new folder")
         if names and not overwrite:
@@ -295,7 +327,9 @@ class RemoteOut:
                 self.replacing = False
             self.fs.put_file(path, f"{self.root}/{name}")
         except Exception as e:  # noqa: BLE001 - network, permission and quota errors alike, named
-            raise DataError(f"--out {self.url}: uploading {name} failed ({describe_error(e)}): check the storage and run again") from None
+            raise DataError(
+                f"--out {self.url}: uploading {name} failed ({describe_error(e)}): check the storage and run again"
+            ) from None
         self.uploaded.append(f"{self.root}/{name}")
         os.remove(path)
 
@@ -316,10 +350,21 @@ class RemoteOut:
             self.fs.rm(stale)
 
 
-def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1,
-            shard_size_bytes: int = 256 * 2**20, sample_tokens: int = 8192, name: str | None = None,
-            overwrite: bool = False, skip_empty: bool = False, progress: bool = False, text_field: str = "text",
-            workers: int = 1, map_fn: Mapper | None = None) -> dict:
+def prepare(
+    inputs: list[str],
+    out_dir: str,
+    tokenizer: str = "byte",
+    val_fraction: float = 0.1,
+    shard_size_bytes: int = 256 * 2**20,
+    sample_tokens: int = 8192,
+    name: str | None = None,
+    overwrite: bool = False,
+    skip_empty: bool = False,
+    progress: bool = False,
+    text_field: str = "text",
+    workers: int = 1,
+    map_fn: Mapper | None = None,
+) -> dict:
     """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest.
 
     Files are tokenized in `workers` processes, or through `map_fn` (Ray tasks on a
@@ -360,10 +405,10 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
         encoded = encoded_files(files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, map_fn)
         for i, parts in enumerate(encoded):
             begin = 0
-            for split, size, end in zip(parts["splits"], parts["sizes"], parts["ends"].tolist()):
+            for split, _size, end in zip(parts["splits"], parts["sizes"], parts["ends"].tolist()):
                 doc = parts["tokens"][begin:end]
                 for start in range(0, len(doc), sample_tokens):
-                    writers[split].write(doc[start:start + sample_tokens])
+                    writers[split].write(doc[start : start + sample_tokens])
                 docs[split] += 1
                 begin = end
             n_bytes += sum(parts["sizes"])
@@ -371,14 +416,29 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", val_fracti
             now = time.perf_counter()
             if progress and (now - t_report > (1 if tty else 10) or i == len(files) - 1):
                 t_report = now
-                print(("\r" if tty else "") + f"prepare: {i + 1}/{len(files)} files, {sum(docs.values()):,} documents, {n_tokens:,} tokens, "
-                      f"{n_bytes / 2**20 / max(now - t0, 1e-9):.1f} MB/s", end="" if tty else "\n", file=sys.stderr, flush=True)
+                print(
+                    ("\r" if tty else "")
+                    + f"prepare: {i + 1}/{len(files)} files, {sum(docs.values()):,} documents, {n_tokens:,} tokens, "
+                    f"{n_bytes / 2**20 / max(now - t0, 1e-9):.1f} MB/s",
+                    end="" if tty else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if progress and tty:
             print(file=sys.stderr)
         splits = {split: {"documents": docs[split], **w.finish()} for split, w in writers.items()}
-        manifest = {"format": FORMAT, "name": name or (posixpath.basename(out_dir.rstrip("/")) if remote else os.path.basename(os.path.abspath(out_dir))),
-                    "tokenizer": tok.to_dict(), "dtype": dtype.name, "sample_tokens": sample_tokens,
-                    "val_fraction": val_fraction, "input_files": len(files), "input_bytes": n_bytes, "splits": splits}
+        manifest = {
+            "format": FORMAT,
+            "name": name
+            or (posixpath.basename(out_dir.rstrip("/")) if remote else os.path.basename(os.path.abspath(out_dir))),
+            "tokenizer": tok.to_dict(),
+            "dtype": dtype.name,
+            "sample_tokens": sample_tokens,
+            "val_fraction": val_fraction,
+            "input_files": len(files),
+            "input_bytes": n_bytes,
+            "splits": splits,
+        }
         Path(tmp, "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if remote is not None:
             remote.finish(os.path.join(tmp, "manifest.json"), manifest)
@@ -400,7 +460,9 @@ def load_manifest(path: str) -> dict:
     (http(s)://, s3://, any fsspec URL). Each shard gains its `url`."""
     file = path if path.endswith(".json") else join(path, "manifest.json")
     if not is_url(file) and not os.path.isfile(file):
-        raise DataError(f"no manifest.json in {path}: run `trainctl prepare` first or point data.path at a prepared dataset")
+        raise DataError(
+            f"no manifest.json in {path}: run `trainctl prepare` first or point data.path at a prepared dataset"
+        )
     try:
         manifest = json.loads(read_bytes(file))
     except ValueError as e:
@@ -420,20 +482,27 @@ def summarize(manifest: dict) -> str:
     """One line per split: what `prepare` wrote."""
     tok = manifest["tokenizer"]
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
-    lines = [f"dataset {manifest['root']}: {tok['name']} tokenizer (vocab {tok['vocab_size']:,}), {manifest['dtype']} tokens, "
-             f"{manifest['input_bytes'] / max(tokens, 1):.2f} input bytes per token"]
+    lines = [
+        f"dataset {manifest['root']}: {tok['name']} tokenizer (vocab {tok['vocab_size']:,}), {manifest['dtype']} tokens, "
+        f"{manifest['input_bytes'] / max(tokens, 1):.2f} input bytes per token"
+    ]
     for split, s in manifest["splits"].items():
         size = sum(x["bytes"] for x in s["shards"])
-        lines.append(f"  {split:<5} {s['documents']:>8,} documents {s['tokens']:>14,} tokens "
-                     f"{len(s['shards']):>5} shards {size / 2**20:>9.1f} MB")
+        lines.append(
+            f"  {split:<5} {s['documents']:>8,} documents {s['tokens']:>14,} tokens "
+            f"{len(s['shards']):>5} shards {size / 2**20:>9.1f} MB"
+        )
     return "\n".join(lines)
 
 
 def stdlib_files() -> list[str]:
     """The Python standard library's own .py source files (no site-packages)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(str(p) for p in root.rglob("*.py")
-                  if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file())
+    return sorted(
+        str(p)
+        for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file()
+    )
 
 
 def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1) -> str:
@@ -445,11 +514,35 @@ def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float 
     files = stdlib_files()
     if not files:
         raise DataError("found no standard-library source on this Python: set data.path to your own text")
-    h = hashlib.sha256(json.dumps([FORMAT, AUTO_SHARD_BYTES, sys.version, tokenizer, val_fraction, len(files),
-                                   sum(os.path.getsize(f) for f in files)]).encode()).hexdigest()[:16]
+    h = hashlib.sha256(
+        json.dumps(
+            [
+                FORMAT,
+                AUTO_SHARD_BYTES,
+                sys.version,
+                tokenizer,
+                val_fraction,
+                len(files),
+                sum(os.path.getsize(f) for f in files),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     out = os.path.join(cache_dir, f"stdlib-{tokenizer.replace(':', '')}-{h}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
-        print(f"trainctl: preparing the standard library's source ({len(files)} files) into {out}", file=sys.stderr, flush=True)
-        prepare(files, out, tokenizer=tokenizer, val_fraction=val_fraction, shard_size_bytes=AUTO_SHARD_BYTES,
-                name="stdlib", overwrite=True, skip_empty=True, progress=True)
+        print(
+            f"trainctl: preparing the standard library's source ({len(files)} files) into {out}",
+            file=sys.stderr,
+            flush=True,
+        )
+        prepare(
+            files,
+            out,
+            tokenizer=tokenizer,
+            val_fraction=val_fraction,
+            shard_size_bytes=AUTO_SHARD_BYTES,
+            name="stdlib",
+            overwrite=True,
+            skip_empty=True,
+            progress=True,
+        )
     return out

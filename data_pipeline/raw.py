@@ -39,23 +39,36 @@ def shard_urls(spec: str, allow_pipe: bool = False) -> list[str]:
 
     urls = list(braceexpand(spec))
     if any(u.startswith("pipe:") for u in urls) and not allow_pipe:
-        raise DataError(f"data.path {spec!r} is a pipe: URL, which runs a shell command: set data.allow_pipe=true to allow it")
+        raise DataError(
+            f"data.path {spec!r} is a pipe: URL, which runs a shell command: set data.allow_pipe=true to allow it"
+        )
     missing = [u for u in urls if not is_url(u) and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
-        raise DataError(f"data.path {spec!r}: {len(missing)} of {len(urls)} shards do not exist, the first {missing[0]}: "
-                        "check the path and the brace range")
+        raise DataError(
+            f"data.path {spec!r}: {len(missing)} of {len(urls)} shards do not exist, the first {missing[0]}: "
+            "check the path and the brace range"
+        )
     return urls
 
 
 def raw_manifest(spec: str, options: RawOptions, urls: list[str] | None = None) -> dict:
     """A manifest for raw-text shards: the train split is every shard, there is no val split."""
     if parse_spec(options.tokenizer)[0] == "bpe":
-        raise DataError(f"data.tokenizer={options.tokenizer} is trained on the corpus by `trainctl prepare`: "
-                        "for raw-text shards use byte or a tokenizer.json path")
+        raise DataError(
+            f"data.tokenizer={options.tokenizer} is trained on the corpus by `trainctl prepare`: "
+            "for raw-text shards use byte or a tokenizer.json path"
+        )
     tok = build_tokenizer(options.tokenizer)
     shards = [{"url": u, "path": u} for u in (urls or shard_urls(spec, options.allow_pipe))]
-    return {"format": FORMAT, "name": spec, "root": spec, "tokenizer": tok.to_dict(), "dtype": token_dtype(tok.vocab_size).name,
-            "splits": {"train": {"shards": shards}, "val": {"shards": []}}, "options": options}
+    return {
+        "format": FORMAT,
+        "name": spec,
+        "root": spec,
+        "tokenizer": tok.to_dict(),
+        "dtype": token_dtype(tok.vocab_size).name,
+        "splits": {"train": {"shards": shards}, "val": {"shards": []}},
+        "options": options,
+    }
 
 
 def json_text(raw: str | bytes, text_field: str, where: str, hint: str) -> str:
@@ -77,12 +90,24 @@ def documents(sample: dict, url: str, text_field: str) -> list[str]:
     for ext in ("json", "jsonl"):
         if ext in sample:
             lines = sample[ext].decode("utf-8", errors="replace").splitlines() if ext == "jsonl" else [sample[ext]]
-            return [json_text(line, text_field, f"shard {url}: sample {key}'s .{ext}", "set data.text_field to the field "
-                              "that holds the text") for line in lines if str(line).strip()]
+            return [
+                json_text(
+                    line,
+                    text_field,
+                    f"shard {url}: sample {key}'s .{ext}",
+                    "set data.text_field to the field that holds the text",
+                )
+                for line in lines
+                if str(line).strip()
+            ]
     if "tokens" in sample:
-        raise DataError(f"shard {url} holds token samples (.tokens) but no manifest.json beside it lists it: point "
-                        "data.path at the prepared dataset's folder, or keep its manifest.json beside the shards")
-    raise DataError(f"shard {url}: sample {key} has no .txt, .json or .jsonl member (it has {sorted(k for k in sample if not k.startswith('__'))})")
+        raise DataError(
+            f"shard {url} holds token samples (.tokens) but no manifest.json beside it lists it: point "
+            "data.path at the prepared dataset's folder, or keep its manifest.json beside the shards"
+        )
+    raise DataError(
+        f"shard {url}: sample {key} has no .txt, .json or .jsonl member (it has {sorted(k for k in sample if not k.startswith('__'))})"
+    )
 
 
 def tokenize_sample(sample: dict, url: str, tok, text_field: str) -> list[np.ndarray]:

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.prepare import AUTO_SHARD_BYTES, default_corpus, expand_inputs, prepare
 from data_pipeline.raw import is_shard_list
 from data_pipeline.sources import is_url
-from data_pipeline.prepare import AUTO_SHARD_BYTES, default_corpus, expand_inputs, prepare
 
 
 def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float, text_field: str) -> str:
@@ -24,8 +24,9 @@ def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float, text_fie
     return h.hexdigest()[:16]
 
 
-def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1,
-                    text_field: str = "text") -> str:
+def resolve_dataset(
+    path: str, cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1, text_field: str = "text"
+) -> str:
     """The prepared dataset folder for `path`, preparing raw text into cache_dir if needed.
 
     >>> resolve_dataset("data/tinyshakespeare.txt", ".cache/trainctl")  # doctest: +SKIP
@@ -44,8 +45,17 @@ def resolve_dataset(path: str, cache_dir: str, tokenizer: str = "byte", val_frac
     except DataError as e:
         raise DataError(f"data.path: {e}") from None
     stem = Path(files[0]).stem if len(files) == 1 else Path(path.split("*")[0].rstrip("/")).name or "data"
-    out = os.path.join(cache_dir, f"{stem}-{tokenizer.replace(':', '')}-{_fingerprint(files, tokenizer, val_fraction, text_field)}")
+    out = os.path.join(
+        cache_dir, f"{stem}-{tokenizer.replace(':', '')}-{_fingerprint(files, tokenizer, val_fraction, text_field)}"
+    )
     if not os.path.isfile(os.path.join(out, "manifest.json")):
-        prepare([path], out, tokenizer=tokenizer, val_fraction=val_fraction, shard_size_bytes=AUTO_SHARD_BYTES,
-                overwrite=True, text_field=text_field)
+        prepare(
+            [path],
+            out,
+            tokenizer=tokenizer,
+            val_fraction=val_fraction,
+            shard_size_bytes=AUTO_SHARD_BYTES,
+            overwrite=True,
+            text_field=text_field,
+        )
     return out

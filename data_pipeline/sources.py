@@ -13,7 +13,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from typing import BinaryIO, Callable, TypeVar
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
 
 from data_pipeline.errors import DataError
 
@@ -47,8 +48,9 @@ def transient(error: BaseException) -> bool:
     return isinstance(error, (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, OSError))
 
 
-def with_retries(fn: Callable[[], T], what: str, retries: int | None = None,
-                 failed: Callable[[BaseException], str] | None = None) -> T:
+def with_retries(
+    fn: Callable[[], T], what: str, retries: int | None = None, failed: Callable[[BaseException], str] | None = None
+) -> T:
     """fn(), retried on transient errors; DataError naming `what` when it keeps failing
     (or saying `failed(error)`, where given)."""
     retries = RETRIES if retries is None else retries
@@ -86,7 +88,9 @@ class PipeStream:
         data = self.proc.stdout.read(n)
         if not data and self.proc.wait() != 0:
             err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise BrokenPipeError(f"`{self.command}` exited with status {self.proc.returncode}" + (f": {err[-1]}" if err else ""))
+            raise BrokenPipeError(
+                f"`{self.command}` exited with status {self.proc.returncode}" + (f": {err[-1]}" if err else "")
+            )
         return data
 
     def close(self) -> None:
@@ -107,9 +111,9 @@ def open_stream(url: str) -> BinaryIO:
     """A readable binary stream for a local path or URL (no retries: see `with_retries`).
     `pipe:` URLs are opened here; whether they are allowed is decided where they are named."""
     if url.startswith("pipe:"):
-        return PipeStream(url[len("pipe:"):])
+        return PipeStream(url[len("pipe:") :])
     if url.startswith("file://"):
-        url = url[len("file://"):]
+        url = url[len("file://") :]
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=TIMEOUT_S)
     if is_url(url):

@@ -16,9 +16,10 @@ import hashlib
 import itertools
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -63,7 +64,9 @@ class HashingReader:
         self.stream.close()
 
 
-def read_shard(shard: dict, dtype: np.dtype, tokenize: Callable[[dict, str], list[np.ndarray]] | None = None) -> list[np.ndarray]:
+def read_shard(
+    shard: dict, dtype: np.dtype, tokenize: Callable[[dict, str], list[np.ndarray]] | None = None
+) -> list[np.ndarray]:
     """The token arrays of one manifest shard (`url`, `tokens`, `sha256`), in order, read
     whole and checked before any token is handed on: corrupt data never reaches the model.
 
@@ -90,19 +93,33 @@ def read_shard(shard: dict, dtype: np.dtype, tokenize: Callable[[dict, str], lis
             stream.close()
 
     # tarfile, IO, network and webdataset errors alike name the shard; only transient ones are retried.
-    arrays, sha256 = with_retries(attempt, url, failed=lambda e: f"shard {url} is unreadable ({describe_error(e)}): "
-                                  "prepare the dataset again or check the storage")
+    arrays, sha256 = with_retries(
+        attempt,
+        url,
+        failed=lambda e: (
+            f"shard {url} is unreadable ({describe_error(e)}): prepare the dataset again or check the storage"
+        ),
+    )
     tokens = sum(len(a) for a in arrays)
     if "tokens" in shard and tokens != shard["tokens"]:
-        raise DataError(f"shard {url} holds {tokens:,} tokens but the manifest says {shard['tokens']:,}: "
-                        "it is truncated or was replaced; prepare the dataset again")
+        raise DataError(
+            f"shard {url} holds {tokens:,} tokens but the manifest says {shard['tokens']:,}: "
+            "it is truncated or was replaced; prepare the dataset again"
+        )
     if "sha256" in shard and sha256 != shard["sha256"]:
-        raise DataError(f"shard {url} fails its sha256 check against the manifest: it is corrupt; prepare the dataset again")
+        raise DataError(
+            f"shard {url} fails its sha256 check against the manifest: it is corrupt; prepare the dataset again"
+        )
     return arrays
 
 
-def read_shards(shards: list[dict], read: Callable[[dict], list[np.ndarray]], on_error: str = "fail",
-                skipped: list[str] | None = None, prefetch: int = 1) -> Iterator[np.ndarray]:
+def read_shards(
+    shards: list[dict],
+    read: Callable[[dict], list[np.ndarray]],
+    on_error: str = "fail",
+    skipped: list[str] | None = None,
+    prefetch: int = 1,
+) -> Iterator[np.ndarray]:
     """The token arrays of `shards` in order, the next `prefetch` shards read (and checked)
     in a background thread meanwhile. on_error="skip" passes over a shard that cannot be
     used, with a warning naming it, and records its url in `skipped`."""
@@ -133,8 +150,14 @@ def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
         n = 0
 
 
-def window_blocks(chunks: Iterable[np.ndarray], seq_len: int, count: int | None, block: int,
-                  order: Callable[[int, int], np.ndarray] | None = None, first_block: int = 0) -> Iterator[np.ndarray]:
+def window_blocks(
+    chunks: Iterable[np.ndarray],
+    seq_len: int,
+    count: int | None,
+    block: int,
+    order: Callable[[int, int], np.ndarray] | None = None,
+    first_block: int = 0,
+) -> Iterator[np.ndarray]:
     """The windows of seq_len+1 tokens at stride seq_len (each token a target once) that
     `chunks` make, `count` in all (None: as many as the data makes), as (n, seq_len+1)
     arrays of `block` consecutive windows (the last one maybe fewer); `order(j, n)` permutes
@@ -155,15 +178,18 @@ def window_blocks(chunks: Iterable[np.ndarray], seq_len: int, count: int | None,
         if ended:  # the data ran out: the windows it makes
             n = max(have - 1, 0) // seq_len
             if count is not None and made + n < count:
-                raise DataError(f"the data ended after {made + n} of {count} sequences: the manifest's token counts are wrong")
+                raise DataError(
+                    f"the data ended after {made + n} of {count} sequences: the manifest's token counts are wrong"
+                )
             if n == 0:
                 return
         buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        windows = np.lib.stride_tricks.as_strided(buf, shape=(n, seq_len + 1), strides=(seq_len * buf.itemsize, buf.itemsize),
-                                                  writeable=False)
+        windows = np.lib.stride_tricks.as_strided(
+            buf, shape=(n, seq_len + 1), strides=(seq_len * buf.itemsize, buf.itemsize), writeable=False
+        )
         yield windows if order is None else windows[order(j, n)]
         made, j = made + n, j + 1
-        pending = [buf[n * seq_len:]]
+        pending = [buf[n * seq_len :]]
         have = len(pending[0])
         if ended:
             return
@@ -192,8 +218,8 @@ def row_batches(blocks: Iterable[np.ndarray], rows: int, skip: int = 0) -> Itera
             yield carry
         n = (len(b) - start) // rows
         for k in range(n):
-            yield b[start + k * rows:start + (k + 1) * rows]
-        rest = b[start + n * rows:]
+            yield b[start + k * rows : start + (k + 1) * rows]
+        rest = b[start + n * rows :]
         carry = rest if len(rest) else None
 
 
@@ -227,8 +253,10 @@ def manifest_subset(spec: str, urls: list[str]) -> dict | None:
     wanted = [u if is_url(u) else os.path.abspath(u) for u in urls]
     if not all(u in by_url for u in wanted):
         missing = [u for u in wanted if u not in by_url]
-        raise DataError(f"data.path {spec!r}: {len(missing)} of the shards, the first {missing[0]}, are not in "
-                        f"{join(root, 'manifest.json')}: name shards of one prepared dataset, or its folder")
+        raise DataError(
+            f"data.path {spec!r}: {len(missing)} of the shards, the first {missing[0]}, are not in "
+            f"{join(root, 'manifest.json')}: name shards of one prepared dataset, or its folder"
+        )
     splits = {split: {"shards": []} for split in manifest["splits"]}
     for u in wanted:
         split, shard = by_url[u]
@@ -254,7 +282,9 @@ class BatchStream:
     batches from the current position on, updating the position before each is yielded,
     and `_rank_rows(rows)`, the (A·B, T+1) int64 array of this rank's slice of one."""
 
-    def __init__(self, seq_len: int, micro_batch_size: int, rank: int, world_size: int, grad_accum_steps: int, seed: int):
+    def __init__(
+        self, seq_len: int, micro_batch_size: int, rank: int, world_size: int, grad_accum_steps: int, seed: int
+    ):
         self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch = micro_batch_size * world_size * grad_accum_steps
@@ -267,8 +297,10 @@ class BatchStream:
         """A saved position must have this job's seed, global batch and sequence length."""
         for key in ("seed", "global_batch", "seq_len"):
             if state[key] != getattr(self, key):
-                raise DataError(f"the saved data position has {key}={state[key]} but this job has {getattr(self, key)}: "
-                                f"resume with the same {key} or start a fresh run")
+                raise DataError(
+                    f"the saved data position has {key}={state[key]} but this job has {getattr(self, key)}: "
+                    f"resume with the same {key} or start a fresh run"
+                )
 
     def position(self) -> dict:
         """Where the stream stands, for the loop and the checkpoint: state_dict() plus the
@@ -286,14 +318,18 @@ class BatchStream:
         """
         rows = self.micro_batch_size * self.accum
         for n, batch in enumerate(self._batches()):
-            mine = self._rank_rows(batch[self.rank * rows:(self.rank + 1) * rows]) if n // group % workers == worker else None
+            mine = (
+                self._rank_rows(batch[self.rank * rows : (self.rank + 1) * rows])
+                if n // group % workers == worker
+                else None
+            )
             yield mine, self.position()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Micro batches of (micro_batch_size, seq_len+1) tokens, in this process."""
         for rows, _ in self.steps():
             for a in range(self.accum):
-                yield torch.from_numpy(rows[a * self.micro_batch_size:(a + 1) * self.micro_batch_size])
+                yield torch.from_numpy(rows[a * self.micro_batch_size : (a + 1) * self.micro_batch_size])
 
 
 class TokenStream(BatchStream):
@@ -303,9 +339,21 @@ class TokenStream(BatchStream):
     >>> batch = next(iter(stream))  # (8, 257); inputs batch[:, :-1], targets batch[:, 1:]
     """
 
-    def __init__(self, data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 grad_accum_steps: int = 1, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 8192,
-                 on_error: str = "fail", raw: RawOptions | None = None):
+    def __init__(
+        self,
+        data: str,
+        split: str,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        grad_accum_steps: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 8192,
+        on_error: str = "fail",
+        raw: RawOptions | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.manifest = open_dataset(data, raw)
@@ -323,8 +371,10 @@ class TokenStream(BatchStream):
         self.tokens = None if self.manifest["format"] == RAW_FORMAT else sum(s["tokens"] for s in self.shards)
         worst = max((self.tokens or 0) - seq_len, 0) // seq_len  # windows from the largest per-epoch offset
         if self.tokens is not None and worst < self.global_batch:
-            raise DataError(f"the {split} split of {data} holds {self.tokens:,} tokens, too few for one global batch of "
-                            f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len")
+            raise DataError(
+                f"the {split} split of {data} holds {self.tokens:,} tokens, too few for one global batch of "
+                f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len"
+            )
         self.epoch, self.step_in_epoch = 0, 0
 
     def epoch_plan(self, epoch: int) -> tuple[list[dict], int, int | None]:
@@ -343,8 +393,13 @@ class TokenStream(BatchStream):
         return self.epoch_plan(self.epoch)[2]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "global_batch": self.global_batch, "seq_len": self.seq_len}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position (call before iterating). The global batch, the
@@ -366,14 +421,22 @@ class TokenStream(BatchStream):
             start = offset + first_window * self.seq_len
             ends = np.cumsum([s["tokens"] for s in shards]).tolist()
             i = bisect.bisect_right(ends, start)
-            chunks = skip_tokens(read_shards(shards[i:], self.read, self.on_error, self.skipped), start - (ends[i - 1] if i else 0))
+            chunks = skip_tokens(
+                read_shards(shards[i:], self.read, self.on_error, self.skipped), start - (ends[i - 1] if i else 0)
+            )
             count = used - first_window
             if self.on_error == "skip":
                 # Skipped shards shorten the data: top the epoch up from its start, so that every
                 # rank still makes the planned number of steps (no rank waits at a collective).
                 chunks = itertools.chain(chunks, self._refill(shards))
-        blocks = window_blocks(chunks, self.seq_len, count, block, shuffle_order(self.seed, epoch) if self.shuffle else None,
-                               first_window // block)
+        blocks = window_blocks(
+            chunks,
+            self.seq_len,
+            count,
+            block,
+            shuffle_order(self.seed, epoch) if self.shuffle else None,
+            first_window // block,
+        )
         return row_batches(blocks, self.global_batch, first_step * self.global_batch - first_window)
 
     def _refill(self, shards: list[dict]) -> Iterator[np.ndarray]:
@@ -383,7 +446,9 @@ class TokenStream(BatchStream):
                 n += len(chunk)
                 yield chunk
             if n == 0:
-                raise DataError(f"every shard of {self.manifest['root']} failed (data.on_error=skip): nothing left to train on")
+                raise DataError(
+                    f"every shard of {self.manifest['root']} failed (data.on_error=skip): nothing left to train on"
+                )
 
     def _batches(self) -> Iterator[np.ndarray]:
         """The global batches from the current position on, endlessly, across epochs."""
@@ -398,16 +463,27 @@ class TokenStream(BatchStream):
                     break
             if steps is None:  # raw-text shards: the epoch ended with the data
                 if fresh and self.step_in_epoch == 0:
-                    raise DataError(f"{self.manifest['root']} holds too few tokens for one global batch of "
-                                    f"{self.global_batch} x {self.seq_len + 1}: add data or lower the batch size or data.seq_len")
+                    raise DataError(
+                        f"{self.manifest['root']} holds too few tokens for one global batch of "
+                        f"{self.global_batch} x {self.seq_len + 1}: add data or lower the batch size or data.seq_len"
+                    )
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def _rank_rows(self, rows: np.ndarray) -> np.ndarray:
         return rows.astype(np.int64)
 
 
-def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 max_batches: int | None = None, on_error: str = "fail", raw: RawOptions | None = None) -> list[torch.Tensor]:
+def eval_batches(
+    data: str,
+    split: str,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    max_batches: int | None = None,
+    on_error: str = "fail",
+    raw: RawOptions | None = None,
+) -> list[torch.Tensor]:
     """The same fixed, unshuffled validation batches on every call: the split's windows in
     order, rank r taking its rows of each; every rank gets the same number. [] when the
     split is missing or too small for one sequence per rank."""
@@ -432,4 +508,6 @@ def eval_batches(data: str, split: str, seq_len: int, micro_batch_size: int, ran
             n_batches = min(n_batches, windows // per_batch)
     count = n_batches * per_batch
     batches = row_batches(window_blocks(chunks, seq_len, count, count), per_batch)
-    return [torch.from_numpy(b[rank * micro_batch_size:(rank + 1) * micro_batch_size].astype(np.int64)) for b in batches]
+    return [
+        torch.from_numpy(b[rank * micro_batch_size : (rank + 1) * micro_batch_size].astype(np.int64)) for b in batches
+    ]

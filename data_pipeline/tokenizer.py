@@ -11,7 +11,7 @@ manifest.json and every checkpoint, so a checkpoint samples without the dataset.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -54,7 +54,9 @@ class HFTokenizer:
         ids = [self.tok.token_to_id(t) for t in EOT_NAMES]
         found = [i for i in ids if i is not None]
         if not found:
-            raise DataError(f"the tokenizer has none of the end-of-text tokens {', '.join(EOT_NAMES)}: add one as a special token")
+            raise DataError(
+                f"the tokenizer has none of the end-of-text tokens {', '.join(EOT_NAMES)}: add one as a special token"
+            )
         self.eot = found[0]
         self.dtype = token_dtype(self.vocab_size)
 
@@ -81,8 +83,12 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok.to_str(), "bpe")
 
@@ -94,7 +100,9 @@ def parse_spec(spec: str) -> tuple[str, str | int | None]:
     if spec.startswith("bpe:"):
         size = spec[4:]
         if not size.isdigit() or not 256 + 1 < int(size) <= 2**20:
-            raise DataError(f"tokenizer '{spec}': give bpe:VOCAB_SIZE with a size between 258 and {2**20}, e.g. bpe:8192")
+            raise DataError(
+                f"tokenizer '{spec}': give bpe:VOCAB_SIZE with a size between 258 and {2**20}, e.g. bpe:8192"
+            )
         return "bpe", int(size)
     if spec.endswith(".json") or os.path.isfile(spec):
         if not os.path.isfile(spec):
@@ -126,4 +134,3 @@ def tokenizer_from_dict(d: dict):
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-

@@ -20,8 +20,10 @@ def header(name: str, size: int) -> bytes:
     raw = name.encode()
     if len(raw) > 100 or size >= 8**11:
         raise ValueError(f"{name} ({size} bytes) does not fit a plain USTAR header")
-    h[:len(raw)] = raw
-    h[100:124] = b"0000644\0" b"0000000\0" b"0000000\0"  # mode, uid, gid
+    h[: len(raw)] = raw
+    # mode, uid, gid. Joined with +: `ruff format` merges implicitly concatenated literals, and
+    # b"...\0" b"000..." merged is the octal escape \000 (a 20-byte field; tar rejects it).
+    h[100:124] = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
     h[124:156] = b"%011o\0" % size + b"00000000000\0" + b" " * 8  # size, mtime; checksum counted as spaces
     h[156:157] = b"0"  # a regular file
     h[257:265] = b"ustar\x0000"  # then empty user and group names, device numbers and prefix
@@ -47,15 +49,19 @@ def token_members(data: bytes, dtype: np.dtype, url: str) -> list[np.ndarray]:
     """
     arrays, pos = [], 0
     while pos + 512 <= len(data) and data[pos] != 0:  # a zero block ends the archive
-        h = data[pos:pos + 512]
+        h = data[pos : pos + 512]
         name = h[:100].rstrip(b"\0").decode("utf-8", errors="replace")
         try:
             size = int(h[124:136].rstrip(b"\0 ") or b"0", 8)
         except ValueError:
-            raise DataError(f"shard {url} is unreadable (bad tar header at byte {pos}): prepare the dataset again") from None
+            raise DataError(
+                f"shard {url} is unreadable (bad tar header at byte {pos}): prepare the dataset again"
+            ) from None
         if h[156:157] not in (b"0", b"\0") or not name.endswith(".tokens"):
-            raise DataError(f"shard {url}: sample {name.rsplit('.', 1)[0]} has no .tokens member ({name}): "
-                            "it is not a trainctl token shard; prepare the dataset again")
+            raise DataError(
+                f"shard {url}: sample {name.rsplit('.', 1)[0]} has no .tokens member ({name}): "
+                "it is not a trainctl token shard; prepare the dataset again"
+            )
         pos += 512
         if pos + size > len(data):
             raise DataError(f"shard {url} is truncated inside {name}: prepare the dataset again")

@@ -1,4 +1,5 @@
-"""The `trainctl` command line: prepare data, run a job, sample from it.
+"""The `trainctl` command line: one `_cmd_*` function per command, the parser, and `main`,
+which turns every user mistake into one line and exit 2.
 
 Every user mistake (bad config, missing data, a vocabulary that does not fit) ends as one
 line on stderr and exit status 2, before anything is written; a failed training run
@@ -14,13 +15,10 @@ from functools import partial
 from pathlib import Path
 
 from data_pipeline import DataError
+from launcher.job import UsageError, prepare_job
 
 USAGE_ERROR, FAILED = 2, 1
 PREEMPTED = 143  # 128 + SIGTERM: stopped on request, resumable
-
-
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, exit 2."""
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -31,123 +29,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         from cluster.local_ray import ray_mapper
 
         map_fn = ray_mapper(args.address)
-    manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                       shard_size_bytes=int(args.shard_size_mb * 2**20), overwrite=args.overwrite, progress=True,
-                       text_field=args.text_field, workers=args.workers, map_fn=map_fn)
+    manifest = prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction,
+        shard_size_bytes=int(args.shard_size_mb * 2**20),
+        overwrite=args.overwrite,
+        progress=True,
+        text_field=args.text_field,
+        workers=args.workers,
+        map_fn=map_fn,
+    )
     print(summarize(manifest))
     return 0
-
-
-def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
-    """Make data.path a prepared dataset and check that it fits the model and the checkpoint
-    it resumes from (before any worker starts). Returns the checkpoints a `--resume --force`
-    rewind deletes."""
-    from data_pipeline import open_dataset, resolve_dataset
-    from trainer import checkpoint
-    from trainer.build import build_stream, data_paths, raw_options
-    from trainer.run_folder import checkpoint_store
-
-    d = cfg.data
-    if d.sources:
-        for source in d.sources:
-            source.path = resolve_dataset(source.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
-    else:
-        d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
-    tokenizer = open_dataset(data_paths(cfg)[0], raw_options(cfg))["tokenizer"]  # mixed sources must agree (build_stream checks)
-    vocab = tokenizer["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise UsageError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}")
-    store = checkpoint_store(cfg)
-    try:
-        store.check()
-        latest, newer = None if fresh else store.latest(), []
-    except checkpoint.CheckpointError as e:
-        raise UsageError(str(e)) from None
-    if cfg.checkpoint.resume_from is not None:
-        wanted = resume_checkpoint(cfg.checkpoint.resume_from)
-        cfg.checkpoint.resume_from = str(wanted.resolve())
-        latest, newer = branch_point(cfg, wanted, latest, force)
-    if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
-        was = checkpoint.meta(latest).get("tokenizer", {})
-        raise UsageError(f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
-                         f"but the data uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name=")
-    if latest is not None:
-        check_shapes(cfg, latest)
-        saved = checkpoint.meta(latest)
-        if saved.get("global_batch", cfg.global_batch) != cfg.global_batch:
-            raise UsageError(f"{latest} was trained with a global batch of {saved['global_batch']} sequences but this job has "
-                             f"{cfg.global_batch} (micro_batch_size x num_workers x grad_accum_steps): keep the global batch, "
-                             f"e.g. train.grad_accum_steps={max(saved['global_batch'] // (cfg.train.micro_batch_size * cfg.cluster.num_workers), 1)}")
-        if saved.get("seq_len", cfg.data.seq_len) != cfg.data.seq_len:
-            raise UsageError(f"{latest} was trained with data.seq_len={saved['seq_len']} but this job has {cfg.data.seq_len}: "
-                             "resume with the same data.seq_len")
-    # Raises DataError when a split cannot fill one global batch, or mixed sources disagree.
-    build_stream(cfg, 0, cfg.cluster.num_workers)
-    from launcher.plan import fit_warning
-
-    if (too_big := fit_warning(cfg)) is not None:
-        print(f"trainctl: warning: {too_big}", file=sys.stderr, flush=True)
-    return newer
-
-
-def resume_checkpoint(path: str):
-    """The checkpoint `--resume PATH` names: a checkpoint folder, or a run folder (its latest)."""
-    from trainer.checkpoint import NoCheckpoint, find_checkpoint
-
-    if not Path(path).exists():
-        raise UsageError(f"--resume {path} does not exist: give a checkpoint folder (RUN/checkpoints/step_...) or a run folder")
-    try:
-        return find_checkpoint(path)
-    except NoCheckpoint as e:
-        raise UsageError(f"--resume {path}: {e}") from None
-
-
-def branch_point(cfg, wanted, own, force: bool):
-    """(where a run given `--resume WANTED` starts, the newer checkpoints to delete first),
-    its own latest checkpoint being `own`.
-
-    Another run's checkpoint applies until this run has one of its own (so the same command
-    rerun after a preemption continues). An earlier checkpoint of this run rewinds it, which
-    needs --force: its newer checkpoints are deleted once the job is known to be valid."""
-    from trainer.run_folder import checkpoint_store
-
-    store = checkpoint_store(cfg)
-    root = store.root.resolve()
-    if own is None:
-        return wanted, []
-    if wanted.resolve().parent != root:
-        print(f"trainctl: run '{cfg.name}' has its own checkpoints: continuing from {own}, not --resume {wanted}",
-              file=sys.stderr, flush=True)
-        return own, []
-    newer = [root / tag for tag in store.tags() if tag > wanted.name]
-    if newer and not force:
-        raise UsageError(f"--resume {wanted} rewinds run '{cfg.name}', which has newer checkpoints "
-                         f"({', '.join(c.name for c in newer)}): add --force to delete them and continue from {wanted.name}")
-    return wanted, newer
-
-
-def check_shapes(cfg, ckpt) -> None:
-    """A checkpoint of another model shape is refused before any worker starts, naming the
-    first tensor that differs and both shapes."""
-    import torch
-    import yaml
-
-    from trainer.config import JobConfig
-    from trainer.model import Transformer
-
-    def shapes(model_section) -> dict[str, list[int]]:
-        with torch.device("meta"):
-            model = Transformer(model_section)
-        return {name: list(p.shape) for name, p in model.state_dict().items()}
-
-    theirs = shapes(JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text())).model)
-    ours = shapes(cfg.model)
-    for name in [*ours, *(n for n in theirs if n not in ours)]:  # the model's own order
-        if theirs.get(name) != ours.get(name):
-            there = theirs.get(name, "absent")
-            here = ours.get(name, "absent")
-            raise UsageError(f"checkpoint {ckpt}: tensor {name} is {there} in the checkpoint but {here} in this model: "
-                             "use the model settings the checkpoint was trained with, or another name= (or --fresh)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -170,8 +65,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, when it started the ranks
         if cfg.cluster.num_workers != world:
             how = "" if "WORLD_SIZE" in os.environ else " (or start the ranks with torchrun)"
-            raise UsageError(f"--no-ray runs {world} process{'es' * (world > 1)} but cluster.num_workers="
-                             f"{cfg.cluster.num_workers}: set cluster.num_workers={world}{how}")
+            raise UsageError(
+                f"--no-ray runs {world} process{'es' * (world > 1)} but cluster.num_workers="
+                f"{cfg.cluster.num_workers}: set cluster.num_workers={world}{how}"
+            )
     if args.profile:
         from trainer.config import PROFILE_HELP
 
@@ -191,10 +88,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         launched(folder)
     # Fault injection for the divergence tests, read here at the edge and handed to the workers.
     worker = partial(train_worker, nan_at_step=int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", "0")))
-    print(f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
-          f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
-          + (", ".join(f"{s.path} (weight {s.weight:g})" for s in cfg.data.sources) if cfg.data.sources else cfg.data.path),
-          flush=True)
+    print(
+        f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
+        f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
+        + (
+            ", ".join(f"{s.path} (weight {s.weight:g})" for s in cfg.data.sources)
+            if cfg.data.sources
+            else cfg.data.path
+        ),
+        flush=True,
+    )
     if args.no_ray:
         from trainer.saver import SaveFailed
 
@@ -236,8 +139,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         status = "preempted" if (folder / PREEMPT).exists() else "done"
         (folder / PREEMPT).unlink(missing_ok=True)
     if status == "preempted":
-        print(f"trainctl: preempted: the run stopped at a checkpoint in {store.url or store.root}; run the same command "
-              "to resume", file=sys.stderr)
+        print(
+            f"trainctl: preempted: the run stopped at a checkpoint in {store.url or store.root}; run the same command "
+            "to resume",
+            file=sys.stderr,
+        )
         return PREEMPTED
     if cfg.train.sample_tokens:
         from trainer.generate import sample
@@ -258,27 +164,44 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     workdir = Path.cwd()
     config_path = Path(args.config).resolve()
     if not config_path.is_relative_to(workdir):
-        raise UsageError(f"{args.config} is outside the working directory {workdir}, which is what gets uploaded: "
-                         "run submit from a folder that holds the config")
+        raise UsageError(
+            f"{args.config} is outside the working directory {workdir}, which is what gets uploaded: "
+            "run submit from a folder that holds the config"
+        )
     if not args.shared_data and (problem := local_data_outside(cfg, workdir)):
         raise UsageError(problem)  # a job that would not find its data never reaches the cluster
     # on the cluster: the data where it is there, and the job's own Ray
     overrides = [*args.overrides, *cluster_data_overrides(cfg, workdir), "cluster.address=auto"]
     if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) == "online" and not os.environ.get("WANDB_API_KEY"):
-        print("trainctl: warning: tracking.mode is online but WANDB_API_KEY is not set in this shell: the job logs to W&B "
-              "offline (`wandb sync` its run folder later)", file=sys.stderr)
+        print(
+            "trainctl: warning: tracking.mode is online but WANDB_API_KEY is not set in this shell: the job logs to W&B "
+            "offline (`wandb sync` its run folder later)",
+            file=sys.stderr,
+        )
         overrides.append("tracking.mode=offline")
     url = urlparse(address)
-    if url.scheme == "http" and url.hostname not in ("127.0.0.1", "localhost", "::1") and os.environ.get("RAY_AUTH_MODE") != "token":
-        print(f"trainctl: warning: {address} is a remote cluster over plain HTTP without token authentication: anyone who "
-              "reaches it can run code there (set RAY_AUTH_MODE=token on the cluster and here)", file=sys.stderr)
+    if (
+        url.scheme == "http"
+        and url.hostname not in ("127.0.0.1", "localhost", "::1")
+        and os.environ.get("RAY_AUTH_MODE") != "token"
+    ):
+        print(
+            f"trainctl: warning: {address} is a remote cluster over plain HTTP without token authentication: anyone who "
+            "reaches it can run code there (set RAY_AUTH_MODE=token on the cluster and here)",
+            file=sys.stderr,
+        )
     if "://" not in cfg.checkpoint.storage_path and Path(cfg.checkpoint.storage_path).is_relative_to(workdir):
-        print("trainctl: warning: checkpoint.storage_path is inside the uploaded folder: on the cluster it is the job's "
-              "temporary copy; give a shared path or an object-store URL to keep the checkpoints", file=sys.stderr)
+        print(
+            "trainctl: warning: checkpoint.storage_path is inside the uploaded folder: on the cluster it is the job's "
+            "temporary copy; give a shared path or an object-store URL to keep the checkpoints",
+            file=sys.stderr,
+        )
     job = submit(address, workdir, str(config_path.relative_to(workdir)), overrides, cfg.name)
-    print(f"trainctl: submitted job {job.job_id} (run '{cfg.name}') to {address}\n"
-          f"  dashboard: {job.dashboard}\n"
-          f"  follow it: trainctl logs {job.job_id} --address {address} --follow")
+    print(
+        f"trainctl: submitted job {job.job_id} (run '{cfg.name}') to {address}\n"
+        f"  dashboard: {job.dashboard}\n"
+        f"  follow it: trainctl logs {job.job_id} --address {address} --follow"
+    )
     print(job.job_id)
     return 0
 
@@ -330,8 +253,10 @@ def _cmd_cluster_check(args: argparse.Namespace) -> int:
     if args.address:
         cfg.cluster.address = args.address
     if "://" in cfg.cluster.address and not cfg.cluster.address.startswith("ray://") or cfg.cluster.address == "local":
-        raise UsageError(f"cluster check needs the cluster's Ray address (HEAD:6379, auto or ray://HEAD:10001), not "
-                         f"{cfg.cluster.address!r}: it runs a small job from here")
+        raise UsageError(
+            f"cluster check needs the cluster's Ray address (HEAD:6379, auto or ray://HEAD:10001), not "
+            f"{cfg.cluster.address!r}: it runs a small job from here"
+        )
     conn = connect(cfg.cluster, worker_logs=False)
     try:
         nodes = nodes_and_storage(cfg.checkpoint.storage_path)
@@ -344,8 +269,11 @@ def _cmd_cluster_check(args: argparse.Namespace) -> int:
     print(render(nodes, cfg.checkpoint.storage_path, net, cfg))
     bad = [n.node_id for n in nodes if n.storage != "ok"]
     if bad or not net["correct"]:
-        print("trainctl: cluster check failed: " + ("storage not writable from " + ", ".join(bad) if bad else
-                                                     "the all-reduce gave a wrong result"), file=sys.stderr)
+        print(
+            "trainctl: cluster check failed: "
+            + ("storage not writable from " + ", ".join(bad) if bad else "the all-reduce gave a wrong result"),
+            file=sys.stderr,
+        )
         return FAILED
     return 0
 
@@ -355,9 +283,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan import make_plan, render
 
     cfg = load_config(args.config, args.overrides)
-    for flag, value in (("--mfu", args.mfu), ("--peak-tflops", args.peak_tflops), ("--gpu-memory-gb", args.gpu_memory_gb)):
+    for flag, value in (
+        ("--mfu", args.mfu),
+        ("--peak-tflops", args.peak_tflops),
+        ("--gpu-memory-gb", args.gpu_memory_gb),
+    ):
         if value is not None and not value > 0 or flag == "--mfu" and value > 1:
-            raise UsageError(f"{flag} {value:g} is out of range: give a positive number" + (" up to 1" if flag == "--mfu" else ""))
+            raise UsageError(
+                f"{flag} {value:g} is out of range: give a positive number" + (" up to 1" if flag == "--mfu" else "")
+            )
     print(render(cfg, make_plan(cfg, args.mfu, args.peak_tflops, args.gpu_memory_gb), args.mfu))
     return 0
 
@@ -372,8 +306,11 @@ def preempt_on_sigterm(folder, grace_s: float) -> None:
 
     def on_sigterm(signum, frame):
         (folder / PREEMPT).touch()
-        print(f"trainctl: SIGTERM: saving a checkpoint at the next step boundary, then stopping (grace {grace_s:g} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"trainctl: SIGTERM: saving a checkpoint at the next step boundary, then stopping (grace {grace_s:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         timer = threading.Timer(grace_s, lambda: os._exit(PREEMPTED))
         timer.daemon = True
         timer.start()
@@ -417,70 +354,152 @@ class Parser(argparse.ArgumentParser):
 def _job_arguments(parser: argparse.ArgumentParser, config_help: str, optional: bool = False) -> None:
     """CONFIG and its key=value overrides, as every command that reads a job file takes them."""
     parser.add_argument("config", nargs="?" if optional else None, help=config_help)
-    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. train.lr=3e-4 cluster.num_workers=1")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.lr=3e-4 cluster.num_workers=1",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="trainctl", description="Train deep transformers: Ray launches, WebDataset streams, DeepSpeed ZeRO trains, W&B tracks.")
+    p = Parser(
+        prog="trainctl",
+        description="Train deep transformers: Ray launches, WebDataset streams, DeepSpeed ZeRO trains, W&B tracks.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pp = sub.add_parser("prepare", help="turn text files into WebDataset token shards + manifest.json",
-                        description="Tokenize text files (paths, folders or globs) into WebDataset tar shards of token arrays, with a manifest.json and a train/val split.")
-    pp.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, .jsonl files, raw-text .tar shards, folders or globs (quote globs)")
-    pp.add_argument("--out", required=True, help="output folder for the shards and manifest.json: a local path or an "
-                    "object-store URL (s3://bucket/prefix, any fsspec URL; shards are uploaded as they are written)")
-    pp.add_argument("--tokenizer", default="byte", help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs) or a path to a Hugging Face tokenizer.json")
-    pp.add_argument("--val-fraction", type=float, default=0.1, help="tail of each file held out for validation (default 0.1)")
+    pp = sub.add_parser(
+        "prepare",
+        help="turn text files into WebDataset token shards + manifest.json",
+        description="Tokenize text files (paths, folders or globs) into WebDataset tar shards of token arrays, with a manifest.json and a train/val split.",
+    )
+    pp.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text files, .jsonl files, raw-text .tar shards, folders or globs (quote globs)",
+    )
+    pp.add_argument(
+        "--out",
+        required=True,
+        help="output folder for the shards and manifest.json: a local path or an "
+        "object-store URL (s3://bucket/prefix, any fsspec URL; shards are uploaded as they are written)",
+    )
+    pp.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs) or a path to a Hugging Face tokenizer.json",
+    )
+    pp.add_argument(
+        "--val-fraction", type=float, default=0.1, help="tail of each file held out for validation (default 0.1)"
+    )
     pp.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
-    pp.add_argument("--text-field", default="text", help="the field holding the text in .jsonl inputs and .json samples of .tar inputs")
+    pp.add_argument(
+        "--text-field",
+        default="text",
+        help="the field holding the text in .jsonl inputs and .json samples of .tar inputs",
+    )
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    pp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that tokenize files in parallel "
-                    "(default: one per core)")
-    pp.add_argument("--address", help="tokenize files as Ray tasks on this cluster (auto, HOST:PORT, ray://..., or local); "
-                    "its nodes must see the input paths")
+    pp.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that tokenize files in parallel (default: one per core)",
+    )
+    pp.add_argument(
+        "--address",
+        help="tokenize files as Ray tasks on this cluster (auto, HOST:PORT, ray://..., or local); "
+        "its nodes must see the input paths",
+    )
     pp.set_defaults(fn=_cmd_prepare)
 
-    pr = sub.add_parser("run", help="train: a YAML job file plus key=value overrides",
-                        description="Run a job: defaults, then CONFIG, then section.key=value overrides (e.g. train.max_steps=100). "
-                                    "Resumes from the run's latest checkpoint if there is one.")
+    pr = sub.add_parser(
+        "run",
+        help="train: a YAML job file plus key=value overrides",
+        description="Run a job: defaults, then CONFIG, then section.key=value overrides (e.g. train.max_steps=100). "
+        "Resumes from the run's latest checkpoint if there is one.",
+    )
     _job_arguments(pr, "YAML job file (see configs/)")
-    pr.add_argument("--address", help="Ray cluster: local (default: a private Ray here), auto, or HOST:PORT; overrides cluster.address")
-    pr.add_argument("--no-ray", action="store_true", help="run the worker in this process (alone, or one rank under torchrun)")
-    pr.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (or run folder's latest) instead of the run's own latest")
-    pr.add_argument("--fresh", action="store_true", help="start over, ignoring the run's checkpoints (refused if the run folder holds a run, unless --force)")
-    pr.add_argument("--force", action="store_true", help="with --fresh: delete the run folder's checkpoints, metrics and W&B "
-                    "run id first; with --resume of an earlier checkpoint of the same run: delete the newer ones")
-    pr.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and the workers' own output on the "
-                    "console (by default it goes to RUN_FOLDER/workers.log)")
-    pr.add_argument("--profile", metavar="STEPS", help="write a torch profiler trace of these steps into the run folder: "
-                    "N (the N steps after a 5-step warm-up) or FIRST-LAST (e.g. 20-22)")
+    pr.add_argument(
+        "--address",
+        help="Ray cluster: local (default: a private Ray here), auto, or HOST:PORT; overrides cluster.address",
+    )
+    pr.add_argument(
+        "--no-ray", action="store_true", help="run the worker in this process (alone, or one rank under torchrun)"
+    )
+    pr.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="resume from this checkpoint (or run folder's latest) instead of the run's own latest",
+    )
+    pr.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over, ignoring the run's checkpoints (refused if the run folder holds a run, unless --force)",
+    )
+    pr.add_argument(
+        "--force",
+        action="store_true",
+        help="with --fresh: delete the run folder's checkpoints, metrics and W&B "
+        "run id first; with --resume of an earlier checkpoint of the same run: delete the newer ones",
+    )
+    pr.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, DeepSpeed's and the workers' own output on the "
+        "console (by default it goes to RUN_FOLDER/workers.log)",
+    )
+    pr.add_argument(
+        "--profile",
+        metavar="STEPS",
+        help="write a torch profiler trace of these steps into the run folder: "
+        "N (the N steps after a 5-step warm-up) or FIRST-LAST (e.g. 20-22)",
+    )
     pr.set_defaults(fn=_cmd_run)
 
-    pl = sub.add_parser("plan", help="parameters, FLOPs, memory per ZeRO stage and time per step of a job, before launch",
-                        description="Estimate a job from its config alone: parameters, FLOPs per token, tokens per step, "
-                                    "memory per worker under each ZeRO stage with and without optimizer offload (and the "
-                                    "smallest that fits cluster.gpu_memory_gb), time per step and per run at a stated MFU.")
+    pl = sub.add_parser(
+        "plan",
+        help="parameters, FLOPs, memory per ZeRO stage and time per step of a job, before launch",
+        description="Estimate a job from its config alone: parameters, FLOPs per token, tokens per step, "
+        "memory per worker under each ZeRO stage with and without optimizer offload (and the "
+        "smallest that fits cluster.gpu_memory_gb), time per step and per run at a stated MFU.",
+    )
     _job_arguments(pl, "YAML job file")
     pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
-    pl.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU (default cluster.peak_tflops, else an H100's 989)")
+    pl.add_argument(
+        "--peak-tflops", type=float, help="peak TFLOP/s per GPU (default cluster.peak_tflops, else an H100's 989)"
+    )
     pl.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default cluster.gpu_memory_gb)")
     pl.set_defaults(fn=_cmd_plan)
 
-    ps = sub.add_parser("submit", help="run a job on a remote Ray cluster through its Jobs API",
-                        description="Validate CONFIG here, upload the working directory (without .git, data, venvs, runs, "
-                                    "wandb folders) and run `trainctl run CONFIG` on the cluster. WANDB_API_KEY and other "
-                                    "credentials go along as the job's environment variables, never into files.")
+    ps = sub.add_parser(
+        "submit",
+        help="run a job on a remote Ray cluster through its Jobs API",
+        description="Validate CONFIG here, upload the working directory (without .git, data, venvs, runs, "
+        "wandb folders) and run `trainctl run CONFIG` on the cluster. WANDB_API_KEY and other "
+        "credentials go along as the job's environment variables, never into files.",
+    )
     _job_arguments(ps, "YAML job file inside the working directory")
     jobs_address = "the Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)"
     ps.add_argument("--address", help=jobs_address + " or the config's cluster.address")
-    ps.add_argument("--shared-data", action="store_true", help="the job's local data paths outside what is uploaded "
-                    "(data.path, data.sources) are on storage every node mounts at the same path: submit them as they "
-                    "are (without it, submit refuses them)")
+    ps.add_argument(
+        "--shared-data",
+        action="store_true",
+        help="the job's local data paths outside what is uploaded "
+        "(data.path, data.sources) are on storage every node mounts at the same path: submit them as they "
+        "are (without it, submit refuses them)",
+    )
     ps.set_defaults(fn=_cmd_submit)
-    for name, fn, text in (("status", _cmd_status, "a job's status"), ("logs", _cmd_logs, "a job's logs"),
-                           ("stop", _cmd_stop, "stop a job (it saves a checkpoint at the next step if it can)")):
-        pj = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ", through the cluster's Jobs API.")
+    for name, fn, text in (
+        ("status", _cmd_status, "a job's status"),
+        ("logs", _cmd_logs, "a job's logs"),
+        ("stop", _cmd_stop, "stop a job (it saves a checkpoint at the next step if it can)"),
+    ):
+        pj = sub.add_parser(
+            name, help=text, description=text[0].upper() + text[1:] + ", through the cluster's Jobs API."
+        )
         pj.add_argument("job_id", metavar="JOB_ID")
         pj.add_argument("--address", help=jobs_address)
         if name == "logs":
@@ -492,23 +511,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("cluster", help="check a Ray cluster before a long job", description="Cluster tools.")
     pcs = pc.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
-    pcc = pcs.add_parser("check", help="nodes, storage from every node, all-reduce bandwidth",
-                         description="Alive nodes (CPUs, GPUs, memory); whether checkpoint.storage_path is writable from "
-                                     "every node; a short all-reduce over the job's workers with its bus bandwidth.")
+    pcc = pcs.add_parser(
+        "check",
+        help="nodes, storage from every node, all-reduce bandwidth",
+        description="Alive nodes (CPUs, GPUs, memory); whether checkpoint.storage_path is writable from "
+        "every node; a short all-reduce over the job's workers with its bus bandwidth.",
+    )
     _job_arguments(pcc, "YAML job file (its cluster and checkpoint sections); default: the defaults", optional=True)
     pcc.add_argument("--address", help="the cluster's Ray address (HEAD:6379, auto); overrides cluster.address")
     pcc.set_defaults(fn=_cmd_cluster_check)
 
-    pe = sub.add_parser("export", help="write a Hugging Face folder (Llama) from a run or a checkpoint",
-                        description="Gather a checkpoint's weights tensor by tensor into OUT_DIR: config.json, "
-                                    "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM.")
+    pe = sub.add_parser(
+        "export",
+        help="write a Hugging Face folder (Llama) from a run or a checkpoint",
+        description="Gather a checkpoint's weights tensor by tensor into OUT_DIR: config.json, "
+        "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM.",
+    )
     pe.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder (storage_path/NAME) or checkpoint folder")
     pe.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
     pe.set_defaults(fn=_cmd_export)
 
-    pg = sub.add_parser("generate", help="sample text from a run or a checkpoint (CPU)",
-                        description="Load a finished run's latest checkpoint (or a given checkpoint folder) and sample text.")
-    pg.add_argument("path", metavar="RUN_CHECKPOINT_OR_EXPORT", help="run folder (storage_path/NAME), checkpoint folder or export folder")
+    pg = sub.add_parser(
+        "generate",
+        help="sample text from a run or a checkpoint (CPU)",
+        description="Load a finished run's latest checkpoint (or a given checkpoint folder) and sample text.",
+    )
+    pg.add_argument(
+        "path",
+        metavar="RUN_CHECKPOINT_OR_EXPORT",
+        help="run folder (storage_path/NAME), checkpoint folder or export folder",
+    )
     pg.add_argument("--prompt", default="\n", help="text to continue")
     pg.add_argument("--max-new-tokens", type=int, default=200)
     pg.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -57,7 +57,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a job file is a mapping of sections (name, model, data, train, ...), not a {type(tree).__name__}")
+        raise ConfigError(
+            f"{path}: a job file is a mapping of sections (name, model, data, train, ...), not a {type(tree).__name__}"
+        )
     return tree
 
 
@@ -126,4 +128,3 @@ def resolve_paths(cfg: JobConfig, base_dir: str) -> JobConfig:
     cfg.checkpoint.storage_path = absolute(cfg.checkpoint.storage_path)
     cfg.checkpoint.local_path = absolute(cfg.checkpoint.local_path)
     return cfg
-

@@ -94,8 +94,17 @@ def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_
     limit = int((gpu_memory_gb or cfg.cluster.gpu_memory_gb) * GIB) if cfg.cluster.use_gpu else None
     peak = peak_tflops or cfg.cluster.peak_tflops or (H100_TFLOPS if cfg.cluster.use_gpu else None)
     step_s = flops_per_token * tokens_per_step / (n * peak * 1e12 * mfu) if peak else None
-    return Plan(params, count_params(mc), flops_per_token, tokens_per_step, int(acts), memory, limit, step_s,
-                step_s * t.max_steps if step_s else None)
+    return Plan(
+        params,
+        count_params(mc),
+        flops_per_token,
+        tokens_per_step,
+        int(acts),
+        memory,
+        limit,
+        step_s,
+        step_s * t.max_steps if step_s else None,
+    )
 
 
 def _gb(n: int) -> str:
@@ -114,7 +123,8 @@ def render(cfg: JobConfig, p: Plan, mfu: float) -> str:
     c, t = cfg.cluster, cfg.train
     where = f"{c.num_workers} GPUs of {_gb(p.limit_bytes)}" if p.limit_bytes else f"{c.num_workers} CPU workers"
     lines = [
-        f"plan for '{cfg.name}' on {where}, {t.precision}, ZeRO-{t.zero_stage}" + (" + offload" if t.offload_optimizer else ""),
+        f"plan for '{cfg.name}' on {where}, {t.precision}, ZeRO-{t.zero_stage}"
+        + (" + offload" if t.offload_optimizer else ""),
         f"  parameters          {p.params:,} ({p.non_embedding:,} without embeddings)",
         f"  FLOPs per token     {p.flops_per_token:,} (6 x matmul parameters + attention, training)",
         f"  tokens per step     {p.tokens_per_step:,} ({cfg.global_batch} sequences x {cfg.data.seq_len})",
@@ -126,17 +136,26 @@ def render(cfg: JobConfig, p: Plan, mfu: float) -> str:
         mark = ("fits" if p.fits(m.stage, m.offload) else "too big") if p.limit_bytes else ""
         chosen = " <- this job" if (m.stage, m.offload) == (t.zero_stage, t.offload_optimizer) else ""
         cpu = f" + {_gb(m.cpu_bytes)} CPU" if m.offload else ""
-        lines.append(f"    ZeRO-{m.stage}{' + offload' if m.offload else '':<10} {_gb(m.gpu_bytes):>12}{cpu:<18} {mark}{chosen}")
+        lines.append(
+            f"    ZeRO-{m.stage}{' + offload' if m.offload else '':<10} {_gb(m.gpu_bytes):>12}{cpu:<18} {mark}{chosen}"
+        )
     if p.step_seconds is not None:
-        lines.append(f"  time at {mfu:.0%} MFU     {_duration(p.step_seconds)} per step, {_duration(p.run_seconds)} for "
-                     f"{t.max_steps:,} steps ({p.tokens_per_step * t.max_steps / 1e9:,.2f}B tokens)")
+        lines.append(
+            f"  time at {mfu:.0%} MFU     {_duration(p.step_seconds)} per step, {_duration(p.run_seconds)} for "
+            f"{t.max_steps:,} steps ({p.tokens_per_step * t.max_steps / 1e9:,.2f}B tokens)"
+        )
     if p.limit_bytes:
         best = p.smallest_fit()
         if best is None:
-            lines.append("  verdict: does not fit at any ZeRO stage: lower train.micro_batch_size, turn on "
-                         "model.activation_checkpointing or add GPUs")
+            lines.append(
+                "  verdict: does not fit at any ZeRO stage: lower train.micro_batch_size, turn on "
+                "model.activation_checkpointing or add GPUs"
+            )
         else:
-            lines.append(f"  verdict: the smallest ZeRO stage that fits is ZeRO-{best.stage}" + (" with offload" if best.offload else ""))
+            lines.append(
+                f"  verdict: the smallest ZeRO stage that fits is ZeRO-{best.stage}"
+                + (" with offload" if best.offload else "")
+            )
     return "\n".join(lines)
 
 
@@ -149,7 +168,12 @@ def fit_warning(cfg: JobConfig) -> str | None:
         return None
     need = next(m for m in p.memory if (m.stage, m.offload) == (cfg.train.zero_stage, cfg.train.offload_optimizer))
     best = p.smallest_fit()
-    advice = (f"ZeRO-{best.stage}{' with train.offload_optimizer' if best.offload else ''} fits" if best
-              else "lower train.micro_batch_size or turn on model.activation_checkpointing")
-    return (f"this job needs about {_gb(need.gpu_bytes)} per GPU at ZeRO-{cfg.train.zero_stage} but cluster.gpu_memory_gb is "
-            f"{cfg.cluster.gpu_memory_gb:g}: {advice} (see `trainctl plan`)")
+    advice = (
+        f"ZeRO-{best.stage}{' with train.offload_optimizer' if best.offload else ''} fits"
+        if best
+        else "lower train.micro_batch_size or turn on model.activation_checkpointing"
+    )
+    return (
+        f"this job needs about {_gb(need.gpu_bytes)} per GPU at ZeRO-{cfg.train.zero_stage} but cluster.gpu_memory_gb is "
+        f"{cfg.cluster.gpu_memory_gb:g}: {advice} (see `trainctl plan`)"
+    )

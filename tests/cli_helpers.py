@@ -25,7 +25,9 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def trainctl(*args: str, cwd, timeout: float = 420, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict[int, set[str]]]:
@@ -33,7 +35,9 @@ def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.
     Ray it starts included) listens on: returns the result and {pid: {"IP PROCESS-NAME", ...}}."""
     import psutil
 
-    proc = subprocess.Popen(command(*args), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(*args), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     seen: dict[int, set[str]] = {}
     with ThreadPoolExecutor(1) as pool:  # the pipes drain while this thread samples
         out = pool.submit(proc.communicate, timeout=timeout)
@@ -45,8 +49,9 @@ def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.
             tree[proc.pid] = psutil.Process(proc.pid)
             for pid, p in tree.items():  # per process: a system-wide scan reads every process's fds
                 try:
-                    seen.setdefault(pid, set()).update(f"{c.laddr.ip} {p.name()}" for c in p.net_connections("tcp")
-                                                       if c.status == psutil.CONN_LISTEN)
+                    seen.setdefault(pid, set()).update(
+                        f"{c.laddr.ip} {p.name()}" for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                    )
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             time.sleep(0.5)

@@ -17,9 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cli_helpers import env
 
@@ -44,11 +44,22 @@ def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = F
     port = _free_port("127.0.0.2")
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
     # PATH: jobs run `trainctl`, which lies beside this Python
-    cluster_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cluster_env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     address = f"127.0.0.2:{port}"
-    head = [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2", f"--num-cpus={head_cpus}",
-            f"--temp-dir={temp}"]
+    head = [
+        ray,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.2",
+        f"--num-cpus={head_cpus}",
+        f"--temp-dir={temp}",
+    ]
     url = None
     if dashboard:
         dport = _free_port("127.0.0.2")
@@ -60,14 +71,22 @@ def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = F
     # killed node's job waited ~15 s for that); 1 s apart here, each allowed 2 s.
     health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000"}
     subprocess.run(head, env=env(**cluster_env, **health), check=True, capture_output=True, timeout=120)
-    node = subprocess.Popen([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={node_cpus}",
-                             "--block"], env=env(**cluster_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    probe = ("import ray, time\nray.init(address='%s', logging_level='ERROR')\nfor _ in range(120):\n"
-             "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n    time.sleep(0.5)\n"
-             "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    node = subprocess.Popen(
+        [ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={node_cpus}", "--block"],
+        env=env(**cluster_env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    probe = (
+        "import ray, time\nray.init(address='%s', logging_level='ERROR')\nfor _ in range(120):\n"
+        "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n    time.sleep(0.5)\n"
+        "print(sum(n['Alive'] for n in ray.nodes()))" % address
+    )
     try:
-        alive = subprocess.run([sys.executable, "-c", probe], env=env(**cluster_env), capture_output=True, text=True, timeout=120)
+        alive = subprocess.run(
+            [sys.executable, "-c", probe], env=env(**cluster_env), capture_output=True, text=True, timeout=120
+        )
         assert alive.stdout.strip().endswith("2"), alive.stderr[-2000:]
         yield Cluster(address, url, node, cluster_env)
     finally:

@@ -68,8 +68,14 @@ def work(tmp_path_factory):
 @pytest.mark.slow
 def test_a_worker_killed_with_sigkill_is_restarted_and_the_losses_match(work):
     run = work / "runs" / "killed"
-    proc = subprocess.Popen(command("run", "job.yaml", "name=killed", "cluster.max_failures=1"), cwd=work, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command("run", "job.yaml", "name=killed", "cluster.max_failures=1"),
+        cwd=work,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(run, 45, proc)  # past the checkpoint at step 40
     workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
     assert workers, "no Ray Train worker process found"
@@ -135,15 +141,19 @@ def test_resume_and_fresh_flags(work):
     [
         (["--resume", "nowhere"], "--resume nowhere does not exist"),
         (["--resume", "data"], "--resume data: no complete checkpoint in data"),
-        (["--resume", "runs/straight", "model.d_model=128"],
-         "tensor tok_emb.weight is [257, 64] in the checkpoint but [257, 128] in this model"),
+        (
+            ["--resume", "runs/straight", "model.d_model=128"],
+            "tensor tok_emb.weight is [257, 64] in the checkpoint but [257, 128] in this model",
+        ),
         (["name=straight", "--fresh"], "runs/straight already holds a run (checkpoints, metrics.jsonl): add --force"),
         (["--fresh", "--resume", "runs/straight"], "--fresh and --resume contradict each other"),
         (["--force"], "--force only goes with --fresh or --resume"),
-        (["--resume", "runs/straight"], "with a global batch of 16 sequences but this job has 8 (micro_batch_size x "
-         "num_workers x grad_accum_steps): keep the global batch, e.g. train.grad_accum_steps=2"),
-        (["checkpoint.storage_path=job.yaml/runs"], "job.yaml/runs/bad (Not a directory): "
-         "set checkpoint.storage_path"),
+        (
+            ["--resume", "runs/straight"],
+            "with a global batch of 16 sequences but this job has 8 (micro_batch_size x "
+            "num_workers x grad_accum_steps): keep the global batch, e.g. train.grad_accum_steps=2",
+        ),
+        (["checkpoint.storage_path=job.yaml/runs"], "job.yaml/runs/bad (Not a directory): set checkpoint.storage_path"),
     ],
 )
 @pytest.mark.slow
@@ -170,24 +180,42 @@ def test_a_nan_loss_rolls_back_skips_its_data_and_the_run_finishes(work):
 
     r = trainctl("run", *job, "name=nan-stop", "train.max_rollbacks=0", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("trainctl: training failed: Diverged: step 15: the loss is nan; "
-                                                        "0 rollbacks allowed (train.max_rollbacks)"), r.stderr[-2000:]
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "trainctl: training failed: Diverged: step 15: the loss is nan; 0 rollbacks allowed (train.max_rollbacks)"
+        )
+    ), r.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_sigterm_to_a_single_process_run_stops_it_at_a_checkpoint(work):
     """--no-ray (alone, or a torchrun rank): the signal reaches the training process itself."""
     run = work / "runs" / "solo-term"
-    proc = subprocess.Popen(command("run", "job.yaml", "--no-ray", "name=solo-term", "cluster.num_workers=1"), cwd=work,
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command("run", "job.yaml", "--no-ray", "name=solo-term", "cluster.num_workers=1"),
+        cwd=work,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(run, 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     stopped = max(losses(run))
     assert f"trainctl: checkpoint {run / 'checkpoints' / f'step_{stopped:08d}'}" in out
-    r = trainctl("run", "job.yaml", "--no-ray", "name=solo-term", "cluster.num_workers=1", "train.max_steps=" + str(stopped + 2),
-                 cwd=work)
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=solo-term",
+        "cluster.num_workers=1",
+        "train.max_steps=" + str(stopped + 2),
+        cwd=work,
+    )
     assert r.returncode == 0 and f"at step {stopped}" in r.stdout, r.stderr[-2000:]
 
 
@@ -196,8 +224,17 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
     """ZeRO-2 state partitioned over 2 ranks, re-split for 1 (the same global batch: 1 x 8 x 2
     accumulation steps): the data and the loss continue exactly as the 2-worker run's."""
     src = work / "runs" / "straight" / "checkpoints" / "step_00000100"
-    r = trainctl("run", "job.yaml", "--no-ray", "name=reshard", "cluster.num_workers=1", "train.grad_accum_steps=2",
-                 "--resume", str(src), cwd=work)
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=reshard",
+        "cluster.num_workers=1",
+        "train.grad_accum_steps=2",
+        "--resume",
+        str(src),
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {src} at step 100 (written by 2 workers, resharded to 1)" in r.stdout
     straight = losses(work / "runs" / "straight")
@@ -207,8 +244,19 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
     assert not list((work / "runs" / "reshard" / "checkpoints").glob(".universal-*"))  # the scratch conversion is gone
 
     # A rollback after a resharded resume reloads a checkpoint of the new world size.
-    r = trainctl("run", "job.yaml", "--no-ray", "name=reshard-nan", "cluster.num_workers=1", "train.grad_accum_steps=2",
-                 "checkpoint.every=5", "--resume", str(src), cwd=work, TRAINCTL_TEST_NAN_AT_STEP="108")
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=reshard-nan",
+        "cluster.num_workers=1",
+        "train.grad_accum_steps=2",
+        "checkpoint.every=5",
+        "--resume",
+        str(src),
+        cwd=work,
+        TRAINCTL_TEST_NAN_AT_STEP="108",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 108: the loss is nan: rolled back to" in r.stderr and "step_00000105 (rollback 1 of 3)" in r.stderr
 
@@ -235,8 +283,12 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work)
         greedy = ours.generate(x[:, :8], 20, temperature=0)[0, 8:].tolist()
         assert hf.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 8:].tolist() == greedy
     # trainctl generate reads the export folder too, and samples the same greedy text as from the run
-    from_export = trainctl("generate", "hf", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work)
-    from_run = trainctl("generate", "runs/straight", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work)
+    from_export = trainctl(
+        "generate", "hf", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work
+    )
+    from_run = trainctl(
+        "generate", "runs/straight", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work
+    )
     assert from_export.returncode == 0 and from_export.stdout == from_run.stdout and len(from_run.stdout) > 20
 
     again = trainctl("export", "runs/straight", "hf", cwd=work)  # never over an existing folder
@@ -257,9 +309,21 @@ def two_nodes():
 def test_a_job_spread_over_two_nodes_loses_one_and_finishes(work, two_nodes):
     address, node, cluster_env = two_nodes
     run = work / "runs" / "two-nodes"
-    proc = subprocess.Popen(command("run", "job.yaml", "name=two-nodes", f"cluster.address={address}", "cluster.max_failures=1",
-                                    "cluster.placement=SPREAD"), cwd=work, env=env(**cluster_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(
+            "run",
+            "job.yaml",
+            "name=two-nodes",
+            f"cluster.address={address}",
+            "cluster.max_failures=1",
+            "cluster.placement=SPREAD",
+        ),
+        cwd=work,
+        env=env(**cluster_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(run, 25, proc)  # past the checkpoint at step 20
     import psutil  # Ray's own dependency
 
@@ -281,8 +345,18 @@ def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
     from trainer.checkpoint import find_checkpoint
     from trainer.generate import load_model
 
-    r = trainctl("run", "job.yaml", "--no-ray", "name=z3", "cluster.num_workers=1", "train.zero_stage=3",
-                 "train.grad_accum_steps=2", "train.max_steps=6", "checkpoint.every=6", cwd=work)
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=z3",
+        "cluster.num_workers=1",
+        "train.zero_stage=3",
+        "train.grad_accum_steps=2",
+        "train.max_steps=6",
+        "checkpoint.every=6",
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = trainctl("export", "runs/z3", "hf-z3", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -303,46 +377,80 @@ def test_sigterm_saves_to_an_object_store_exits_143_and_a_rerun_elsewhere_contin
     with s3_server("ckpt") as (s3, client):
         job = ["job.yaml", "name=s3", "checkpoint.storage_path=s3://ckpt/runs", "checkpoint.local_path=local"]
         run = work / "local" / "s3"
-        proc = subprocess.Popen(command("run", *job), cwd=work, env=env(**s3, **cache), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            command("run", *job),
+            cwd=work,
+            env=env(**s3, **cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         wait_for_step(run, 25, proc)  # past the checkpoint at step 20
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 143, err[-3000:]
         assert time.monotonic() - t0 < 60  # well inside checkpoint.preempt_grace_s
-        assert err.strip().splitlines()[-1].startswith("trainctl: preempted: the run stopped at a checkpoint in "
-                                                       "s3://ckpt/runs/s3/checkpoints")
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith("trainctl: preempted: the run stopped at a checkpoint in s3://ckpt/runs/s3/checkpoints")
+        )
         stopped = max(losses(run))
         assert 25 <= stopped < 120
-        assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"  # saved at the step it stopped after
+        assert (
+            run / "checkpoints" / "latest"
+        ).read_text() == f"step_{stopped:08d}"  # saved at the step it stopped after
         keys = {o["Key"] for o in client.list_objects_v2(Bucket="ckpt", Prefix="runs/s3/")["Contents"]}
         before = (stopped - 1) // 20 * 20  # the periodic checkpoint kept beside the preemption's (keep: 2)
-        assert {f"runs/s3/checkpoints/step_{s:08d}/{name}" for s in (before, stopped)
-                for name in ("trainctl.json", "rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt")} <= keys
-        assert client.get_object(Bucket="ckpt", Key="runs/s3/checkpoints/latest")["Body"].read() == f"step_{stopped:08d}".encode()
+        assert {
+            f"runs/s3/checkpoints/step_{s:08d}/{name}"
+            for s in (before, stopped)
+            for name in ("trainctl.json", "rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt")
+        } <= keys
+        assert (
+            client.get_object(Bucket="ckpt", Key="runs/s3/checkpoints/latest")["Body"].read()
+            == f"step_{stopped:08d}".encode()
+        )
 
         shutil.rmtree(run / "checkpoints")  # the machine is gone: only the bucket holds the checkpoints
         r = trainctl("run", *job, cwd=work, **s3, **cache)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in r.stdout
         assert losses(run) == losses(work / "runs" / "straight")
-        tags = {k.split("/")[3] for k in (o["Key"] for o in client.list_objects_v2(Bucket="ckpt", Prefix="runs/s3/")["Contents"])
-                if k.endswith("trainctl.json")}
+        tags = {
+            k.split("/")[3]
+            for k in (o["Key"] for o in client.list_objects_v2(Bucket="ckpt", Prefix="runs/s3/")["Contents"])
+            if k.endswith("trainctl.json")
+        }
         assert tags == {"step_00000100", "step_00000120"}  # checkpoint.keep: 2, in the bucket too
 
         r = trainctl("export", "s3://ckpt/runs/s3", "hf-s3", cwd=work, **s3, **cache)
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads((work / "hf-s3" / "config.json").read_text())["num_hidden_layers"] == 2
         r = trainctl("export", "s3://ckpt/runs/none", "hf-none", cwd=work, **s3, **cache)
-        assert r.returncode == 2 and r.stderr.strip() == ("trainctl: error: no complete checkpoint in s3://ckpt/runs/none: "
-                                                          "give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder")
+        assert r.returncode == 2 and r.stderr.strip() == (
+            "trainctl: error: no complete checkpoint in s3://ckpt/runs/none: "
+            "give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder"
+        )
 
         before = sorted(str(p) for p in work.rglob("*"))
-        r = trainctl("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "name=nob",
-                     "checkpoint.storage_path=s3://no-such-bucket/runs", cwd=work, timeout=120, **s3, **cache)
+        r = trainctl(
+            "run",
+            "job.yaml",
+            "--no-ray",
+            "cluster.num_workers=1",
+            "name=nob",
+            "checkpoint.storage_path=s3://no-such-bucket/runs",
+            cwd=work,
+            timeout=120,
+            **s3,
+            **cache,
+        )
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
-        assert r.stderr.startswith("trainctl: error: cannot write checkpoint.storage_path s3://no-such-bucket"), r.stderr
+        assert r.stderr.startswith("trainctl: error: cannot write checkpoint.storage_path s3://no-such-bucket"), (
+            r.stderr
+        )
         assert sorted(str(p) for p in work.rglob("*")) == before
 
 
@@ -353,20 +461,36 @@ def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_previous_checkpo
     size = sum(p.stat().st_size for p in (work / "runs" / "straight" / "checkpoints" / "step_00000100").rglob("*"))
     runs = work / "full"
     runs.mkdir()
-    job = command("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "train.grad_accum_steps=2", "name=full",
-                  f"checkpoint.storage_path={runs}", "checkpoint.every=10", "train.max_steps=30")
-    script = (f'mount -t tmpfs -o size={size * 3 // 2} tmpfs {runs} || exit 99; '
-              f'{" ".join(map(shlex.quote, job))}; echo "exit=$?"; '
-              f'cat {runs}/full/checkpoints/latest; echo; ls {runs}/full/checkpoints; '
-              f'{sys.executable} -c "import sys; from trainer import checkpoint; '
-              f'print(\'damage:\', checkpoint.damage(checkpoint.find_latest(checkpoint.Path(sys.argv[1]))))" {runs}/full/checkpoints')
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=work, env=env(), capture_output=True, text=True, timeout=300)
+    job = command(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "cluster.num_workers=1",
+        "train.grad_accum_steps=2",
+        "name=full",
+        f"checkpoint.storage_path={runs}",
+        "checkpoint.every=10",
+        "train.max_steps=30",
+    )
+    script = (
+        f"mount -t tmpfs -o size={size * 3 // 2} tmpfs {runs} || exit 99; "
+        f'{" ".join(map(shlex.quote, job))}; echo "exit=$?"; '
+        f"cat {runs}/full/checkpoints/latest; echo; ls {runs}/full/checkpoints; "
+        f'{sys.executable} -c "import sys; from trainer import checkpoint; '
+        f"print('damage:', checkpoint.damage(checkpoint.find_latest(checkpoint.Path(sys.argv[1]))))\" {runs}/full/checkpoints"
+    )
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=work, env=env(), capture_output=True, text=True, timeout=300
+    )
     assert "exit=2" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"trainctl: error: checkpoint {runs}/full/checkpoints/step_00000020 could not be written "
-                           "(No space left on device"), r.stderr[-3000:]
-    assert last.endswith("the previous checkpoints are intact: free space or fix the storage, then run the same command "
-                         "to resume")
+    assert last.startswith(
+        f"trainctl: error: checkpoint {runs}/full/checkpoints/step_00000020 could not be written "
+        "(No space left on device"
+    ), r.stderr[-3000:]
+    assert last.endswith(
+        "the previous checkpoints are intact: free space or fix the storage, then run the same command to resume"
+    )
     assert "Traceback" not in r.stderr
     latest, *listing = r.stdout.split("exit=2\n")[1].splitlines()
     assert latest == "step_00000010" and "step_00000010" in listing and "step_00000020" not in listing, r.stdout

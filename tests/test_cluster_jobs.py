@@ -62,11 +62,15 @@ def submit(site, *overrides, **extra) -> tuple[str, subprocess.CompletedProcess]
 
 def worker_nodes(site, job_id: str) -> set[str]:
     """The nodes the job's Ray Train workers ran on (Ray's state API, which keeps dead actors)."""
-    code = ("from ray.job_submission import JobSubmissionClient\nfrom ray.util.state import list_actors\n"
-            "ray_job = JobSubmissionClient(%r).get_job_info(%r).job_id\n"
-            "print(sorted({a.node_id for a in list_actors(address=%r, filters=[('class_name', '=', 'RayTrainWorker')], "
-            "detail=True, limit=1000) if a.job_id == ray_job}))") % (site[1].dashboard, job_id, site[1].dashboard)
-    r = subprocess.run([sys.executable, "-c", code], env=env(**site[1].env), capture_output=True, text=True, timeout=120)
+    code = (
+        "from ray.job_submission import JobSubmissionClient\nfrom ray.util.state import list_actors\n"
+        "ray_job = JobSubmissionClient(%r).get_job_info(%r).job_id\n"
+        "print(sorted({a.node_id for a in list_actors(address=%r, filters=[('class_name', '=', 'RayTrainWorker')], "
+        "detail=True, limit=1000) if a.job_id == ray_job}))"
+    ) % (site[1].dashboard, job_id, site[1].dashboard)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env(**site[1].env), capture_output=True, text=True, timeout=120
+    )
     return set(eval(r.stdout.strip().splitlines()[-1]))  # noqa: S307 - our own printed list
 
 
@@ -79,7 +83,10 @@ def test_a_submitted_job_runs_on_both_nodes_and_matches_the_local_run(site):
 
     followed = cli(site, "logs", job_id, "--address", cluster.dashboard, "--follow")
     assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
-    assert followed.stdout.count("step     20/20 [####################] 100% | loss") == 1 and "trainctl: done: 20 steps" in followed.stdout
+    assert (
+        followed.stdout.count("step     20/20 [####################] 100% | loss") == 1
+        and "trainctl: done: 20 steps" in followed.stdout
+    )
     assert f"trainctl: job {job_id} ended: SUCCEEDED" in followed.stderr
     assert cli(site, "status", job_id, "--address", cluster.dashboard).stdout.startswith(f"{job_id}: SUCCEEDED")
     listed = cli(site, "list", "--address", cluster.dashboard).stdout
@@ -118,7 +125,9 @@ def test_cluster_bad_input_is_one_line_exit_2(site, tmp_path):
     one_line(cli(site, "status", "nosuchjob", "--address", d), f"no job nosuchjob on {d}")
     one_line(cli(site, "logs", "nosuchjob", "--address", d), f"no job nosuchjob on {d}")
     t0 = time.monotonic()
-    one_line(cli(site, "list", "--address", "http://127.0.0.1:1"), "cannot reach the Ray dashboard at http://127.0.0.1:1")
+    one_line(
+        cli(site, "list", "--address", "http://127.0.0.1:1"), "cannot reach the Ray dashboard at http://127.0.0.1:1"
+    )
     assert time.monotonic() - t0 < 60
     one_line(cli(site, "list", "--address", d, RAY_AUTH_TOKEN="0" * 64), "refused this client's token")
     one_line(trainctl("status", "x", cwd=root, **{**cluster.env, "RAY_ADDRESS": ""}), "no cluster given")
@@ -133,8 +142,10 @@ def test_cluster_bad_input_is_one_line_exit_2(site, tmp_path):
     assert "weights.bin (600 MB)" in r.stderr
     assert cli(site, "list", "--address", d).stdout == before  # nothing was submitted
     # more workers than the nodes can hold: said at once, instead of Ray waiting for them forever
-    one_line(cli(site, "run", "job.yaml", f"cluster.address={cluster.address}", "cluster.num_workers=5", "name=wide"),
-             "the cluster can place 3 of the 5 workers (each needs CPU 1 on one node; in all it has CPU 3 of 5)")
+    one_line(
+        cli(site, "run", "job.yaml", f"cluster.address={cluster.address}", "cluster.num_workers=5", "name=wide"),
+        "the cluster can place 3 of the 5 workers (each needs CPU 1 on one node; in all it has CPU 3 of 5)",
+    )
 
 
 @pytest.mark.slow
@@ -148,8 +159,17 @@ def test_cluster_check_reports_both_nodes_storage_and_bandwidth(site):
     bandwidth = re.search(r"all-reduce over 2 workers \(gloo, SPREAD\): ([0-9.]+) GB/s bus bandwidth", out)
     assert bandwidth and float(bandwidth.group(1)) > 0, out
 
-    r = cli(site, "cluster", "check", "job.yaml", "--address", cluster.address, "checkpoint.storage_path=/proc/trainctl",
-            "cluster.num_workers=1")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("trainctl: cluster check failed: storage "
-                                                                              "not writable from "), r.stderr[-2000:]
+    r = cli(
+        site,
+        "cluster",
+        "check",
+        "job.yaml",
+        "--address",
+        cluster.address,
+        "checkpoint.storage_path=/proc/trainctl",
+        "cluster.num_workers=1",
+    )
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "trainctl: cluster check failed: storage not writable from "
+    ), r.stderr[-2000:]
     assert "NOT writable from every node" in r.stdout

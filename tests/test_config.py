@@ -69,11 +69,16 @@ def test_missing_file(tmp_path):
 
 
 def test_yaml_syntax_error_names_line(tmp_path):
-    assert "YAML syntax error at line 2, column 7: mapping values are not allowed here" in _err(tmp_path, "train:\n  lr: : 3\n  x: 1\n")
+    assert "YAML syntax error at line 2, column 7: mapping values are not allowed here" in _err(
+        tmp_path, "train:\n  lr: : 3\n  x: 1\n"
+    )
 
 
 def test_unknown_key_suggests_nearest(tmp_path):
-    assert _err(tmp_path, "train:\n  lrr: 0.1\n") == "unknown key 'train.lrr' in " + str(tmp_path / "job.yaml") + ": did you mean 'train.lr'?"
+    assert (
+        _err(tmp_path, "train:\n  lrr: 0.1\n")
+        == "unknown key 'train.lrr' in " + str(tmp_path / "job.yaml") + ": did you mean 'train.lr'?"
+    )
     assert "did you mean 'train.max_steps'" in _err(tmp_path, None, ["train.max_step=3"])
     assert "unknown key 'trian'" in _err(tmp_path, None, ["trian.lr=3"])
 
@@ -87,7 +92,10 @@ def test_wrong_type(tmp_path):
     "overrides, fragment",
     [
         (["cluster.num_workers=0"], "cluster.num_workers=0"),
-        (["train.global_batch_size=10", "train.micro_batch_size=4", "cluster.num_workers=2"], "not divisible by train.micro_batch_size * cluster.num_workers"),
+        (
+            ["train.global_batch_size=10", "train.micro_batch_size=4", "cluster.num_workers=2"],
+            "not divisible by train.micro_batch_size * cluster.num_workers",
+        ),
         (["model.n_head=3"], "model.n_head=3 must divide model.d_model=128"),
         (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=4"),
         (["train.precision=fp16"], "train.precision=fp16 needs cluster.use_gpu=true"),
@@ -95,8 +103,14 @@ def test_wrong_type(tmp_path):
         (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
         (["train.zero_stage=4"], "train.zero_stage=4 is not allowed"),
         (["train.profile=1-x"], "train.profile='1-x': give N (N steps after a 5-step warm-up) or FIRST-LAST"),
-        (["train.profile=22-20"], "train.profile='22-20': give N (N steps after a 5-step warm-up) or FIRST-LAST with FIRST <= LAST"),
-        (["cluster.peak_tflops=0"], "cluster.peak_tflops=0 in the command-line overrides: input should be greater than 0"),
+        (
+            ["train.profile=22-20"],
+            "train.profile='22-20': give N (N steps after a 5-step warm-up) or FIRST-LAST with FIRST <= LAST",
+        ),
+        (
+            ["cluster.peak_tflops=0"],
+            "cluster.peak_tflops=0 in the command-line overrides: input should be greater than 0",
+        ),
         (["train.offload_optimizer=true"], "needs train.zero_stage 1, 2 or 3"),
         (["name=a b"], "name='a b' must be letters"),
         (["train.lr"], "not of the form section.key=value"),
@@ -114,15 +128,25 @@ def test_impossible_values(tmp_path, overrides, fragment):
 def test_mixed_sources_paths_are_absolute(tmp_path):
     from launcher.config import load_config
 
-    cfg = load_config(None, ["data.sources=[{path: web, weight: 3}, {path: stdlib, weight: 1}]"], base_dir=str(tmp_path))
+    cfg = load_config(
+        None, ["data.sources=[{path: web, weight: 3}, {path: stdlib, weight: 1}]"], base_dir=str(tmp_path)
+    )
     assert [(s.path, s.weight) for s in cfg.data.sources] == [(str(tmp_path / "web"), 3.0), ("stdlib", 1.0)]
 
 
 def test_deepspeed_config_per_stage_and_precision():
     for stage in (0, 1, 2, 3):
         for precision in ("fp32", "bf16"):
-            cfg = load_config(None, [f"train.zero_stage={stage}", f"train.precision={precision}", "train.global_batch_size=32",
-                                     "train.micro_batch_size=4", "cluster.num_workers=2"])
+            cfg = load_config(
+                None,
+                [
+                    f"train.zero_stage={stage}",
+                    f"train.precision={precision}",
+                    "train.global_batch_size=32",
+                    "train.micro_batch_size=4",
+                    "cluster.num_workers=2",
+                ],
+            )
             ds = deepspeed_config(cfg)
             assert ds["zero_optimization"]["stage"] == stage
             assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
@@ -138,8 +162,10 @@ def test_deepspeed_config_per_stage_and_precision():
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     ds = deepspeed_config(load_config(None, ["train.grad_clip=0.5", "train.lr=0.002", "train.beta2=0.99"]))
     assert ds["gradient_clipping"] == 0.5
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.002, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1,
-                                                           "torch_adam": True}}  # CPU: resumes bit for bit
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 0.002, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True},
+    }  # CPU: resumes bit for bit
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -153,8 +179,14 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.mark.parametrize(
@@ -173,8 +205,10 @@ def _cli(*args, cwd):
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragment):
-    (tmp_path / "job.yaml").write_text("name: bad\ndata:\n  path: text.txt\n  seq_len: 16\nmodel:\n  max_seq_len: 16\n"
-                                       "train:\n  micro_batch_size: 2\ncluster:\n  num_workers: 1\n")
+    (tmp_path / "job.yaml").write_text(
+        "name: bad\ndata:\n  path: text.txt\n  seq_len: 16\nmodel:\n  max_seq_len: 16\n"
+        "train:\n  micro_batch_size: 2\ncluster:\n  num_workers: 1\n"
+    )
     (tmp_path / "text.txt").write_text("hello world, " * 400)
     (tmp_path / "empty.txt").write_text("")
     before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -193,7 +227,12 @@ def test_the_gpu_fast_path_overlaps_communication_and_uses_the_fused_adam():
     gpu = deepspeed_config(load_config(REPO / "configs/gpt2-124m.yaml", []))
     assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's fused Adam
     z = gpu["zero_optimization"]
-    assert (z["stage"], z["overlap_comm"], z["contiguous_gradients"], z["reduce_bucket_size"]) == (2, True, True, 200_000_000)
+    assert (z["stage"], z["overlap_comm"], z["contiguous_gradients"], z["reduce_bucket_size"]) == (
+        2,
+        True,
+        True,
+        200_000_000,
+    )
     z3 = deepspeed_config(load_config(REPO / "configs/llama-7b.yaml", []))["zero_optimization"]
     assert z3["stage"] == 3 and z3["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and z3["overlap_comm"]
     cpu = deepspeed_config(load_config(None, ["train.zero_stage=2"]))["zero_optimization"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import SHAKESPEARE
 
 from data_pipeline import DataError, MixedStream, prepare
 from data_pipeline.prepare import stdlib_files
-from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,17 @@ def sources(tmp_path_factory):
 
 
 def mixed(root, world=1, rank=0, micro=25, accum=4, **kw):
-    return MixedStream([(str(root / "verse"), 5), (str(root / "code"), 3), (str(root / "digits"), 2)], 32, micro, rank, world,
-                       grad_accum_steps=accum, seed=11, shuffle_buffer=256, **kw)
+    return MixedStream(
+        [(str(root / "verse"), 5), (str(root / "code"), 3), (str(root / "digits"), 2)],
+        32,
+        micro,
+        rank,
+        world,
+        grad_accum_steps=accum,
+        seed=11,
+        shuffle_buffer=256,
+        **kw,
+    )
 
 
 def which(window: torch.Tensor, texts: dict) -> str:

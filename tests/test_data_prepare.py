@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from cli_helpers import SHAKESPEARE
 
 from data_pipeline import ByteTokenizer, DataError, load_manifest, prepare, resolve_dataset, tokenizer_from_dict
 from data_pipeline.prepare import stdlib_files
-from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture
@@ -33,16 +33,18 @@ def test_byte_tokenizer_round_trip_and_dict():
 
 
 def test_prepare_shards_read_by_tar_and_webdataset_and_round_trip(texts):
-    m = prepare([str(texts / "a.txt"), str(texts / "b.txt")], str(texts / "out"), shard_size_bytes=20_000,
-                sample_tokens=1000)
+    m = prepare(
+        [str(texts / "a.txt"), str(texts / "b.txt")], str(texts / "out"), shard_size_bytes=20_000, sample_tokens=1000
+    )
     train, val = m["splits"]["train"], m["splits"]["val"]
     assert train["documents"] == val["documents"] == 2
     a, b = (texts / "a.txt").read_bytes(), (texts / "b.txt").read_bytes()
     assert train["tokens"] + val["tokens"] == len(a) + len(b) + 4  # one end-of-text per document part
     assert len(train["shards"]) > 3 and all(s["tokens"] <= 11_000 for s in train["shards"])
 
-    listing = subprocess.run(["tar", "-tf", str(texts / "out" / "train-000000.tar")], capture_output=True, text=True,
-                             check=True).stdout.split()
+    listing = subprocess.run(
+        ["tar", "-tf", str(texts / "out" / "train-000000.tar")], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert listing[:3] == ["000000000.tokens", "000000001.tokens", "000000002.tokens"]
 
     urls = [s["url"] for s in train["shards"]]
@@ -54,11 +56,15 @@ def test_prepare_shards_read_by_tar_and_webdataset_and_round_trip(texts):
     first_eot = docs.index(256)
     cut_a = int(len(a) * 0.9)
     assert bytes(docs[:first_eot]) == a[:cut_a]  # the head of a.txt, then end-of-text, then b.txt's head
-    assert ByteTokenizer().decode(docs[first_eot + 1:]) == b[:int(len(b) * 0.9)].decode()
+    assert ByteTokenizer().decode(docs[first_eot + 1 :]) == b[: int(len(b) * 0.9)].decode()
 
-    val_ids = np.concatenate([np.frombuffer(s["tokens"], dtype=np.uint16)
-                              for s in wds.WebDataset([s["url"] for s in val["shards"]], shardshuffle=False)])
-    assert bytes(val_ids[:len(a) - cut_a].tolist()) == a[cut_a:] and val_ids[len(a) - cut_a] == 256
+    val_ids = np.concatenate(
+        [
+            np.frombuffer(s["tokens"], dtype=np.uint16)
+            for s in wds.WebDataset([s["url"] for s in val["shards"]], shardshuffle=False)
+        ]
+    )
+    assert bytes(val_ids[: len(a) - cut_a].tolist()) == a[cut_a:] and val_ids[len(a) - cut_a] == 256
 
 
 def test_manifest_records_sizes_and_checksums(texts):
@@ -124,7 +130,9 @@ def test_prepare_refuses_to_overwrite_without_flag(texts):
         prepare([str(texts / "b.txt")], str(texts / "notes"), overwrite=True)
     assert (texts / "notes" / "keep.md").read_text() == "mine"
     m = prepare([str(texts / "b.txt")], str(out), overwrite=True)
-    assert m["input_files"] == 1 and json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] == 1
+    assert (
+        m["input_files"] == 1 and json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] == 1
+    )
     assert not [p for p in texts.iterdir() if ".partial" in p.name]
 
 
@@ -163,8 +171,14 @@ def test_cli_prepare_bad_input_is_one_line_exit_2(texts, args, fragment):
     (texts / "empty.txt").write_text("")
     before = sorted(p.name for p in texts.rglob("*"))
     repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", *args], cwd=texts, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "prepare", *args],
+        cwd=texts,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("trainctl: error: "), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr
     assert sorted(p.name for p in texts.rglob("*")) == before
@@ -176,11 +190,16 @@ def test_jsonl_and_raw_tar_inputs_keep_documents_whole(tmp_path):
     with wds.TarWriter(str(tmp_path / "b.tar")) as sink:
         for i, d in enumerate(docs):
             sink.write({"__key__": f"{i:03d}", **({"txt": d} if i % 2 else {"json": json.dumps({"body": d}).encode()})})
-    m = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.tar")], str(tmp_path / "out"), val_fraction=0.2,
-                text_field="body")
+    m = prepare(
+        [str(tmp_path / "a.jsonl"), str(tmp_path / "b.tar")], str(tmp_path / "out"), val_fraction=0.2, text_field="body"
+    )
     assert m["splits"]["train"]["documents"] == 16 and m["splits"]["val"]["documents"] == 4
-    ids = np.concatenate([np.frombuffer(s["tokens"], dtype=np.uint16)
-                          for s in wds.WebDataset([s["url"] for s in m["splits"]["val"]["shards"]], shardshuffle=False)])
+    ids = np.concatenate(
+        [
+            np.frombuffer(s["tokens"], dtype=np.uint16)
+            for s in wds.WebDataset([s["url"] for s in m["splits"]["val"]["shards"]], shardshuffle=False)
+        ]
+    )
     got = [ByteTokenizer().decode(part) for part in np.split(ids, np.flatnonzero(ids == 256) + 1) if len(part)]
     assert got == [docs[8], docs[9], docs[8], docs[9]]  # the last 20% of each file's documents, whole
     assert m["input_bytes"] == 2 * sum(len(d) for d in docs)
@@ -188,8 +207,10 @@ def test_jsonl_and_raw_tar_inputs_keep_documents_whole(tmp_path):
 
 @pytest.mark.parametrize(
     "content, fragment",
-    [('{"text": "a"}\n{"body": "b"}\n', "line 2 has no 'text' field: pass --text-field"),
-     ('{"text": "a"}\nnot json\n', "line 2 is not valid JSON")],
+    [
+        ('{"text": "a"}\n{"body": "b"}\n', "line 2 has no 'text' field: pass --text-field"),
+        ('{"text": "a"}\nnot json\n', "line 2 is not valid JSON"),
+    ],
 )
 def test_bad_jsonl_input(tmp_path, content, fragment):
     (tmp_path / "a.jsonl").write_text(content)
@@ -225,16 +246,38 @@ def test_parallel_and_ray_prepare_write_the_same_bytes(texts):
     import sys
 
     for i in range(6):
-        (texts / f"part{i}.jsonl").write_text("\n".join(json.dumps({"text": f"{i}/{j} " + SHAKESPEARE.read_text()[j * 997:j * 997 + 900]})
-                                                    for j in range(40)))
+        (texts / f"part{i}.jsonl").write_text(
+            "\n".join(
+                json.dumps({"text": f"{i}/{j} " + SHAKESPEARE.read_text()[j * 997 : j * 997 + 900]}) for j in range(40)
+            )
+        )
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     outs = {}
     for flags in (["--workers", "1"], ["--workers", "2"], ["--address", "local"]):
         out = texts / f"out{len(outs)}"
-        r = subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", "part*.jsonl", "a.txt", "--out", str(out),
-                            "--tokenizer", "bpe:300", "--shard-size-mb", "0.02", *flags], cwd=texts, capture_output=True,
-                           text=True, env=env, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "prepare",
+                "part*.jsonl",
+                "a.txt",
+                "--out",
+                str(out),
+                "--tokenizer",
+                "bpe:300",
+                "--shard-size-mb",
+                "0.02",
+                *flags,
+            ],
+            cwd=texts,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         outs[" ".join(flags)] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".tar"}
     plain = outs["--workers 1"]

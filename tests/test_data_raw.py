@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from cli_helpers import SHAKESPEARE
 
 from data_pipeline import DataError, RawOptions, TokenStream, eval_batches, open_dataset
-from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +19,11 @@ def corpus(tmp_path_factory):
     """4 shards of 30 documents each: .txt, .json {"body": ...} and .jsonl samples."""
     root = tmp_path_factory.mktemp("raw")
     text = SHAKESPEARE.read_text()[:60_000]
-    docs = [text[i:i + 500] for i in range(0, len(text), 500)]
+    docs = [text[i : i + 500] for i in range(0, len(text), 500)]
     expected = []
     for s in range(4):
         with wds.TarWriter(str(root / f"raw-{s:06d}.tar")) as sink:
-            for k, doc in enumerate(docs[s * 30:(s + 1) * 30]):
+            for k, doc in enumerate(docs[s * 30 : (s + 1) * 30]):
                 key = f"{s:02d}{k:04d}"
                 if k % 3 == 0:
                     sink.write({"__key__": key, "txt": doc})
@@ -57,15 +57,17 @@ def test_raw_shards_stream_the_documents_in_order(corpus):
         rows += batch.tolist()
     flat = rows[0] + [t for row in rows[1:] for t in row[1:]]  # windows overlap by one token
     want = token_stream(expected)
-    assert flat == want[:len(flat)] and len(want) - len(flat) < 4 * 32 + 32  # only the last partial batch is dropped
+    assert flat == want[: len(flat)] and len(want) - len(flat) < 4 * 32 + 32  # only the last partial batch is dropped
 
 
 def test_raw_order_is_world_size_independent_and_resumes_by_replay(corpus):
     _, spec, _ = corpus
 
     def run(world, steps, state=None):
-        streams = [TokenStream(spec, "train", 32, 12 // world, r, world, seed=5, shuffle_buffer=50, raw=OPTS)
-                   for r in range(world)]
+        streams = [
+            TokenStream(spec, "train", 32, 12 // world, r, world, seed=5, shuffle_buffer=50, raw=OPTS)
+            for r in range(world)
+        ]
         for s in streams:
             if state:
                 s.load_state_dict(state)
@@ -127,7 +129,9 @@ def test_pipe_urls_only_when_allowed(corpus, monkeypatch):
 def test_raw_bad_input(corpus, options, spec_suffix, fragment):
     _, spec, _ = corpus
     with pytest.raises(DataError) as e:
-        it = iter(TokenStream(spec.replace("raw-", f"raw{spec_suffix}-"), "train", 32, 4, 0, 1, shuffle=False, raw=options))
+        it = iter(
+            TokenStream(spec.replace("raw-", f"raw{spec_suffix}-"), "train", 32, 4, 0, 1, shuffle=False, raw=options)
+        )
         for _ in range(200):
             next(it)
     assert fragment in str(e.value)

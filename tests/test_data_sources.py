@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare
-from data_pipeline import sources
-from s3_helpers import s3_server
 from cli_helpers import SHAKESPEARE
+from s3_helpers import s3_server
+
+from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare, sources
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
@@ -85,8 +84,12 @@ def test_http_gives_the_same_batches_as_the_local_folder(data, server):
     remote, _ = batches(f"{server}/d", 40)
     assert all(torch.equal(a, b) for a, b in zip(local, remote))
     assert len(load_manifest(f"{server}/d/manifest.json")["splits"]["train"]["shards"]) > 2
-    assert all(torch.equal(a, b) for a, b in zip(eval_batches(str(data / "d"), "val", 32, 4, 0, 1),
-                                                 eval_batches(f"{server}/d", "val", 32, 4, 0, 1)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            eval_batches(str(data / "d"), "val", 32, 4, 0, 1), eval_batches(f"{server}/d", "val", 32, 4, 0, 1)
+        )
+    )
     _, state = batches(f"{server}/d", 17)
     resumed, _ = batches(f"{server}/d", 23, state)
     assert all(torch.equal(a, b) for a, b in zip(local[17:], resumed))
@@ -124,7 +127,9 @@ def test_unreachable_server(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nobody listens there
-    with pytest.raises(DataError, match=rf"cannot read http://127.0.0.1:{port}/d/manifest.json after 3 tries: .*refused"):
+    with pytest.raises(
+        DataError, match=rf"cannot read http://127.0.0.1:{port}/d/manifest.json after 3 tries: .*refused"
+    ):
         load_manifest(f"http://127.0.0.1:{port}/d")
 
 
@@ -202,7 +207,9 @@ def test_a_brace_list_of_token_shards_reads_them_through_the_manifest_beside_the
 def test_token_shards_without_their_manifest(data, tmp_path):
     for name in ("train-000000.tar", "train-000001.tar"):
         shutil.copy(data / "d" / name, tmp_path / name)
-    with pytest.raises(DataError, match=r"train-000000.tar holds token samples \(.tokens\) but no manifest.json beside it"):
+    with pytest.raises(
+        DataError, match=r"train-000000.tar holds token samples \(.tokens\) but no manifest.json beside it"
+    ):
         next(iter(TokenStream(f"{tmp_path}/train-{{000000..000001}}.tar", "train", 32, 1, 0, 1)))
     shutil.copy(data / "d" / "manifest.json", tmp_path / "manifest.json")
     (tmp_path / "extra-000000.tar").write_bytes((data / "d" / "train-000000.tar").read_bytes())

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import SHAKESPEARE
 
 from data_pipeline import DataError, TokenStream, eval_batches, prepare
 from data_pipeline.stream import row_batches, shuffle_order, skip_tokens, window_blocks
-from cli_helpers import SHAKESPEARE
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,10 @@ def data(tmp_path_factory):
 
 def take(data, world, accum, steps, micro=3, state=None, **kw):
     """The global batches (concatenated over ranks and micro batches) of `steps` steps."""
-    streams = [TokenStream(data, "train", 32, micro, r, world, grad_accum_steps=accum, seed=7, shuffle_buffer=40, **kw)
-               for r in range(world)]
+    streams = [
+        TokenStream(data, "train", 32, micro, r, world, grad_accum_steps=accum, seed=7, shuffle_buffer=40, **kw)
+        for r in range(world)
+    ]
     for s in streams:
         if state:
             s.load_state_dict(state)
@@ -58,10 +60,14 @@ def test_shuffle_is_a_seeded_permutation_within_blocks():
     chunks = [np.arange(41)]  # 10 windows of 4 tokens + 1
     out = [w[0] // 4 for w in windows_of(window_blocks(chunks, 4, 10, 4, shuffle_order(1, 0)))]
     assert sorted(out[:4]) == [0, 1, 2, 3] and sorted(out[4:8]) == [4, 5, 6, 7] and sorted(out[8:]) == [8, 9]
-    assert out != list(range(10)) and out == [w[0] // 4 for w in windows_of(window_blocks(chunks, 4, 10, 4, shuffle_order(1, 0)))]
+    assert out != list(range(10)) and out == [
+        w[0] // 4 for w in windows_of(window_blocks(chunks, 4, 10, 4, shuffle_order(1, 0)))
+    ]
     assert out != [w[0] // 4 for w in windows_of(window_blocks(chunks, 4, 10, 4, shuffle_order(1, 1)))]
     # any block rebuilds on its own: starting at block 1 gives the same order
-    assert [w[0] // 4 for w in windows_of(window_blocks([np.arange(16, 41)], 4, 6, 4, shuffle_order(1, 0), 1))] == out[4:]
+    assert [w[0] // 4 for w in windows_of(window_blocks([np.arange(16, 41)], 4, 6, 4, shuffle_order(1, 0), 1))] == out[
+        4:
+    ]
 
 
 def test_blocks_match_window_by_window_packing_for_any_chunking():
@@ -72,9 +78,11 @@ def test_blocks_match_window_by_window_packing_for_any_chunking():
     cuts = np.sort(rng.choice(np.arange(1, 5_000), 60, replace=False))
     chunks = np.split(tokens, cuts)
     seq, count, block, rows = 16, 290, 37, 7
-    plain = [tokens[i * seq:i * seq + seq + 1] for i in range(count)]
+    plain = [tokens[i * seq : i * seq + seq + 1] for i in range(count)]
     order = shuffle_order(5, 2)
-    expected = [plain[j * block + k] for j in range(-(-count // block)) for k in order(j, min(block, count - j * block))]
+    expected = [
+        plain[j * block + k] for j in range(-(-count // block)) for k in order(j, min(block, count - j * block))
+    ]
     got = [r for b in row_batches(window_blocks(chunks, seq, count, block, order), rows) for r in b]
     assert len(got) == count // rows * rows and all(np.array_equal(a, b) for a, b in zip(got, expected))
 
@@ -107,7 +115,7 @@ def test_an_epoch_covers_every_window_once(data):
     _, offset, steps = stream.epoch_plan(0)
     shards = stream.epoch_plan(0)[0]
     flat = np.concatenate([np.frombuffer(b"".join(_member_bytes(s["url"])), dtype=np.uint16) for s in shards])
-    expected = {tuple(flat[offset + k * 32: offset + k * 32 + 33].tolist()) for k in range(steps * 2)}
+    expected = {tuple(flat[offset + k * 32 : offset + k * 32 + 33].tolist()) for k in range(steps * 2)}
     it = iter(stream)
     seen = [tuple(row.tolist()) for _ in range(steps) for row in next(it)]
     assert len(seen) == len(set(seen)) == steps * 2 and set(seen) == expected
@@ -241,8 +249,10 @@ def take_loaded(data, world, workers, steps, state=None, micro=6, group=2, **kw)
     handing over `group` steps at a time."""
     from data_pipeline import Loader
 
-    loaders = [Loader(TokenStream(data, "train", 32, micro, r, world, seed=7, shuffle_buffer=40, **kw), workers, group=group)
-               for r in range(world)]
+    loaders = [
+        Loader(TokenStream(data, "train", 32, micro, r, world, seed=7, shuffle_buffer=40, **kw), workers, group=group)
+        for r in range(world)
+    ]
     for loader in loaders:
         if state:
             loader.load_state_dict(state)
@@ -258,7 +268,10 @@ def test_worker_processes_keep_the_order_and_the_position_exactly(data):
         assert all(torch.equal(a, b) for a, b in zip(straight, loaded)) and state == end
     # Stop at step 11 with 3 workers (they have prefetched further), resume on 3 ranks with 2 workers.
     _, state = take_loaded(data, 2, 3, 11)
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 11 - TokenStream(data, "train", 32, 12, 0, 1).steps_per_epoch)
+    assert (state["epoch"], state["step_in_epoch"]) == (
+        1,
+        11 - TokenStream(data, "train", 32, 12, 0, 1).steps_per_epoch,
+    )
     resumed, state = take_loaded(data, 3, 2, 14, state=state, micro=4, group=3)
     assert all(torch.equal(a, b) for a, b in zip(straight[11:], resumed)) and state == end
 

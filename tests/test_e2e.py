@@ -52,13 +52,29 @@ def test_prepare_wrote_shards_and_manifest(trained):
     manifest = json.loads((work / "data" / "manifest.json").read_text())
     tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     assert tokens == 300_000 + 2  # every byte, plus one end-of-text per split part
-    listing = subprocess.run(["tar", "-tf", str(work / "data" / "train-000000.tar")], capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        ["tar", "-tf", str(work / "data" / "train-000000.tar")], capture_output=True, text=True, check=True
+    )
     assert listing.stdout.splitlines()[0].endswith(".tokens")
 
 
-KEYS = ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_time_s",
-        "time_data_s", "time_forward_backward_s", "time_optimizer_s", "time_sync_s", "time_checkpoint_s", "mem_peak_gb",
-        "goodput")
+KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "loss_scale",
+    "tokens_per_s",
+    "tokens_per_s_per_worker",
+    "mfu",
+    "step_time_s",
+    "time_data_s",
+    "time_forward_backward_s",
+    "time_optimizer_s",
+    "time_sync_s",
+    "time_checkpoint_s",
+    "mem_peak_gb",
+    "goodput",
+)
 
 
 def loopback(ip: str) -> bool:
@@ -75,7 +91,9 @@ def test_the_private_ray_listens_on_loopback_only_and_ends_with_the_job(trained)
     assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= {s.split(" ", 1)[1].split(".")[0] for s in sockets}
     outward = [s for s in sockets if not loopback(s.split(" ")[0])]
     assert outward == [], outward  # before: the GCS, raylet and workers on every interface
-    alive = [pid for pid in listening if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    alive = [
+        pid for pid in listening if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert alive == [], [psutil.Process(pid).cmdline()[:3] for pid in alive]
 
 
@@ -102,7 +120,9 @@ def test_run_loss_falls_and_metrics_have_the_keys(trained):
     assert all(m["mfu"] == pytest.approx(m["tokens_per_s"] * flops / (2 * peak * 1e12)) for m in train)
     assert train[0]["loss"] < 5.6 and train[-1]["loss"] < train[0]["loss"] - 0.4
     assert [m["step"] for m in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
-    assert r.stdout.count("step     40/40 [####################] 100% | loss") == 1 and "ETA" in r.stdout  # rank 0, once
+    assert (
+        r.stdout.count("step     40/40 [####################] 100% | loss") == 1 and "ETA" in r.stdout
+    )  # rank 0, once
     assert "sample from the final checkpoint" in r.stdout
 
 
@@ -117,10 +137,15 @@ def test_the_console_shows_progress_and_the_summary_and_the_rest_goes_to_the_log
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table}
     assert cells["tokens seen"] == f"{40 * 16 * 32:,}" and cells["restarts"] == "0"
-    assert cells["final val_loss"] == f"{vals[-1]:.4f} (step 40)" and cells["best val_loss"].startswith(f"{min(vals):.4f}")
+    assert cells["final val_loss"] == f"{vals[-1]:.4f} (step 40)" and cells["best val_loss"].startswith(
+        f"{min(vals):.4f}"
+    )
     assert cells["mean MFU"].endswith("(fp32 matmul measured on this CPU)")
-    noise = [line for line in console_before_sample(r).splitlines()
-             if "INFO" in line or "pid=" in line or "DeepSpeed" in line or "Warning" in line]
+    noise = [
+        line
+        for line in console_before_sample(r).splitlines()
+        if "INFO" in line or "pid=" in line or "DeepSpeed" in line or "Warning" in line
+    ]
     assert noise == [], noise[:5]
     log = (work / "runs" / "e2e" / "workers.log").read_text()
     assert "(RayTrainWorker" in log or "(TrainController" in log  # what Ray would have printed is kept here
@@ -135,7 +160,9 @@ def test_checkpoints_complete_and_pruned(trained):
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000040"]  # keep: 1
     assert (root / "latest").read_text() == "step_00000040"
     ckpt = root / "step_00000040"
-    assert {"trainctl.json", "config.yaml", "rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert {"trainctl.json", "config.yaml", "rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
     info = json.loads((ckpt / "trainctl.json").read_text())
     assert info["step"] == 40 and info["world_size"] == 2 and info["tokenizer"]["name"] == "byte"
     assert (work / "runs" / "e2e" / "config.yaml").read_text().startswith("name: e2e")
@@ -169,12 +196,24 @@ def test_wandb_offline_run_holds_the_metrics(trained):
 @pytest.mark.slow
 def test_generate_returns_requested_length(trained):
     work, *_ = trained
-    r = trainctl("generate", "runs/e2e", "--prompt", "ROMEO:", "--max-new-tokens", "30", "--temperature", "0", cwd=work, timeout=120)
+    r = trainctl(
+        "generate",
+        "runs/e2e",
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "30",
+        "--temperature",
+        "0",
+        cwd=work,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:")
+    import torch
+
     from trainer.checkpoint import find_checkpoint
     from trainer.generate import load_model
-    import torch
 
     model, tok = load_model(find_checkpoint(work / "runs" / "e2e"))
     prompt = torch.tensor([tok.encode("ROMEO:").tolist()])
@@ -200,11 +239,27 @@ def test_single_plain_process_without_ray(trained):
     """The same worker function alone in this process: `--no-ray` with one worker. Its
     output is the console's alone: no DeepSpeed op build, no profiler lines."""
     work, *_ = trained
-    r = trainctl("run", "job.yaml", "--no-ray", "name=solo", "cluster.num_workers=1", "train.max_steps=10",
-                 "train.eval_every=10", "checkpoint.every=10", "train.sample_tokens=5", "--profile", "1-2", cwd=work, timeout=300)
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=solo",
+        "cluster.num_workers=1",
+        "train.max_steps=10",
+        "train.eval_every=10",
+        "checkpoint.every=10",
+        "train.sample_tokens=5",
+        "--profile",
+        "1-2",
+        cwd=work,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    noise = [line for line in console_before_sample(r).splitlines()
-             if not line.startswith(("trainctl: ", "step ", "| ", "+-", " ")) and line.strip()]
+    noise = [
+        line
+        for line in console_before_sample(r).splitlines()
+        if not line.startswith(("trainctl: ", "step ", "| ", "+-", " ")) and line.strip()
+    ]
     assert noise == [], noise
     rows = metrics(work / "runs" / "solo")
     assert [m["step"] for m in rows if "loss" in m] == [10] and [m["step"] for m in rows if "val_loss" in m] == [10]
@@ -219,8 +274,21 @@ def test_bpe_dataset_trains_and_its_tokenizer_travels_into_the_checkpoint(traine
     assert r.returncode == 0, r.stderr
     small = trainctl("run", "job.yaml", "--no-ray", "name=bpe", "data.path=bpe", "cluster.num_workers=1", cwd=work)
     assert small.returncode == 2 and "tokenizer has 512 tokens but model.vocab_size=257" in small.stderr
-    r = trainctl("run", "job.yaml", "--no-ray", "name=bpe", "data.path=bpe", "model.vocab_size=512", "cluster.num_workers=1",
-                 "train.max_steps=10", "train.eval_every=10", "checkpoint.every=10", "train.sample_tokens=0", cwd=work, timeout=300)
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=bpe",
+        "data.path=bpe",
+        "model.vocab_size=512",
+        "cluster.num_workers=1",
+        "train.max_steps=10",
+        "train.eval_every=10",
+        "checkpoint.every=10",
+        "train.sample_tokens=0",
+        cwd=work,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((work / "runs" / "bpe" / "checkpoints" / "step_00000010" / "trainctl.json").read_text())
     assert info["tokenizer"]["name"] == "bpe" and info["tokenizer"]["vocab_size"] == 512 and "json" in info["tokenizer"]
@@ -246,9 +314,22 @@ def test_training_over_http_matches_the_local_folder(trained):
     try:
         losses = {}
         for name, path in (("local", "data"), ("http", f"http://127.0.0.1:{httpd.server_address[1]}/data")):
-            r = trainctl("run", "job.yaml", "--no-ray", f"name={name}", f"data.path={path}", "cluster.num_workers=1",
-                         "train.max_steps=4", "train.log_every=1", "train.eval_every=4", "checkpoint.every=4",
-                         "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+            r = trainctl(
+                "run",
+                "job.yaml",
+                "--no-ray",
+                f"name={name}",
+                f"data.path={path}",
+                "cluster.num_workers=1",
+                "train.max_steps=4",
+                "train.log_every=1",
+                "train.eval_every=4",
+                "checkpoint.every=4",
+                "train.sample_tokens=0",
+                "tracking.mode=disabled",
+                cwd=work,
+                timeout=300,
+            )
             assert r.returncode == 0, r.stderr[-3000:]
             losses[name] = [(m["step"], m.get("loss"), m.get("val_loss")) for m in metrics(work / "runs" / name)]
     finally:
@@ -269,8 +350,21 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
 
     first = TokenStream(str(broken), "train", 32, 8, 0, 2, seed=1337).epoch_plan(0)[0][0]["path"]  # read first
     (broken / first).write_bytes(b"not a tar file" * 100)
-    r = trainctl("run", "job.yaml", "name=skip", "data.path=broken-skip", "data.on_error=skip", "train.max_steps=10",
-                 "train.sample_tokens=0", "tracking.mode=disabled", "--verbose", "--profile", "2", cwd=work, timeout=300)
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "name=skip",
+        "data.path=broken-skip",
+        "data.on_error=skip",
+        "train.max_steps=10",
+        "train.sample_tokens=0",
+        "tracking.mode=disabled",
+        "--verbose",
+        "--profile",
+        "2",
+        cwd=work,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [m for m in metrics(work / "runs" / "skip") if "loss" in m]
     assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
@@ -286,7 +380,9 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
         names = {e.get("name", "") for e in trace["traceEvents"]}
         assert any("aten::mm" in n or "aten::addmm" in n for n in names) and any("backward" in n.lower() for n in names)
     bad = trainctl("run", "job.yaml", "name=prof2", "--profile", "two", cwd=work)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("trainctl: error: --profile two: give N")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "trainctl: error: --profile two: give N"
+    )
     assert not (work / "runs" / "prof2").exists()
 
 
@@ -301,21 +397,45 @@ def test_raw_text_shards_train_without_prepare(trained):
     for s in range(2):
         with wds.TarWriter(str(work / "raw" / f"part-{s:04d}.tar")) as sink:
             for k in range(50):
-                sink.write({"__key__": f"{s}-{k}", "txt": text[(s * 50 + k) * 1000:(s * 50 + k + 1) * 1000]})
-    r = trainctl("run", "job.yaml", "--no-ray", "name=raw", "data.path=raw/part-{0000..0001}.tar", "cluster.num_workers=1",
-                 "train.max_steps=6", "train.log_every=3", "checkpoint.every=6", "train.sample_tokens=0",
-                 "tracking.mode=disabled", cwd=work, timeout=300)
+                sink.write({"__key__": f"{s}-{k}", "txt": text[(s * 50 + k) * 1000 : (s * 50 + k + 1) * 1000]})
+    r = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=raw",
+        "data.path=raw/part-{0000..0001}.tar",
+        "cluster.num_workers=1",
+        "train.max_steps=6",
+        "train.log_every=3",
+        "checkpoint.every=6",
+        "train.sample_tokens=0",
+        "tracking.mode=disabled",
+        cwd=work,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(work / "runs" / "raw")
     assert [m["step"] for m in rows] == [3, 6] and all("val_loss" not in m for m in rows)  # raw shards: no val split
-    assert json.loads((work / "runs" / "raw" / "checkpoints" / "step_00000006" / "trainctl.json").read_text())["step"] == 6
-    bad = trainctl("run", "job.yaml", "--no-ray", "name=raw2", "data.path=raw/part-{0000..0009}.tar", "cluster.num_workers=1",
-                   cwd=work, timeout=120)
+    assert (
+        json.loads((work / "runs" / "raw" / "checkpoints" / "step_00000006" / "trainctl.json").read_text())["step"] == 6
+    )
+    bad = trainctl(
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=raw2",
+        "data.path=raw/part-{0000..0009}.tar",
+        "cluster.num_workers=1",
+        cwd=work,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "8 of 10 shards do not exist" in bad.stderr, bad.stderr
     # --no-ray alone is one process: the job's 2 workers are refused before anything is written
     bad = trainctl("run", "job.yaml", "--no-ray", "name=raw3", cwd=work, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip() == ("trainctl: error: --no-ray runs 1 process but cluster.num_workers=2: "
-                                                          "set cluster.num_workers=1 (or start the ranks with torchrun)")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "trainctl: error: --no-ray runs 1 process but cluster.num_workers=2: "
+        "set cluster.num_workers=1 (or start the ranks with torchrun)"
+    )
     assert not (work / "runs" / "raw3").exists()
 
 
@@ -324,9 +444,21 @@ def test_mixed_sources_train_and_log_their_proportions(trained):
     work, *_ = trained
     (work / "code.txt").write_text((REPO / "trainer" / "model.py").read_text() * 8)
     assert trainctl("prepare", "code.txt", "--out", "code", cwd=work, timeout=120).returncode == 0
-    (work / "mix.yaml").write_text(JOB.replace("data: {path: data,", "data: {sources: [{path: data, weight: 3}, {path: code, weight: 1}],"))
-    r = trainctl("run", "mix.yaml", "--no-ray", "name=mix", "cluster.num_workers=1", "train.max_steps=20",
-                 "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+    (work / "mix.yaml").write_text(
+        JOB.replace("data: {path: data,", "data: {sources: [{path: data, weight: 3}, {path: code, weight: 1}],")
+    )
+    r = trainctl(
+        "run",
+        "mix.yaml",
+        "--no-ray",
+        "name=mix",
+        "cluster.num_workers=1",
+        "train.max_steps=20",
+        "train.sample_tokens=0",
+        "tracking.mode=disabled",
+        cwd=work,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [m for m in metrics(work / "runs" / "mix") if "loss" in m]
     mix = rows[-1]["data_mix"]  # 20 steps x 8 sequences
@@ -342,13 +474,27 @@ def test_document_masking_trains(trained):
     (work / "docs").mkdir()
     text = (work / "text.txt").read_text()
     for i in range(60):  # many short documents, so that windows cross document ends
-        (work / "docs" / f"{i:03d}.txt").write_text(text[i * 300:(i + 1) * 300])
+        (work / "docs" / f"{i:03d}.txt").write_text(text[i * 300 : (i + 1) * 300])
     assert trainctl("prepare", "docs", "--out", "docs-data", cwd=work, timeout=120).returncode == 0
     losses = {}
     for masking in ("false", "true"):
-        r = trainctl("run", "job.yaml", "--no-ray", f"name=mask-{masking}", "data.path=docs-data", "cluster.num_workers=1",
-                     f"data.document_masking={masking}", "train.max_steps=3", "train.log_every=1", "train.eval_every=3",
-                     "checkpoint.every=3", "train.sample_tokens=0", "tracking.mode=disabled", cwd=work, timeout=300)
+        r = trainctl(
+            "run",
+            "job.yaml",
+            "--no-ray",
+            f"name=mask-{masking}",
+            "data.path=docs-data",
+            "cluster.num_workers=1",
+            f"data.document_masking={masking}",
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.eval_every=3",
+            "checkpoint.every=3",
+            "train.sample_tokens=0",
+            "tracking.mode=disabled",
+            cwd=work,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         losses[masking] = [m for m in metrics(work / "runs" / f"mask-{masking}") if "loss" in m]
     assert [m["step"] for m in losses["true"]] == [1, 2, 3]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from trainer.guard import SPIKE_WINDOW, DivergenceGuard, Diverged
+from trainer.guard import SPIKE_WINDOW, Diverged, DivergenceGuard
 from trainer.loop import TrainState
 
 
@@ -45,8 +45,12 @@ def test_rolled_back_records_the_skipped_window_on_rank_0_only(tmp_path, capsys)
     position = {"epoch": 0, "batch": 14}
     assert guard.rolled_back(15, "the loss is nan", tmp_path / "step_00000010", 1, position) == 15
     assert list(guard.recent) == []
-    assert json.loads(log.read_text()) == {"step": 15, "alarm": "the loss is nan",
-                                           "checkpoint": str(tmp_path / "step_00000010"), "skipped": position}
+    assert json.loads(log.read_text()) == {
+        "step": 15,
+        "alarm": "the loss is nan",
+        "checkpoint": str(tmp_path / "step_00000010"),
+        "skipped": position,
+    }
     assert "rolled back to" in capsys.readouterr().err
     other = DivergenceGuard(None, 3, None)  # another rank: nothing written, nothing printed
     assert other.rolled_back(15, "x", tmp_path, 1, position) == 15

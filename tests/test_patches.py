@@ -11,15 +11,18 @@ from trainer import patches
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-@pytest.mark.parametrize("patch, module, attribute, versions", patches.TARGETS,
-                         ids=[f"{p}:{m}.{a}" for p, m, a, _ in patches.TARGETS])
+@pytest.mark.parametrize(
+    "patch, module, attribute, versions", patches.TARGETS, ids=[f"{p}:{m}.{a}" for p, m, a, _ in patches.TARGETS]
+)
 def test_the_private_name_a_patch_uses_is_still_there(patch, module, attribute, versions):
     assert callable(getattr(patches, patch)), f"TARGETS names {patch}, which trainer/patches.py does not define"
     try:
         patches.resolve(module, attribute)
     except (ImportError, AttributeError) as e:
-        pytest.fail(f"patches.{patch} (written for {versions}) relies on {module}.{attribute}, which is gone "
-                    f"({type(e).__name__}: {e}): rewrite the patch for the installed version")
+        pytest.fail(
+            f"patches.{patch} (written for {versions}) relies on {module}.{attribute}, which is gone "
+            f"({type(e).__name__}: {e}): rewrite the patch for the installed version"
+        )
 
 
 def test_deepspeed_still_reads_the_universal_flag_and_has_the_shm_op():
@@ -68,10 +71,12 @@ def test_no_module_of_trainctl_changes_the_environment_when_imported():
     import subprocess
     import sys
 
-    code = ("import os, json; before = dict(os.environ)\n"
-            "import launcher.cli, launcher.config, launcher.plan, cluster.ray_job, cluster.jobs, cluster.check, "
-            "cluster.local_ray, trainer.loop, trainer.export, trainer.generate, trainer.patches, data_pipeline.prepare\n"
-            "print(json.dumps(sorted(k for k in os.environ if os.environ.get(k) != before.get(k))))")
+    code = (
+        "import os, json; before = dict(os.environ)\n"
+        "import launcher.cli, launcher.config, launcher.plan, cluster.ray_job, cluster.jobs, cluster.check, "
+        "cluster.local_ray, trainer.loop, trainer.export, trainer.generate, trainer.patches, data_pipeline.prepare\n"
+        "print(json.dumps(sorted(k for k in os.environ if os.environ.get(k) != before.get(k))))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from trainer import perf
-from trainer.model import ModelConfig
 from trainer.console import CONSOLE_LINE, progress_line, summary_table
+from trainer.model import ModelConfig
 
 
 def test_flops_per_token_of_gpt2_small_by_hand():
@@ -69,11 +69,20 @@ def test_the_progress_line_and_the_summary_are_console_lines():
 
     m = {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 12345.6, "mfu": 0.42, "step_time_s": 0.25, "data_wait": 0.03}
     line = progress_line(150, 1500, m, eta_s=95)
-    assert line == ("step    150/1500 [##------------------]  10% | loss 2.5000 | lr 1.00e-03 | 12,346 tok/s | MFU 42.0% | "
-                    "step 250 ms (data 3%) | ETA 1m35s")
+    assert line == (
+        "step    150/1500 [##------------------]  10% | loss 2.5000 | lr 1.00e-03 | 12,346 tok/s | MFU 42.0% | "
+        "step 250 ms (data 3%) | ETA 1m35s"
+    )
     table = summary_table([("tokens seen", "1,000"), ("restarts", "0")])
     assert table.splitlines() == ["| tokens seen | 1,000 |", "| restarts    | 0     |"]
     console = re.compile(CONSOLE_LINE)
     assert all(console.match(x) for x in [line, *table.splitlines(), "trainctl: done: 1 steps"])
-    assert not any(console.match(x) for x in ["[2026-11-25 10:00:00] INFO config.py: ...", "  return func(*args)",
-                                               "stepping", "Setting up process group"])
+    assert not any(
+        console.match(x)
+        for x in [
+            "[2026-11-25 10:00:00] INFO config.py: ...",
+            "  return func(*args)",
+            "stepping",
+            "Setting up process group",
+        ]
+    )

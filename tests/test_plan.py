@@ -29,8 +29,10 @@ def test_gpt2_124m_by_hand():
 
 
 def test_llama_1b_by_hand_and_what_fits():
-    cfg = load_config(REPO / "configs" / "llama-1b.yaml", ["model.activation_checkpointing=true", "train.zero_stage=3",
-                                                                "train.micro_batch_size=4"])
+    cfg = load_config(
+        REPO / "configs" / "llama-1b.yaml",
+        ["model.activation_checkpointing=true", "train.zero_stage=3", "train.micro_batch_size=4"],
+    )
     p = make_plan(cfg, mfu=0.5)
     # grouped-query attention: 8 kv heads of 64 = 512 wide; SwiGLU 8192; untied head
     block = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
@@ -50,25 +52,35 @@ def test_llama_1b_by_hand_and_what_fits():
 
 
 def test_plan_command_and_the_fit_warning(tmp_path):
-    small = ["model.activation_checkpointing=true", "train.micro_batch_size=4", "cluster.gpu_memory_gb=12", "train.zero_stage=1"]
+    small = [
+        "model.activation_checkpointing=true",
+        "train.micro_batch_size=4",
+        "cluster.gpu_memory_gb=12",
+        "train.zero_stage=1",
+    ]
     r = trainctl("plan", "configs/llama-1b.yaml", *small, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "parameters          1,498,482,688 (973,146,112 without embeddings)" in r.stdout
     assert "ZeRO-1              13.58 GiB                   too big <- this job" in r.stdout
     assert r.stdout.strip().endswith("verdict: the smallest ZeRO stage that fits is ZeRO-2")
     cfg = load_config(REPO / "configs" / "llama-1b.yaml", small)
-    assert fit_warning(cfg) == ("this job needs about 13.58 GiB per GPU at ZeRO-1 but cluster.gpu_memory_gb is 12: "
-                                "ZeRO-2 fits (see `trainctl plan`)")
+    assert fit_warning(cfg) == (
+        "this job needs about 13.58 GiB per GPU at ZeRO-1 but cluster.gpu_memory_gb is 12: "
+        "ZeRO-2 fits (see `trainctl plan`)"
+    )
     assert fit_warning(load_config(REPO / "configs" / "llama-1b.yaml")) is None
     assert fit_warning(load_config(REPO / "configs" / "tiny-cpu.yaml")) is None  # CPU jobs declare no GPU memory
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--mfu", "0"], "--mfu 0 is out of range: give a positive number up to 1"),
-    (["--mfu", "1.5"], "--mfu 1.5 is out of range"),
-    (["--gpu-memory-gb", "-1"], "--gpu-memory-gb -1 is out of range"),
-    (["model.n_layer=0"], "model.n_layer"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--mfu", "0"], "--mfu 0 is out of range: give a positive number up to 1"),
+        (["--mfu", "1.5"], "--mfu 1.5 is out of range"),
+        (["--gpu-memory-gb", "-1"], "--gpu-memory-gb -1 is out of range"),
+        (["model.n_layer=0"], "model.n_layer"),
+    ],
+)
 def test_plan_bad_input_is_one_line_exit_2(args, fragment):
     r = trainctl("plan", "configs/gpt2-124m.yaml", *args, cwd=REPO, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr

@@ -37,8 +37,13 @@ MD_LINK = re.compile(r"\]\(\s*$")  # just before a path: it is a Markdown link's
 def project_files() -> list[str]:
     """Every file a commit would hold: tracked, or new and not ignored."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     return sorted({f for f in out.split("\0") if f and (REPO / f).is_file()})
@@ -109,7 +114,7 @@ def references_outside(rel: str, text: str) -> list[str]:
             # appended to another path
             if any((n, col) in joined for col in range(m.start() - 5, m.start())):
                 continue
-            link = rel.endswith(".md") and MD_LINK.search(line[:m.start()])
+            link = rel.endswith(".md") and MD_LINK.search(line[: m.start()])
             bases = [here] if link else [here, REPO]
             if any(escapes(base, m.group(1)) for base in bases):
                 found.append(f"{rel}:{n}: {m.group(1)}")
@@ -121,7 +126,7 @@ def references_outside(rel: str, text: str) -> list[str]:
             for m in ROOT_PARENT.finditer(line):
                 found.append(f"{rel}:{n}: {m.group(0)} (the folder above the repo)")
         for m in ABSOLUTE_RE.finditer(line):
-            found.append(f"{rel}:{n}: {line[m.start():].split()[0]} (an absolute path of this machine)")
+            found.append(f"{rel}:{n}: {line[m.start() :].split()[0]} (an absolute path of this machine)")
     return found
 
 
@@ -136,30 +141,37 @@ def test_no_file_refers_to_a_path_outside_the_repo():
     assert not found, "paths outside the repo (put what they name inside it):\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("rel, text, bad", [
-    ("configs/x.yaml", "  path: " + UP + "shared/data/t.txt   # c", True),  # configs/ + ../ is in the repo, the root's is not
-    ("configs/x.yaml", "  path: tests/data/t.txt", False),
-    ("README.md", "See `" + UP + "shared/DESIGN.md`", True),
-    ("cluster/kuberay/README.md", "see [the README](" + UP + UP + "README.md)", False),  # a link, from its folder
-    ("cluster/kuberay/README.md", "see [x](" + UP + UP + UP + "x.md)", True),
-    ("benchmarks/b.py", '"""    python benchmarks/b.py [--text ' + UP + 'shared/t.txt]"""', True),
-    ("benchmarks/b.py", 'ap.add_argument("--text", default="' + UP + 'corpus.txt")', True),
-    ("tests/t.py", 'p = tmp_path / "' + UP + 'sibling"', False),  # climbs from tmp_path
-    ("tests/t.py", 'p = os.path.join(tmp, "' + UP + 'sibling")', False),
-    ("tests/t.py", 'p = open("' + UP + 'sibling")', True),
-    ("tests/t.py", 'p = f"{tmp}/' + UP + 'x"', False),
-    ("tests/t.py", "X = Path(__file__).resolve()" + ".parents[2] / 'shared'", True),
-    ("tests/t.py", "REPO = Path(__file__).resolve().parents[1]", False),
-    ("tests/t.py", "X = Path(__file__)" + ".parent.parent.parent", True),
-    ("tests/t.py", "X = Path(__file__)" + ".parent.parent", False),
-    ("tests/t.py", "X = REPO" + ".parent / 'shared'", True),
-    ("launcher/x.py", "log_path.parent.mkdir()", False),
-    ("README.md", "writes to /shared/runs on every node", False),  # a mount point on the cluster
-    ("benchmarks/b.py", 'ap.add_argument("--work", default="/tmp/bench")', False),  # scratch space
-    ("README.md", "reads " + "/wo" + "rk/shared/data", True),
-    ("README.md", "`cd " + UP + "..` then", True),
-    ("README.md", "a `" + UP + "` in prose names nothing", False),
-])
+@pytest.mark.parametrize(
+    "rel, text, bad",
+    [
+        (
+            "configs/x.yaml",
+            "  path: " + UP + "shared/data/t.txt   # c",
+            True,
+        ),  # configs/ + ../ is in the repo, the root's is not
+        ("configs/x.yaml", "  path: tests/data/t.txt", False),
+        ("README.md", "See `" + UP + "shared/DESIGN.md`", True),
+        ("cluster/kuberay/README.md", "see [the README](" + UP + UP + "README.md)", False),  # a link, from its folder
+        ("cluster/kuberay/README.md", "see [x](" + UP + UP + UP + "x.md)", True),
+        ("benchmarks/b.py", '"""    python benchmarks/b.py [--text ' + UP + 'shared/t.txt]"""', True),
+        ("benchmarks/b.py", 'ap.add_argument("--text", default="' + UP + 'corpus.txt")', True),
+        ("tests/t.py", 'p = tmp_path / "' + UP + 'sibling"', False),  # climbs from tmp_path
+        ("tests/t.py", 'p = os.path.join(tmp, "' + UP + 'sibling")', False),
+        ("tests/t.py", 'p = open("' + UP + 'sibling")', True),
+        ("tests/t.py", 'p = f"{tmp}/' + UP + 'x"', False),
+        ("tests/t.py", "X = Path(__file__).resolve()" + ".parents[2] / 'shared'", True),
+        ("tests/t.py", "REPO = Path(__file__).resolve().parents[1]", False),
+        ("tests/t.py", "X = Path(__file__)" + ".parent.parent.parent", True),
+        ("tests/t.py", "X = Path(__file__)" + ".parent.parent", False),
+        ("tests/t.py", "X = REPO" + ".parent / 'shared'", True),
+        ("launcher/x.py", "log_path.parent.mkdir()", False),
+        ("README.md", "writes to /shared/runs on every node", False),  # a mount point on the cluster
+        ("benchmarks/b.py", 'ap.add_argument("--work", default="/tmp/bench")', False),  # scratch space
+        ("README.md", "reads " + "/wo" + "rk/shared/data", True),
+        ("README.md", "`cd " + UP + "..` then", True),
+        ("README.md", "a `" + UP + "` in prose names nothing", False),
+    ],
+)
 def test_what_counts_as_a_reference_outside(rel, text, bad):
     assert bool(references_outside(rel, text)) == bad, references_outside(rel, text)
 
@@ -186,7 +198,8 @@ def test_every_local_dataset_of_a_shipped_config_is_in_the_repo():
             rel = where.relative_to(REPO).as_posix()
             if rel.startswith("data/"):
                 continue
-            assert rel in files or any(f.startswith(rel + "/") for f in files), \
+            assert rel in files or any(f.startswith(rel + "/") for f in files), (
                 f"{config.name}: {key} {path} is not a file or folder of the repo"
+            )
             checked += 1
     assert checked  # configs/shakespeare-char.yaml reads tests/data/tinyshakespeare.txt

@@ -26,8 +26,10 @@ def site(tmp_path):
         folder.mkdir(parents=True)
         (folder / "t.txt").write_text("to be or not to be\n" * 100)
     (job / ".gitignore").write_text("scratch/\n")
-    (job / "job.yaml").write_text("name: j\ndata: {path: corpus/t.txt}\ntracking: {mode: disabled}\n"
-                                  f"checkpoint: {{storage_path: {tmp_path / 'runs'}}}\n")
+    (job / "job.yaml").write_text(
+        "name: j\ndata: {path: corpus/t.txt}\ntracking: {mode: disabled}\n"
+        f"checkpoint: {{storage_path: {tmp_path / 'runs'}}}\n"
+    )
     return job, outside
 
 
@@ -45,15 +47,19 @@ def test_data_the_upload_carries_passes_and_the_rest_is_named(site):
     for url in ("https://host/data", "s3://bucket/data", "gs://bucket/data", "stdlib"):
         assert check(job, f"data.path={url}") is None, url
     said = check(job, f"data.path={outside / 't.txt'}")
-    assert said == (f"data.path {outside / 't.txt'} is outside the folder submit uploads ({job}) and not a URL: copy "
-                    f"it under {job}, give an http(s)://, s3:// or gs:// URL, or pass --shared-data if every node "
-                    "mounts it at that path")
+    assert said == (
+        f"data.path {outside / 't.txt'} is outside the folder submit uploads ({job}) and not a URL: copy "
+        f"it under {job}, give an http(s)://, s3:// or gs:// URL, or pass --shared-data if every node "
+        "mounts it at that path"
+    )
     assert "is outside the folder submit uploads" in check(job, f"data.path={os.path.relpath(outside / 't.txt', job)}")
     assert "is outside" in check(job, f"data.path={outside}/*.txt")
     assert "is outside" in check(job, f"data.path=file://{outside / 't.txt'}")
     for left in ("data/t.txt", "scratch/t.txt", "data/web/train-{000000..000009}.tar"):
         assert "but the upload leaves it out" in check(job, f"data.path={left}"), left
-    mixed = check(job, "data.path=stdlib", f"data.sources=[{{path: stdlib, weight: 1}}, {{path: {outside}, weight: 2}}]")
+    mixed = check(
+        job, "data.path=stdlib", f"data.sources=[{{path: stdlib, weight: 1}}, {{path: {outside}, weight: 2}}]"
+    )
     assert mixed.startswith(f"data.sources[1].path {outside} is outside")
 
 
@@ -72,11 +78,16 @@ def test_the_job_on_the_cluster_is_pointed_at_its_data(site):
     assert overrides(f"data.path={job.parent / 'link' / 'corpus' / '*.txt'}") == ["data.path=corpus/*.txt"]
     assert overrides('data.path="corpus/a: b.txt"') == ['data.path="corpus/a: b.txt"']  # read back as it was
     assert overrides("data.path=s3://bucket/x") == [] and overrides("data.path=stdlib") == []
-    [mix] = overrides("data.path=stdlib", f"data.sources=[{{path: corpus, weight: 1}}, {{path: {outside}, weight: 2}}, "
-                      "{path: https://h/x, weight: 1}]")
+    [mix] = overrides(
+        "data.path=stdlib",
+        f"data.sources=[{{path: corpus, weight: 1}}, {{path: {outside}, weight: 2}}, {{path: https://h/x, weight: 1}}]",
+    )
     cfg = load_config(None, [mix], base_dir="/elsewhere")  # as the cluster reads it, in its copy
-    assert [(s.path, s.weight) for s in cfg.data.sources] == [("/elsewhere/corpus", 1), (str(outside), 2),
-                                                              ("https://h/x", 1)]
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [
+        ("/elsewhere/corpus", 1),
+        (str(outside), 2),
+        ("https://h/x", 1),
+    ]
 
 
 def test_the_repo_uploads_its_test_corpus_and_stays_small():
@@ -93,13 +104,18 @@ def test_submit_refuses_data_it_does_not_upload_in_one_line_before_the_cluster(s
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"trainctl: error: data.path {outside / 't.txt'} is outside the folder submit uploads ({job}) and not a URL: "
         f"copy it under {job}, give an http(s)://, s3:// or gs:// URL, or pass --shared-data if every node mounts it "
-        "at that path"], r.stderr
+        "at that path"
+    ], r.stderr
     # the same job on storage every node mounts, and jobs whose data goes along or is a URL:
     # past the check, they fail only on the address, where no cluster listens
     for args in ([f"data.path={outside / 't.txt'}", "--shared-data"], [], ["data.path=https://host/data"]):
         r = trainctl("submit", "job.yaml", "--address", NOWHERE, *args, cwd=job, timeout=120)
         assert r.returncode == 2 and "data.path" not in r.stderr, r.stderr
-        assert r.stderr.strip().splitlines()[-1].startswith(f"trainctl: error: cannot reach the Ray dashboard at {NOWHERE}")
+        assert (
+            r.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"trainctl: error: cannot reach the Ray dashboard at {NOWHERE}")
+        )
 
 
 def test_submit_help_names_shared_data():
@@ -107,5 +123,6 @@ def test_submit_help_names_shared_data():
 
     sub = build_parser()._subparsers._group_actions[0].choices["submit"]
     assert "--shared-data" in sub.format_help()
-    assert yaml.safe_load((REPO / "configs" / "shakespeare-char.yaml").read_text())["data"]["path"] == \
-        str(SHAKESPEARE.relative_to(REPO))
+    assert yaml.safe_load((REPO / "configs" / "shakespeare-char.yaml").read_text())["data"]["path"] == str(
+        SHAKESPEARE.relative_to(REPO)
+    )

@@ -39,7 +39,10 @@ def test_kuberay_rayjob_and_raycluster():
         gpu = spec["workerGroupSpecs"][0]
         assert int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0
         assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
-    mounts = {m["mountPath"] for m in cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    mounts = {
+        m["mountPath"]
+        for m in cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
     assert "/shared" in mounts  # shared storage for checkpoints
 
 
@@ -50,7 +53,9 @@ def test_cluster_launcher_config():
     assert cfg["head_node_type"] in types and cfg["provider"]["type"] == "aws"
     gpu = types["gpu"]
     assert 0 <= gpu["min_workers"] <= gpu["max_workers"] <= cfg["max_workers"]
-    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"][1:] + cfg["worker_start_ray_commands"][1:])
+    assert all(
+        "RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"][1:] + cfg["worker_start_ray_commands"][1:]
+    )
 
 
 def test_slurm_script_is_valid_bash_and_asks_for_gpus():
@@ -64,11 +69,15 @@ def test_slurm_script_is_valid_bash_and_asks_for_gpus():
     assert "ray start --head" in text and "ray start --address" in text
 
 
-COMMAND = re.compile(r"(?<![`\w])trainctl ((?:run|submit|plan|status|logs|stop|list|export|generate|prepare)\b[^\n#&|]*)")
+COMMAND = re.compile(
+    r"(?<![`\w])trainctl ((?:run|submit|plan|status|logs|stop|list|export|generate|prepare)\b[^\n#&|]*)"
+)
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(TEMPLATES).as_posix() for p in TEMPLATES.rglob("*")
-                                        if p.suffix in (".yaml", ".sbatch")))
+@pytest.mark.parametrize(
+    "path",
+    sorted(p.relative_to(TEMPLATES).as_posix() for p in TEMPLATES.rglob("*") if p.suffix in (".yaml", ".sbatch")),
+)
 def test_every_trainctl_command_in_a_template_exists(path):
     text = (TEMPLATES / path).read_text()
     commands = [shlex.split(m.strip().rstrip("\\")) for m in COMMAND.findall(text)]

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from cli_helpers import SHAKESPEARE
 
 from data_pipeline import DataError, TokenStream, build_tokenizer, load_manifest, prepare, tokenizer_from_dict
-from cli_helpers import SHAKESPEARE
 
 TEXT = "ROMEO: Wherefore art thou — ünïcode, 世界, tabs\tand  spaces\n"
 
@@ -97,7 +97,7 @@ def test_batched_encoding_equals_one_by_one(bpe_data):
     prepare_module = sys.modules["data_pipeline.prepare"]
     tok = tokenizer_from_dict(load_manifest(str(bpe_data / "d"))["tokenizer"])
     text = (bpe_data / "t.txt").read_bytes()
-    docs = [text[i:i + 700] for i in range(0, 70_000, 700)] + [text[:20_000]]  # many short, one cut into pieces
+    docs = [text[i : i + 700] for i in range(0, 70_000, 700)] + [text[:20_000]]  # many short, one cut into pieces
     batched = prepare_module.encode_documents(tok, docs, piece_chars=2_000)
     assert len(batched) == len(docs)
     assert all(np.array_equal(b, tok.encode(d)) for b, d in zip(batched, docs))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 
+from wandb_records import history
+
 from trainer.config import JobConfig
 from trainer.tracking import Tracker
-from wandb_records import history
 
 
 def test_a_resumed_run_continues_the_same_wandb_run_without_duplicated_or_dropped_steps(tmp_path, monkeypatch):

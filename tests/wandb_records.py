@@ -24,9 +24,9 @@ def records(path: Path) -> list[bytes]:
         if left < HEADER:  # block trailer too short for a record header: skipped
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         pos += HEADER
-        buf += data[pos:pos + length]
+        buf += data[pos : pos + length]
         pos += length
         if kind in (FULL, LAST):
             out.append(buf)

@@ -36,10 +36,17 @@ def data_paths(cfg: JobConfig) -> list[str]:
 def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedStream:
     """This rank's training stream: one dataset, or several mixed by weight."""
     d, t = cfg.data, cfg.train
-    common = dict(grad_accum_steps=cfg.accum_steps, seed=t.seed, shuffle_buffer=d.shuffle_buffer, on_error=d.on_error,
-                  raw=raw_options(cfg))
+    common = dict(
+        grad_accum_steps=cfg.accum_steps,
+        seed=t.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        on_error=d.on_error,
+        raw=raw_options(cfg),
+    )
     if d.sources:
-        return MixedStream([(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, **common)
+        return MixedStream(
+            [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, **common
+        )
     return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, **common)
 
 
@@ -59,7 +66,9 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world != cfg.cluster.num_workers:
-        raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers} but {world} processes joined; set cluster.num_workers={world}")
+        raise ValueError(
+            f"cluster.num_workers={cfg.cluster.num_workers} but {world} processes joined; set cluster.num_workers={world}"
+        )
     if cfg.cluster.use_gpu:
         torch.cuda.set_device(local_rank)
     return rank, world, local_rank
@@ -117,11 +126,33 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     # Data: every rank reads the same global order and keeps its own slice of each batch.
     stream = Loader(build_stream(cfg, rank, world), cfg.data.num_workers, pin_memory=cfg.cluster.use_gpu)
     tokenizer = stream.manifest["tokenizer"]
-    val = [batch for path in data_paths(cfg)
-           for batch in eval_batches(path, "val", cfg.data.seq_len, t.micro_batch_size, rank, world,
-                                     max_batches=t.eval_batches, on_error=cfg.data.on_error, raw=raw_options(cfg))]
-    w = Worker(cfg, rank, world, torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu"), folder, store,
-               stream, val, tokenizer, tokenizer["eot"] if cfg.data.document_masking else None)
+    val = [
+        batch
+        for path in data_paths(cfg)
+        for batch in eval_batches(
+            path,
+            "val",
+            cfg.data.seq_len,
+            t.micro_batch_size,
+            rank,
+            world,
+            max_batches=t.eval_batches,
+            on_error=cfg.data.on_error,
+            raw=raw_options(cfg),
+        )
+    ]
+    w = Worker(
+        cfg,
+        rank,
+        world,
+        torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu"),
+        folder,
+        store,
+        stream,
+        val,
+        tokenizer,
+        tokenizer["eot"] if cfg.data.document_masking else None,
+    )
     torch.manual_seed(t.seed)  # the same seed on every rank gives the same initial weights
     latest = resume_point(cfg, store)
     reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
@@ -139,17 +170,35 @@ def start_tracking(w: Worker, step: int, latest: Path | None) -> tuple[perf.Mete
         w.tracker = Tracker(cfg, w.folder, resume_step=step)
         attempt = record_attempt(w.folder, step, latest)
         if attempt.restarts:
-            print(f"trainctl: restart {attempt.restarts} of this job: resumed at step {step}, {attempt.lost_s:.0f} s "
-                  "lost since that checkpoint", flush=True)
+            print(
+                f"trainctl: restart {attempt.restarts} of this job: resumed at step {step}, {attempt.lost_s:.0f} s "
+                "lost since that checkpoint",
+                flush=True,
+            )
             w.tracker.log({"restarts": attempt.restarts, "time_lost_s": attempt.lost_s}, step, event=True)
     peak, peak_source = perf.device_peak_tflops(cfg.cluster.peak_tflops, cfg.cluster.use_gpu)
     if not cfg.cluster.use_gpu and not cfg.cluster.peak_tflops:
         (peak,) = perf.mean_over_ranks([peak], w.device)  # measured on every rank at once, as they train
     flops = perf.flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = cfg.global_batch * cfg.data.seq_len
-    meter = perf.Meter(flops, w.world, tokens_per_step, peak, w.device, step,
-                       *((attempt.launched_at, attempt.launched_step) if attempt else ()), peak_source=peak_source)
+    meter = perf.Meter(
+        flops,
+        w.world,
+        tokens_per_step,
+        peak,
+        w.device,
+        step,
+        *((attempt.launched_at, attempt.launched_step) if attempt else ()),
+        peak_source=peak_source,
+    )
     if w.rank == 0:
-        w.tracker.describe({"flops_per_token": flops, "peak_tflops_per_worker": peak, "peak_source": peak_source,
-                            "tokens_per_step": tokens_per_step, "tokenizer": w.tokenizer})
+        w.tracker.describe(
+            {
+                "flops_per_token": flops,
+                "peak_tflops_per_worker": peak,
+                "peak_source": peak_source,
+                "tokens_per_step": tokens_per_step,
+                "tokenizer": w.tokenizer,
+            }
+        )
     return meter, attempt

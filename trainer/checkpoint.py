@@ -21,8 +21,9 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +123,9 @@ def find_latest(root: Path) -> Path | None:
     over on top of them)."""
     pointer = root / "latest"
     if pointer.is_file() and not (root / pointer.read_text().strip() / COMPLETE).is_file():
-        warn(f"checkpoint {root / pointer.read_text().strip()} is incomplete (a save was interrupted); using an earlier one")
+        warn(
+            f"checkpoint {root / pointer.read_text().strip()} is incomplete (a save was interrupted); using an earlier one"
+        )
     done = complete_checkpoints(root)
     for ckpt in reversed(done):
         why = damage(ckpt)
@@ -130,7 +133,9 @@ def find_latest(root: Path) -> Path | None:
             return ckpt
         warn(f"checkpoint {ckpt} is damaged ({why}); falling back to the previous one")
     if done:
-        raise CheckpointError(f"every checkpoint in {root} is damaged: restore them, or start over with --fresh --force")
+        raise CheckpointError(
+            f"every checkpoint in {root} is damaged: restore them, or start over with --fresh --force"
+        )
     return None
 
 
@@ -175,8 +180,10 @@ class Store:
             fs.pipe_file(probe, b"ok")
             fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - network, credentials, missing bucket alike
-            raise CheckpointError(f"cannot write checkpoint.storage_path {self.url.rsplit('/', 2)[0]} ({describe_error(e)}): "
-                                  "check the URL, that the bucket exists and the credentials") from None
+            raise CheckpointError(
+                f"cannot write checkpoint.storage_path {self.url.rsplit('/', 2)[0]} ({describe_error(e)}): "
+                "check the URL, that the bucket exists and the credentials"
+            ) from None
 
     def upload(self, paths: list[Path]) -> None:
         fs, _ = self.fs
@@ -188,7 +195,7 @@ class Store:
         fs, base = self.fs
         fs.invalidate_cache()
         found = fs.find(f"{base}/{tag}", detail=True)
-        return {k[len(base) + len(tag) + 2:]: int(v["size"]) for k, v in found.items()}
+        return {k[len(base) + len(tag) + 2 :]: int(v["size"]) for k, v in found.items()}
 
     def tags(self) -> list[str]:
         """Complete checkpoints, oldest first."""
@@ -209,7 +216,9 @@ class Store:
         it and delete all but the newest `keep`. Returns the sizes."""
         folder = self.root / tag
         if self.url is None:
-            sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+            sizes = {
+                p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()
+            }
         else:
             sizes = self._sizes(tag)  # every rank's writer uploaded what it wrote
         data = json.dumps({**info, "files": sizes}, indent=1).encode()
@@ -226,7 +235,9 @@ class Store:
                     if old.name < tag and old.name not in keep_local:
                         shutil.rmtree(old, ignore_errors=True)
         except Exception as e:  # noqa: BLE001
-            warn(f"could not delete checkpoints older than the newest {keep} in {self.url or self.root} ({describe_error(e)})")
+            warn(
+                f"could not delete checkpoints older than the newest {keep} in {self.url or self.root} ({describe_error(e)})"
+            )
         return sizes
 
     def discard(self, tag: str) -> None:
@@ -261,7 +272,9 @@ class Store:
                 return self.fetch(tag)
             warn(f"checkpoint {self.where(tag)} is damaged ({why}); falling back to the previous one")
         if tags:
-            raise CheckpointError(f"every checkpoint in {self.url} is damaged: restore them, or start over with --fresh --force")
+            raise CheckpointError(
+                f"every checkpoint in {self.url} is damaged: restore them, or start over with --fresh --force"
+            )
         return None
 
     def fetch(self, tag: str) -> Path:
@@ -292,7 +305,7 @@ def url_cache(url: str) -> Path:
 
 
 class NoCheckpoint(FileNotFoundError):
-    """The path holds no complete """
+    """The path holds no complete"""
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -350,8 +363,15 @@ def to_universal(ckpt: Path, out: Path) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     shutil.rmtree(out, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out / ckpt.name), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt),
+        output_folder=str(out / ckpt.name),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
         ds_to_universal(args)
 

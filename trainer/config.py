@@ -13,7 +13,6 @@ import re
 from typing import Literal
 
 import yaml
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainer.model_config import ModelConfig
@@ -34,29 +33,40 @@ class DataSection(Section):
         description="a prepared dataset (folder with manifest.json), raw text (file, folder or glob) "
         "prepared automatically into cache_dir, or 'stdlib' for the Python standard library's source",
     )
-    tokenizer: str = Field("byte", description="byte, bpe:VOCAB_SIZE or a tokenizer.json path: used when raw text is "
-                           "prepared automatically, and for raw-text shards (byte or a file)")
+    tokenizer: str = Field(
+        "byte",
+        description="byte, bpe:VOCAB_SIZE or a tokenizer.json path: used when raw text is "
+        "prepared automatically, and for raw-text shards (byte or a file)",
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="tail of each file held out for validation (auto-prepare)")
     seq_len: int = Field(256, gt=0, description="tokens per training sequence (context length)")
     shuffle_buffer: int = Field(8192, ge=1, description="sequences held in the seeded shuffle buffer")
-    num_workers: int = Field(1, ge=0, description="DataLoader worker processes that build the batches (0: in the "
-                             "training process); each reads the whole stream and builds its share of the steps")
+    num_workers: int = Field(
+        1,
+        ge=0,
+        description="DataLoader worker processes that build the batches (0: in the "
+        "training process); each reads the whole stream and builds its share of the steps",
+    )
     cache_dir: str = Field(".cache/trainctl", description="where automatically prepared datasets are kept")
-    text_field: str = Field("text", description="raw-text shards: the field of .json/.jsonl members that holds the text")
+    text_field: str = Field(
+        "text", description="raw-text shards: the field of .json/.jsonl members that holds the text"
+    )
     allow_pipe: bool = Field(False, description="allow pipe:COMMAND shard URLs (they run shell commands)")
     on_error: Literal["fail", "skip"] = Field(
-        "fail", description="a corrupt, truncated or unreachable shard: fail (stop, naming it) or skip (warn, count, go on)"
+        "fail",
+        description="a corrupt, truncated or unreachable shard: fail (stop, naming it) or skip (warn, count, go on)",
     )
     document_masking: bool = Field(
-        False, description="keep attention inside each document of a packed sequence (a masked attention kernel, "
-        "slower than the plain causal one)"
+        False,
+        description="keep attention inside each document of a packed sequence (a masked attention kernel, "
+        "slower than the plain causal one)",
     )
     sources: list[MixSource] | None = Field(
         None, description="several datasets mixed by weight, [{path, weight}, ...], instead of data.path"
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataSection":
+    def _one_source(self) -> DataSection:
         if self.sources is not None:
             if not self.sources:
                 raise ValueError("data.sources is empty: give at least one {path, weight} or use data.path")
@@ -75,7 +85,9 @@ class TrainSection(Section):
         None, gt=0, description="micro batches per optimizer step; null = derived from global_batch_size, else 1"
     )
     global_batch_size: int | None = Field(
-        None, gt=0, description="sequences per optimizer step over all ranks = micro_batch_size * num_workers * grad_accum_steps"
+        None,
+        gt=0,
+        description="sequences per optimizer step over all ranks = micro_batch_size * num_workers * grad_accum_steps",
     )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
@@ -88,21 +100,32 @@ class TrainSection(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs a GPU (loss scaling)")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
-    profile: str | None = Field(None, description="steps to trace with the torch "
-                                "profiler into the run folder: N (N steps after a 5-step warm-up) or FIRST-LAST "
-                                "(`trainctl run --profile`)")
-    compile: bool = Field(False, description="torch.compile the model (Module.compile: the first steps pay the compile time)")
+    profile: str | None = Field(
+        None,
+        description="steps to trace with the torch "
+        "profiler into the run folder: N (N steps after a 5-step warm-up) or FIRST-LAST "
+        "(`trainctl run --profile`)",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model (Module.compile: the first steps pay the compile time)"
+    )
     eval_every: int = Field(100, gt=0, description="steps between validation passes (and at the end)")
     eval_batches: int = Field(20, gt=0, description="global validation batches per pass (capped by the split)")
     log_every: int = Field(10, gt=0, description="steps between metric lines")
     seed: int = Field(1337, description="seeds the model init, the data order and every rank's RNG")
     sample_tokens: int = Field(200, ge=0, description="tokens sampled from the model at the end of the run; 0 = none")
     spike_factor: float | None = Field(
-        4.0, gt=1, description="a step whose loss exceeds this factor times the mean of the last 20 is a spike: roll back "
-        "(like a non-finite loss); null = only non-finite losses roll back"
+        4.0,
+        gt=1,
+        description="a step whose loss exceeds this factor times the mean of the last 20 is a spike: roll back "
+        "(like a non-finite loss); null = only non-finite losses roll back",
     )
-    max_rollbacks: int = Field(3, ge=0, description="rollbacks to the last checkpoint allowed before the run stops; 0 = stop at "
-                               "the first non-finite or spiking loss")
+    max_rollbacks: int = Field(
+        3,
+        ge=0,
+        description="rollbacks to the last checkpoint allowed before the run stops; 0 = stop at "
+        "the first non-finite or spiking loss",
+    )
 
     @field_validator("profile")
     @classmethod
@@ -113,25 +136,40 @@ class TrainSection(Section):
         return v
 
     @model_validator(mode="after")
-    def _lr(self) -> "TrainSection":
+    def _lr(self) -> TrainSection:
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
         return self
 
 
 class CheckpointSection(Section):
-    storage_path: str = Field("runs", description="folder holding every run's folder (NAME/ inside it); or an object-store "
-                              "URL (s3://bucket/runs, gs://..., any fsspec URL) that gets the checkpoints")
-    local_path: str = Field("runs", description="with an object-store storage_path: the local folder holding the run folder "
-                            "(metrics, W&B files, and the checkpoints on their way up or down)")
-    async_save: bool = Field(True, description="write checkpoints in a background thread: training waits only for a copy "
-                             "of the state in CPU memory (which costs that much memory while the save runs)")
+    storage_path: str = Field(
+        "runs",
+        description="folder holding every run's folder (NAME/ inside it); or an object-store "
+        "URL (s3://bucket/runs, gs://..., any fsspec URL) that gets the checkpoints",
+    )
+    local_path: str = Field(
+        "runs",
+        description="with an object-store storage_path: the local folder holding the run folder "
+        "(metrics, W&B files, and the checkpoints on their way up or down)",
+    )
+    async_save: bool = Field(
+        True,
+        description="write checkpoints in a background thread: training waits only for a copy "
+        "of the state in CPU memory (which costs that much memory while the save runs)",
+    )
     every: int = Field(500, gt=0, description="steps between checkpoints (one is always written at the end)")
     keep: int = Field(2, gt=0, description="newest checkpoints kept; older ones are deleted")
-    resume_from: str | None = Field(None, description="a checkpoint folder to resume from instead of the run's latest "
-                                    "(`trainctl run --resume PATH`)")
-    preempt_grace_s: float = Field(120, gt=0, description="after SIGTERM: seconds to save a checkpoint at the next step "
-                                   "boundary and exit before the job is stopped without one")
+    resume_from: str | None = Field(
+        None,
+        description="a checkpoint folder to resume from instead of the run's latest (`trainctl run --resume PATH`)",
+    )
+    preempt_grace_s: float = Field(
+        120,
+        gt=0,
+        description="after SIGTERM: seconds to save a checkpoint at the next step "
+        "boundary and exit before the job is stopped without one",
+    )
 
 
 class TrackingSection(Section):
@@ -142,28 +180,45 @@ class TrackingSection(Section):
     entity: str | None = None
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
-    verbose: bool = Field(False, description="Ray's, DeepSpeed's and torch's own output on the console (else in the "
-                          "run's workers.log) and DeepSpeed's INFO lines; `trainctl run --verbose` sets it")
+    verbose: bool = Field(
+        False,
+        description="Ray's, DeepSpeed's and torch's own output on the console (else in the "
+        "run's workers.log) and DeepSpeed's INFO lines; `trainctl run --verbose` sets it",
+    )
 
 
 class ClusterSection(Section):
     address: str = Field(
-        "local", description="'local' starts a private Ray on 127.0.0.1; 'auto' joins the running cluster; or HOST:PORT / ray://HOST:PORT"
+        "local",
+        description="'local' starts a private Ray on 127.0.0.1; 'auto' joins the running cluster; or HOST:PORT / ray://HOST:PORT",
     )
     num_workers: int = Field(2, gt=0, description="training processes (ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false = CPU and gloo")
     cpus_per_worker: int = Field(1, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray Train allows (-1 = unlimited)")
-    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="PACK workers onto few nodes, or SPREAD them over "
-                                                  "as many as possible (Ray placement-group strategy)")
+    placement: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="PACK workers onto few nodes, or SPREAD them over "
+        "as many as possible (Ray placement-group strategy)",
+    )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every worker")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources each worker "
-                                                   "needs, e.g. {memory: 32e9} or a custom resource a node declares")
-    accelerator_type: str | None = Field(None, description="GPU type the workers must run on, as Ray names it (A100, H100, ...)")
-    gpu_memory_gb: float = Field(80, gt=0, description="memory of each GPU, for `trainctl plan` and the fit check before launch")
-    peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one worker's device, for MFU and "
-                                      "`trainctl plan`; null = by the GPU's name (H100/H200 SXM 989, A100 312, bf16), "
-                                      "or measured with a matmul on a CPU (plan assumes an H100 for a GPU job)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources each worker needs, e.g. {memory: 32e9} or a custom resource a node declares",
+    )
+    accelerator_type: str | None = Field(
+        None, description="GPU type the workers must run on, as Ray names it (A100, H100, ...)"
+    )
+    gpu_memory_gb: float = Field(
+        80, gt=0, description="memory of each GPU, for `trainctl plan` and the fit check before launch"
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="peak dense TFLOP/s of one worker's device, for MFU and "
+        "`trainctl plan`; null = by the GPU's name (H100/H200 SXM 989, A100 312, bf16), "
+        "or measured with a matmul on a CPU (plan assumes an H100 for a GPU job)",
+    )
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -179,7 +234,7 @@ class JobConfig(Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
 
     @model_validator(mode="after")
-    def _combinations(self) -> "JobConfig":
+    def _combinations(self) -> JobConfig:
         if not NAME_RE.match(self.name):
             raise ValueError(f"name={self.name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
         t, c = self.train, self.cluster

@@ -30,9 +30,11 @@ def progress_line(step: int, max_steps: int, m: dict[str, Any], eta_s: float, wi
     step 135 ms (data 0%) | ETA 3m09s"""
     done = int(width * step / max_steps)
     mfu = f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
-    return (f"step {step:>6}/{max_steps} [{'#' * done}{'-' * (width - done)}] {step / max_steps:>4.0%} | loss {m['loss']:.4f} | "
-            f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s{mfu} | step {m['step_time_s'] * 1000:,.0f} ms "
-            f"(data {m['data_wait']:.0%}) | ETA {duration(eta_s)}")
+    return (
+        f"step {step:>6}/{max_steps} [{'#' * done}{'-' * (width - done)}] {step / max_steps:>4.0%} | loss {m['loss']:.4f} | "
+        f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s{mfu} | step {m['step_time_s'] * 1000:,.0f} ms "
+        f"(data {m['data_wait']:.0%}) | ETA {duration(eta_s)}"
+    )
 
 
 def summary_table(rows: list[tuple[str, str]]) -> str:

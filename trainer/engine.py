@@ -30,11 +30,16 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
         "gradient_clipping": t.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay,
-                       # DeepSpeed's CPU FusedAdam rounds differently with the memory layout, so a resumed
-                       # run drifts from the uninterrupted one by an ulp; torch's AdamW resumes bit for bit.
-                       # On GPUs the fused kernel is kept.
-                       "torch_adam": not cfg.cluster.use_gpu},
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                # DeepSpeed's CPU FusedAdam rounds differently with the memory layout, so a resumed
+                # run drifts from the uninterrupted one by an ulp; torch's AdamW resumes bit for bit.
+                # On GPUs the fused kernel is kept.
+                "torch_adam": not cfg.cluster.use_gpu,
+            },
         },
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -48,14 +53,30 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
         # must sit under data_types: a top-level grad_accum_dtype is silently ignored.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if t.precision == "fp16":
-        ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1})
+        ds["fp16"].update(
+            {
+                "loss_scale": 0,
+                "initial_scale_power": 16,
+                "loss_scale_window": 1000,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
+        )
     if cfg.cluster.use_gpu and t.zero_stage >= 1:
         # Overlap the gradient reduction with the backward pass, in contiguous buffers; 200M-element
         # buckets (DeepSpeed's ZeRO-3 defaults are 5e8/1e6 and tuned for large models on many nodes).
-        ds["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True,
-                                        "reduce_bucket_size": int(2e8), "allgather_bucket_size": int(2e8)})
+        ds["zero_optimization"].update(
+            {
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": int(2e8),
+                "allgather_bucket_size": int(2e8),
+            }
+        )
         if t.zero_stage == 3:
-            ds["zero_optimization"].update({"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)})
+            ds["zero_optimization"].update(
+                {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
+            )
     if t.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
     return ds

@@ -22,8 +22,8 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -47,25 +47,52 @@ def hf_name(name: str) -> str:
     """
     parts = name.split(".")
     if parts[0] == "blocks":
-        sub = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
-               "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
-               "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}
+        sub = {
+            "attn_norm": "input_layernorm",
+            "mlp_norm": "post_attention_layernorm",
+            "attn.wq": "self_attn.q_proj",
+            "attn.wk": "self_attn.k_proj",
+            "attn.wv": "self_attn.v_proj",
+            "attn.wo": "self_attn.o_proj",
+            "mlp.w1": "mlp.gate_proj",
+            "mlp.w3": "mlp.up_proj",
+            "mlp.w2": "mlp.down_proj",
+        }
         inner = ".".join(parts[2:-1])
         return f"model.layers.{parts[1]}.{sub[inner]}.{parts[-1]}"
-    return {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-            "lm_head.weight": "lm_head.weight"}[name]
+    return {
+        "tok_emb.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }[name]
 
 
 def llama_config(mc: ModelConfig, eot: int) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": mc.vocab_size, "hidden_size": mc.d_model, "intermediate_size": mc.ffn_dim,
-        "num_hidden_layers": mc.n_layer, "num_attention_heads": mc.n_head, "num_key_value_heads": mc.kv_heads,
-        "head_dim": mc.head_dim, "max_position_embeddings": mc.max_seq_len, "rms_norm_eps": mc.norm_eps,
-        "rope_theta": mc.rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": mc.tie_embeddings,
-        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "initializer_range": 0.02,
-        "torch_dtype": "float32", "use_cache": True,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": mc.vocab_size,
+        "hidden_size": mc.d_model,
+        "intermediate_size": mc.ffn_dim,
+        "num_hidden_layers": mc.n_layer,
+        "num_attention_heads": mc.n_head,
+        "num_key_value_heads": mc.kv_heads,
+        "head_dim": mc.head_dim,
+        "max_position_embeddings": mc.max_seq_len,
+        "rms_norm_eps": mc.norm_eps,
+        "rope_theta": mc.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": mc.tie_embeddings,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "pad_token_id": eot,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+        "use_cache": True,
     }
 
 
@@ -90,7 +117,9 @@ def model_tensors(ckpt: Path, names: list[str]) -> Iterator[tuple[str, torch.Ten
     each tensor from the memory-mapped shards."""
     stage = checkpoint.meta(ckpt).get("zero_stage", 0)
     if stage < 3:
-        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)["module"]
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)[
+            "module"
+        ]
         if stage == 0 or all(module[name].dtype == torch.float32 for name in names):
             for name in names:
                 yield name, module[name].float()
@@ -120,7 +149,9 @@ def write_safetensors(path: Path, shapes: dict[str, list[int]], tensors: Iterato
         f.write(struct.pack("<Q", len(raw)) + raw)
         for (name, tensor), (expected, shape) in zip(tensors, shapes.items()):
             if name != expected or list(tensor.shape) != shape:
-                raise ExportError(f"the checkpoint's {name} {list(tensor.shape)} does not match the model's {expected} {shape}")
+                raise ExportError(
+                    f"the checkpoint's {name} {list(tensor.shape)} does not match the model's {expected} {shape}"
+                )
             f.write(tensor.detach().contiguous().numpy().data)  # the array's own buffer, not a copy
 
 
@@ -161,10 +192,17 @@ def tokenizer_files(tokenizer: dict) -> dict[str, str]:
         added = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
         eot_name = next((n for n in EOT_NAMES if added.get(n) == tokenizer["eot"]), EOT_NAMES[0])
     special = {"bos_token": eot_name, "eos_token": eot_name, "unk_token": eot_name, "pad_token": eot_name}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
-              **special}
-    return {"tokenizer.json": text, "tokenizer_config.json": json.dumps(config, indent=1),
-            "special_tokens_map.json": json.dumps(special, indent=1)}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1 << 30,
+        "clean_up_tokenization_spaces": False,
+        **special,
+    }
+    return {
+        "tokenizer.json": text,
+        "tokenizer_config.json": json.dumps(config, indent=1),
+        "special_tokens_map.json": json.dumps(special, indent=1),
+    }
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -198,16 +236,31 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     tmp.mkdir(parents=True)
     try:
         shapes = weight_shapes(mc)
-        write_safetensors(tmp / "model.safetensors", {hf_name(n): s for n, s in shapes.items()},
-                          ((hf_name(n), t) for n, t in model_tensors(ckpt, list(shapes))))
+        write_safetensors(
+            tmp / "model.safetensors",
+            {hf_name(n): s for n, s in shapes.items()},
+            ((hf_name(n), t) for n, t in model_tensors(ckpt, list(shapes))),
+        )
         (tmp / "config.json").write_text(json.dumps(llama_config(mc, info["tokenizer"]["eot"]), indent=1) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": info["tokenizer"]["eot"],
-                                                                "eos_token_id": info["tokenizer"]["eot"]}, indent=1) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": info["tokenizer"]["eot"], "eos_token_id": info["tokenizer"]["eot"]}, indent=1)
+            + "\n"
+        )
         for name, text in tokenizer_files(info["tokenizer"]).items():
             (tmp / name).write_text(text)
-        (tmp / "trainctl_export.json").write_text(json.dumps({"checkpoint": str(ckpt.resolve()), "step": info.get("step"),
-                                                       "tokens_seen": info.get("tokens_seen"), "run": info.get("name"),
-                                                       "tokenizer": info["tokenizer"]}, indent=1) + "\n")
+        (tmp / "trainctl_export.json").write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(ckpt.resolve()),
+                    "step": info.get("step"),
+                    "tokens_seen": info.get("tokens_seen"),
+                    "run": info.get("name"),
+                    "tokenizer": info["tokenizer"],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -220,10 +273,18 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
 def load_export(folder: Path) -> tuple[Transformer, dict]:
     """(our model in eval mode, its tokenizer dict) from an export folder."""
     config = json.loads((folder / "config.json").read_text())
-    mc = ModelConfig(vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
-                     n_kv_head=config["num_key_value_heads"], d_model=config["hidden_size"], d_ff=config["intermediate_size"],
-                     max_seq_len=config["max_position_embeddings"], rope_theta=config["rope_theta"],
-                     norm_eps=config["rms_norm_eps"], tie_embeddings=config["tie_word_embeddings"])
+    mc = ModelConfig(
+        vocab_size=config["vocab_size"],
+        n_layer=config["num_hidden_layers"],
+        n_head=config["num_attention_heads"],
+        n_kv_head=config["num_key_value_heads"],
+        d_model=config["hidden_size"],
+        d_ff=config["intermediate_size"],
+        max_seq_len=config["max_position_embeddings"],
+        rope_theta=config["rope_theta"],
+        norm_eps=config["rms_norm_eps"],
+        tie_embeddings=config["tie_word_embeddings"],
+    )
     model = Transformer(mc)
     weights = read_safetensors(folder / "model.safetensors")
     state = {name: weights[hf_name(name)] for name in weight_shapes(mc)}

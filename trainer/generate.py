@@ -22,8 +22,14 @@ def load_model(ckpt: Path):
     return model, tokenizer_from_dict(checkpoint.meta(ckpt)["tokenizer"])
 
 
-def sample(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
-           top_k: int | None = 200, seed: int = 0) -> str:
+def sample(
+    path: str | Path,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 0,
+) -> str:
     """The prompt's continuation as text, from a run, a checkpoint or an export folder.
 
     >>> print(sample("runs/tiny-cpu", prompt="def ", max_new_tokens=100))  # doctest: +SKIP
@@ -41,7 +47,7 @@ def sample(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200, temp
     idx = torch.tensor([list(ids)], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    return tok.decode(out[0, len(ids):].tolist())
+    return tok.decode(out[0, len(ids) :].tolist())
 
 
 @torch.no_grad()
@@ -54,4 +60,4 @@ def continue_prompts(model: Transformer, prompts: torch.Tensor, max_new_tokens: 
     gen = torch.Generator(device=prompts.device).manual_seed(seed)
     out = model.generate(prompts, max_new_tokens, temperature=0.8, top_k=200, generator=gen)
     model.train(was_training)
-    return out[:, prompts.shape[1]:]
+    return out[:, prompts.shape[1] :]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from trainer.console import warn
 
@@ -55,8 +55,11 @@ class DivergenceGuard:
     def allow(self, rollbacks: int, step: int, alarm: str, good: Path | None) -> None:
         """Raise Diverged unless rollback number `rollbacks` to `good` may go ahead."""
         if rollbacks > self.max_rollbacks or good is None:
-            why = (f"{self.max_rollbacks} rollbacks allowed (train.max_rollbacks)" if good is not None
-                   else "no checkpoint to roll back to (save sooner: checkpoint.every)")
+            why = (
+                f"{self.max_rollbacks} rollbacks allowed (train.max_rollbacks)"
+                if good is not None
+                else "no checkpoint to roll back to (save sooner: checkpoint.every)"
+            )
             raise Diverged(f"step {step}: {alarm}; {why}: lower train.lr or raise train.warmup_steps")
 
     def rolled_back(self, bad_step: int, alarm: str, good: Path, rollbacks: int, position: dict) -> int:
@@ -64,10 +67,14 @@ class DivergenceGuard:
         the step whose data window is to be skipped."""
         self.recent.clear()
         if self.log is not None:
-            warn(f"step {bad_step}: {alarm}: rolled back to {good} (rollback {rollbacks} of {self.max_rollbacks}); "
-                 f"the data of step {bad_step} will be skipped: {json.dumps(position)}")
+            warn(
+                f"step {bad_step}: {alarm}: rolled back to {good} (rollback {rollbacks} of {self.max_rollbacks}); "
+                f"the data of step {bad_step} will be skipped: {json.dumps(position)}"
+            )
             with open(self.log, "a") as f:
-                f.write(json.dumps({"step": bad_step, "alarm": alarm, "checkpoint": str(good), "skipped": position}) + "\n")
+                f.write(
+                    json.dumps({"step": bad_step, "alarm": alarm, "checkpoint": str(good), "skipped": position}) + "\n"
+                )
         return bad_step
 
     @staticmethod

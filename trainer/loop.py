@@ -10,9 +10,10 @@ rolls back through the same `restore` as a resume.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,15 @@ def forward(engine, batch: torch.Tensor, eot: int | None):
     return engine(idx, batch[:, 1:], None if eot is None else document_segments(idx, eot))
 
 
-def train_step(engine, batches: Iterator[torch.Tensor], accum_steps: int, device: torch.device,
-               eot: int | None = None, poison: bool = False, timer: perf.StepTimer | None = None) -> float:
+def train_step(
+    engine,
+    batches: Iterator[torch.Tensor],
+    accum_steps: int,
+    device: torch.device,
+    eot: int | None = None,
+    poison: bool = False,
+    timer: perf.StepTimer | None = None,
+) -> float:
     """One optimizer step over `accum_steps` micro batches; returns this rank's mean loss.
     `eot` turns on document masking; `timer` adds the seconds of each part (waiting for
     data, forward+backward, optimizer); `poison` (a test hook) makes the loss NaN, so the
@@ -72,8 +80,6 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device, eot: int
     return (total[0] / total[1]).item()
 
 
-
-
 VAL_SAMPLES, VAL_PROMPT_TOKENS, VAL_SAMPLE_TOKENS = 2, 32, 64  # validation samples logged at each evaluation
 
 
@@ -89,8 +95,13 @@ class TrainState:
     skip_step: int | None = None  # a step whose data window is passed over untrained (after a rollback)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.stream.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-                "rollbacks": self.rollbacks, "skip_step": self.skip_step}
+        return {
+            "data": self.stream.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "rollbacks": self.rollbacks,
+            "skip_step": self.skip_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["data"])
@@ -111,9 +122,16 @@ def restore(w: Worker, state: TrainState, ckpt: Path) -> None:
 def log(w: Worker, state: TrainState, loss: float, figures: dict[str, Any], eta_s: float) -> None:
     """The log interval's metrics to the tracker and a progress line (rank 0)."""
     if w.rank == 0:
-        m = {"loss": loss, **perf.optimizer_figures(w.engine, w.cfg.train.precision), **figures, "tokens": state.tokens_seen,
-             "epoch": w.stream.epoch, "data_skipped_shards": len(w.stream.skipped), "rollbacks": state.rollbacks,
-             **({"data_mix": w.stream.proportions()} if w.cfg.data.sources else {})}
+        m = {
+            "loss": loss,
+            **perf.optimizer_figures(w.engine, w.cfg.train.precision),
+            **figures,
+            "tokens": state.tokens_seen,
+            "epoch": w.stream.epoch,
+            "data_skipped_shards": len(w.stream.skipped),
+            "rollbacks": state.rollbacks,
+            **({"data_mix": w.stream.proportions()} if w.cfg.data.sources else {}),
+        }
         w.tracker.log(m, state.step)
         print(progress_line(state.step, w.cfg.train.max_steps, m, eta_s), flush=True)
 
@@ -138,9 +156,16 @@ def validate(w: Worker, step: int) -> None:
 def save(w: Worker, state: TrainState, wait: bool) -> None:
     """A checkpoint of this step (in the background unless `wait` or checkpoint.async_save=false)."""
     cfg = w.cfg
-    info = {"zero_stage": cfg.train.zero_stage, "world_size": w.world, "global_batch": cfg.global_batch,
-            "seq_len": cfg.data.seq_len, "tokens_seen": state.tokens_seen, "name": cfg.name, "tokenizer": w.tokenizer,
-            "wandb_run_id": run_id(w.folder) if w.rank == 0 else None}
+    info = {
+        "zero_stage": cfg.train.zero_stage,
+        "world_size": w.world,
+        "global_batch": cfg.global_batch,
+        "seq_len": cfg.data.seq_len,
+        "tokens_seen": state.tokens_seen,
+        "name": cfg.name,
+        "tokenizer": w.tokenizer,
+        "wandb_run_id": run_id(w.folder) if w.rank == 0 else None,
+    }
     w.saver.save(state.step, state.state_dict(), info, files={"config.yaml": cfg.to_yaml()})
     if wait:
         w.saver.flush()
@@ -171,14 +196,19 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
     if latest is not None:
         restore(w, state, latest)
         if w.rank == 0:
-            how = (f" (written by {checkpoint.meta(latest)['world_size']} workers, resharded to {w.world})"
-                   if checkpoint.needs_resharding(latest, w.world, t.zero_stage) else "")
+            how = (
+                f" (written by {checkpoint.meta(latest)['world_size']} workers, resharded to {w.world})"
+                if checkpoint.needs_resharding(latest, w.world, t.zero_stage)
+                else ""
+            )
             print(f"trainctl: resumed from {latest} at step {state.step}{how}", flush=True)
     else:
         torch.manual_seed(t.seed + w.rank)  # dropout and sampling differ per rank
     meter, attempt = start_tracking(w, state.step, latest)
     guard = DivergenceGuard(t.spike_factor, t.max_rollbacks, w.folder / "rollbacks.jsonl" if w.rank == 0 else None)
-    profiler = perf.Profiler(t.profile, state.step, t.max_steps, w.folder, w.rank, cfg.cluster.use_gpu, cfg.tracking.verbose)
+    profiler = perf.Profiler(
+        t.profile, state.step, t.max_steps, w.folder, w.rank, cfg.cluster.use_gpu, cfg.tracking.verbose
+    )
     stop, status, timer = StopRequest(w.folder), "done", meter.timer
     batches, start_step, t_start = iter(w.stream), state.step, time.perf_counter()
     checkpoint.barrier()  # every rank starts timing together (rank 0 had more to set up)
@@ -192,7 +222,9 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.
         with timer("sync"):
-            loss, stop_votes, written = perf.mean_over_ranks([loss, float(stop.requested()), w.saver.written()], w.device)
+            loss, stop_votes, written = perf.mean_over_ranks(
+                [loss, float(stop.requested()), w.saver.written()], w.device
+            )
         if written == 1.0:
             with timer("checkpoint", host=True):
                 w.saver.commit()
@@ -219,9 +251,6 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
                 save(w, state, wait=last or preempted)
         if preempted:
             status = "preempted"
-            if w.rank == 0:
-                print(f"trainctl: preempted: stopped at step {state.step} with a checkpoint; run the same command to "
-                      "resume", flush=True)
             break
     profiler.close(state.step)
     if w.rank == 0:
@@ -233,8 +262,14 @@ def finish(w: Worker, state: TrainState, status: str, meter: perf.Meter, attempt
     """Rank 0 at the end: the done line, the run's summary to the tracker and the console."""
     if status == "done":
         print(f"trainctl: done: {state.step} steps, {state.tokens_seen:,} tokens in {duration(wall_s)}", flush=True)
-    summary = perf.run_summary(w.val_losses, state.tokens_seen, wall_s, meter, attempt.restarts, meter.peak,
-                               meter.peak_source)
+    else:
+        print(
+            f"trainctl: preempted: stopped at step {state.step} with a checkpoint; run the same command to resume",
+            flush=True,
+        )
+    summary = perf.run_summary(
+        w.val_losses, state.tokens_seen, wall_s, meter, attempt.restarts, meter.peak, meter.peak_source
+    )
     w.tracker.summarize(summary)
     w.tracker.finish()
     print(summary_table(summary), flush=True)

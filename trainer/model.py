@@ -91,7 +91,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -131,7 +133,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)  # (B, T, C)
         return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
 
@@ -139,9 +143,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only language model. For token ids idx and targets, both (B, T):
 
-        model = Transformer(ModelConfig(n_layer=2))
-        logits, loss = model(idx, targets)                      # (B, T, V), scalar
-        out = model.eval().generate(idx, 20, temperature=0)     # (B, T + 20)
+    model = Transformer(ModelConfig(n_layer=2))
+    logits, loss = model(idx, targets)                      # (B, T, V), scalar
+    out = model.eval().generate(idx, 20, temperature=0)     # (B, T + 20)
     """
 
     def __init__(self, config: ModelConfig):

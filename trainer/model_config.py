@@ -14,8 +14,11 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    vocab_size: int = Field(257, gt=0, description="embedding rows; must be >= the tokenizer's vocabulary "
-                            "(257 = 256 bytes + one end-of-text token)")
+    vocab_size: int = Field(
+        257,
+        gt=0,
+        description="embedding rows; must be >= the tokenizer's vocabulary (257 = 256 bytes + one end-of-text token)",
+    )
     n_layer: int = Field(4, gt=0, description="transformer blocks")
     n_head: int = Field(4, gt=0, description="query heads")
     n_kv_head: int | None = Field(None, gt=0, description="key/value heads (grouped-query attention); null = n_head")
@@ -26,16 +29,20 @@ class ModelConfig(BaseModel):
     max_seq_len: int = Field(256, gt=0, description="longest context the model accepts (RoPE table size)")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base: the longest rotation wavelength grows with it")
     norm_eps: float = Field(1e-5, gt=0, description="added to the RMS before dividing")
-    dropout: float = Field(0.0, ge=0, lt=1, description="on attention weights and on each block's two residual branches")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="on attention weights and on each block's two residual branches"
+    )
     tie_embeddings: bool = Field(True, description="share the input embedding with the output head")
     activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")
 
     @model_validator(mode="after")
-    def _shape(self) -> "ModelConfig":
+    def _shape(self) -> ModelConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
         if self.head_dim % 2:
-            raise ValueError(f"model.d_model / model.n_head = {self.head_dim} must be even (rotary embeddings rotate pairs)")
+            raise ValueError(
+                f"model.d_model / model.n_head = {self.head_dim} must be even (rotary embeddings rotate pairs)"
+            )
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_kv_head={self.kv_heads} must divide model.n_head={self.n_head}")
         return self

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 # (patch, module, attribute path inside it, the versions it was written for)
 TARGETS = [
@@ -22,8 +23,18 @@ TARGETS = [
     ("ray_single_machine_mode", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "ray 2.40-2.60"),
     ("ray_single_machine_mode", "ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR", "ray 2.40-2.60"),
     ("skip_deepspeed_shm_op", "deepspeed.ops", "__compatible_ops__", "deepspeed 0.16-0.19"),
-    ("ray_log_dispatcher", "ray._private.ray_logging", "global_worker_stdstream_dispatcher.add_handler", "ray 2.40-2.60"),
-    ("ray_log_dispatcher", "ray._private.ray_logging", "global_worker_stdstream_dispatcher.remove_handler", "ray 2.40-2.60"),
+    (
+        "ray_log_dispatcher",
+        "ray._private.ray_logging",
+        "global_worker_stdstream_dispatcher.add_handler",
+        "ray 2.40-2.60",
+    ),
+    (
+        "ray_log_dispatcher",
+        "ray._private.ray_logging",
+        "global_worker_stdstream_dispatcher.remove_handler",
+        "ray 2.40-2.60",
+    ),
     ("set_load_universal", "deepspeed.runtime.config", "DeepSpeedConfig", "deepspeed 0.16-0.19"),
     ("ray_torch_backend", "ray.train.torch.config", "_TorchBackend.on_start", "ray 2.40-2.60"),
     ("ray_upload_limit", "ray._private.runtime_env.packaging", "GCS_STORAGE_MAX_SIZE", "ray 2.40-2.60"),
@@ -49,9 +60,16 @@ def rendezvous_on_loopback() -> None:
         if rank != 0 or hostname not in ("127.0.0.1", "localhost") or rendezvous._torchelastic_use_agent_store():
             return create(hostname, port, rank, world_size, timeout, use_libuv)
         listener = socket.create_server(("127.0.0.1", port), backlog=128)
-        return rendezvous.TCPStore(host_name=hostname, port=port, world_size=world_size, is_master=True,
-                                   timeout=timeout, multi_tenant=True, master_listen_fd=listener.detach(),
-                                   use_libuv=use_libuv)
+        return rendezvous.TCPStore(
+            host_name=hostname,
+            port=port,
+            world_size=world_size,
+            is_master=True,
+            timeout=timeout,
+            multi_tenant=True,
+            master_listen_fd=listener.detach(),
+            use_libuv=use_libuv,
+        )
 
     rendezvous._create_c10d_store = create_store
 

@@ -26,12 +26,18 @@ from pathlib import Path
 
 import torch
 
-from trainer.model_config import ModelConfig
 from trainer.console import duration
+from trainer.model_config import ModelConfig
 
 # Dense bf16 TFLOP/s of one GPU by (a part of) its name, most specific first.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0),
-               ("A100", 312.0))
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+)
 
 
 def matmul_params(c: ModelConfig) -> int:
@@ -88,8 +94,18 @@ def cpu_peak_tflops() -> float:
     """measure_cpu_peak_tflops, once per machine, thread count and number of ranks sharing
     it: kept in ~/.cache/trainctl/cpu_peak.json (under XDG_CACHE_HOME if set)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trainctl" / "cpu_peak.json"
-    key = "|".join(map(str, (platform.processor() or platform.machine(), os.cpu_count(), torch.get_num_threads(),
-                             os.environ.get("LOCAL_WORLD_SIZE", "1"), torch.__version__)))
+    key = "|".join(
+        map(
+            str,
+            (
+                platform.processor() or platform.machine(),
+                os.cpu_count(),
+                torch.get_num_threads(),
+                os.environ.get("LOCAL_WORLD_SIZE", "1"),
+                torch.__version__,
+            ),
+        )
+    )
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -151,8 +167,10 @@ class StepTimer:
 def peak_memory_gb(cuda: bool) -> dict[str, float]:
     """Peak memory of this process so far: GPU allocated and reserved, or the CPU RSS."""
     if cuda:
-        return {"mem_peak_gb": torch.cuda.max_memory_allocated() / 2**30,
-                "mem_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+        return {
+            "mem_peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "mem_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+        }
     return {"mem_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}  # Linux: KiB
 
 
@@ -189,8 +207,18 @@ class Meter:
     stalls and start-up all count against it.
     """
 
-    def __init__(self, flops: int, world: int, tokens_per_step: int, peak_tflops: float | None, device: torch.device,
-                 step: int, launched_at: float | None = None, launched_step: int = 0, peak_source: str = ""):
+    def __init__(
+        self,
+        flops: int,
+        world: int,
+        tokens_per_step: int,
+        peak_tflops: float | None,
+        device: torch.device,
+        step: int,
+        launched_at: float | None = None,
+        launched_step: int = 0,
+        peak_source: str = "",
+    ):
         self.flops, self.world, self.tokens_per_step, self.peak = flops, world, tokens_per_step, peak_tflops
         self.peak_source = peak_source  # where the peak came from: a GPU's datasheet, a measurement, the config
         self.device, self.cuda = device, device.type == "cuda"
@@ -226,10 +254,15 @@ class Meter:
         tok_s = steps * self.tokens_per_step / wall
         per_step = {p: v / steps for p, v in zip(PARTS, mean)}
         self.step_compute_s.append(per_step["forward_backward"] + per_step["optimizer"])
-        out = {"tokens_per_s": tok_s, "tokens_per_s_per_worker": tok_s / self.world, "step_time_s": step_s,
-               **{f"time_{p}_s": v for p, v in per_step.items()},
-               "time_other_s": max(step_s - sum(per_step.values()), 0.0),
-               "data_wait": per_step["data"] / step_s, **mem}
+        out = {
+            "tokens_per_s": tok_s,
+            "tokens_per_s_per_worker": tok_s / self.world,
+            "step_time_s": step_s,
+            **{f"time_{p}_s": v for p, v in per_step.items()},
+            "time_other_s": max(step_s - sum(per_step.values()), 0.0),
+            "data_wait": per_step["data"] / step_s,
+            **mem,
+        }
         u = mfu(tok_s, self.flops, self.world, self.peak)
         if u is not None:
             out["mfu"] = u
@@ -263,8 +296,9 @@ class Profiler:
     the step about to run, and `close()` after the loop. Each rank writes its own Chrome trace
     (chrome://tracing or https://ui.perfetto.dev) into FOLDER/profile/."""
 
-    def __init__(self, spec: str | None, start_step: int, max_steps: int, folder, rank: int, cuda: bool,
-                 verbose: bool = False):
+    def __init__(
+        self, spec: str | None, start_step: int, max_steps: int, folder, rank: int, cuda: bool, verbose: bool = False
+    ):
         self.window = profile_window(spec, start_step, max_steps) if spec else None
         self.folder, self.rank, self.cuda, self.verbose = folder, rank, cuda, verbose
         self.prof = None
@@ -274,7 +308,9 @@ class Profiler:
             return
         first, last = self.window
         if self.prof is None and first <= step <= last:
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
+            )
             if not self.verbose:  # Kineto prints "USDT:… profiler_start/stop" lines
                 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the first profiler starts
             self.prof = torch.profiler.profile(activities=activities)
@@ -304,18 +340,32 @@ def optimizer_figures(engine, precision: str) -> dict[str, float | None]:
     return {"lr": engine.get_lr()[0], "grad_norm": None if norm is None else float(norm), "loss_scale": float(scale)}
 
 
-def run_summary(val_losses: list[tuple[int, float]], tokens_seen: int, wall_s: float, meter: Meter,
-                restarts: int, peak: float | None, peak_source: str) -> list[tuple[str, str]]:
+def run_summary(
+    val_losses: list[tuple[int, float]],
+    tokens_seen: int,
+    wall_s: float,
+    meter: Meter,
+    restarts: int,
+    peak: float | None,
+    peak_source: str,
+) -> list[tuple[str, str]]:
     """The end-of-run table's rows (this invocation's figures)."""
     rows = []
     if val_losses:
         best_step, best = min(val_losses, key=lambda sv: sv[1])
-        rows += [("final val_loss", f"{val_losses[-1][1]:.4f} (step {val_losses[-1][0]})"),
-                 ("best val_loss", f"{best:.4f} (step {best_step})")]
+        rows += [
+            ("final val_loss", f"{val_losses[-1][1]:.4f} (step {val_losses[-1][0]})"),
+            ("best val_loss", f"{best:.4f} (step {best_step})"),
+        ]
     mean_mfu = meter.mean_mfu()
-    rows += [("tokens seen", f"{tokens_seen:,}"),
-             ("wall time", duration(wall_s)),
-             ("goodput", "n/a" if meter.last_goodput is None else f"{meter.last_goodput:.0%}"),
-             ("mean MFU", "n/a" if mean_mfu is None else f"{mean_mfu:.2%} of {peak:,.3g} TFLOP/s per worker ({peak_source})"),
-             ("restarts", str(restarts))]
+    rows += [
+        ("tokens seen", f"{tokens_seen:,}"),
+        ("wall time", duration(wall_s)),
+        ("goodput", "n/a" if meter.last_goodput is None else f"{meter.last_goodput:.0%}"),
+        (
+            "mean MFU",
+            "n/a" if mean_mfu is None else f"{mean_mfu:.2%} of {peak:,.3g} TFLOP/s per worker ({peak_source})",
+        ),
+        ("restarts", str(restarts)),
+    ]
     return rows

@@ -59,8 +59,10 @@ def launched(folder: Path) -> None:
         (folder / PREEMPT).unlink(missing_ok=True)
         (folder / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
     except OSError as e:
-        raise RunFolderError(f"cannot write the run folder {folder} ({e.strerror or e}): set checkpoint.storage_path to "
-                             "a folder this machine (and every node) can write") from None
+        raise RunFolderError(
+            f"cannot write the run folder {folder} ({e.strerror or e}): set checkpoint.storage_path to "
+            "a folder this machine (and every node) can write"
+        ) from None
 
 
 def start_over(folder: Path, store: Store, force: bool, delete: bool) -> None:
@@ -73,8 +75,10 @@ def start_over(folder: Path, store: Store, force: bool, delete: bool) -> None:
     if not held:
         return
     if not force:
-        raise RunFolderError(f"--fresh: {folder} already holds a run ({', '.join(held)}): "
-                             "add --force to delete it and start over, or choose another name=")
+        raise RunFolderError(
+            f"--fresh: {folder} already holds a run ({', '.join(held)}): "
+            "add --force to delete it and start over, or choose another name="
+        )
     if not delete:
         return
     store.delete(store.tags())

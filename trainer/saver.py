@@ -11,8 +11,9 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -114,7 +115,11 @@ def _checkpoint_engine(config_params, writer: _Writer, written: list[Path], back
             snapshot = _snapshot(state_dict, pool, Path(path).name)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the copies out of GPU memory are done before the writer reads them
-            writer.submit(lambda: write_durably(Path(path), lambda f: torch.save(snapshot, f, _use_new_zipfile_serialization=zipfile)))
+            writer.submit(
+                lambda: write_durably(
+                    Path(path), lambda f: torch.save(snapshot, f, _use_new_zipfile_serialization=zipfile)
+                )
+            )
 
     return Engine(config_params)
 
@@ -142,7 +147,9 @@ class Saver:
         self.ckpt_engine = _checkpoint_engine(engine._config, self.writer, self.files, background)
         self.pending: tuple[str, dict[str, Any]] | None = None  # (tag, meta) of the checkpoint being written
 
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any], files: dict[str, str] | None = None) -> Path:
+    def save(
+        self, step: int, rank_state: dict[str, Any], meta: dict[str, Any], files: dict[str, str] | None = None
+    ) -> Path:
         """Start (background) or write (synchronous) the checkpoint of `step`; rank 0 also writes
         `files` (name → text, e.g. the resolved config) into it. Returns its folder."""
         self.flush()  # one checkpoint in flight at a time
@@ -201,12 +208,17 @@ class Saver:
                 shutil.rmtree(self.store.root / tag, ignore_errors=True)
                 self.store.discard(tag)
             why = describe_error(error) if error is not None else "another rank could not write its part"
-            raise SaveFailed(f"checkpoint {self.store.where(tag)} could not be written ({why}); the previous checkpoints "
-                             "are intact: free space or fix the storage, then run the same command to resume")
+            raise SaveFailed(
+                f"checkpoint {self.store.where(tag)} could not be written ({why}); the previous checkpoints "
+                "are intact: free space or fix the storage, then run the same command to resume"
+            )
         if self.rank == 0:
-            print(f"trainctl: checkpoint {self.store.where(tag)} ({sum(sizes.values()) / 2**20:,.0f} MB, complete "
-                  f"{time.perf_counter() - self.started:.1f} s after the save began; training waited {self.blocked:.2f} s "
-                  "of it)", flush=True)
+            print(
+                f"trainctl: checkpoint {self.store.where(tag)} ({sum(sizes.values()) / 2**20:,.0f} MB, complete "
+                f"{time.perf_counter() - self.started:.1f} s after the save began; training waited {self.blocked:.2f} s "
+                "of it)",
+                flush=True,
+            )
 
     def flush(self) -> None:
         """Wait until the pending checkpoint (if any) is written on every rank and complete (collective)."""

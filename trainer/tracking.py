@@ -31,7 +31,9 @@ class MetricsFile:
         """The highest step logged so far (0 for none)."""
         if not self.path.exists():
             return 0
-        return max((json.loads(row).get("step", 0) for row in self.path.read_text().splitlines() if row.strip()), default=0)
+        return max(
+            (json.loads(row).get("step", 0) for row in self.path.read_text().splitlines() if row.strip()), default=0
+        )
 
     def rewind(self, step: int) -> None:
         """Drop the rows of steps after `step`: they will be logged again (a resume, a rollback)."""

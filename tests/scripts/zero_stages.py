@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from launcher.config import load_config
-from trainer.engine import build_engine
 from trainer.build import setup_distributed
+from trainer.engine import build_engine
 from trainer.loop import train_step
 from trainer.model import Transformer
 
@@ -20,9 +20,22 @@ STEPS = 8
 def main(out: str) -> None:
     curves = {}
     for stage in (0, 1, 2, 3):
-        cfg = load_config(None, [f"train.zero_stage={stage}", "cluster.num_workers=2", "train.micro_batch_size=2",
-                                 "train.grad_accum_steps=2", "model.n_layer=2", "model.d_model=64", "model.max_seq_len=32",
-                                 "data.seq_len=32", "train.warmup_steps=2", f"train.max_steps={STEPS}", "train.lr=3e-3"])
+        cfg = load_config(
+            None,
+            [
+                f"train.zero_stage={stage}",
+                "cluster.num_workers=2",
+                "train.micro_batch_size=2",
+                "train.grad_accum_steps=2",
+                "model.n_layer=2",
+                "model.d_model=64",
+                "model.max_seq_len=32",
+                "data.seq_len=32",
+                "train.warmup_steps=2",
+                f"train.max_steps={STEPS}",
+                "train.lr=3e-3",
+            ],
+        )
         rank, world, _ = setup_distributed(cfg)
         torch.manual_seed(0)
         engine = build_engine(Transformer(cfg.model), cfg)

@@ -1,0 +1,145 @@
+"""A job checked before any worker starts (`run`): its data prepared and fitting the model,
+and the checkpoint it resumes from (its own, or `--resume`'s) agreeing with it in
+tokenizer, tensor shapes, global batch and sequence length. Every refusal is a UsageError:
+one line, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit 2."""
+
+
+def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
+    """Make data.path a prepared dataset and check that it fits the model and the checkpoint
+    it resumes from (before any worker starts). Returns the checkpoints a `--resume --force`
+    rewind deletes."""
+    from data_pipeline import open_dataset, resolve_dataset
+    from trainer import checkpoint
+    from trainer.build import build_stream, data_paths, raw_options
+    from trainer.run_folder import checkpoint_store
+
+    d = cfg.data
+    if d.sources:
+        for source in d.sources:
+            source.path = resolve_dataset(source.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
+    else:
+        d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
+    tokenizer = open_dataset(data_paths(cfg)[0], raw_options(cfg))[
+        "tokenizer"
+    ]  # mixed sources must agree (build_stream checks)
+    vocab = tokenizer["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise UsageError(
+            f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}"
+        )
+    store = checkpoint_store(cfg)
+    try:
+        store.check()
+        latest, newer = None if fresh else store.latest(), []
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    if cfg.checkpoint.resume_from is not None:
+        wanted = resume_checkpoint(cfg.checkpoint.resume_from)
+        cfg.checkpoint.resume_from = str(wanted.resolve())
+        latest, newer = branch_point(cfg, wanted, latest, force)
+    if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
+        was = checkpoint.meta(latest).get("tokenizer", {})
+        raise UsageError(
+            f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
+            f"but the data uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name="
+        )
+    if latest is not None:
+        check_shapes(cfg, latest)
+        saved = checkpoint.meta(latest)
+        if saved.get("global_batch", cfg.global_batch) != cfg.global_batch:
+            raise UsageError(
+                f"{latest} was trained with a global batch of {saved['global_batch']} sequences but this job has "
+                f"{cfg.global_batch} (micro_batch_size x num_workers x grad_accum_steps): keep the global batch, "
+                f"e.g. train.grad_accum_steps={max(saved['global_batch'] // (cfg.train.micro_batch_size * cfg.cluster.num_workers), 1)}"
+            )
+        if saved.get("seq_len", cfg.data.seq_len) != cfg.data.seq_len:
+            raise UsageError(
+                f"{latest} was trained with data.seq_len={saved['seq_len']} but this job has {cfg.data.seq_len}: "
+                "resume with the same data.seq_len"
+            )
+    # Raises DataError when a split cannot fill one global batch, or mixed sources disagree.
+    build_stream(cfg, 0, cfg.cluster.num_workers)
+    from launcher.plan import fit_warning
+
+    if (too_big := fit_warning(cfg)) is not None:
+        print(f"trainctl: warning: {too_big}", file=sys.stderr, flush=True)
+    return newer
+
+
+def resume_checkpoint(path: str):
+    """The checkpoint `--resume PATH` names: a checkpoint folder, or a run folder (its latest)."""
+    from trainer.checkpoint import NoCheckpoint, find_checkpoint
+
+    if not Path(path).exists():
+        raise UsageError(
+            f"--resume {path} does not exist: give a checkpoint folder (RUN/checkpoints/step_...) or a run folder"
+        )
+    try:
+        return find_checkpoint(path)
+    except NoCheckpoint as e:
+        raise UsageError(f"--resume {path}: {e}") from None
+
+
+def branch_point(cfg, wanted, own, force: bool):
+    """(where a run given `--resume WANTED` starts, the newer checkpoints to delete first),
+    its own latest checkpoint being `own`.
+
+    Another run's checkpoint applies until this run has one of its own (so the same command
+    rerun after a preemption continues). An earlier checkpoint of this run rewinds it, which
+    needs --force: its newer checkpoints are deleted once the job is known to be valid."""
+    from trainer.run_folder import checkpoint_store
+
+    store = checkpoint_store(cfg)
+    root = store.root.resolve()
+    if own is None:
+        return wanted, []
+    if wanted.resolve().parent != root:
+        print(
+            f"trainctl: run '{cfg.name}' has its own checkpoints: continuing from {own}, not --resume {wanted}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return own, []
+    newer = [root / tag for tag in store.tags() if tag > wanted.name]
+    if newer and not force:
+        raise UsageError(
+            f"--resume {wanted} rewinds run '{cfg.name}', which has newer checkpoints "
+            f"({', '.join(c.name for c in newer)}): add --force to delete them and continue from {wanted.name}"
+        )
+    return wanted, newer
+
+
+def check_shapes(cfg, ckpt) -> None:
+    """A checkpoint of another model shape is refused before any worker starts, naming the
+    first tensor that differs and both shapes."""
+    import torch
+    import yaml
+
+    from trainer.config import JobConfig
+    from trainer.model import Transformer
+
+    def shapes(model_section) -> dict[str, list[int]]:
+        with torch.device("meta"):
+            model = Transformer(model_section)
+        return {name: list(p.shape) for name, p in model.state_dict().items()}
+
+    theirs = shapes(JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text())).model)
+    ours = shapes(cfg.model)
+    for name in [*ours, *(n for n in theirs if n not in ours)]:  # the model's own order
+        if theirs.get(name) != ours.get(name):
+            there = theirs.get(name, "absent")
+            here = ours.get(name, "absent")
+            raise UsageError(
+                f"checkpoint {ckpt}: tensor {name} is {there} in the checkpoint but {here} in this model: "
+                "use the model settings the checkpoint was trained with, or another name= (or --fresh)"
+            )
