@@ -217,7 +217,8 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
         profiler.tick(state.step + 1)
         state.skip_step = guard.skip_window(state.step + 1, state.skip_step, batches, cfg.accum_steps)
         position = w.stream.state_dict()  # where this step's data starts, to name it if it must be skipped
-        poison, nan_at_step = state.step + 1 == nan_at_step, 0 if state.step + 1 == nan_at_step else nan_at_step
+        poison = state.step + 1 == nan_at_step
+        nan_at_step = 0 if poison else nan_at_step  # once: the step is trained again after the rollback
         loss = train_step(w.engine, batches, cfg.accum_steps, w.device, w.eot, poison=poison, timer=timer)
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.
@@ -267,9 +268,7 @@ def finish(w: Worker, state: TrainState, status: str, meter: perf.Meter, attempt
             f"trainctl: preempted: stopped at step {state.step} with a checkpoint; run the same command to resume",
             flush=True,
         )
-    summary = perf.run_summary(
-        w.val_losses, state.tokens_seen, wall_s, meter, attempt.restarts, meter.peak, meter.peak_source
-    )
+    summary = perf.run_summary(w.val_losses, state.tokens_seen, wall_s, meter, attempt.restarts)
     w.tracker.summarize(summary)
     w.tracker.finish()
     print(summary_table(summary), flush=True)

@@ -346,10 +346,9 @@ def run_summary(
     wall_s: float,
     meter: Meter,
     restarts: int,
-    peak: float | None,
-    peak_source: str,
 ) -> list[tuple[str, str]]:
     """The end-of-run table's rows (this invocation's figures)."""
+    peak, peak_source = meter.peak, meter.peak_source
     rows = []
     if val_losses:
         best_step, best = min(val_losses, key=lambda sv: sv[1])
