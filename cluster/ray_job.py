@@ -1,8 +1,8 @@
 """Where a job runs: connecting to Ray and running the worker function with Ray Train.
 
-This is the only place (with launcher/) that imports ray. The training loop knows
-nothing of Ray: `run_on_ray` takes the worker function as an argument and hands each
-worker the resolved config as a plain dict.
+Ray is imported only inside cluster/'s functions (and trainer/patches.py's Ray patches,
+called from here). The training loop knows nothing of Ray: `run_on_ray` takes the worker
+function as an argument and hands each worker the resolved config as a plain dict.
 """
 
 from __future__ import annotations

@@ -305,7 +305,7 @@ def url_cache(url: str) -> Path:
 
 
 class NoCheckpoint(FileNotFoundError):
-    """The path holds no complete"""
+    """The path holds no complete checkpoint."""
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -327,7 +327,9 @@ def find_checkpoint(path: str | Path) -> Path:
             raise NoCheckpoint(str(e)) from None
         if found is not None:
             return found
-    raise NoCheckpoint(f"no complete checkpoint in {p}: give a run folder (storage_path/NAME) or a checkpoint folder")
+    raise NoCheckpoint(
+        f"no complete checkpoint in {p}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder"
+    )
 
 
 def _find_remote(url: str) -> Path:
@@ -345,7 +347,9 @@ def _find_remote(url: str) -> Path:
         raise NoCheckpoint(str(e)) from None
     except Exception as e:  # noqa: BLE001 - network, credentials, a missing bucket alike
         raise NoCheckpoint(f"cannot read {url} ({type(e).__name__}: {e}): check the URL and the credentials") from None
-    raise NoCheckpoint(f"no complete checkpoint in {url}: give a run folder (storage_path/NAME) or a checkpoint folder")
+    raise NoCheckpoint(
+        f"no complete checkpoint in {url}: give a run folder (checkpoint.storage_path/NAME) or a checkpoint folder"
+    )
 
 
 def needs_resharding(ckpt: Path, world: int, zero_stage: int) -> bool:
