@@ -7,6 +7,7 @@ moved into place with manifest.json last, so a folder holding a manifest is comp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from data_pipeline import ustar
+from data_pipeline import readers, ustar
 from data_pipeline.errors import DataError
 from data_pipeline.prefetch import prefetched
 from data_pipeline.sources import describe_error, is_url, join, parent, read_bytes
@@ -41,17 +42,23 @@ SPLITS = ("train", "val")
 # Datasets prepared on the fly (data.path naming raw text, or stdlib) are small: shards of
 # 8 MB give the per-epoch shard shuffle something to permute.
 AUTO_SHARD_BYTES = 8 * 2**20
+# encode_file tokenizes a file's documents this much text at a time.
+BATCH_BYTES = 16 * 2**20
+# prepare names at most this many skipped items (--on-error skip), then counts the rest.
+SKIP_WARNINGS = 10
 
 
 def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
-    """Sorted files named by `inputs` (files, folders, globs); DataError when there is no text.
+    """Sorted files named by `inputs` (files, folders, globs, URLs); DataError when there is no text.
 
     A file named directly must hold text (unless `skip_empty`); empty files found through a
-    folder or a glob are skipped.
+    folder or a glob are skipped. A URL (http(s)://, s3://, ...) names one file, as it is.
     """
     files: list[str] = []
     for item in inputs:
-        if os.path.isfile(item):
+        if is_url(item) and not item.startswith("file://"):
+            found = [item]
+        elif os.path.isfile(item):
             if os.path.getsize(item) == 0 and not skip_empty:
                 raise DataError(f"input file {item} has no text: remove it from the inputs or fill it")
             found = [item]
@@ -63,69 +70,65 @@ def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
             raise DataError(f"input '{item}' matches no files: give text files, a folder or a quoted glob")
         files += found
     files = sorted(set(files), key=files.index)
-    nonempty = [f for f in files if os.path.getsize(f) > 0]
+    nonempty = [f for f in files if is_url(f) or os.path.getsize(f) > 0]
     if not nonempty:
         raise DataError(f"the inputs {' '.join(inputs)} hold no text (every file is empty)")
     return nonempty
 
 
-def read_documents(path: str, text_field: str) -> list[bytes] | None:
-    """The documents of a .jsonl file or a raw-text .tar shard; None for a plain text file."""
-    from data_pipeline.raw import documents, json_text
-
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            return [
-                json_text(
-                    line, text_field, f"{path} line {n}", "pass --text-field with the field that holds the text"
-                ).encode()
-                for n, line in enumerate(f, 1)
-                if line.strip()
-            ]
-    if path.endswith(".tar"):
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
-        try:
-            with open(path, "rb") as f:
-                return [
-                    doc.encode()
-                    for sample in group_by_keys(tar_file_expander([{"url": path, "stream": f}]))
-                    for doc in documents(sample, path, text_field)
-                ]
-        except DataError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a broken tar, named
-            raise DataError(f"{path} is not a readable tar file ({type(e).__name__}: {e})") from None
-    return None
+def is_val(text: bytes, val_fraction: float) -> bool:
+    """Whether a document goes to validation: its blake2b-64 hash, as a fraction of 2**64, is
+    below `val_fraction`. Streaming and deterministic: the same document lands in the same
+    split whatever file or format it came in."""
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") < val_fraction * 2**64
 
 
-def split_documents(path: str, val_fraction: float, text_field: str) -> Iterator[tuple[str, bytes]]:
-    """(split, text) for each document part of one input file, train parts first."""
-    docs = read_documents(path, text_field)
-    if docs is None:  # one document: its tail is validation (by bytes here, as nanoGPT splits its text)
-        raw = Path(path).read_bytes()
+def split_documents(
+    path: str, val_fraction: float, text_field: str, skips: readers.Skips | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """(split, text) for each non-empty document part of one input file, in file order,
+    streaming. A plain text file is one document whose byte tail `val_fraction` is
+    validation (as nanoGPT splits its text); the documents of the other formats go whole
+    to the split `is_val` picks."""
+    skips = skips or readers.Skips()
+    if readers.kind(path) == "text":
+        raw = readers.read_text(path)
         cut = int(len(raw) * (1 - val_fraction))
-        parts = [("train", raw[:cut]), ("val", raw[cut:])]
-    else:
-        n_val = int(len(docs) * val_fraction)
-        parts = [("train", d) for d in docs[: len(docs) - n_val]] + [("val", d) for d in docs[len(docs) - n_val :]]
-    yield from ((split, text) for split, text in parts if text)
+        yield from ((split, text) for split, text in (("train", raw[:cut]), ("val", raw[cut:])) if text)
+        return
+    with contextlib.closing(readers.documents(path, text_field, skips)) as docs:
+        for text in docs:
+            if text:
+                yield ("val" if is_val(text, val_fraction) else "train"), text
 
 
 def corpus_sample(
-    files: list[str], text_field: str = "text", budget_bytes: int = 16 * 2**20, piece_bytes: int = 1 << 16
+    files: list[str],
+    text_field: str = "text",
+    budget_bytes: int = 16 * 2**20,
+    piece_bytes: int = 1 << 16,
+    on_error: str = "fail",
 ) -> Iterator[str]:
-    """Text for training a tokenizer: up to `budget_bytes`, an equal share from each file
-    (at least one piece each, in file order), so one large file does not dominate."""
+    """Text for training a tokenizer: up to `budget_bytes`, an equal share from the head of
+    each file (at least one piece each, in file order), so one large file does not dominate.
+    Only the head is read. Bad input fails here already under `on_error="fail"`; skipped
+    items are counted later, when the files are tokenized."""
     share = max(piece_bytes, budget_bytes // len(files))
     used = 0
     for path in files:
-        docs = read_documents(path, text_field)
-        if docs is None:
+        limit = min(share, budget_bytes - used)
+        if readers.kind(path) == "text" and not is_url(path):
             with open(path, "rb") as f:
-                head = f.read(min(share, budget_bytes - used))
+                head = f.read(limit)
         else:
-            head = b"\n".join(docs)[: min(share, budget_bytes - used)]
+            taken, size = [], -1
+            with contextlib.closing(split_documents(path, 0.0, text_field, readers.Skips(on_error))) as docs:
+                for _, text in docs:
+                    taken.append(text)
+                    size += len(text) + 1
+                    if size >= limit:
+                        break
+            head = b"\n".join(taken)[:limit]
         used += len(head)
         for start in range(0, len(head), piece_bytes):
             yield head[start : start + piece_bytes].decode("utf-8", errors="replace")
@@ -159,25 +162,51 @@ def _tokenizer(spec: str):
     return tokenizer_from_dict(json.loads(spec))
 
 
-def encode_file(path: str, tokenizer: str, val_fraction: float, text_field: str) -> dict:
+def encode_file(path: str, tokenizer: str, val_fraction: float, text_field: str, on_error: str = "fail") -> dict:
     """One input file's document parts, tokenized: `tokens` (every part's ids followed by
-    end-of-text, concatenated), `ends` (where each part ends in it), `splits` and
-    `sizes` (input bytes) per part. A pure function of its arguments (`tokenizer` is the
-    tokenizer's JSON), so it runs the same in a worker process or a Ray task on another
-    node; a few flat arrays pass between processes far faster than one per document."""
+    end-of-text, concatenated), `ends` (where each part ends in it), `splits` (index into
+    SPLITS) and `sizes` (input bytes) per part, and `skipped` (readers.Skips.as_dict). A
+    pure function of its arguments (`tokenizer` is the tokenizer's JSON), so it runs the
+    same in a worker process or a Ray task on another node; a few flat arrays pass between
+    processes far faster than one per document.
+
+    The text is read streaming and tokenized BATCH_BYTES at a time; the result holds the
+    whole file's tokens."""
     tok = _tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
-    parts = list(split_documents(path, val_fraction, text_field))
     eot = np.array([tok.eot], dtype=dtype)
-    docs = [
-        np.concatenate([ids.astype(dtype, copy=False), eot])
-        for ids in encode_documents(tok, [text for _, text in parts])
-    ]
+    skips = readers.Skips(on_error)
+    chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    splits: list[int] = []
+    sizes: list[int] = []
+    batch: list[bytes] = []
+    batch_bytes = 0
+
+    def flush() -> None:
+        pieces = []
+        for ids in encode_documents(tok, batch):
+            pieces += [ids.astype(dtype, copy=False), eot]
+            lengths.append(len(ids) + 1)
+        if pieces:
+            chunks.append(np.concatenate(pieces))
+        batch.clear()
+
+    for split, text in split_documents(path, val_fraction, text_field, skips):
+        batch.append(text)
+        splits.append(SPLITS.index(split))
+        sizes.append(len(text))
+        batch_bytes += len(text)
+        if batch_bytes >= BATCH_BYTES:
+            flush()
+            batch_bytes = 0
+    flush()
     return {
-        "tokens": np.concatenate(docs) if docs else np.zeros(0, dtype),
-        "ends": np.cumsum([len(d) for d in docs]),
-        "splits": [split for split, _ in parts],
-        "sizes": [len(text) for _, text in parts],
+        "tokens": np.concatenate(chunks) if chunks else np.zeros(0, dtype),
+        "ends": np.cumsum(np.array(lengths, dtype=np.int64)),
+        "splits": np.array(splits, dtype=np.uint8),
+        "sizes": np.array(sizes, dtype=np.int64),
+        "skipped": skips.as_dict(),
     }
 
 
@@ -204,12 +233,13 @@ def encoded_files(
     text_field: str,
     workers: int = 1,
     map_fn: Mapper | None = None,
+    on_error: str = "fail",
 ) -> Iterator[dict]:
     """encode_file of each file, in file order: here (workers=1), in `workers` local
     processes, or through `map_fn` (cluster.local_ray.ray_mapper: Ray tasks on a cluster).
     At most a few files per worker are in flight, so memory stays bounded whatever the
     corpus size."""
-    args = (tokenizer, val_fraction, text_field)
+    args = (tokenizer, val_fraction, text_field, on_error)
     if map_fn is not None:
         yield from map_fn(encode_file, files, *args)
     elif workers <= 1 or len(files) < 2:
@@ -364,6 +394,7 @@ def prepare(
     text_field: str = "text",
     workers: int = 1,
     map_fn: Mapper | None = None,
+    on_error: str = "fail",
 ) -> dict:
     """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest.
 
@@ -371,9 +402,15 @@ def prepare(
     cluster: cluster.local_ray.ray_mapper), and written in file order here, so the shards
     are the same byte for byte whatever the parallelism.
 
-    A text file is one document (its tail `val_fraction` of tokens goes to val); a .jsonl
-    file holds one document per line in `text_field`, a .tar raw-text WebDataset shard one
-    per sample (their last `val_fraction` of documents go to val, whole).
+    A text file is one document (its tail `val_fraction` of bytes goes to val); a .jsonl
+    (.jsonl.gz, .jsonl.zst) file holds one document per line in `text_field`, a .parquet
+    file one per row of the `text_field` column, a .tar raw-text WebDataset shard one per
+    sample: each of those goes whole to val when its hash says so (`is_val`). Inputs may
+    be URLs (data_pipeline.readers).
+
+    Bad input (data_pipeline.readers) raises DataError under `on_error="fail"`; under
+    "skip" it is passed over, named in a warning (the first SKIP_WARNINGS) and counted in
+    the manifest's `skipped`.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
@@ -381,12 +418,13 @@ def prepare(
         raise DataError("the shard size and sample size must be positive")
     if workers < 1:
         raise DataError(f"--workers={workers} must be at least 1")
+    readers.Skips(on_error)  # checks the value
     parse_spec(tokenizer)
     files = expand_inputs(inputs, skip_empty)
     remote = RemoteOut(out_dir, overwrite) if is_url(out_dir) else None
     if remote is None:
         _check_out(out_dir, overwrite)
-    tok = build_tokenizer(tokenizer, corpus_sample(files, text_field))
+    tok = build_tokenizer(tokenizer, corpus_sample(files, text_field, on_error=on_error))
     dtype = token_dtype(tok.vocab_size)
 
     if remote is not None:  # staged here one shard at a time
@@ -400,18 +438,24 @@ def prepare(
     try:
         writers = {split: ShardWriter(tmp, split, shard_size_bytes, remote and remote.upload) for split in SPLITS}
         docs = dict.fromkeys(SPLITS, 0)
+        skipped, warned = {"documents": 0, "files": 0}, 0
         t0, t_report, n_bytes, n_tokens = time.perf_counter(), time.perf_counter(), 0, 0
         tty = sys.stderr.isatty()  # a bar that redraws itself on a terminal, plain lines in a log
-        encoded = encoded_files(files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, map_fn)
+        encoded = encoded_files(files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, map_fn, on_error)
         for i, parts in enumerate(encoded):
             begin = 0
-            for split, _size, end in zip(parts["splits"], parts["sizes"], parts["ends"].tolist()):
+            for split, end in zip(parts["splits"].tolist(), parts["ends"].tolist()):
                 doc = parts["tokens"][begin:end]
                 for start in range(0, len(doc), sample_tokens):
-                    writers[split].write(doc[start : start + sample_tokens])
-                docs[split] += 1
+                    writers[SPLITS[split]].write(doc[start : start + sample_tokens])
+                docs[SPLITS[split]] += 1
                 begin = end
-            n_bytes += sum(parts["sizes"])
+            for note in parts["skipped"]["notes"][: max(SKIP_WARNINGS - warned, 0)]:
+                print(f"{chr(10) if progress and tty else ''}prepare: skipped {note}", file=sys.stderr, flush=True)
+            warned += len(parts["skipped"]["notes"])
+            skipped["documents"] += parts["skipped"]["documents"]
+            skipped["files"] += parts["skipped"]["files"]
+            n_bytes += int(parts["sizes"].sum())
             n_tokens += len(parts["tokens"]) - len(parts["splits"])  # not counting end-of-text
             now = time.perf_counter()
             if progress and (now - t_report > (1 if tty else 10) or i == len(files) - 1):
@@ -426,6 +470,13 @@ def prepare(
                 )
         if progress and tty:
             print(file=sys.stderr)
+        if skipped["documents"] + skipped["files"] > min(warned, SKIP_WARNINGS):
+            print(
+                f"prepare: skipped {skipped['documents']:,} documents and {skipped['files']:,} files "
+                f"(--on-error skip) in all, {min(warned, SKIP_WARNINGS)} named above; the counts are in manifest.json",
+                file=sys.stderr,
+                flush=True,
+            )
         splits = {split: {"documents": docs[split], **w.finish()} for split, w in writers.items()}
         manifest = {
             "format": FORMAT,
@@ -437,6 +488,7 @@ def prepare(
             "val_fraction": val_fraction,
             "input_files": len(files),
             "input_bytes": n_bytes,
+            "skipped": skipped,
             "splits": splits,
         }
         Path(tmp, "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -486,6 +538,9 @@ def summarize(manifest: dict) -> str:
         f"dataset {manifest['root']}: {tok['name']} tokenizer (vocab {tok['vocab_size']:,}), {manifest['dtype']} tokens, "
         f"{manifest['input_bytes'] / max(tokens, 1):.2f} input bytes per token"
     ]
+    skipped = manifest.get("skipped") or {}
+    if any(skipped.values()):
+        lines[0] += f"; skipped {skipped['documents']:,} bad documents and {skipped['files']:,} bad files"
     for split, s in manifest["splits"].items():
         size = sum(x["bytes"] for x in s["shards"])
         lines.append(

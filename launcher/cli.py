@@ -40,6 +40,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         workers=args.workers,
         map_fn=map_fn,
+        on_error=args.on_error,
     )
     print(summarize(manifest))
     return 0
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="text files, .jsonl files, raw-text .tar shards, folders or globs (quote globs)",
+        help="text files, .jsonl / .jsonl.gz / .jsonl.zst / .parquet files, raw-text .tar shards, folders, "
+        "quoted globs, or http(s):// / s3:// URLs of such files",
     )
     pp.add_argument(
         "--out",
@@ -393,13 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs) or a path to a Hugging Face tokenizer.json",
     )
     pp.add_argument(
-        "--val-fraction", type=float, default=0.1, help="tail of each file held out for validation (default 0.1)"
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="held out for validation: the tail of each plain text file, and that fraction of the other "
+        "formats' documents, picked by a hash of their text (default 0.1)",
     )
     pp.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
     pp.add_argument(
         "--text-field",
         default="text",
-        help="the field holding the text in .jsonl inputs and .json samples of .tar inputs",
+        help="the field holding the text in .jsonl lines, .parquet columns and .json samples of .tar inputs",
+    )
+    pp.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="bad input (a corrupt .gz/.zst, a parquet file without the text column, a line that is not UTF-8 "
+        "or JSON or lacks the field): fail (default) names it and stops; skip passes it over and counts it",
     )
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     pp.add_argument(
