@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from data_pipeline import Loader, TokenStream, prepare  # noqa: E402
-from data_pipeline.prepare import stdlib_files  # noqa: E402
+from data_pipeline.resolve import stdlib_files  # noqa: E402
 
 
 def make_dataset(root: Path, tokens: int, sample_tokens: int, shard_mb: float) -> str:

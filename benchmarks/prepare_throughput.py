@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline import prepare  # noqa: E402
-from data_pipeline.prepare import stdlib_files  # noqa: E402
+from data_pipeline.resolve import stdlib_files  # noqa: E402
 
 
 def make_inputs(root: Path, n_files: int) -> list[str]:

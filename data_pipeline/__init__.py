@@ -9,9 +9,9 @@ second. Nothing here imports Ray (cluster/local_ray.py runs `prepare --address`)
 import importlib
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import default_corpus, load_manifest, prepare, summarize
+from data_pipeline.prepare import load_manifest, prepare, summarize
 from data_pipeline.raw import RawOptions
-from data_pipeline.resolve import resolve_dataset
+from data_pipeline.resolve import default_corpus, resolve_dataset
 from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, tokenizer_from_dict
 
 _LAZY = {

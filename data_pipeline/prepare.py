@@ -17,7 +17,6 @@ import os
 import posixpath
 import shutil
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -548,56 +547,3 @@ def summarize(manifest: dict) -> str:
             f"{len(s['shards']):>5} shards {size / 2**20:>9.1f} MB"
         )
     return "\n".join(lines)
-
-
-def stdlib_files() -> list[str]:
-    """The Python standard library's own .py source files (no site-packages)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(
-        str(p)
-        for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file()
-    )
-
-
-def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1) -> str:
-    """The prepared standard-library corpus in `cache_dir`, preparing it on first use.
-
-    Its folder name hashes the Python version and the file list, so a different Python
-    gets its own copy.
-    """
-    files = stdlib_files()
-    if not files:
-        raise DataError("found no standard-library source on this Python: set data.path to your own text")
-    h = hashlib.sha256(
-        json.dumps(
-            [
-                FORMAT,
-                AUTO_SHARD_BYTES,
-                sys.version,
-                tokenizer,
-                val_fraction,
-                len(files),
-                sum(os.path.getsize(f) for f in files),
-            ]
-        ).encode()
-    ).hexdigest()[:16]
-    out = os.path.join(cache_dir, f"stdlib-{tokenizer.replace(':', '')}-{h}")
-    if not os.path.isfile(os.path.join(out, "manifest.json")):
-        print(
-            f"trainctl: preparing the standard library's source ({len(files)} files) into {out}",
-            file=sys.stderr,
-            flush=True,
-        )
-        prepare(
-            files,
-            out,
-            tokenizer=tokenizer,
-            val_fraction=val_fraction,
-            shard_size_bytes=AUTO_SHARD_BYTES,
-            name="stdlib",
-            overwrite=True,
-            skip_empty=True,
-            progress=True,
-        )
-    return out

@@ -1,6 +1,7 @@
 """From `data.path` to a prepared dataset folder: a prepared dataset is used as it is; raw
-text or `stdlib` is prepared once into a cache folder named by a hash of its inputs, so
-later runs and other ranks find it ready and an edited input gets a new folder.
+text or `stdlib` (the Python standard library's source, `default_corpus`) is prepared once
+into a cache folder named by a hash of its inputs, so later runs and other ranks find it
+ready and an edited input gets a new folder.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import sysconfig
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import AUTO_SHARD_BYTES, default_corpus, expand_inputs, prepare
+from data_pipeline.prepare import AUTO_SHARD_BYTES, FORMAT, expand_inputs, prepare
 from data_pipeline.raw import is_shard_list
 from data_pipeline.sources import is_url
 
@@ -57,5 +60,58 @@ def resolve_dataset(
             shard_size_bytes=AUTO_SHARD_BYTES,
             overwrite=True,
             text_field=text_field,
+        )
+    return out
+
+
+def stdlib_files() -> list[str]:
+    """The Python standard library's own .py source files (no site-packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        str(p)
+        for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file()
+    )
+
+
+def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1) -> str:
+    """The prepared standard-library corpus in `cache_dir`, preparing it on first use.
+
+    Its folder name hashes the Python version and the file list, so a different Python
+    gets its own copy.
+    """
+    files = stdlib_files()
+    if not files:
+        raise DataError("found no standard-library source on this Python: set data.path to your own text")
+    h = hashlib.sha256(
+        json.dumps(
+            [
+                FORMAT,
+                AUTO_SHARD_BYTES,
+                sys.version,
+                tokenizer,
+                val_fraction,
+                len(files),
+                sum(os.path.getsize(f) for f in files),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    out = os.path.join(cache_dir, f"stdlib-{tokenizer.replace(':', '')}-{h}")
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        print(
+            f"trainctl: preparing the standard library's source ({len(files)} files) into {out}",
+            file=sys.stderr,
+            flush=True,
+        )
+        prepare(
+            files,
+            out,
+            tokenizer=tokenizer,
+            val_fraction=val_fraction,
+            shard_size_bytes=AUTO_SHARD_BYTES,
+            name="stdlib",
+            overwrite=True,
+            skip_empty=True,
+            progress=True,
         )
     return out

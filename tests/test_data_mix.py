@@ -11,7 +11,7 @@ import torch
 from cli_helpers import SHAKESPEARE
 
 from data_pipeline import DataError, MixedStream, prepare
-from data_pipeline.prepare import stdlib_files
+from data_pipeline.resolve import stdlib_files
 
 
 @pytest.fixture(scope="module")

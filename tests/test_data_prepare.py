@@ -12,7 +12,7 @@ import webdataset as wds
 from cli_helpers import SHAKESPEARE
 
 from data_pipeline import ByteTokenizer, DataError, load_manifest, prepare, resolve_dataset, tokenizer_from_dict
-from data_pipeline.prepare import stdlib_files
+from data_pipeline.resolve import stdlib_files
 
 
 @pytest.fixture
