@@ -108,11 +108,11 @@ def _allreduce_worker(config: dict) -> None:
 
 
 def allreduce(cfg: JobConfig, mb: int = 16, rounds: int = 5) -> dict:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from cluster.ray_job import check_placeable, worker_resources
+    from cluster.ray_job import check_placeable, scaling_config
 
     c = cfg.cluster
     check_placeable(c)
@@ -120,12 +120,7 @@ def allreduce(cfg: JobConfig, mb: int = 16, rounds: int = 5) -> dict:
     trainer = TorchTrainer(
         _allreduce_worker,
         train_loop_config={"mb": mb, "rounds": rounds, "use_gpu": c.use_gpu, "results": results},
-        scaling_config=ScalingConfig(
-            num_workers=c.num_workers,
-            use_gpu=c.use_gpu,
-            resources_per_worker=worker_resources(c),
-            placement_strategy=c.placement,
-        ),
+        scaling_config=scaling_config(c),
         run_config=RunConfig(
             name=f"trainctl-check-{int(time.time())}", storage_path=os.path.join(os.path.expanduser("~"), "ray_results")
         ),

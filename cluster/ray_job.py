@@ -38,6 +38,18 @@ def worker_resources(cluster: ClusterSection) -> dict[str, float]:
     return res
 
 
+def scaling_config(cluster: ClusterSection):
+    """Ray Train's ScalingConfig for the job's workers (training and `cluster check` alike)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=cluster.num_workers,
+        use_gpu=cluster.use_gpu,
+        resources_per_worker=worker_resources(cluster),
+        placement_strategy=cluster.placement,
+    )
+
+
 def check_placeable(cluster: ClusterSection) -> None:
     """Raise NotPlaceable, naming what is missing, when the alive nodes cannot hold
     `num_workers` workers of `worker_resources` (each worker whole on one node)."""
@@ -144,19 +156,14 @@ def run_on_ray(
     restarts (`cluster.max_failures`).
     """
     import ray.train
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     check_placeable(cluster)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=cluster.num_workers,
-            use_gpu=cluster.use_gpu,
-            resources_per_worker=worker_resources(cluster),
-            placement_strategy=cluster.placement,
-        ),
+        scaling_config=scaling_config(cluster),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

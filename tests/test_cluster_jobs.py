@@ -36,12 +36,12 @@ def site(tmp_path_factory):
     """Shared storage (data, runs), a job folder to submit from, the same job run locally
     first, then the cluster."""
     root = tmp_path_factory.mktemp("jobs")
-    shared, job = root / "shared", root / "job"
-    shared.mkdir()
+    nfs, job = root / "nfs", root / "job"
+    nfs.mkdir()
     job.mkdir()
-    (shared / "text.txt").write_text(SHAKESPEARE.read_text()[:200_000])
-    assert trainctl("prepare", "text.txt", "--out", "data", cwd=shared).returncode == 0
-    (job / "job.yaml").write_text(JOB.format(name="tiny", data=shared / "data", runs=shared / "runs"))
+    (nfs / "text.txt").write_text(SHAKESPEARE.read_text()[:200_000])
+    assert trainctl("prepare", "text.txt", "--out", "data", cwd=nfs).returncode == 0
+    (job / "job.yaml").write_text(JOB.format(name="tiny", data=nfs / "data", runs=nfs / "runs"))
     local = trainctl("run", "job.yaml", "name=local", cwd=job)
     assert local.returncode == 0, local.stderr[-3000:]
     with two_node_cluster(dashboard=True) as cluster:
@@ -54,7 +54,7 @@ def cli(site, *args, timeout=300, **extra):
 
 
 def submit(site, *overrides, **extra) -> tuple[str, subprocess.CompletedProcess]:
-    # the data is in shared/, beside the job folder: on storage every node mounts
+    # the data is in nfs/, beside the job folder: on storage every node mounts
     r = cli(site, "submit", "job.yaml", "--address", site[1].dashboard, "--shared-data", *overrides, **extra)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.strip().splitlines()[-1], r
@@ -93,7 +93,7 @@ def test_a_submitted_job_runs_on_both_nodes_and_matches_the_local_run(site):
     assert re.search(rf"^{job_id}\s+SUCCEEDED\s+tiny\s", listed, re.M), listed
     assert len(worker_nodes(site, job_id)) == 2  # SPREAD: one worker on each node
 
-    runs = root / "shared" / "runs"
+    runs = root / "nfs" / "runs"
     assert (runs / "tiny" / "checkpoints" / "latest").read_text() == "step_00000020"
     assert losses(runs / "tiny") == losses(runs / "local")  # the same job, here or on the cluster
 
@@ -108,7 +108,7 @@ def test_stop_ends_a_running_job_and_its_last_checkpoint_is_usable(site):
         time.sleep(1)
     r = cli(site, "stop", job_id, "--address", cluster.dashboard)
     assert r.returncode == 0 and r.stdout.strip() == f"{job_id}: STOPPED", r.stderr[-2000:]
-    sample = trainctl("generate", str(root / "shared" / "runs" / "long"), "--max-new-tokens", "8", cwd=root)
+    sample = trainctl("generate", str(root / "nfs" / "runs" / "long"), "--max-new-tokens", "8", cwd=root)
     assert sample.returncode == 0 and len(sample.stdout) >= 8, sample.stderr[-2000:]
 
 
@@ -155,7 +155,7 @@ def test_cluster_check_reports_both_nodes_storage_and_bandwidth(site):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     out = r.stdout
     assert "2 alive nodes:" in out and "127.0.0.2" in out and "127.0.0.3" in out
-    assert f"storage {root / 'shared' / 'runs'}: writable from every node" in out
+    assert f"storage {root / 'nfs' / 'runs'}: writable from every node" in out
     bandwidth = re.search(r"all-reduce over 2 workers \(gloo, SPREAD\): ([0-9.]+) GB/s bus bandwidth", out)
     assert bandwidth and float(bandwidth.group(1)) > 0, out
 
