@@ -17,7 +17,7 @@ from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, tokenizer_fr
 _LAZY = {
     "Loader": "loader",
     "MixedStream": "mix",
-    "TokenStream": "stream",
+    "TokenStream": "lanes",
     "eval_batches": "stream",
     "open_dataset": "stream",
 }

@@ -1,27 +1,28 @@
 """Batches built in DataLoader worker processes, in the stream's exact order.
 
-Worker k builds every num_workers-th group of steps (about 4 MB each) and the DataLoader
-hands the groups out in turn, so the sequence is the stream's own for any number of
-workers. The loader keeps the position of the last batch handed out, not of what the
-workers have prefetched, so a checkpoint records exactly what the model has seen.
+The stream's steps go out in rounds of `group` steps (about 4 MB). In every round each
+worker contributes its share (stream.rounds: for prepared token shards the rows of the
+chunks it reads, data_pipeline.lanes; otherwise whole rounds in turn), and the DataLoader
+hands the workers' items out in turn, so the training process assembles each round from
+one item of each: the sequence is the stream's own for any number of workers. The loader
+keeps the position of the last batch handed out, not of what the workers have prefetched,
+so a checkpoint records exactly what the model has seen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
 
 
-class _Steps(IterableDataset):
-    """One DataLoader worker's share of the steps, `group` consecutive steps to an item:
-    (their rows stacked, their positions). Handing over a few MB at a time keeps the cost of
-    passing tensors between processes small. An error comes through as its message, so
-    the training process can raise it as one line."""
+class _Rounds(IterableDataset):
+    """One DataLoader worker's contribution to each round: (flat row indices, rows, the
+    positions after the round's steps, bytes it holds). An error comes through as its
+    message, so the training process can raise it as one line."""
 
     def __init__(self, stream, group: int):
         self.stream, self.group = stream, group
@@ -29,18 +30,11 @@ class _Steps(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rows, positions = [], []
         try:
-            for step_rows, position in self.stream.steps(worker, workers, self.group):
-                if step_rows is None:
-                    continue
-                rows.append(step_rows)
-                positions.append(position)
-                if len(rows) == self.group:
-                    yield torch.from_numpy(np.stack(rows)), positions
-                    rows, positions = [], []
+            for index, rows, positions, held in self.stream.rounds(worker, workers, self.group):
+                yield torch.from_numpy(index), torch.from_numpy(rows), positions, held
         except DataError as e:
-            yield None, [{"error": str(e)}]
+            yield None, None, [{"error": str(e)}], 0
 
 
 class Loader:
@@ -62,6 +56,7 @@ class Loader:
         step_bytes = stream.micro_batch_size * stream.accum * (stream.seq_len + 1) * 8
         self.group = group or min(max((4 << 20) // step_bytes, 1), 64)  # steps handed over at once: about 4 MB
         self.position = stream.position()
+        self.held: dict[int, int] = {}
 
     @property
     def manifest(self) -> dict:
@@ -87,23 +82,43 @@ class Loader:
         self.stream.load_state_dict(state)
         self.position = self.stream.position()
 
-    def _steps(self) -> Iterator[tuple[torch.Tensor, dict]]:
-        """(this rank's rows of a step, the position after it), in order."""
+    def _items(self) -> Iterator[tuple]:
         if self.num_workers == 0:
-            for rows, position in self.stream.steps():
-                rows = torch.from_numpy(rows)
-                yield (rows.pin_memory() if self.pin_memory else rows), position
+            yield from self.stream.rounds(0, 1, self.group)
             return
-        for rows, positions in DataLoader(
-            _Steps(self.stream, self.group),
+        yield from DataLoader(
+            _Rounds(self.stream, self.group),
             batch_size=None,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
-        ):
-            if rows is None:
-                raise DataError(positions[0]["error"])
-            yield from zip(rows, positions)
+        )
+
+    def _steps(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        """(this rank's rows of a step, the position after it), in order: each round put
+        together from one item of every worker."""
+        s = self.stream
+        rows, workers = s.micro_batch_size * s.accum, max(self.num_workers, 1)
+        items, skipped = self._items(), list(self.position["skipped"])
+        while True:
+            out = torch.empty((self.group * rows, s.seq_len + 1), dtype=torch.int64)
+            for worker in range(workers):
+                index, block, positions, nbytes = next(items)
+                if index is None:
+                    raise DataError(positions[0]["error"])
+                out[torch.as_tensor(index)] = torch.as_tensor(block).to(torch.int64)
+                self.held[worker] = nbytes
+                skipped += [u for p in positions for u in p["skipped"] if u not in skipped]
+                if worker == 0:
+                    steps = positions
+            if self.pin_memory:
+                out = out.pin_memory()
+            for n, position in enumerate(steps):
+                yield out[n * rows : (n + 1) * rows], {**position, "skipped": list(skipped)}
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of chunks the workers (or this process) held for this rank at their last round."""
+        return sum(self.held.values())
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         b, accum = self.stream.micro_batch_size, self.stream.accum

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
+from data_pipeline.lanes import TokenStream
 from data_pipeline.raw import RawOptions
-from data_pipeline.stream import BatchStream, TokenStream
+from data_pipeline.stream import BatchStream
 
 
 class MixedStream(BatchStream):

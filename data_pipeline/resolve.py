@@ -14,13 +14,13 @@ import sysconfig
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import AUTO_SHARD_BYTES, FORMAT, expand_inputs, prepare
+from data_pipeline.prepare import AUTO_SHARD_BYTES, CHUNK_BYTES, FORMAT, expand_inputs, prepare
 from data_pipeline.raw import is_shard_list
 from data_pipeline.sources import is_url
 
 
 def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float, text_field: str) -> str:
-    h = hashlib.sha256(json.dumps([AUTO_SHARD_BYTES, tokenizer, val_fraction, text_field]).encode())
+    h = hashlib.sha256(json.dumps([AUTO_SHARD_BYTES, CHUNK_BYTES, tokenizer, val_fraction, text_field]).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -88,6 +88,7 @@ def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float 
             [
                 FORMAT,
                 AUTO_SHARD_BYTES,
+                CHUNK_BYTES,
                 sys.version,
                 tokenizer,
                 val_fraction,

@@ -134,3 +134,38 @@ def read_bytes(url: str) -> bytes:
             return f.read()
 
     return with_retries(fetch, url)
+
+
+def read_range(url: str, start: int, size: int) -> bytes:
+    """Bytes [start, start+size) of a local file or URL, in one request (an HTTP Range
+    request, fsspec's cat_file(start, end)); no retries: see `with_retries`.
+    Fewer bytes than asked: ConnectionError from a URL (a dropped connection, worth a
+    retry), EOFError from a local file (truncated, not worth one)."""
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    if url.startswith(("http://", "https://")):
+        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{start + size - 1}"})
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            if response.status != 206:
+                raise DataError(
+                    f"{url} ignores HTTP Range requests (status {response.status}): serve the dataset from a "
+                    "server that supports them, or copy it to local disk"
+                )
+            data = response.read(size)
+    elif is_url(url):
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise DataError(f"cannot open {url}: {e}") from None
+        data = fs.cat_file(path, start=start, end=start + size)
+    else:
+        with open(url, "rb") as f:
+            f.seek(start)
+            data = f.read(size)
+        if len(data) != size:
+            raise EOFError(f"the file ends {size - len(data):,} bytes short of the range at offset {start:,}")
+    if len(data) != size:
+        raise ConnectionError(f"read {len(data):,} of {size:,} bytes at offset {start:,}")
+    return data

@@ -1,6 +1,9 @@
-"""The streaming reader: prepared shards to (B, T+1) token batches for one rank.
+"""What every batch stream shares (BatchStream), whole-shard reads, the fixed validation
+batches, and the stream of raw-text shards (ShardStream). Prepared token shards are read
+per rank by data_pipeline.lanes.TokenStream instead; `TokenStream(...)` on raw-text shards
+gives a ShardStream.
 
-The global order is a pure function of (seed, epoch, position), whatever the number of
+ShardStream's global order is a pure function of (seed, epoch, position), whatever the number of
 ranks: shards permuted per epoch → tokens → windows of T+1 at stride T from a per-epoch
 offset → shuffled in blocks of `shuffle_buffer` → global batches of B·world·A windows, of
 which rank r keeps its rows. Every rank reads the same stream, so all make the same number
@@ -325,6 +328,23 @@ class BatchStream:
             )
             yield mine, self.position()
 
+    def rounds(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple]:
+        """(flat row indices into the round's (steps, rows) grid, those rows, the position
+        after each step, bytes held) for `group` steps at a time: what DataLoader worker
+        `worker` of `workers` contributes to each round (data_pipeline.loader). Here a
+        worker builds whole rounds in turn and contributes nothing to the others'."""
+        rows, mine, positions = self.micro_batch_size * self.accum, [], []
+        for step_rows, position in self.steps(worker, workers, group):
+            if step_rows is not None:
+                mine.append(step_rows)
+            positions.append(position)
+            if len(positions) == group:
+                if mine:
+                    yield np.arange(group * rows), np.concatenate(mine), positions, 0
+                else:
+                    yield np.zeros(0, np.int64), np.zeros((0, self.seq_len + 1), np.int64), positions, 0
+                mine, positions = [], []
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Micro batches of (micro_batch_size, seq_len+1) tokens, in this process."""
         for rows, _ in self.steps():
@@ -332,16 +352,13 @@ class BatchStream:
                 yield torch.from_numpy(rows[a * self.micro_batch_size : (a + 1) * self.micro_batch_size])
 
 
-class TokenStream(BatchStream):
-    """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one rank.
-
-    >>> stream = TokenStream("data/book", "train", 256, 8, rank=0, world_size=2)  # doctest: +SKIP
-    >>> batch = next(iter(stream))  # (8, 257); inputs batch[:, :-1], targets batch[:, 1:]
-    """
+class ShardStream(BatchStream):
+    """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one
+    rank of raw-text shards (module docstring): every rank reads every shard."""
 
     def __init__(
         self,
-        data: str,
+        data: str | dict,
         split: str,
         seq_len: int,
         micro_batch_size: int,
@@ -353,10 +370,12 @@ class TokenStream(BatchStream):
         shuffle_buffer: int = 8192,
         on_error: str = "fail",
         raw: RawOptions | None = None,
+        **_ignored,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.manifest = open_dataset(data, raw)
+        self.manifest = data if isinstance(data, dict) else open_dataset(data, raw)
+        data = data if isinstance(data, str) else self.manifest.get("name", self.manifest["root"])
         self.read = shard_reader(self.manifest)
         if split not in self.manifest["splits"]:
             raise DataError(f"the dataset {data} has no '{split}' split")

@@ -35,6 +35,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         val_fraction=args.val_fraction,
         shard_size_bytes=int(args.shard_size_mb * 2**20),
+        chunk_bytes=int(args.chunk_mb * 2**20),
         overwrite=args.overwrite,
         progress=True,
         text_field=args.text_field,
@@ -402,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         "formats' documents, picked by a hash of their text (default 0.1)",
     )
     pp.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
+    pp.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=4,
+        help="checksummed chunk size in MB: what a rank reads with one request (default 4)",
+    )
     pp.add_argument(
         "--text-field",
         default="text",

@@ -14,24 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import SHAKESPEARE
+from http_helpers import RangeHandler
 from s3_helpers import s3_server
 
 from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare, sources
 
 
-class Handler(http.server.SimpleHTTPRequestHandler):
+class Handler(RangeHandler):
     """Serves a folder; `fail` maps a path to how many of its next requests fail
     (503, or a connection dropped halfway through the body)."""
 
     fail: dict[str, int] = {}
     mode = "503"
-    requests: list[str] = []
-
-    def log_message(self, *args):
-        pass
+    paths: list[str] = []
 
     def do_GET(self):
-        type(self).requests.append(self.path)
+        type(self).paths.append(self.path)
         left = self.fail.get(self.path, 0)
         if left:
             self.fail[self.path] = left - 1
@@ -39,7 +37,10 @@ class Handler(http.server.SimpleHTTPRequestHandler):
                 self.send_error(503, "busy")
                 return
             body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
-            self.send_response(200)
+            if "Range" in self.headers:  # bytes=a-b
+                start, end = map(int, self.headers["Range"].removeprefix("bytes=").split("-"))
+                body = body[start : end + 1]
+            self.send_response(206 if "Range" in self.headers else 200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body[: len(body) // 2])  # then hang up: the client sees a truncated body
@@ -68,7 +69,7 @@ def server(data):
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
     monkeypatch.setattr(sources, "BACKOFF_S", 0.01)  # every retry goes through sources.with_retries
-    Handler.fail, Handler.mode, Handler.requests = {}, "503", []
+    Handler.fail, Handler.mode, Handler.paths = {}, "503", []
 
 
 def batches(path, steps=12, state=None):
@@ -103,14 +104,14 @@ def test_transient_failures_are_retried(data, server, mode):
     remote = eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
     assert len(local) == len(remote) > 100 and all(torch.equal(a, b) for a, b in zip(local, remote))
     assert Handler.fail == {"/d/manifest.json": 0, "/d/train-000001.tar": 0, "/d/train-000002.tar": 0}
-    assert Handler.requests.count("/d/train-000001.tar") >= 3
+    assert Handler.paths.count("/d/train-000001.tar") >= 3
 
 
 def test_a_shard_that_keeps_failing_is_named(server):
     Handler.fail = {"/d/train-000001.tar": 100}
     with pytest.raises(DataError, match=r"shard http://127.0.0.1:\d+/d/train-000001.tar is unreadable \(HTTP 503"):
         eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
-    assert Handler.requests.count("/d/train-000001.tar") == sources.RETRIES + 1  # bounded
+    assert Handler.paths.count("/d/train-000001.tar") == sources.RETRIES + 1  # bounded
 
 
 def test_missing_shard_is_not_retried(data, server, tmp_path):
@@ -119,7 +120,7 @@ def test_missing_shard_is_not_retried(data, server, tmp_path):
     (copy / "train-000000.tar").unlink()
     with pytest.raises(DataError, match=r"missing/train-000000.tar is unreadable \(HTTP 404"):
         eval_batches(f"{server}/missing", "train", 32, 4, 0, 1)
-    assert Handler.requests.count("/missing/train-000000.tar") == 1
+    assert Handler.paths.count("/missing/train-000000.tar") == 1
 
 
 def test_unreachable_server(monkeypatch):
@@ -200,7 +201,8 @@ def test_a_brace_list_of_token_shards_reads_them_through_the_manifest_beside_the
     manifest = load_manifest(str(data / "d"))
     some = TokenStream(f"{data}/d/train-{{000001..000003}}.tar", "train", 32, 4, 0, 1)
     assert some.tokens == sum(s["tokens"] for s in manifest["splits"]["train"]["shards"][1:4])
-    assert [s["sha256"] for s in some.shards] == [s["sha256"] for s in manifest["splits"]["train"]["shards"][1:4]]
+    listed = [c[3] for s in manifest["splits"]["train"]["shards"][1:4] for c in s["chunks"]]
+    assert some.table.sha256 == listed
     assert some.manifest["splits"]["val"]["shards"] == []
 
 

@@ -106,19 +106,26 @@ def test_every_rank_gets_the_same_number_of_batches_per_epoch(data, world):
             assert batch.shape == (4, 33) and batch.dtype == torch.int64
             n += 1
         counts.append(n)
-    offset = streams[0].epoch_plan(0)[1]
-    assert counts == [steps] * world and steps == (4_201 - offset - 1) // 32 // (4 * world) and steps > 2
+    offset = streams[0].layout(0).offset
+    windows = sum((600 - offset - 1) // 32 for _ in range(7))  # windows stay inside a chunk (here a shard)
+    assert counts == [steps] * world and steps == windows // (4 * world) and steps > 2
 
 
 def test_an_epoch_covers_every_window_once(data):
-    stream = TokenStream(data, "train", 32, 2, 0, 1, seed=5, shuffle_buffer=16)
-    _, offset, steps = stream.epoch_plan(0)
-    shards = stream.epoch_plan(0)[0]
-    flat = np.concatenate([np.frombuffer(b"".join(_member_bytes(s["url"])), dtype=np.uint16) for s in shards])
-    expected = {tuple(flat[offset + k * 32 : offset + k * 32 + 33].tolist()) for k in range(steps * 2)}
+    """Every window of every chunk (from the epoch's offset, inside the chunk) at most once,
+    and all but fewer than a global batch of them."""
+    stream = TokenStream(data, "train", 32, 2, 0, 1, seed=5)
+    offset, steps = stream.layout(0).offset, stream.steps_per_epoch
+    expected = set()
+    for url in stream.table.urls:
+        flat = np.frombuffer(b"".join(_member_bytes(url)), dtype=np.uint16)
+        expected |= {
+            tuple(flat[offset + k * 32 : offset + k * 32 + 33].tolist())
+            for k in range(max(len(flat) - offset - 1, 0) // 32)
+        }
     it = iter(stream)
     seen = [tuple(row.tolist()) for _ in range(steps) for row in next(it)]
-    assert len(seen) == len(set(seen)) == steps * 2 and set(seen) == expected
+    assert len(seen) == len(set(seen)) == steps * 2 and set(seen) <= expected and len(expected) - len(seen) < 2
 
 
 def _member_bytes(url):
@@ -187,7 +194,9 @@ def test_corrupt_or_truncated_shard_is_named(data, tmp_path):
     shard = copy / "train-000003.tar"
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated mid-member
     stream = TokenStream(str(copy), "train", 32, 12, 0, 1, seed=7)
-    with pytest.raises(DataError, match="shard .*train-000003.tar"):
+    with pytest.raises(
+        DataError, match=r"chunk .*train-000003.tar bytes 0-6,144 is unreadable \(EOFError: the file ends"
+    ):
         it = iter(stream)
         for _ in range(stream.steps_per_epoch):
             next(it)
@@ -219,9 +228,9 @@ def test_skip_policy_passes_over_a_bad_shard_and_ranks_stay_equal(data, tmp_path
         batches = [next(it) for _ in range(steps)]  # a whole epoch, as planned
         assert s.epoch == 1 and all(b.shape == (3, 33) for b in batches)
         counts.append(len(batches))
-        assert s.skipped == [str(Path(path, "train-000002.tar"))]
+        assert s.skipped and all(name.startswith(str(Path(path, "train-000002.tar"))) for name in s.skipped)
     assert counts == [steps] * world
-    assert "trainctl: warning: skipping a shard (data.on_error=skip): shard" in capfd.readouterr().err
+    assert "trainctl: warning: skipping a chunk (data.on_error=skip): chunk" in capfd.readouterr().err
     with pytest.raises(DataError, match="train-000002.tar"):
         it = iter(TokenStream(path, "train", 32, 3, 0, world, seed=7))  # the default policy is fail
         for _ in range(steps):
@@ -233,7 +242,7 @@ def test_skip_policy_with_nothing_left_stops(data, tmp_path):
 
     names = [s["path"] for s in load_manifest(data)["splits"]["train"]["shards"]]
     path = _break(data, tmp_path, names, "missing")
-    with pytest.raises(DataError, match="every shard of .* failed"):
+    with pytest.raises(DataError, match="every chunk of .* failed"):
         next(iter(TokenStream(path, "train", 32, 3, 0, 1, on_error="skip")))
 
 
@@ -278,7 +287,7 @@ def test_worker_processes_keep_the_order_and_the_position_exactly(data):
 
 def test_a_bad_shard_in_a_worker_process_is_one_named_error(data, tmp_path):
     path = _break(data, tmp_path, ["train-000003.tar"])
-    with pytest.raises(DataError, match=r"^shard \S+train-000003.tar is truncated"):
+    with pytest.raises(DataError, match=r"^chunk \S+train-000003.tar bytes \S+ is unreadable"):
         take_loaded(path, 1, 2, 30)
     skipped, _ = take_loaded(path, 1, 2, 30, on_error="skip")
     assert len(skipped) == 30

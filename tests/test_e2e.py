@@ -302,16 +302,10 @@ def test_bpe_dataset_trains_and_its_tokenizer_travels_into_the_checkpoint(traine
 @pytest.mark.slow
 def test_training_over_http_matches_the_local_folder(trained):
     """The prepared dataset served by a real HTTP server on 127.0.0.1: the same losses."""
-    import functools
-    import http.server
-    import threading
+    from http_helpers import serve
 
     work, *_ = trained
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(work))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with serve(work) as httpd:
         losses = {}
         for name, path in (("local", "data"), ("http", f"http://127.0.0.1:{httpd.server_address[1]}/data")):
             r = trainctl(
@@ -332,8 +326,6 @@ def test_training_over_http_matches_the_local_folder(trained):
             )
             assert r.returncode == 0, r.stderr[-3000:]
             losses[name] = [(m["step"], m.get("loss"), m.get("val_loss")) for m in metrics(work / "runs" / name)]
-    finally:
-        httpd.shutdown()
     assert len(losses["http"]) == 5 and losses["http"] == losses["local"]
 
 
@@ -348,7 +340,9 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
     assert len(list(broken.glob("train-*.tar"))) == 6
     from data_pipeline import TokenStream
 
-    first = TokenStream(str(broken), "train", 32, 8, 0, 2, seed=1337).epoch_plan(0)[0][0]["path"]  # read first
+    stream = TokenStream(str(broken), "train", 32, 8, 0, 2, seed=1337)
+    _, slot, _ = stream.layout(0).locate(0, 0)  # the chunk lane 0 reads first
+    first = Path(stream.table.urls[stream.layout(0).perm[slot]]).name
     (broken / first).write_bytes(b"not a tar file" * 100)
     r = trainctl(
         "run",
@@ -368,7 +362,7 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [m for m in metrics(work / "runs" / "skip") if "loss" in m]
     assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
-    assert "skipping a shard (data.on_error=skip): shard" in r.stdout + r.stderr and first in r.stdout + r.stderr
+    assert "skipping a chunk (data.on_error=skip): chunk" in r.stdout + r.stderr and first in r.stdout + r.stderr
 
     # --verbose: Ray's forwarding of everything, nothing in workers.log
     assert "(RayTrainWorker pid=" in r.stdout + r.stderr and "(TrainController pid=" in r.stdout + r.stderr

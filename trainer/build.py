@@ -47,7 +47,7 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
         return MixedStream(
             [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, **common
         )
-    return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, **common)
+    return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common)
 
 
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:

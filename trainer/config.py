@@ -40,12 +40,18 @@ class DataSection(Section):
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="tail of each file held out for validation (auto-prepare)")
     seq_len: int = Field(256, gt=0, description="tokens per training sequence (context length)")
-    shuffle_buffer: int = Field(8192, ge=1, description="sequences held in the seeded shuffle buffer")
+    shuffle_buffer: int = Field(8192, ge=1, description="raw-text shards: sequences held in the seeded shuffle buffer")
+    lanes: int = Field(
+        256,
+        ge=1,
+        description="prepared shards: the global batch reads this many separate parts of the corpus "
+        "(capped at a divisor of the global batch); ranks up to this many each read only their own",
+    )
     num_workers: int = Field(
         1,
         ge=0,
         description="DataLoader worker processes that build the batches (0: in the "
-        "training process); each reads the whole stream and builds its share of the steps",
+        "training process); they split the rank's reads between them",
     )
     cache_dir: str = Field(".cache/trainctl", description="where automatically prepared datasets are kept")
     text_field: str = Field(

@@ -1,0 +1,426 @@
+"""Per-rank reads of prepared token shards: the global batch as P lanes, each reading its
+own contiguous part of the corpus in checksummed chunks of a few MB.
+
+The order, a pure function of (seed, epoch, step, global batch G, lanes P) and of nothing
+about the ranks or loader workers:
+
+- a split is a list of chunks (whole tar members, ~4 MB, each with its sha256 in the
+  manifest); epoch e permutes them and picks a token offset o < T;
+- chunk c gives windows of T+1 tokens at stride T from o, inside the chunk; its windows
+  are cut into pieces of ~256 KB, the pieces permuted and the windows inside each piece
+  permuted (from (seed, e, c));
+- the epoch's sequence is the chunks' windows in that order; it is cut into P equal lane
+  slices of S·g windows (g = G/P rows per lane, S = steps in the epoch), each started at a
+  seeded rotation so the lanes cross chunk boundaries at different steps;
+- row p·g + i of step s is window (s·g + i + rho_p) mod (S·g) of lane p's slice.
+
+Rank r trains rows [r·G/W, (r+1)·G/W), which for W dividing P are whole lanes: it reads
+only those lanes' chunks, each with one ranged request, checked before any token is used.
+Its DataLoader workers split them (worker (lane + chunk slot) mod workers reads that
+chunk). A lane holds one chunk at a time as pieces and frees each piece once passed, so a
+rank holds about lanes × chunk / 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+from data_pipeline.sources import describe_error, read_range, with_retries
+from data_pipeline.ustar import token_members
+
+PIECE_BYTES = 256 << 10  # windows are shuffled within pieces of about this size
+LANES = 256  # data.lanes' default: ranks up to this many read disjoint data
+
+
+def effective_lanes(global_batch: int, lanes: int) -> int:
+    """The number of lanes used: the largest divisor of the global batch not above `lanes`."""
+    return max(d for d in range(1, min(lanes, global_batch) + 1) if global_batch % d == 0)
+
+
+class ChunkTable:
+    """A split's chunks in manifest order, as arrays: url, byte offset, bytes, tokens, sha256.
+
+    A shard listed without `chunks` (a manifest from before they existed) is one chunk: the
+    whole shard, checked against its sha256 (`whole` says so)."""
+
+    def __init__(self, shards: list[dict]):
+        rows, self.whole = [], 0
+        for shard in shards:
+            if shard.get("chunks") is None:
+                self.whole += 1
+                rows.append((shard["url"], 0, shard["bytes"], shard["tokens"], shard["sha256"]))
+            else:
+                rows += [(shard["url"], *chunk) for chunk in shard["chunks"]]
+        self.urls = [r[0] for r in rows]
+        self.offsets = np.array([r[1] for r in rows], dtype=np.int64)
+        self.sizes = np.array([r[2] for r in rows], dtype=np.int64)
+        self.tokens = np.array([r[3] for r in rows], dtype=np.int64)
+        self.sha256 = [r[4] for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def name(self, c: int) -> str:
+        return f"{self.urls[c]} bytes {self.offsets[c]:,}-{self.offsets[c] + self.sizes[c]:,}"
+
+    def read(self, c: int, dtype: np.dtype) -> np.ndarray:
+        """Chunk c's tokens, its bytes read in one request and checked against its sha256
+        before any token is handed on. DataError naming the shard and byte range when it
+        cannot be read (after retries), fails the check or holds other tokens than listed."""
+        url, start, size = self.urls[c], int(self.offsets[c]), int(self.sizes[c])
+        data = with_retries(
+            lambda: read_range(url, start, size),
+            url,
+            failed=lambda e: (
+                f"chunk {self.name(c)} is unreadable ({describe_error(e)}): prepare the dataset again or check the storage"
+            ),
+        )
+        if hashlib.sha256(data).hexdigest() != self.sha256[c]:
+            raise DataError(
+                f"chunk {self.name(c)} fails its sha256 check against the manifest: it is corrupt; "
+                "prepare the dataset again"
+            )
+        arrays = token_members(data, dtype, url)
+        tokens = np.concatenate(arrays) if len(arrays) != 1 else arrays[0]
+        if len(tokens) != self.tokens[c]:
+            raise DataError(
+                f"chunk {self.name(c)} holds {len(tokens):,} tokens but the manifest says {self.tokens[c]:,}: "
+                "prepare the dataset again"
+            )
+        return tokens
+
+
+class Layout:
+    """One epoch's order: the chunks' permutation, where each starts in the epoch's window
+    sequence, the steps, and each lane's slice and rotation."""
+
+    def __init__(
+        self, table: ChunkTable, seq_len: int, global_batch: int, lanes: int, seed: int, epoch: int, shuffle: bool
+    ):
+        rng = np.random.default_rng([seed, epoch])
+        self.perm = rng.permutation(len(table)) if shuffle else np.arange(len(table))
+        self.offset = int(rng.integers(seq_len)) if shuffle else 0
+        self.windows = np.maximum(table.tokens[self.perm] - self.offset - 1, 0) // seq_len
+        self.starts = np.concatenate([[0], np.cumsum(self.windows)])
+        self.steps = int(self.starts[-1]) // global_batch
+        self.per_lane = global_batch // lanes
+        self.length = self.steps * self.per_lane  # windows in each lane's slice
+        self.rho = (
+            np.random.default_rng([seed, epoch, 1]).integers(max(self.length, 1), size=lanes)
+            if shuffle
+            else np.zeros(lanes, dtype=np.int64)
+        )
+
+    def locate(self, lane: int, v: int) -> tuple[int, int, int]:
+        """(x, j, k) of lane `lane`'s v-th window: its place in the epoch's sequence, the
+        chunk slot holding it, and its index in that chunk's order."""
+        x = lane * self.length + (v + int(self.rho[lane])) % self.length
+        j = int(np.searchsorted(self.starts, x, side="right")) - 1
+        return x, j, x - int(self.starts[j])
+
+    def run_end(self, lane: int, x: int) -> int:
+        """Where the lane's run of consecutive positions through x ends (its slice's end, or
+        its rotation point after wrapping)."""
+        turn = lane * self.length + int(self.rho[lane])
+        return (lane + 1) * self.length if x >= turn else turn
+
+
+class ChunkOrder:
+    """The order of one chunk's windows in an epoch: pieces of `piece` consecutive windows,
+    permuted, and the windows of each permuted (from (seed, epoch, chunk))."""
+
+    def __init__(self, n: int, piece: int, seed: int, epoch: int, chunk: int, shuffle: bool):
+        self.n, self.piece, self.key, self.shuffle = n, piece, (seed, epoch, chunk), shuffle
+        count = -(-n // piece)
+        sizes = np.full(count, piece, dtype=np.int64)
+        sizes[-1] = n - piece * (count - 1)
+        self.sigma = np.random.default_rng([seed, epoch, chunk, 2]).permutation(count) if shuffle else np.arange(count)
+        self.sizes = sizes[self.sigma]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+
+    def slot(self, k: int) -> tuple[int, int]:
+        """(piece slot q, index i inside it) of the chunk's k-th window in this order."""
+        q = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return q, k - int(self.starts[q])
+
+    @cache  # noqa: B019 - one ChunkOrder per held chunk, dropped with it
+    def tau(self, q: int) -> np.ndarray:
+        size = int(self.sizes[q])
+        if not self.shuffle:
+            return np.arange(size)
+        return np.random.default_rng([*self.key, 3, int(self.sigma[q])]).permutation(size)
+
+
+class Held:
+    """The pieces of one chunk that one lane still needs, in the chunk's order."""
+
+    def __init__(
+        self, tokens: np.ndarray, order: ChunkOrder, offset: int, seq_len: int, k_lo: int, k_hi: int, free: bool = True
+    ):
+        self.order, self.seq_len, self.free = order, seq_len, free
+        self.pieces: dict[int, np.ndarray] = {}
+        first, last = order.slot(k_lo)[0], order.slot(max(k_hi - 1, k_lo))[0]
+        for q in range(first, last + 1):
+            w0 = int(order.sigma[q]) * order.piece
+            a = offset + w0 * seq_len
+            self.pieces[q] = tokens[a : a + int(order.sizes[q]) * seq_len + 1].copy()
+        self.nbytes = sum(p.nbytes for p in self.pieces.values())
+
+    def window(self, k: int) -> np.ndarray:
+        q, i = self.order.slot(k % self.order.n)  # `%`: a stand-in chunk may hold fewer windows
+        if self.free:  # a lane's positions only grow: free the pieces it passed
+            for done in [p for p in self.pieces if p < q]:
+                self.nbytes -= self.pieces.pop(done).nbytes
+        t = int(self.order.tau(q)[i]) * self.seq_len
+        return self.pieces[q][t : t + self.seq_len + 1]
+
+
+class LaneReader:
+    """Reads what one process (a rank, or one of its DataLoader workers) needs of the lanes,
+    a few steps ahead in a thread, and hands out windows by (epoch, lane, v)."""
+
+    def __init__(self, stream: TokenStream, worker: int, workers: int):
+        self.s, self.worker, self.workers = stream, worker, workers
+        # A lane's run through a chunk is keyed (epoch, slot, wrapped): a lane whose rotation
+        # point falls inside a chunk passes through it twice in the epoch, reading it twice.
+        self.held: dict[int, tuple[tuple[int, int, bool], Held]] = {}  # lane -> (key, pieces)
+        self.pending: dict[tuple[int, tuple[int, int, bool]], Future] = {}  # (lane, key) -> (chunk, tokens)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainctl-chunks")
+        self.skipped: list[str] = []
+
+    def mine(self, lane: int, slot: int) -> bool:
+        return (lane + slot) % self.workers == self.worker
+
+    @staticmethod
+    def key(layout: Layout, epoch: int, lane: int, x: int, j: int) -> tuple[int, int, bool]:
+        return epoch, j, x < lane * layout.length + int(layout.rho[lane])
+
+    def prefetch(self, epoch: int, lane: int, v: int) -> None:
+        layout = self.s.layout(epoch)
+        x, j, _ = layout.locate(lane, v)
+        key = self.key(layout, epoch, lane, x, j)
+        held = self.held.get(lane)
+        if self.mine(lane, j) and (lane, key) not in self.pending and (held is None or held[0] != key):
+            self.pending[lane, key] = self.pool.submit(self._read_slot, epoch, j)
+
+    def _read_slot(self, epoch: int, j: int) -> tuple[int, np.ndarray]:
+        """(chunk, tokens) for slot j; under on_error=skip a chunk that fails is named,
+        recorded, and the next slot's chunk stands in for it (the same for every rank)."""
+        layout = self.s.layout(epoch)
+        table = self.s.table
+        for attempt in range(len(table)):
+            c = int(layout.perm[(j + attempt) % len(table)])
+            try:
+                return c, table.read(c, self.s.dtype)
+            except DataError as e:
+                if self.s.on_error != "skip":
+                    raise
+                print(f"trainctl: warning: skipping a chunk (data.on_error=skip): {e}", file=sys.stderr, flush=True)
+                self.skipped.append(table.name(c))
+        raise DataError(f"every chunk of {self.s.manifest['root']} failed (data.on_error=skip): nothing to train on")
+
+    def window(self, epoch: int, lane: int, v: int) -> np.ndarray:
+        layout = self.s.layout(epoch)
+        x, j, k = layout.locate(lane, v)
+        key = self.key(layout, epoch, lane, x, j)
+        held = self.held.get(lane)
+        if held is None or held[0] != key:
+            self.held.pop(lane, None)  # the lane is past it: freed before the next is split
+            future = self.pending.pop((lane, key), None)
+            c, tokens = future.result() if future is not None else self._read_slot(epoch, j)
+            n, own = int(layout.windows[j]), c == int(layout.perm[j])
+            if own:
+                k_lo, k_hi = k, min(int(layout.starts[j + 1]), layout.run_end(lane, x)) - int(layout.starts[j])
+            else:  # a stand-in for a skipped chunk: any of its windows may be needed
+                n = (len(tokens) - layout.offset - 1) // self.s.seq_len
+                if n < 1:
+                    raise DataError(f"chunk {self.s.table.name(c)} is too short to stand in for a skipped chunk")
+                k_lo, k_hi = 0, n
+            order = ChunkOrder(n, self.s.piece, self.s.seed, epoch, c, self.s.shuffle)
+            held = (key, Held(tokens, order, layout.offset, self.s.seq_len, k_lo, k_hi, free=own))
+            self.held[lane] = held
+        return held[1].window(k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for _, h in self.held.values()) + sum(
+            f.result()[1].nbytes for f in self.pending.values() if f.done() and not f.exception()
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+from data_pipeline.stream import BatchStream  # noqa: E402 - stream imports nothing from here
+
+
+class TokenStream(BatchStream):
+    """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one
+    rank of a prepared token dataset, reading only this rank's lanes (module docstring).
+
+    >>> stream = TokenStream("data/book", "train", 256, 8, rank=0, world_size=2)  # doctest: +SKIP
+    >>> batch = next(iter(stream))  # (8, 257); inputs batch[:, :-1], targets batch[:, 1:]
+    """
+
+    def __new__(cls, data: str | dict, *args, raw=None, **kwargs):
+        """Raw-text shards have no token counts to lay lanes out with: they get a ShardStream."""
+        from data_pipeline.raw import FORMAT as RAW_FORMAT
+        from data_pipeline.stream import ShardStream, open_dataset
+
+        manifest = data if isinstance(data, dict) else open_dataset(data, raw)
+        if manifest["format"] == RAW_FORMAT:
+            return ShardStream(manifest, *args, raw=raw, **kwargs)
+        stream = super().__new__(cls)
+        stream.manifest = manifest
+        return stream
+
+    def __init__(
+        self,
+        data: str | dict,
+        split: str,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        grad_accum_steps: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        on_error: str = "fail",
+        lanes: int = LANES,
+        **_ignored,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
+        if lanes < 1:
+            raise DataError(f"data.lanes={lanes} must be at least 1")
+        name = data if isinstance(data, str) else self.manifest.get("name", self.manifest["root"])
+        if split not in self.manifest["splits"]:
+            raise DataError(f"the dataset {name} has no '{split}' split")
+        super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)
+        self.table = ChunkTable(self.manifest["splits"][split]["shards"])
+        if self.table.whole and rank == 0:
+            print(
+                f"trainctl: note: {self.manifest['root']} was prepared without per-chunk checksums: each rank reads "
+                "whole shards; prepare it again for per-rank reads",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.shuffle, self.on_error, self.lanes = shuffle, on_error, effective_lanes(self.global_batch, lanes)
+        self.piece = max(PIECE_BYTES // (seq_len * self.dtype.itemsize), 1)
+        self.tokens = int(self.table.tokens.sum())
+        self._layouts: dict[int, Layout] = {}
+        if self.layout(0).steps == 0:
+            raise DataError(
+                f"the {split} split of {name} holds {self.tokens:,} tokens, too few for one global batch of "
+                f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len"
+            )
+        self.epoch, self.step_in_epoch = 0, 0
+        # This rank's rows of the global batch, as (lane, first row in lane, rows) runs.
+        rows = micro_batch_size * grad_accum_steps
+        g = self.global_batch // self.lanes
+        first, last = rank * rows, (rank + 1) * rows
+        self.runs = [
+            (lane, max(first - lane * g, 0), min(last - lane * g, g)) for lane in range(first // g, -(-last // g))
+        ]
+        self.skipped: list[str] = []
+
+    def layout(self, epoch: int) -> Layout:
+        if epoch not in self._layouts:
+            if len(self._layouts) > 2:
+                self._layouts.pop(min(self._layouts))
+            self._layouts[epoch] = Layout(
+                self.table, self.seq_len, self.global_batch, self.lanes, self.seed, epoch, self.shuffle
+            )
+        return self._layouts[epoch]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.layout(self.epoch).steps
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "seq_len": self.seq_len,
+            "lanes": self.lanes,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position (call before iterating). The global batch, the
+        sequence length, the seed and the lanes must match; the number of ranks may differ."""
+        self._check_state(state)
+        if state.get("lanes", self.lanes) != self.lanes:
+            raise DataError(
+                f"the saved data position has {state['lanes']} lanes but this job has {self.lanes}: "
+                f"resume with data.lanes={state['lanes']} or start a fresh run"
+            )
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+
+    def _advance(self) -> None:
+        self.step_in_epoch += 1
+        if self.step_in_epoch == self.layout(self.epoch).steps:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def rounds(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple]:
+        """(flat row indices into the round's (steps, rows) grid, those rows, the position
+        after each step, bytes held) for `group` steps at a time, from the current position
+        on, endlessly: this process's share (worker of workers) of this rank's rows."""
+        reader = LaneReader(self, worker, workers)
+        rows_per_step = self.micro_batch_size * self.accum
+        g = self.global_batch // self.lanes
+        ahead = max(2 * group, 8)  # steps read ahead
+        try:
+            horizon = (self.epoch, self.step_in_epoch)
+            while True:
+                index, rows, positions = [], [], []
+                for n in range(group):
+                    epoch, step = self.epoch, self.step_in_epoch
+                    # Read ahead: the chunks needed `ahead` steps from here.
+                    while horizon <= (epoch, step) or _steps_between((epoch, step), horizon, self) < ahead:
+                        e, s = horizon
+                        for lane, i0, i1 in self.runs:
+                            for i in (i0, i1 - 1):
+                                reader.prefetch(e, lane, s * g + i)
+                        horizon = (e, s + 1) if s + 1 < self.layout(e).steps else (e + 1, 0)
+                    out = n * rows_per_step
+                    for lane, i0, i1 in self.runs:
+                        for i in range(i0, i1):
+                            _, j, _ = self.layout(epoch).locate(lane, step * g + i)
+                            if reader.mine(lane, j):
+                                index.append(out)
+                                rows.append(reader.window(epoch, lane, step * g + i))
+                            out += 1
+                    self._advance()
+                    self.skipped = reader.skipped
+                    positions.append(self.position())
+                block = np.stack(rows) if rows else np.zeros((0, self.seq_len + 1), self.dtype)
+                yield np.array(index, dtype=np.int64), block, positions, reader.nbytes
+        finally:
+            reader.close()
+
+    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
+        """(this rank's rows of each step as one (A·B, T+1) int64 array, the position after it)."""
+        rows_per_step = self.micro_batch_size * self.accum
+        for index, block, positions, _ in self.rounds(0, 1, 1):
+            out = np.empty((rows_per_step, self.seq_len + 1), dtype=np.int64)
+            out[index] = block
+            yield out, positions[0]
+
+
+def _steps_between(a: tuple[int, int], b: tuple[int, int], stream: TokenStream) -> int:
+    """Steps from position a to position b (b after a)."""
+    if a[0] == b[0]:
+        return b[1] - a[1]
+    return stream.layout(a[0]).steps - a[1] + sum(stream.layout(e).steps for e in range(a[0] + 1, b[0])) + b[1]
