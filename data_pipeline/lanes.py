@@ -27,15 +27,15 @@ import hashlib
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import cache
 
 import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.sources import describe_error, read_range, with_retries
+from data_pipeline.stream import BatchStream
 from data_pipeline.ustar import token_members
 
-PIECE_BYTES = 256 << 10  # windows are shuffled within pieces of about this size
+PIECE_BYTES = 64 << 10  # windows are shuffled within pieces of about this size, freed one by one
 LANES = 256  # data.lanes' default: ranks up to this many read disjoint data
 
 
@@ -125,6 +125,13 @@ class Layout:
         j = int(np.searchsorted(self.starts, x, side="right")) - 1
         return x, j, x - int(self.starts[j])
 
+    def locate_rows(self, lanes: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]:
+        """locate() of many (lane, v) at once, and whether each is past its lane's wrap."""
+        turn = lanes * self.length + self.rho[lanes]
+        x = lanes * self.length + (v + self.rho[lanes]) % self.length
+        j = np.searchsorted(self.starts, x, side="right") - 1
+        return x, j, x - self.starts[j], x < turn
+
     def run_end(self, lane: int, x: int) -> int:
         """Where the lane's run of consecutive positions through x ends (its slice's end, or
         its rotation point after wrapping)."""
@@ -150,7 +157,6 @@ class ChunkOrder:
         q = int(np.searchsorted(self.starts, k, side="right")) - 1
         return q, k - int(self.starts[q])
 
-    @cache  # noqa: B019 - one ChunkOrder per held chunk, dropped with it
     def tau(self, q: int) -> np.ndarray:
         size = int(self.sizes[q])
         if not self.shuffle:
@@ -172,13 +178,18 @@ class Held:
             a = offset + w0 * seq_len
             self.pieces[q] = tokens[a : a + int(order.sizes[q]) * seq_len + 1].copy()
         self.nbytes = sum(p.nbytes for p in self.pieces.values())
+        self.q, self.tau = None, None  # the piece being read, and its windows' order
 
     def window(self, k: int) -> np.ndarray:
-        q, i = self.order.slot(k % self.order.n)  # `%`: a stand-in chunk may hold fewer windows
-        if self.free:  # a lane's positions only grow: free the pieces it passed
-            for done in [p for p in self.pieces if p < q]:
-                self.nbytes -= self.pieces.pop(done).nbytes
-        t = int(self.order.tau(q)[i]) * self.seq_len
+        k %= self.order.n  # a stand-in chunk may hold fewer windows
+        q = self.q
+        if q is None or not self.order.starts[q] <= k < self.order.starts[q + 1]:
+            q = self.q = self.order.slot(k)[0]
+            self.tau = self.order.tau(q)
+            if self.free:  # a lane's positions only grow: free the pieces it passed
+                for done in [p for p in self.pieces if p < q]:
+                    self.nbytes -= self.pieces.pop(done).nbytes
+        t = int(self.tau[k - self.order.starts[q]]) * self.seq_len
         return self.pieces[q][t : t + self.seq_len + 1]
 
 
@@ -198,14 +209,9 @@ class LaneReader:
     def mine(self, lane: int, slot: int) -> bool:
         return (lane + slot) % self.workers == self.worker
 
-    @staticmethod
-    def key(layout: Layout, epoch: int, lane: int, x: int, j: int) -> tuple[int, int, bool]:
-        return epoch, j, x < lane * layout.length + int(layout.rho[lane])
-
-    def prefetch(self, epoch: int, lane: int, v: int) -> None:
-        layout = self.s.layout(epoch)
-        x, j, _ = layout.locate(lane, v)
-        key = self.key(layout, epoch, lane, x, j)
+    def prefetch(self, epoch: int, lane: int, j: int, wrapped: bool) -> None:
+        """Start reading slot j for `lane` in a thread, unless this process has or reads it."""
+        key = (epoch, j, wrapped)
         held = self.held.get(lane)
         if self.mine(lane, j) and (lane, key) not in self.pending and (held is None or held[0] != key):
             self.pending[lane, key] = self.pool.submit(self._read_slot, epoch, j)
@@ -226,10 +232,10 @@ class LaneReader:
                 self.skipped.append(table.name(c))
         raise DataError(f"every chunk of {self.s.manifest['root']} failed (data.on_error=skip): nothing to train on")
 
-    def window(self, epoch: int, lane: int, v: int) -> np.ndarray:
+    def window(self, epoch: int, lane: int, x: int, j: int, k: int, wrapped: bool) -> np.ndarray:
+        """The window at place x (slot j, index k) of the epoch's sequence, for `lane`."""
         layout = self.s.layout(epoch)
-        x, j, k = layout.locate(lane, v)
-        key = self.key(layout, epoch, lane, x, j)
+        key = (epoch, j, wrapped)
         held = self.held.get(lane)
         if held is None or held[0] != key:
             self.held.pop(lane, None)  # the lane is past it: freed before the next is split
@@ -256,9 +262,6 @@ class LaneReader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-from data_pipeline.stream import BatchStream  # noqa: E402 - stream imports nothing from here
 
 
 class TokenStream(BatchStream):
@@ -380,33 +383,37 @@ class TokenStream(BatchStream):
         reader = LaneReader(self, worker, workers)
         rows_per_step = self.micro_batch_size * self.accum
         g = self.global_batch // self.lanes
+        lane = np.concatenate([np.full(i1 - i0, lane, np.int64) for lane, i0, i1 in self.runs])
+        row = np.concatenate([np.arange(i0, i1) for _, i0, i1 in self.runs])
         ahead = max(2 * group, 8)  # steps read ahead
         try:
-            horizon = (self.epoch, self.step_in_epoch)
+            horizon, last = (self.epoch, self.step_in_epoch), None
             while True:
                 index, rows, positions = [], [], []
                 for n in range(group):
                     epoch, step = self.epoch, self.step_in_epoch
-                    # Read ahead: the chunks needed `ahead` steps from here.
+                    # Read ahead: start reading the chunks lanes enter up to `ahead` steps from here.
                     while horizon <= (epoch, step) or _steps_between((epoch, step), horizon, self) < ahead:
                         e, s = horizon
-                        for lane, i0, i1 in self.runs:
-                            for i in (i0, i1 - 1):
-                                reader.prefetch(e, lane, s * g + i)
+                        _, j, _, wrapped = self.layout(e).locate_rows(lane, s * g + row)
+                        fresh = last is None or last[0] != e
+                        new = np.ones(len(j), bool) if fresh else (j != last[1]) | (wrapped != last[2])
+                        for r in np.flatnonzero(new):
+                            reader.prefetch(e, int(lane[r]), int(j[r]), bool(wrapped[r]))
+                        last = (e, j, wrapped)
                         horizon = (e, s + 1) if s + 1 < self.layout(e).steps else (e + 1, 0)
-                    out = n * rows_per_step
-                    for lane, i0, i1 in self.runs:
-                        for i in range(i0, i1):
-                            _, j, _ = self.layout(epoch).locate(lane, step * g + i)
-                            if reader.mine(lane, j):
-                                index.append(out)
-                                rows.append(reader.window(epoch, lane, step * g + i))
-                            out += 1
+                    x, j, k, wrapped = self.layout(epoch).locate_rows(lane, step * g + row)
+                    mine = np.flatnonzero((lane + j) % workers == worker)
+                    index.append(n * rows_per_step + mine)
+                    for r in mine.tolist():
+                        rows.append(
+                            reader.window(epoch, int(lane[r]), int(x[r]), int(j[r]), int(k[r]), bool(wrapped[r]))
+                        )
                     self._advance()
                     self.skipped = reader.skipped
                     positions.append(self.position())
                 block = np.stack(rows) if rows else np.zeros((0, self.seq_len + 1), self.dtype)
-                yield np.array(index, dtype=np.int64), block, positions, reader.nbytes
+                yield np.concatenate(index), block, positions, reader.nbytes
         finally:
             reader.close()
 

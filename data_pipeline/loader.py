@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -100,20 +101,24 @@ class Loader:
         rows, workers = s.micro_batch_size * s.accum, max(self.num_workers, 1)
         items, skipped = self._items(), list(self.position["skipped"])
         while True:
-            out = torch.empty((self.group * rows, s.seq_len + 1), dtype=torch.int64)
+            parts = []
             for worker in range(workers):
                 index, block, positions, nbytes = next(items)
                 if index is None:
                     raise DataError(positions[0]["error"])
-                out[torch.as_tensor(index)] = torch.as_tensor(block).to(torch.int64)
+                parts.append((np.asarray(index), np.asarray(block)))
                 self.held[worker] = nbytes
                 skipped += [u for p in positions for u in p["skipped"] if u not in skipped]
                 if worker == 0:
                     steps = positions
-            if self.pin_memory:
-                out = out.pin_memory()
+            # Rows travel in the dataset's dtype (uint16: a quarter of int64) and widen here, a step at a time.
+            dtype = next((b.dtype for _, b in parts if len(b)), np.int64)
+            out = np.empty((self.group * rows, s.seq_len + 1), dtype=dtype)
+            for index, block in parts:
+                out[index] = block
             for n, position in enumerate(steps):
-                yield out[n * rows : (n + 1) * rows], {**position, "skipped": list(skipped)}
+                step = torch.from_numpy(out[n * rows : (n + 1) * rows].astype(np.int64))
+                yield (step.pin_memory() if self.pin_memory else step), {**position, "skipped": list(skipped)}
 
     @property
     def held_bytes(self) -> int:

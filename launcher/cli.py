@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--chunk-mb",
         type=float,
-        default=4,
-        help="checksummed chunk size in MB: what a rank reads with one request (default 4)",
+        default=3.5,
+        help="checksummed chunk size in MB: what a rank reads with one request (default 3.5)",
     )
     pp.add_argument(
         "--text-field",

@@ -67,6 +67,14 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
                 f"{latest} was trained with data.seq_len={saved['seq_len']} but this job has {cfg.data.seq_len}: "
                 "resume with the same data.seq_len"
             )
+        from data_pipeline.lanes import effective_lanes
+
+        lanes = effective_lanes(cfg.global_batch, cfg.data.lanes)
+        if saved.get("data_lanes", lanes) != lanes:
+            raise UsageError(
+                f"{latest} was trained with {saved['data_lanes']} data lanes but this job has {lanes}: "
+                f"resume with data.lanes={saved['data_lanes']} (the order of the data depends on it)"
+            )
     # Raises DataError when a split cannot fill one global batch, or mixed sources disagree.
     build_stream(cfg, 0, cfg.cluster.num_workers)
     from launcher.plan import fit_warning

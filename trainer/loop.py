@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import Loader, tokenizer_from_dict
+from data_pipeline.lanes import effective_lanes
 from trainer import checkpoint, perf
 from trainer.build import Worker, resume_point, start, start_tracking
 from trainer.config import JobConfig
@@ -161,6 +162,7 @@ def save(w: Worker, state: TrainState, wait: bool) -> None:
         "world_size": w.world,
         "global_batch": cfg.global_batch,
         "seq_len": cfg.data.seq_len,
+        "data_lanes": effective_lanes(cfg.global_batch, cfg.data.lanes),
         "tokens_seen": state.tokens_seen,
         "name": cfg.name,
         "tokenizer": w.tokenizer,
