@@ -2,7 +2,7 @@
 byte of tokens the rank trains on, requests per GB, memory held for data in flight, and
 how well a global batch mixes the corpus.
 
-    python benchmarks/data_scale.py [--worlds 1,8,64,512] [--workers 1] [--lanes 512] [--min-mb 256]
+    python benchmarks/data_scale.py [--worlds 1,8,64,512] [--workers 1] [--lanes 512] [--min-mb 512]
 
 A real HTTP server on 127.0.0.1 (Range requests, as S3 and nginx serve them) counts the
 bytes and requests of each simulated rank (each reads through its own URL prefix). The
@@ -11,8 +11,8 @@ tokens, prepared by trainctl's own ShardWriter in 3.5 MB checksummed chunks, ser
 every shard name (the manifest lists the same chunks and checksums for each). Global
 batch 1,024 sequences of 2,048 tokens; no model: the rank's Loader (with --workers
 DataLoader processes) is drained step by step until the rank has consumed at least
---min-mb and, below 512 ranks, ten times what its lanes read ahead at the start (each lane
-begins inside a chunk and must read all of it to check it).
+--min-mb and, below 512 ranks, 30 times what its lanes read beyond their needs at the start
+(each lane begins partway into a chunk and must read all of it to check it).
 
 Sampled ranks: 0 at W=1; 0 and W-1 at 8 and 64; 0, 170, 341, 511 at 512. Before this
 change every rank read the whole stream: bytes read / consumed = W.
@@ -98,7 +98,7 @@ def drain(url: str, world: int, rank: int, workers: int, lanes: int, min_bytes: 
     rows = GLOBAL // world
     stream = TokenStream(f"{url}/r{world}-{rank}", "train", SEQ, rows, rank, world, seed=1, lanes=lanes)
     lanes_here = len({lane for lane, _, _ in stream.runs})
-    target = max(min_bytes, int(10 * lanes_here * CHUNK_MB * 2**20 / 2) if world < 512 else 0)
+    target = max(min_bytes, int(30 * lanes_here * CHUNK_MB * 2**20 / 2) if world < 512 else 0)
     step_bytes = rows * (SEQ + 1) * 2
     loader = Loader(stream, workers, group=max(min((4 << 20) // (rows * (SEQ + 1) * 8), 64), 1))
     client = f"r{world}-{rank}"
@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,8,64,512")
     ap.add_argument("--workers", default="1", help="DataLoader workers per rank, a comma list (e.g. 1,2,4)")
     ap.add_argument("--lanes", type=int, default=512)
-    ap.add_argument("--min-mb", type=int, default=256)
+    ap.add_argument("--min-mb", type=int, default=512)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         Server.manifest = json.dumps(make_corpus(tmp)).encode()

@@ -10,8 +10,9 @@ about the ranks or loader workers:
   are cut into pieces of ~256 KB, the pieces permuted and the windows inside each piece
   permuted (from (seed, e, c));
 - the epoch's sequence is the chunks' windows in that order; it is cut into P equal lane
-  slices of S·g windows (g = G/P rows per lane, S = steps in the epoch), each started at a
-  seeded rotation so the lanes cross chunk boundaries at different steps;
+  slices of S·g windows (g = G/P rows per lane, S = steps in the epoch), each started (and
+  wrapped around) partway into a chunk, lane p at fraction (p·0.618...) mod 1 of it, so the
+  lanes cross chunk boundaries at evenly spread steps;
 - row p·g + i of step s is window (s·g + i + rho_p) mod (S·g) of lane p's slice.
 
 Rank r trains rows [r·G/W, (r+1)·G/W), which for W dividing P are whole lanes: it reads
@@ -112,11 +113,16 @@ class Layout:
         self.steps = int(self.starts[-1]) // global_batch
         self.per_lane = global_batch // lanes
         self.length = self.steps * self.per_lane  # windows in each lane's slice
-        self.rho = (
-            np.random.default_rng([seed, epoch, 1]).integers(max(self.length, 1), size=lanes)
-            if shuffle
-            else np.zeros(lanes, dtype=np.int64)
-        )
+        # Each lane starts partway into a chunk, lane p at fraction (p·0.618...) mod 1 of it, so the
+        # lanes cross chunk boundaries at evenly spread steps and together hold about half a
+        # chunk each (all starting at a boundary, they would hold whole chunks at once).
+        self.rho = np.zeros(lanes, dtype=np.int64)
+        if shuffle and self.length:
+            base = np.arange(lanes, dtype=np.int64) * self.length
+            first = np.minimum(np.searchsorted(self.starts, base), len(self.windows) - 1)
+            fraction = (np.arange(lanes) * 0.6180339887498949) % 1.0
+            start = self.starts[first] + (fraction * self.windows[first]).astype(np.int64)
+            self.rho = (start - base) % self.length
 
     def locate(self, lane: int, v: int) -> tuple[int, int, int]:
         """(x, j, k) of lane `lane`'s v-th window: its place in the epoch's sequence, the

@@ -168,7 +168,7 @@ def test_chunks_are_whole_members_with_their_sha256_and_the_shard_stays_a_plain_
             members = tar.getmembers()
         starts = [m.offset for m in members]  # each member's header
         end = 0
-        for offset, size, tokens, sha in shard["chunks"]:
+        for offset, size, _tokens, sha in shard["chunks"]:
             assert offset == end and offset in starts  # contiguous, starting at a member's header
             end = offset + size
             assert end in starts or end == members[-1].offset_data + -(-members[-1].size // 512) * 512
