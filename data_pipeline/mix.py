@@ -1,7 +1,13 @@
 """Mixing several datasets by weight, deterministically and resumably: each global-batch
-slot's source is drawn by a generator seeded by (seed, step), and each source is its own
-TokenStream of one window per step, so the mix, like the rest of the order, is a pure
-function of the position.
+slot's source is drawn by a generator seeded by (seed, step), so the mix, like the rest of
+the order, is a pure function of the position.
+
+Prepared datasets are read per rank, through the same lanes as one dataset
+(data_pipeline.lanes): each source is laid out in the global batch's lanes, and lane p of
+source s moves on by one window each time one of lane p's rows draws s. Every rank keeps
+every lane's count (a few integers a lane), so a position resumes on any number of ranks,
+but reads only its own lanes' chunks. Raw-text sources keep the older way: each source is a
+stream of one window per step, read whole on every rank.
 """
 
 from __future__ import annotations
@@ -12,9 +18,9 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
-from data_pipeline.lanes import TokenStream
+from data_pipeline.lanes import LANES, LaneReader, TokenStream, effective_lanes
 from data_pipeline.raw import RawOptions
-from data_pipeline.stream import BatchStream
+from data_pipeline.stream import BatchStream, ShardStream
 
 
 class MixedStream(BatchStream):
@@ -32,6 +38,7 @@ class MixedStream(BatchStream):
         shuffle_buffer: int = 8192,
         on_error: str = "fail",
         raw: RawOptions | None = None,
+        lanes: int = LANES,
     ):
         if not sources:
             raise DataError("data.sources is empty: give at least one {path, weight}")
@@ -40,36 +47,60 @@ class MixedStream(BatchStream):
             raise DataError(f"data.sources weights {weights.tolist()} must all be positive numbers")
         self.weights = weights / weights.sum()
         self.names = [path for path, _ in sources]
-        # Each source: its own order (seed + index), one window per step.
+        global_batch = micro_batch_size * world_size * grad_accum_steps
+        self.lanes = effective_lanes(global_batch, lanes)
+        # Each source: its own order (seed + index), laid out in the lanes (one window a lane a
+        # step at most), or for raw-text sources one window per step.
         self.subs = [
             TokenStream(
                 path,
                 "train",
                 seq_len,
-                1,
+                self.lanes,
                 0,
                 1,
                 seed=seed + 1009 * i,
                 shuffle_buffer=shuffle_buffer,
                 on_error=on_error,
                 raw=raw,
+                lanes=self.lanes,
             )
             for i, (path, _) in enumerate(sources)
         ]
+        self.per_rank = all(isinstance(sub, TokenStream) for sub in self.subs)
+        if not self.per_rank:
+            self.subs = [
+                ShardStream(
+                    sub.manifest,
+                    "train",
+                    seq_len,
+                    1,
+                    0,
+                    1,
+                    seed=sub.seed,
+                    shuffle_buffer=shuffle_buffer,
+                    on_error=on_error,
+                )
+                for sub in self.subs
+            ]
         if any(s.manifest["tokenizer"] != self.subs[0].manifest["tokenizer"] for s in self.subs):
             raise DataError("data.sources use different tokenizers: prepare them all with the same --tokenizer")
         self.manifest = self.subs[0].manifest
         super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)
         self.step = 0
         self.taken = np.zeros(len(sources), dtype=np.int64)  # windows drawn from each source so far
+        # Per source and lane: the epoch it is in, and windows taken in that epoch.
+        self.lane_epoch = np.zeros((len(sources), self.lanes), dtype=np.int64)
+        self.lane_v = np.zeros((len(sources), self.lanes), dtype=np.int64)
+        self._skipped: list[str] = []
 
     @property
     def epoch(self) -> int:
-        return self.subs[0].epoch
+        return int(self.lane_epoch[0].min()) if self.per_rank else self.subs[0].epoch
 
     @property
     def skipped(self) -> list[str]:
-        return [url for s in self.subs for url in s.skipped]
+        return self._skipped if self.per_rank else [url for s in self.subs for url in s.skipped]
 
     def proportions(self) -> dict[str, float]:
         """The realised share of each source so far."""
@@ -88,9 +119,13 @@ class MixedStream(BatchStream):
             "seed": self.seed,
             "global_batch": self.global_batch,
             "seq_len": self.seq_len,
-            "sources": [s.state_dict() for s in self.subs],
             "names": self.names,
             "taken": self.taken.tolist(),
+            **(
+                {"lanes": self.lanes, "lane_epoch": self.lane_epoch.tolist(), "lane_v": self.lane_v.tolist()}
+                if self.per_rank
+                else {"sources": [s.state_dict() for s in self.subs]}
+            ),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -100,12 +135,85 @@ class MixedStream(BatchStream):
                 "resume with the same data.sources or start a fresh run"
             )
         self._check_state(state)
-        for sub, sub_state in zip(self.subs, state["sources"]):
-            sub.load_state_dict(sub_state)
+        if self.per_rank:
+            if "lane_v" not in state or state["lanes"] != self.lanes:
+                raise DataError(
+                    f"the saved data position mixes its sources in {state.get('lanes', 'no')} lanes but this job uses "
+                    f"{self.lanes}: resume with the same data.lanes (and a trainctl that reads per rank), or start a "
+                    "fresh run"
+                )
+            self.lane_epoch = np.array(state["lane_epoch"], dtype=np.int64)
+            self.lane_v = np.array(state["lane_v"], dtype=np.int64)
+        else:
+            for sub, sub_state in zip(self.subs, state["sources"]):
+                sub.load_state_dict(sub_state)
         self.step, self.taken = state["step"], np.array(state["taken"], dtype=np.int64)
 
     def position(self) -> dict:
         return {**super().position(), "mix": self.proportions()}
+
+    def rounds(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple]:
+        """BatchStream.rounds; for prepared sources, this process reads only its share of this
+        rank's lanes' chunks (chunks are read when first needed, not ahead)."""
+        if not self.per_rank:
+            yield from super().rounds(worker, workers, group)
+            return
+        readers = [LaneReader(sub, worker, workers) for sub in self.subs]
+        rows_per_step = self.micro_batch_size * self.accum
+        g = self.global_batch // self.lanes
+        lane = np.arange(self.global_batch) // g
+        mine_rows = np.arange(self.rank * rows_per_step, (self.rank + 1) * rows_per_step)
+        try:
+            while True:
+                index, rows, positions = [], [], []
+                for n in range(group):
+                    src = self.slots(self.step)
+                    # Each row's window: its lane's count in its source, plus the rows before it
+                    # in the same lane that drew the same source.
+                    key = src * self.lanes + lane
+                    order = np.argsort(key, kind="stable")
+                    first = np.searchsorted(key[order], key[order])
+                    before = np.empty_like(key)
+                    before[order] = np.arange(len(key)) - first
+                    for out, r in enumerate(mine_rows.tolist()):
+                        s, p = int(src[r]), int(lane[r])
+                        e, v = self._wrap(s, int(self.lane_epoch[s, p]), int(self.lane_v[s, p] + before[r]))
+                        layout = self.subs[s].layout(e)
+                        x, j, k, wrapped = (int(a[0]) for a in layout.locate_rows(np.array([p]), np.array([v])))
+                        if readers[s].mine(p, j):
+                            index.append(n * rows_per_step + out)
+                            rows.append(readers[s].window(e, p, x, j, k, bool(wrapped)))
+                    np.add.at(self.lane_v, (src, lane), 1)
+                    for s, sub in enumerate(self.subs):  # lanes that finished an epoch of a source
+                        for e in np.unique(self.lane_epoch[s]).tolist():
+                            done = (self.lane_epoch[s] == e) & (self.lane_v[s] >= sub.layout(e).length)
+                            for p in np.flatnonzero(done).tolist():
+                                self.lane_epoch[s, p], self.lane_v[s, p] = self._wrap(s, e, int(self.lane_v[s, p]))
+                    np.add.at(self.taken, src, 1)
+                    self.step += 1
+                    self._skipped = [u for r in readers for u in r.skipped]
+                    positions.append(self.position())
+                block = np.stack(rows) if rows else np.zeros((0, self.seq_len + 1), self.subs[0].dtype)
+                yield np.array(index, dtype=np.int64), block, positions, sum(r.nbytes for r in readers)
+        finally:
+            for r in readers:
+                r.close()
+
+    def _wrap(self, s: int, epoch: int, v: int) -> tuple[int, int]:
+        """(epoch, v) of a lane's v-th window from the start of `epoch` of source s."""
+        while v >= (length := self.subs[s].layout(epoch).length):
+            epoch, v = epoch + 1, v - length
+        return epoch, v
+
+    def steps(self, worker: int = 0, workers: int = 1, group: int = 1):
+        if not self.per_rank:
+            yield from super().steps(worker, workers, group)
+            return
+        rows_per_step = self.micro_batch_size * self.accum
+        for index, block, positions, _ in self.rounds(0, 1, 1):
+            out = np.empty((rows_per_step, self.seq_len + 1), dtype=np.int64)
+            out[index] = block
+            yield out, positions[0]
 
     def _batches(self) -> Iterator[list[torch.Tensor]]:
         """Each step's global batch, a (T+1,) window per slot; every rank draws every window."""

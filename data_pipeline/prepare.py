@@ -445,8 +445,12 @@ def prepare(
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
-    if shard_size_bytes < 1 or sample_tokens < 1 or chunk_bytes < 1:
-        raise DataError("the shard, chunk and sample sizes must be positive")
+    if shard_size_bytes < 1 or sample_tokens < 1:
+        raise DataError("the shard size and sample size must be positive")
+    if chunk_bytes < 1:
+        raise DataError(
+            f"the chunk size (--chunk-mb) is {chunk_bytes} bytes: give a positive size, e.g. --chunk-mb 3.5"
+        )
     if workers < 1:
         raise DataError(f"--workers={workers} must be at least 1")
     readers.Skips(on_error)  # checks the value

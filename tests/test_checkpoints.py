@@ -153,6 +153,10 @@ def test_resume_and_fresh_flags(work):
             "with a global batch of 16 sequences but this job has 8 (micro_batch_size x "
             "num_workers x grad_accum_steps): keep the global batch, e.g. train.grad_accum_steps=2",
         ),
+        (
+            ["--resume", "runs/straight", "train.grad_accum_steps=2", "data.lanes=4"],
+            "was trained with 16 data lanes but this job has 4: resume with data.lanes=16",
+        ),
         (["checkpoint.storage_path=job.yaml/runs"], "job.yaml/runs/bad (Not a directory): set checkpoint.storage_path"),
     ],
 )

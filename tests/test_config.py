@@ -201,6 +201,7 @@ def _cli(*args, cwd):
         (["run", "CFG", "data.path=nothing/*.txt"], "matches no files"),
         (["run", "CFG", "data.path=empty.txt"], "no text"),
         (["run", "CFG", "model.vocab_size=100"], "tokenizer has 257 tokens but model.vocab_size=100"),
+        (["run", "CFG", "data.lanes=0"], "data.lanes=0"),
         (["generate", "nowhere"], "no complete checkpoint in nowhere"),
     ],
 )

@@ -175,3 +175,34 @@ def test_chunks_are_whole_members_with_their_sha256_and_the_shard_stays_a_plain_
             assert hashlib.sha256(raw[offset:end]).hexdigest() == sha
             assert 4 << 10 <= size < (4 << 10) + 1536 or end == shard["chunks"][-1][0] + shard["chunks"][-1][1]
         assert sum(c[2] for c in shard["chunks"]) == shard["tokens"] and raw[end:].strip(b"\0") == b""
+
+
+def test_mixed_sources_are_read_per_rank_too(data):
+    """data.sources: the same global batches for 1 or 4 ranks and 2 loader workers, and each
+    of 4 ranks reads about a quarter of the bytes over HTTP."""
+    from data_pipeline import MixedStream
+
+    small = data / "small"
+    if not small.exists():
+        (data / "small.txt").write_bytes(SHAKESPEARE.read_bytes()[:40_000])
+        prepare([str(data / "small.txt")], str(small), shard_size_bytes=16 << 10, chunk_bytes=4 << 10)
+    with serve(data, clients=("one", "r0", "r1", "r2", "r3", "w")) as httpd:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+        def run(client, world, rank, workers=0, steps=100):
+            sources = [(f"{url}/{client}/d", 3), (f"{url}/{client}/small", 1)]
+            stream = MixedStream(sources, T, G // world, rank, world, seed=9)
+            it = iter(Loader(stream, workers, group=2))
+            return [next(it) for _ in range(steps)], stream
+
+        alone, stream = run("one", 1, 0)
+        assert stream.per_rank and stream.lanes == 12
+        for r in range(4):
+            rows, _ = run(f"r{r}", 4, r)
+            assert all(torch.equal(a, alone[k][r * 3 : r * 3 + 3]) for k, a in enumerate(rows))
+        two, _ = run("w", 1, 0, workers=2)
+        assert all(torch.equal(a, b) for a, b in zip(alone, two))
+        sent = httpd.handler.sent
+        manifests = len((data / "d" / "manifest.json").read_bytes()) + len((small / "manifest.json").read_bytes())
+        shares = [(sent[f"r{r}"] - manifests) / (sent["one"] - manifests) for r in range(4)]
+        assert all(share <= 0.4 for share in shares), shares

@@ -161,6 +161,7 @@ def test_stdlib_corpus_is_the_standard_librarys_source():
         (["a.txt", "--out", "d", "--val-fraction", "1.5"], "--val-fraction=1.5 must be in [0, 1)"),
         (["a.txt", "--out", "a.txt"], "--out a.txt is a file"),
         (["a.txt", "--out", "d", "--workers", "0"], "--workers=0 must be at least 1"),
+        (["a.txt", "--out", "d", "--chunk-mb", "0"], "the chunk size (--chunk-mb) is 0 bytes: give a positive size"),
         (["a.txt", "--out", "d", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
     ],
 )

@@ -45,7 +45,7 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
     )
     if d.sources:
         return MixedStream(
-            [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, **common
+            [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common
         )
     return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common)
 
