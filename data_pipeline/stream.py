@@ -1,22 +1,16 @@
-"""What every batch stream shares (BatchStream), whole-shard reads, the fixed validation
-batches, and the stream of raw-text shards (ShardStream). Prepared token shards are read
-per rank by data_pipeline.lanes.TokenStream instead; `TokenStream(...)` on raw-text shards
-gives a ShardStream.
+"""What every batch stream shares (BatchStream), whole-shard reads, the windowing stages,
+the fixed validation batches, and the stream of raw-text shards (ShardStream: shards
+partitioned over slots, see its docstring). Prepared token shards are read per rank by
+data_pipeline.lanes.TokenStream; `TokenStream(...)` on raw-text shards gives a ShardStream.
 
-ShardStream's global order is a pure function of (seed, epoch, position), whatever the number of
-ranks: shards permuted per epoch → tokens → windows of T+1 at stride T from a per-epoch
-offset → shuffled in blocks of `shuffle_buffer` → global batches of B·world·A windows, of
-which rank r keeps its rows. Every rank reads the same stream, so all make the same number
-of steps and a position resumes exactly on any number of ranks; the manifest's token
-counts let a resume start at the right shard. Windows move a block at a time as arrays,
-so no Python runs per window.
+The stages (of a slot, and of the validation batches): shards in order → tokens → windows
+of T+1 at stride T from an offset → shuffled in blocks of `shuffle_buffer` → batches of
+rows. Windows move a block at a time as arrays, so no Python runs per window.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -354,7 +348,17 @@ class BatchStream:
 
 class ShardStream(BatchStream):
     """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one
-    rank of raw-text shards (module docstring): every rank reads every shard."""
+    rank of raw-text shards, whose token counts are unknown until they are tokenized.
+
+    The shards are partitioned over `lanes` slots (capped at a divisor of the global batch
+    and at the number of shards), so the order does not depend on the number of ranks: in
+    its epoch e, slot q reads shards perm_e[q::slots], tokenized, windowed from a per-epoch
+    offset and shuffled in blocks of `shuffle_buffer`, and gives g = G/slots rows a step.
+    Each slot runs through its epochs on its own (a rank cannot know other slots' token
+    counts), so the stream is endless with no common epoch end; a rank reads only its slots'
+    shards. A position is the step: a resume counts each slot's epochs by tokenizing their
+    shards (each once) and re-reads only the current epoch's.
+    """
 
     def __init__(
         self,
@@ -370,126 +374,142 @@ class ShardStream(BatchStream):
         shuffle_buffer: int = 8192,
         on_error: str = "fail",
         raw: RawOptions | None = None,
+        lanes: int = 256,
         **_ignored,
     ):
+        from data_pipeline.lanes import effective_lanes
+
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
         self.manifest = data if isinstance(data, dict) else open_dataset(data, raw)
-        data = data if isinstance(data, str) else self.manifest.get("name", self.manifest["root"])
+        name = data if isinstance(data, str) else self.manifest.get("name", self.manifest["root"])
         self.read = shard_reader(self.manifest)
-        if split not in self.manifest["splits"]:
-            raise DataError(f"the dataset {data} has no '{split}' split")
+        if split not in self.manifest["splits"] or not self.manifest["splits"][split]["shards"]:
+            raise DataError(f"the dataset {name} has no '{split}' split")
         self.shards = self.manifest["splits"][split]["shards"]
         self.dtype = np.dtype(self.manifest["dtype"])
         super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)
-        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
-        if on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
-        self.on_error, self.skipped = on_error, []  # urls of shards passed over, in order
-        # Raw-text shards: unknown until read; their epochs end where the data ends.
-        self.tokens = None if self.manifest["format"] == RAW_FORMAT else sum(s["tokens"] for s in self.shards)
-        worst = max((self.tokens or 0) - seq_len, 0) // seq_len  # windows from the largest per-epoch offset
-        if self.tokens is not None and worst < self.global_batch:
-            raise DataError(
-                f"the {split} split of {data} holds {self.tokens:,} tokens, too few for one global batch of "
-                f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len"
-            )
-        self.epoch, self.step_in_epoch = 0, 0
-
-    def epoch_plan(self, epoch: int) -> tuple[list[dict], int, int | None]:
-        """(shards in this epoch's order, token offset of the first window, steps in the
-        epoch; None where the token count is unknown)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.shards)) if self.shuffle else range(len(self.shards))
-        offset = int(rng.integers(self.seq_len)) if self.shuffle else 0
-        if self.tokens is None:
-            return [self.shards[i] for i in order], offset, None
-        windows = (self.tokens - offset - 1) // self.seq_len
-        return [self.shards[i] for i in order], offset, windows // self.global_batch
+        self.shuffle, self.shuffle_buffer, self.on_error = shuffle, shuffle_buffer, on_error
+        self.skipped: list[str] = []  # urls of shards passed over, in order
+        self.lanes = effective_lanes(self.global_batch, min(lanes, len(self.shards)))
+        rows, g = micro_batch_size * grad_accum_steps, self.global_batch // self.lanes
+        first, last = rank * rows, (rank + 1) * rows
+        self.runs = [(q, max(first - q * g, 0), min(last - q * g, g)) for q in range(first // g, -(-last // g))]
+        self.step = 0
+        self.lane_epochs = {q: 0 for q, _, _ in self.runs}
+        self.reading = [q for q, _, _ in self.runs]  # the slots this process reads
+        self._counts: dict[str, int] = {}  # tokens of each shard counted during a resume
 
     @property
-    def steps_per_epoch(self) -> int | None:
-        return self.epoch_plan(self.epoch)[2]
+    def steps_per_epoch(self) -> None:
+        return None  # each slot's epochs end where its data ends
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the slowest slot this process reads."""
+        return min((self.lane_epochs[q] for q in self.reading), default=0)
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
+            "step": self.step,
             "seed": self.seed,
             "global_batch": self.global_batch,
             "seq_len": self.seq_len,
+            "lanes": self.lanes,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position (call before iterating). The global batch, the
-        sequence length and the seed must match; the number of ranks may differ."""
+        """Continue from a saved position (call before iterating); the number of ranks may differ."""
         self._check_state(state)
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-
-    def _global_batches(self, epoch: int, first_step: int) -> Iterator[np.ndarray]:
-        """This epoch's global batches, (global_batch, seq_len+1) each, from step `first_step`."""
-        shards, offset, steps = self.epoch_plan(epoch)
-        block = self.shuffle_buffer
-        if steps is None:  # raw-text shards: read from the epoch's start, as far as the data goes
-            first_window, count = 0, None
-            chunks = skip_tokens(read_shards(shards, self.read, self.on_error, self.skipped), offset)
-        else:  # token shards: start reading at the shard that holds the block of `first_step`
-            used = steps * self.global_batch
-            block = block if self.shuffle else used
-            first_window = (first_step * self.global_batch // block) * block
-            start = offset + first_window * self.seq_len
-            ends = np.cumsum([s["tokens"] for s in shards]).tolist()
-            i = bisect.bisect_right(ends, start)
-            chunks = skip_tokens(
-                read_shards(shards[i:], self.read, self.on_error, self.skipped), start - (ends[i - 1] if i else 0)
+        if "step" not in state or state.get("lanes") != self.lanes:
+            raise DataError(
+                f"the saved data position reads raw-text shards in {state.get('lanes', 'one stream, not')} slots but "
+                f"this job uses {self.lanes}: resume with the same data.lanes (and trainctl), or start a fresh run"
             )
-            count = used - first_window
-            if self.on_error == "skip":
-                # Skipped shards shorten the data: top the epoch up from its start, so that every
-                # rank still makes the planned number of steps (no rank waits at a collective).
-                chunks = itertools.chain(chunks, self._refill(shards))
-        blocks = window_blocks(
-            chunks,
-            self.seq_len,
-            count,
-            block,
-            shuffle_order(self.seed, epoch) if self.shuffle else None,
-            first_window // block,
-        )
-        return row_batches(blocks, self.global_batch, first_step * self.global_batch - first_window)
+        self.step = state["step"]
 
-    def _refill(self, shards: list[dict]) -> Iterator[np.ndarray]:
+    def _lane_plan(self, q: int, epoch: int) -> tuple[list[dict], int]:
+        """(slot q's shards in `epoch`, the token offset of its first window)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
+        offset = int(rng.integers(self.seq_len)) if self.shuffle else 0
+        return [self.shards[i] for i in order[q :: self.lanes]], offset
+
+    def _count(self, shard: dict) -> int:
+        url = shard["url"]
+        if url not in self._counts:
+            try:
+                self._counts[url] = sum(len(a) for a in self.read(shard))
+            except DataError:
+                if self.on_error != "skip":
+                    raise
+                self._counts[url] = 0
+        return self._counts[url]
+
+    def _lane_rows(self, q: int, skip_windows: int) -> Iterator[np.ndarray]:
+        """Slot q's rows, g at a time, endlessly, after its first `skip_windows` windows."""
+        g = self.global_batch // self.lanes
+        epoch, empty = 0, 0
         while True:
-            n = 0
-            for chunk in read_shards(shards, self.read, "skip", self.skipped):
-                n += len(chunk)
-                yield chunk
-            if n == 0:
+            shards, offset = self._lane_plan(q, epoch)
+            if skip_windows:  # a resume: pass whole epochs by their token counts
+                windows = max(sum(self._count(s) for s in shards) - offset - 1, 0) // self.seq_len // g * g
+                if skip_windows >= windows and windows:
+                    skip_windows -= windows
+                    epoch += 1
+                    continue
+            block = self.shuffle_buffer
+            first = skip_windows // block * block
+            chunks = skip_tokens(
+                read_shards(shards, self.read, self.on_error, self.skipped), offset + first * self.seq_len
+            )
+            order = (
+                (lambda j, n, e=epoch: np.random.default_rng([self.seed, e, q, j]).permutation(n))
+                if self.shuffle
+                else None
+            )
+            made = 0
+            for rows in row_batches(
+                window_blocks(chunks, self.seq_len, None, block, order, first // block), g, skip_windows - first
+            ):
+                made += 1
+                yield rows
+            skip_windows = 0
+            self.lane_epochs[q] = epoch = epoch + 1
+            empty = 0 if made else empty + 1
+            if empty > self.lanes:
                 raise DataError(
-                    f"every shard of {self.manifest['root']} failed (data.on_error=skip): nothing left to train on"
+                    f"slot {q} of {self.manifest['root']} found no whole sequence in {empty} epochs: every shard "
+                    "failed (data.on_error=skip) or the shards are too small; add data or lower data.lanes"
                 )
 
-    def _batches(self) -> Iterator[np.ndarray]:
-        """The global batches from the current position on, endlessly, across epochs."""
+    def rounds(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple]:
+        """BatchStream.rounds: DataLoader worker k reads the rank's slots whose place among them
+        is k mod workers (a worker with none contributes empty items)."""
+        g, rows_per_step = self.global_batch // self.lanes, self.micro_batch_size * self.accum
+        mine = [(n, run) for n, run in enumerate(self.runs) if n % workers == worker]
+        self.reading = [q for _, (q, _, _) in mine]
+        its = {q: self._lane_rows(q, self.step * g) for q in self.reading}
+        starts = np.cumsum([0] + [i1 - i0 for _, i0, i1 in self.runs])
         while True:
-            steps, fresh = self.steps_per_epoch, self.step_in_epoch == 0
-            for batch in self._global_batches(self.epoch, self.step_in_epoch):
-                self.step_in_epoch += 1  # the position after this step
-                if self.step_in_epoch == steps:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                yield batch
-                if self.step_in_epoch == 0:
-                    break
-            if steps is None:  # raw-text shards: the epoch ended with the data
-                if fresh and self.step_in_epoch == 0:
-                    raise DataError(
-                        f"{self.manifest['root']} holds too few tokens for one global batch of "
-                        f"{self.global_batch} x {self.seq_len + 1}: add data or lower the batch size or data.seq_len"
-                    )
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            index, rows, positions = [], [], []
+            for n in range(group):
+                for k, (q, i0, i1) in mine:
+                    index.append(n * rows_per_step + np.arange(starts[k], starts[k + 1]))
+                    rows.append(next(its[q])[i0:i1])
+                self.step += 1
+                positions.append(self.position())
+            block = np.concatenate(rows) if rows else np.zeros((0, self.seq_len + 1), self.dtype)
+            yield np.concatenate(index) if index else np.zeros(0, np.int64), block, positions, 0
 
-    def _rank_rows(self, rows: np.ndarray) -> np.ndarray:
-        return rows.astype(np.int64)
+    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
+        rows_per_step = self.micro_batch_size * self.accum
+        for index, block, positions, _ in self.rounds(0, 1, 1):
+            out = np.empty((rows_per_step, self.seq_len + 1), dtype=np.int64)
+            out[index] = block
+            yield out, positions[0]
 
 
 def eval_batches(
