@@ -96,12 +96,12 @@ def make_corpus(folder: str) -> dict:
 def drain(url: str, world: int, rank: int, workers: int, lanes: int, min_bytes: int) -> dict:
     """Run one rank's loader until it has consumed enough; its reads as the server counted them."""
     rows = GLOBAL // world
-    stream = TokenStream(f"{url}/r{world}-{rank}", "train", SEQ, rows, rank, world, seed=1, lanes=lanes)
+    client = f"r{world}-{rank}-w{workers}"  # the server counts per client: one per run
+    stream = TokenStream(f"{url}/{client}", "train", SEQ, rows, rank, world, seed=1, lanes=lanes)
     lanes_here = len({lane for lane, _, _ in stream.runs})
     target = max(min_bytes, int(30 * lanes_here * CHUNK_MB * 2**20 / 2) if world < 512 else 0)
     step_bytes = rows * (SEQ + 1) * 2
     loader = Loader(stream, workers, group=max(min((4 << 20) // (rows * (SEQ + 1) * 8), 64), 1))
-    client = f"r{world}-{rank}"
     t0, steps, peak, total, half = time.perf_counter(), 0, 0, 0, None
     it = iter(loader)
     while steps * step_bytes < target:

@@ -7,8 +7,8 @@ about the ranks or loader workers:
 - a split is a list of chunks (whole tar members, ~4 MB, each with its sha256 in the
   manifest); epoch e permutes them and picks a token offset o < T;
 - chunk c gives windows of T+1 tokens at stride T from o, inside the chunk; its windows
-  are cut into pieces of ~256 KB, the pieces permuted and the windows inside each piece
-  permuted (from (seed, e, c));
+  are cut into pieces (64 KB with 512 lanes, 2 MB with 16: PIECE_BUDGET), the pieces
+  permuted and the windows inside each piece permuted (from (seed, e, c));
 - the epoch's sequence is the chunks' windows in that order; it is cut into P equal lane
   slices of S·g windows (g = G/P rows per lane, S = steps in the epoch), each started (and
   wrapped around) partway into a chunk, lane p at fraction (p·0.618...) mod 1 of it, so the
@@ -36,7 +36,11 @@ from data_pipeline.sources import describe_error, read_range, with_retries
 from data_pipeline.stream import BatchStream
 from data_pipeline.ustar import token_members
 
-PIECE_BYTES = 64 << 10  # windows are shuffled within pieces of about this size, freed one by one
+# Windows are shuffled within pieces of a chunk, freed one by one as a lane passes them: the
+# fewer the lanes, the larger the pieces (lanes x piece / 2 is what freeing by piece costs, kept
+# under PIECE_BUDGET), down to PIECE_BYTES. 16 lanes shuffle 2 MB pieces, 512 lanes 64 KB ones.
+PIECE_BYTES = 64 << 10
+PIECE_BUDGET = 32 << 20
 LANES = 256  # data.lanes' default: ranks up to this many read disjoint data
 
 
@@ -325,7 +329,7 @@ class TokenStream(BatchStream):
             )
         self.dtype = np.dtype(self.manifest["dtype"])
         self.shuffle, self.on_error, self.lanes = shuffle, on_error, effective_lanes(self.global_batch, lanes)
-        self.piece = max(PIECE_BYTES // (seq_len * self.dtype.itemsize), 1)
+        self.piece = max(max(PIECE_BYTES, PIECE_BUDGET // self.lanes) // (seq_len * self.dtype.itemsize), 1)
         self.tokens = int(self.table.tokens.sum())
         self._layouts: dict[int, Layout] = {}
         if self.layout(0).steps == 0:

@@ -144,6 +144,7 @@ def test_a_lane_frees_each_piece_it_has_passed(data, monkeypatch):
     from data_pipeline import lanes
 
     monkeypatch.setattr(lanes, "PIECE_BYTES", 512)
+    monkeypatch.setattr(lanes, "PIECE_BUDGET", 0)
     manifest = load_manifest(str(data / "d"))
     chunks = [c for s in manifest["splits"]["train"]["shards"] for c in s["chunks"]]
     mean_chunk = np.mean([c[2] for c in chunks]) * 2  # bytes of tokens
