@@ -42,6 +42,7 @@ from data_pipeline.ustar import token_members
 PIECE_BYTES = 64 << 10
 PIECE_BUDGET = 32 << 20
 LANES = 256  # data.lanes' default: ranks up to this many read disjoint data
+SKIP_RUN = 16  # on_error=skip gives up after this many chunks in a row fail
 
 
 def effective_lanes(global_batch: int, lanes: int) -> int:
@@ -231,7 +232,8 @@ class LaneReader:
         recorded, and the next slot's chunk stands in for it (the same for every rank)."""
         layout = self.s.layout(epoch)
         table = self.s.table
-        for attempt in range(len(table)):
+        tries = min(len(table), SKIP_RUN)
+        for attempt in range(tries):
             c = int(layout.perm[(j + attempt) % len(table)])
             try:
                 return c, table.read(c, self.s.dtype)
@@ -240,7 +242,14 @@ class LaneReader:
                     raise
                 print(f"trainctl: warning: skipping a chunk (data.on_error=skip): {e}", file=sys.stderr, flush=True)
                 self.skipped.append(table.name(c))
-        raise DataError(f"every chunk of {self.s.manifest['root']} failed (data.on_error=skip): nothing to train on")
+        if tries == len(table):
+            raise DataError(
+                f"every chunk of {self.s.manifest['root']} failed (data.on_error=skip): nothing to train on"
+            )
+        raise DataError(
+            f"{tries} chunks in a row of {self.s.manifest['root']} failed (data.on_error=skip): "
+            "the storage is likely down or the dataset damaged; check it, or prepare the dataset again"
+        )
 
     def window(self, epoch: int, lane: int, x: int, j: int, k: int, wrapped: bool) -> np.ndarray:
         """The window at place x (slot j, index k) of the epoch's sequence, for `lane`."""
@@ -395,7 +404,7 @@ class TokenStream(BatchStream):
         g = self.global_batch // self.lanes
         lane = np.concatenate([np.full(i1 - i0, lane, np.int64) for lane, i0, i1 in self.runs])
         row = np.concatenate([np.arange(i0, i1) for _, i0, i1 in self.runs])
-        ahead = max(2 * group, 8)  # steps read ahead
+        ahead = 2 * group  # steps read ahead: the next round's chunks are read during this one
         try:
             horizon, last = (self.epoch, self.step_in_epoch), None
             while True:

@@ -207,3 +207,13 @@ def test_mixed_sources_are_read_per_rank_too(data):
         manifests = len((data / "d" / "manifest.json").read_bytes()) + len((small / "manifest.json").read_bytes())
         shares = [(sent[f"r{r}"] - manifests) / (sent["one"] - manifests) for r in range(4)]
         assert all(share <= 0.4 for share in shares), shares
+
+
+def test_skip_gives_up_after_a_run_of_failed_chunks(data, tmp_path):
+    """The storage gone: skip stops after 16 chunks in a row fail, instead of trying them all."""
+    copy = tmp_path / "gone"
+    shutil.copytree(data / "d", copy)
+    for shard in copy.glob("train-*.tar"):
+        shard.unlink()
+    with pytest.raises(DataError, match=r"^16 chunks in a row of \S+gone failed \(data.on_error=skip\): the storage"):
+        next(iter(TokenStream(str(copy), "train", T, G, 0, 1, on_error="skip")))
