@@ -132,9 +132,8 @@ class Layout:
     def locate(self, lane: int, v: int) -> tuple[int, int, int]:
         """(x, j, k) of lane `lane`'s v-th window: its place in the epoch's sequence, the
         chunk slot holding it, and its index in that chunk's order."""
-        x = lane * self.length + (v + int(self.rho[lane])) % self.length
-        j = int(np.searchsorted(self.starts, x, side="right")) - 1
-        return x, j, x - int(self.starts[j])
+        x, j, k, _ = self.locate_rows(np.array([lane]), np.array([v]))
+        return int(x[0]), int(j[0]), int(k[0])
 
     def locate_rows(self, lanes: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]:
         """locate() of many (lane, v) at once, and whether each is past its lane's wrap."""
@@ -318,8 +317,6 @@ class TokenStream(BatchStream):
         lanes: int = LANES,
         **_ignored,
     ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
         if lanes < 1:
@@ -347,13 +344,7 @@ class TokenStream(BatchStream):
                 f"{self.global_batch} x {seq_len + 1} tokens: add data or lower the batch size or data.seq_len"
             )
         self.epoch, self.step_in_epoch = 0, 0
-        # This rank's rows of the global batch, as (lane, first row in lane, rows) runs.
-        rows = micro_batch_size * grad_accum_steps
-        g = self.global_batch // self.lanes
-        first, last = rank * rows, (rank + 1) * rows
-        self.runs = [
-            (lane, max(first - lane * g, 0), min(last - lane * g, g)) for lane in range(first // g, -(-last // g))
-        ]
+        self.runs = self.lane_runs(self.lanes)
         self.skipped: list[str] = []
 
     def layout(self, epoch: int) -> Layout:
@@ -435,14 +426,6 @@ class TokenStream(BatchStream):
                 yield np.concatenate(index), block, positions, reader.nbytes
         finally:
             reader.close()
-
-    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
-        """(this rank's rows of each step as one (A·B, T+1) int64 array, the position after it)."""
-        rows_per_step = self.micro_batch_size * self.accum
-        for index, block, positions, _ in self.rounds(0, 1, 1):
-            out = np.empty((rows_per_step, self.seq_len + 1), dtype=np.int64)
-            out[index] = block
-            yield out, positions[0]
 
 
 def _steps_between(a: tuple[int, int], b: tuple[int, int], stream: TokenStream) -> int:

@@ -12,6 +12,7 @@ stream of one window per step, read whole on every rank.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -156,7 +157,7 @@ class MixedStream(BatchStream):
         """BatchStream.rounds; for prepared sources, this process reads only its share of this
         rank's lanes' chunks (chunks are read when first needed, not ahead)."""
         if not self.per_rank:
-            yield from super().rounds(worker, workers, group)
+            yield from self._whole_rounds(worker, workers, group)
             return
         readers = [LaneReader(sub, worker, workers) for sub in self.subs]
         rows_per_step = self.micro_batch_size * self.accum
@@ -205,25 +206,23 @@ class MixedStream(BatchStream):
             epoch, v = epoch + 1, v - length
         return epoch, v
 
-    def steps(self, worker: int = 0, workers: int = 1, group: int = 1):
-        if not self.per_rank:
-            yield from super().steps(worker, workers, group)
-            return
-        rows_per_step = self.micro_batch_size * self.accum
-        for index, block, positions, _ in self.rounds(0, 1, 1):
-            out = np.empty((rows_per_step, self.seq_len + 1), dtype=np.int64)
-            out[index] = block
-            yield out, positions[0]
-
-    def _batches(self) -> Iterator[list[torch.Tensor]]:
-        """Each step's global batch, a (T+1,) window per slot; every rank draws every window."""
+    def _whole_rounds(self, worker: int, workers: int, group: int) -> Iterator[tuple]:
+        """rounds() with raw-text sources: every process draws every window of every step (one
+        window a step from each source's stream), and worker k of `workers` builds rounds k,
+        k + workers, ... (an empty item for the others')."""
+        rows = self.micro_batch_size * self.accum
         its = [iter(s) for s in self.subs]
-        while True:
-            slots = self.slots(self.step)
-            batch = [next(its[i])[0] for i in slots]
-            np.add.at(self.taken, slots, 1)
-            self.step += 1
-            yield batch
-
-    def _rank_rows(self, rows: list[torch.Tensor]) -> np.ndarray:
-        return torch.stack(rows).numpy()
+        for n in itertools.count():
+            block, positions = [], []
+            for _ in range(group):
+                slots = self.slots(self.step)
+                batch = [next(its[i])[0] for i in slots]
+                if n % workers == worker:
+                    block.append(torch.stack(batch[self.rank * rows : (self.rank + 1) * rows]).numpy())
+                np.add.at(self.taken, slots, 1)
+                self.step += 1
+                positions.append(self.position())
+            if block:
+                yield np.arange(group * rows), np.concatenate(block), positions, 0
+            else:
+                yield np.zeros(0, np.int64), np.zeros((0, self.seq_len + 1), np.int64), positions, 0

@@ -273,15 +273,15 @@ def shard_reader(manifest: dict) -> Callable[[dict], list[np.ndarray]]:
 
 
 class BatchStream:
-    """What TokenStream and MixedStream share: the batch geometry, the checks of a saved
-    position, and the hand-out of this rank's rows of each global batch (to the training
-    process, or to DataLoader workers in turn). A subclass makes `_batches()`, its global
-    batches from the current position on, updating the position before each is yielded,
-    and `_rank_rows(rows)`, the (A·B, T+1) int64 array of this rank's slice of one."""
+    """What TokenStream, ShardStream and MixedStream share: the batch geometry, the checks of
+    a saved position, this rank's rows as runs of lanes, and the hand-out of rounds. A
+    subclass makes `rounds()`, each process's share of this rank's rows (data_pipeline.loader)."""
 
     def __init__(
         self, seq_len: int, micro_batch_size: int, rank: int, world_size: int, grad_accum_steps: int, seed: int
     ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.seq_len, self.micro_batch_size, self.accum = seq_len, micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch = micro_batch_size * world_size * grad_accum_steps
@@ -299,45 +299,31 @@ class BatchStream:
                     f"resume with the same {key} or start a fresh run"
                 )
 
+    def lane_runs(self, lanes: int) -> list[tuple[int, int, int]]:
+        """This rank's rows of a global batch of `lanes` lanes, as (lane, first row in the
+        lane, end row) runs: whole lanes when the number of ranks divides the lanes."""
+        rows, g = self.micro_batch_size * self.accum, self.global_batch // lanes
+        first, last = self.rank * rows, (self.rank + 1) * rows
+        return [(lane, max(first - lane * g, 0), min(last - lane * g, g)) for lane in range(first // g, -(-last // g))]
+
     def position(self) -> dict:
         """Where the stream stands, for the loop and the checkpoint: state_dict() plus the
         epoch and the shards skipped so far."""
         return {"state": self.state_dict(), "epoch": self.epoch, "skipped": list(self.skipped)}
 
-    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
-        """(this rank's rows of each global batch as one (A·B, T+1) int64 array, the
-        position after it), from the current position on, endlessly.
-
-        With `workers` > 1 only every `workers`-th group of `group` steps from here, starting
-        at group `worker`, carries its rows (the others None): DataLoader worker k builds
-        those, and the DataLoader hands them out in turn, so the order is the same for any
-        number of workers.
-        """
-        rows = self.micro_batch_size * self.accum
-        for n, batch in enumerate(self._batches()):
-            mine = (
-                self._rank_rows(batch[self.rank * rows : (self.rank + 1) * rows])
-                if n // group % workers == worker
-                else None
-            )
-            yield mine, self.position()
-
     def rounds(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple]:
         """(flat row indices into the round's (steps, rows) grid, those rows, the position
-        after each step, bytes held) for `group` steps at a time: what DataLoader worker
-        `worker` of `workers` contributes to each round (data_pipeline.loader). Here a
-        worker builds whole rounds in turn and contributes nothing to the others'."""
-        rows, mine, positions = self.micro_batch_size * self.accum, [], []
-        for step_rows, position in self.steps(worker, workers, group):
-            if step_rows is not None:
-                mine.append(step_rows)
-            positions.append(position)
-            if len(positions) == group:
-                if mine:
-                    yield np.arange(group * rows), np.concatenate(mine), positions, 0
-                else:
-                    yield np.zeros(0, np.int64), np.zeros((0, self.seq_len + 1), np.int64), positions, 0
-                mine, positions = [], []
+        after each step, bytes held) for `group` steps at a time, from the current position
+        on, endlessly: what DataLoader worker `worker` of `workers` contributes to each round."""
+        raise NotImplementedError
+
+    def steps(self) -> Iterator[tuple[np.ndarray, dict]]:
+        """(this rank's rows of each step as one (A·B, T+1) int64 array, the position after
+        it), in this process."""
+        for index, block, positions, _ in self.rounds(0, 1, 1):
+            out = np.empty((self.micro_batch_size * self.accum, self.seq_len + 1), dtype=np.int64)
+            out[index] = block
+            yield out, positions[0]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Micro batches of (micro_batch_size, seq_len+1) tokens, in this process."""
@@ -379,8 +365,6 @@ class ShardStream(BatchStream):
     ):
         from data_pipeline.lanes import effective_lanes
 
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
         self.manifest = data if isinstance(data, dict) else open_dataset(data, raw)
@@ -394,9 +378,7 @@ class ShardStream(BatchStream):
         self.shuffle, self.shuffle_buffer, self.on_error = shuffle, shuffle_buffer, on_error
         self.skipped: list[str] = []  # urls of shards passed over, in order
         self.lanes = effective_lanes(self.global_batch, min(lanes, len(self.shards)))
-        rows, g = micro_batch_size * grad_accum_steps, self.global_batch // self.lanes
-        first, last = rank * rows, (rank + 1) * rows
-        self.runs = [(q, max(first - q * g, 0), min(last - q * g, g)) for q in range(first // g, -(-last // g))]
+        self.runs = self.lane_runs(self.lanes)
         self.step = 0
         self.lane_epochs = {q: 0 for q, _, _ in self.runs}
         self.reading = [q for q, _, _ in self.runs]  # the slots this process reads
@@ -503,13 +485,6 @@ class ShardStream(BatchStream):
                 positions.append(self.position())
             block = np.concatenate(rows) if rows else np.zeros((0, self.seq_len + 1), self.dtype)
             yield np.concatenate(index) if index else np.zeros(0, np.int64), block, positions, 0
-
-    def steps(self, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[tuple[np.ndarray | None, dict]]:
-        rows_per_step = self.micro_batch_size * self.accum
-        for index, block, positions, _ in self.rounds(0, 1, 1):
-            out = np.empty((rows_per_step, self.seq_len + 1), dtype=np.int64)
-            out[index] = block
-            yield out, positions[0]
 
 
 def eval_batches(

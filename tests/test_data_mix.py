@@ -99,3 +99,33 @@ def test_mix_bad_input(sources, tmp_path):
     with pytest.raises(DataError, match="the saved data position mixes"):
         other.load_state_dict(state)
     assert np.isclose(mixed(root).weights.sum(), 1.0)
+
+
+def test_raw_text_sources_mix_the_same_for_any_ranks_and_workers(sources, tmp_path):
+    """A raw-text source (read whole on every rank) mixed with a prepared one: the same global
+    batches on 1 or 2 ranks, in process or through 2 loader workers."""
+    import webdataset as wds
+
+    from data_pipeline import Loader, RawOptions
+
+    root, texts = sources
+    with wds.TarWriter(str(tmp_path / "raw-000000.tar")) as sink:
+        for k in range(40):
+            sink.write({"__key__": f"{k:04d}", "txt": texts["verse"][k * 2_000 : (k + 1) * 2_000].decode()})
+    spec = str(tmp_path / "raw-{000000..000000}.tar")
+
+    def run(world, workers):
+        out = []
+        for rank in range(world):
+            stream = MixedStream(
+                [(str(root / "code"), 1), (spec, 1)], 32, 8 // world, rank, world, seed=3, raw=RawOptions()
+            )
+            assert not stream.per_rank
+            it = iter(Loader(stream, workers, group=2))
+            out.append([next(it) for _ in range(20)])
+        return [torch.cat([o[k] for o in out]) for k in range(20)]
+
+    one = run(1, 0)
+    assert all(which(w, texts) in ("code", "verse") for b in one for w in b)
+    for world, workers in ((2, 0), (1, 2)):
+        assert all(torch.equal(a, b) for a, b in zip(one, run(world, workers)))
