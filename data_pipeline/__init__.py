@@ -1,5 +1,7 @@
 """Data for training: text to token shards (`prepare`), tokenizers, and the resumable
-per-rank batch streams (`TokenStream`, `MixedStream`, `Loader`).
+per-rank batch streams (`TokenStream`, `MixedStream`, `Loader`). Fine-tuning examples carry
+per-token loss flags in each value's high byte: token = value & TOKEN_MASK, flags = value >>
+FLAG_SHIFT, of FLAG_PROMPT, FLAG_START, FLAG_PAD (data_pipeline.examples).
 
 The torch-importing modules (stream, mix, loader) load on first use, so a process that
 only prepares data (a `prepare --workers` process, a Ray task) starts in a fraction of a
@@ -9,6 +11,7 @@ second. Nothing here imports Ray (cluster/local_ray.py runs `prepare --address`)
 import importlib
 
 from data_pipeline.errors import DataError
+from data_pipeline.examples import FLAG_PAD, FLAG_PROMPT, FLAG_SHIFT, FLAG_START, TOKEN_MASK
 from data_pipeline.prepare import load_manifest, prepare, summarize
 from data_pipeline.raw import RawOptions
 from data_pipeline.resolve import default_corpus, resolve_dataset
@@ -23,6 +26,11 @@ _LAZY = {
 }
 
 __all__ = [
+    "FLAG_PAD",
+    "FLAG_PROMPT",
+    "FLAG_SHIFT",
+    "FLAG_START",
+    "TOKEN_MASK",
     "ByteTokenizer",
     "DataError",
     "Loader",

@@ -6,7 +6,8 @@ about the ranks or loader workers:
 
 - a split is a list of chunks (whole tar members, ~4 MB, each with its sha256 in the
   manifest); epoch e permutes them and picks a token offset o < T;
-- chunk c gives windows of T+1 tokens at stride T from o, inside the chunk; its windows
+- chunk c gives windows of T+1 tokens at stride T from o, inside the chunk (packed
+  fine-tuning rows: at stride T+1 from 0, so each window is one whole row); its windows
   are cut into pieces (64 KB with 512 lanes, 2 MB with 16: PIECE_BUDGET), the pieces
   permuted and the windows inside each piece permuted (from (seed, e, c));
 - the epoch's sequence is the chunks' windows in that order; it is cut into P equal lane
@@ -32,8 +33,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from data_pipeline.errors import DataError
+from data_pipeline.examples import window_stride
 from data_pipeline.sources import describe_error, read_range, with_retries
-from data_pipeline.stream import BatchStream
+from data_pipeline.stream import BatchStream, window_count
 from data_pipeline.ustar import token_members
 
 # Windows are shuffled within pieces of a chunk, freed one by one as a lane passes them: the
@@ -108,12 +110,23 @@ class Layout:
     sequence, the steps, and each lane's slice and rotation."""
 
     def __init__(
-        self, table: ChunkTable, seq_len: int, global_batch: int, lanes: int, seed: int, epoch: int, shuffle: bool
+        self,
+        table: ChunkTable,
+        seq_len: int,
+        global_batch: int,
+        lanes: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        stride: int | None = None,
     ):
         rng = np.random.default_rng([seed, epoch])
         self.perm = rng.permutation(len(table)) if shuffle else np.arange(len(table))
         self.offset = int(rng.integers(seq_len)) if shuffle else 0
-        self.windows = np.maximum(table.tokens[self.perm] - self.offset - 1, 0) // seq_len
+        stride = stride or seq_len
+        if stride > seq_len:  # packed rows: each window is a row, from the chunk's start
+            self.offset = 0
+        self.windows = window_count(table.tokens[self.perm] - self.offset, seq_len, stride)
         self.starts = np.concatenate([[0], np.cumsum(self.windows)])
         self.steps = int(self.starts[-1]) // global_batch
         self.per_lane = global_batch // lanes
@@ -178,15 +191,23 @@ class Held:
     """The pieces of one chunk that one lane still needs, in the chunk's order."""
 
     def __init__(
-        self, tokens: np.ndarray, order: ChunkOrder, offset: int, seq_len: int, k_lo: int, k_hi: int, free: bool = True
+        self,
+        tokens: np.ndarray,
+        order: ChunkOrder,
+        offset: int,
+        seq_len: int,
+        k_lo: int,
+        k_hi: int,
+        free: bool = True,
+        stride: int | None = None,
     ):
-        self.order, self.seq_len, self.free = order, seq_len, free
+        self.order, self.seq_len, self.free, self.stride = order, seq_len, free, stride or seq_len
         self.pieces: dict[int, np.ndarray] = {}
         first, last = order.slot(k_lo)[0], order.slot(max(k_hi - 1, k_lo))[0]
         for q in range(first, last + 1):
             w0 = int(order.sigma[q]) * order.piece
-            a = offset + w0 * seq_len
-            self.pieces[q] = tokens[a : a + int(order.sizes[q]) * seq_len + 1].copy()
+            a = offset + w0 * self.stride
+            self.pieces[q] = tokens[a : a + (int(order.sizes[q]) - 1) * self.stride + seq_len + 1].copy()
         self.nbytes = sum(p.nbytes for p in self.pieces.values())
         self.q, self.tau = None, None  # the piece being read, and its windows' order
 
@@ -199,7 +220,7 @@ class Held:
             if self.free:  # a lane's positions only grow: free the pieces it passed
                 for done in [p for p in self.pieces if p < q]:
                     self.nbytes -= self.pieces.pop(done).nbytes
-        t = int(self.tau[k - self.order.starts[q]]) * self.seq_len
+        t = int(self.tau[k - self.order.starts[q]]) * self.stride
         return self.pieces[q][t : t + self.seq_len + 1]
 
 
@@ -263,12 +284,12 @@ class LaneReader:
             if own:
                 k_lo, k_hi = k, min(int(layout.starts[j + 1]), layout.run_end(lane, x)) - int(layout.starts[j])
             else:  # a stand-in for a skipped chunk: any of its windows may be needed
-                n = (len(tokens) - layout.offset - 1) // self.s.seq_len
+                n = int(window_count(len(tokens) - layout.offset, self.s.seq_len, self.s.stride))
                 if n < 1:
                     raise DataError(f"chunk {self.s.table.name(c)} is too short to stand in for a skipped chunk")
                 k_lo, k_hi = 0, n
             order = ChunkOrder(n, self.s.piece, self.s.seed, epoch, c, self.s.shuffle)
-            held = (key, Held(tokens, order, layout.offset, self.s.seq_len, k_lo, k_hi, free=own))
+            held = (key, Held(tokens, order, layout.offset, self.s.seq_len, k_lo, k_hi, own, self.s.stride))
             self.held[lane] = held
         return held[1].window(k)
 
@@ -334,8 +355,9 @@ class TokenStream(BatchStream):
                 flush=True,
             )
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.stride = window_stride(self.manifest, seq_len, name)  # seq_len, or seq_len + 1 for packed rows
         self.shuffle, self.on_error, self.lanes = shuffle, on_error, effective_lanes(self.global_batch, lanes)
-        self.piece = max(max(PIECE_BYTES, PIECE_BUDGET // self.lanes) // (seq_len * self.dtype.itemsize), 1)
+        self.piece = max(max(PIECE_BYTES, PIECE_BUDGET // self.lanes) // (self.stride * self.dtype.itemsize), 1)
         self.tokens = int(self.table.tokens.sum())
         self._layouts: dict[int, Layout] = {}
         if self.layout(0).steps == 0:
@@ -352,7 +374,7 @@ class TokenStream(BatchStream):
             if len(self._layouts) > 2:
                 self._layouts.pop(min(self._layouts))
             self._layouts[epoch] = Layout(
-                self.table, self.seq_len, self.global_batch, self.lanes, self.seed, epoch, self.shuffle
+                self.table, self.seq_len, self.global_batch, self.lanes, self.seed, epoch, self.shuffle, self.stride
             )
         return self._layouts[epoch]
 

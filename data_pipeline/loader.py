@@ -111,8 +111,10 @@ class Loader:
                 skipped += [u for p in positions for u in p["skipped"] if u not in skipped]
                 if worker == 0:
                     steps = positions
-            # Rows travel in the dataset's dtype (uint16: a quarter of int64) and widen here, a step at a time.
-            dtype = next((b.dtype for _, b in parts if len(b)), np.int64)
+            # Rows travel in the dataset's dtype (uint16: a quarter of int64) and widen here, a step at a time;
+            # mixed sources' parts may differ (uint16 text, uint32 packed examples): the widest holds them all.
+            dtypes = [b.dtype for _, b in parts if len(b)]
+            dtype = np.result_type(*dtypes) if dtypes else np.int64
             out = np.empty((self.group * rows, s.seq_len + 1), dtype=dtype)
             for index, block in parts:
                 out[index] = block

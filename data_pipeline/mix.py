@@ -87,6 +87,8 @@ class MixedStream(BatchStream):
         if any(s.manifest["tokenizer"] != self.subs[0].manifest["tokenizer"] for s in self.subs):
             raise DataError("data.sources use different tokenizers: prepare them all with the same --tokenizer")
         self.manifest = self.subs[0].manifest
+        # Rows of sources of different dtypes (a packed uint32 chat dataset, a uint16 text one) travel in the widest.
+        self.dtype = np.result_type(*(sub.dtype for sub in self.subs))
         super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)
         self.step = 0
         self.taken = np.zeros(len(sources), dtype=np.int64)  # windows drawn from each source so far
@@ -194,7 +196,11 @@ class MixedStream(BatchStream):
                     self.step += 1
                     self._skipped = [u for r in readers for u in r.skipped]
                     positions.append(self.position())
-                block = np.stack(rows) if rows else np.zeros((0, self.seq_len + 1), self.subs[0].dtype)
+                block = (
+                    np.stack(rows).astype(self.dtype, copy=False)
+                    if rows
+                    else np.zeros((0, self.seq_len + 1), self.dtype)
+                )
                 yield np.array(index, dtype=np.int64), block, positions, sum(r.nbytes for r in readers)
         finally:
             for r in readers:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from data_pipeline import readers, ustar
+from data_pipeline import examples, readers, ustar
 from data_pipeline.errors import DataError
 from data_pipeline.prefetch import prefetched
 from data_pipeline.sources import describe_error, is_url, join, parent, read_bytes
@@ -111,21 +111,28 @@ def corpus_sample(
     budget_bytes: int = 16 * 2**20,
     piece_bytes: int = 1 << 16,
     on_error: str = "fail",
+    fmt: str = "text",
 ) -> Iterator[str]:
     """Text for training a tokenizer: up to `budget_bytes`, an equal share from the head of
     each file (at least one piece each, in file order), so one large file does not dominate.
     Only the head is read. Bad input fails here already under `on_error="fail"`; skipped
-    items are counted later, when the files are tokenized."""
+    items are counted later, when the files are tokenized. For `fmt` chat or
+    prompt-completion, the texts of the examples."""
     share = max(piece_bytes, budget_bytes // len(files))
     used = 0
     for path in files:
         limit = min(share, budget_bytes - used)
-        if readers.kind(path) == "text" and not is_url(path):
+        if readers.kind(path) == "text" and not is_url(path) and fmt == "text":
             with open(path, "rb") as f:
                 head = f.read(limit)
         else:
             taken, size = [], -1
-            with contextlib.closing(split_documents(path, 0.0, text_field, readers.Skips(on_error))) as docs:
+            found = (
+                split_documents(path, 0.0, text_field, readers.Skips(on_error))
+                if fmt == "text"
+                else (("train", t.encode()) for t in examples.example_texts(path, fmt, on_error))
+            )
+            with contextlib.closing(found) as docs:
                 for _, text in docs:
                     taken.append(text)
                     size += len(text) + 1
@@ -237,18 +244,21 @@ def encoded_files(
     workers: int = 1,
     map_fn: Mapper | None = None,
     on_error: str = "fail",
+    fmt: str = "text",
 ) -> Iterator[dict]:
-    """encode_file of each file, in file order: here (workers=1), in `workers` local
-    processes, or through `map_fn` (cluster.local_ray.ray_mapper: Ray tasks on a cluster).
-    At most a few files per worker are in flight, so memory stays bounded whatever the
-    corpus size."""
-    args = (tokenizer, val_fraction, text_field, on_error)
+    """encode_file (or for `fmt` chat and prompt-completion examples.encode_examples) of
+    each file, in file order: here (workers=1), in `workers` local processes, or through
+    `map_fn` (cluster.local_ray.ray_mapper: Ray tasks on a cluster). At most a few files per
+    worker are in flight, so memory stays bounded whatever the corpus size."""
+    fn, args = encode_file, (tokenizer, val_fraction, text_field, on_error)
+    if fmt != "text":
+        fn, args = examples.encode_examples, (tokenizer, val_fraction, fmt, on_error)
     if map_fn is not None:
-        yield from map_fn(encode_file, files, *args)
+        yield from map_fn(fn, files, *args)
     elif workers <= 1 or len(files) < 2:
-        yield from (encode_file(f, *args) for f in files)
+        yield from (fn(f, *args) for f in files)
     else:
-        yield from process_map(encode_file, files, *args, workers=workers)
+        yield from process_map(fn, files, *args, workers=workers)
 
 
 class ShardWriter:
@@ -426,6 +436,8 @@ def prepare(
     workers: int = 1,
     map_fn: Mapper | None = None,
     on_error: str = "fail",
+    format: str = "text",
+    seq_len: int | None = None,
 ) -> dict:
     """Tokenize `inputs` into shards and manifest.json in `out_dir`; returns the manifest.
 
@@ -439,10 +451,16 @@ def prepare(
     sample: each of those goes whole to val when its hash says so (`is_val`). Inputs may
     be URLs (data_pipeline.readers).
 
+    `format` "chat" or "prompt-completion" reads fine-tuning examples from .jsonl(.gz|.zst)
+    or .parquet records instead, flags their tokens and packs them whole into rows of
+    `seq_len` + 1 tokens, one training window each (data_pipeline.examples): uint32 tokens,
+    the manifest's `examples`, `seq_len`, `row_tokens`, `flags` and per-split counts.
+
     Bad input (data_pipeline.readers) raises DataError under `on_error="fail"`; under
     "skip" it is passed over, named in a warning (the first SKIP_WARNINGS) and counted in
     the manifest's `skipped`.
     """
+    examples.check_options(format, seq_len)
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if shard_size_bytes < 1 or sample_tokens < 1:
@@ -455,12 +473,17 @@ def prepare(
         raise DataError(f"--workers={workers} must be at least 1")
     readers.Skips(on_error)  # checks the value
     parse_spec(tokenizer)
+    if (error := examples.no_template(format, tokenizer)) is not None:
+        raise error
     files = expand_inputs(inputs, skip_empty)
     remote = RemoteOut(out_dir, overwrite) if is_url(out_dir) else None
     if remote is None:
         _check_out(out_dir, overwrite)
-    tok = build_tokenizer(tokenizer, corpus_sample(files, text_field, on_error=on_error))
-    dtype = token_dtype(tok.vocab_size)
+    tok = build_tokenizer(tokenizer, corpus_sample(files, text_field, on_error=on_error, fmt=format))
+    packed = format != "text"
+    if packed:
+        examples.check_tokenizer(tok, format, tokenizer)
+    dtype = np.dtype(np.uint32) if packed else token_dtype(tok.vocab_size)
 
     if remote is not None:  # staged here one shard at a time
         tmp = tempfile.mkdtemp(prefix="trainctl-prepare-")
@@ -478,14 +501,22 @@ def prepare(
         skipped, warned = {"documents": 0, "files": 0}, 0
         t0, t_report, n_bytes, n_tokens = time.perf_counter(), time.perf_counter(), 0, 0
         tty = sys.stderr.isatty()  # a bar that redraws itself on a terminal, plain lines in a log
-        encoded = encoded_files(files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, map_fn, on_error)
+        encoded = encoded_files(
+            files, json.dumps(tok.to_dict()), val_fraction, text_field, workers, map_fn, on_error, format
+        )
+        if packed:  # whole examples into rows of one window; a sample holds whole rows
+            packers = {split: examples.Packer(seq_len + 1, tok.pad_id) for split in SPLITS}
+            rows = {split: examples.RowSamples(writers[split].write, seq_len + 1, sample_tokens) for split in SPLITS}
         for i, parts in enumerate(encoded):
             begin = 0
             for split, end in zip(parts["splits"].tolist(), parts["ends"].tolist()):
-                doc = parts["tokens"][begin:end]
-                for start in range(0, len(doc), sample_tokens):
-                    writers[SPLITS[split]].write(doc[start : start + sample_tokens])
-                docs[SPLITS[split]] += 1
+                doc, split = parts["tokens"][begin:end], SPLITS[split]
+                if packed:
+                    rows[split].add(packers[split].add(doc))
+                else:
+                    for start in range(0, len(doc), sample_tokens):
+                        writers[split].write(doc[start : start + sample_tokens])
+                docs[split] += 1
                 begin = end
             for note in parts["skipped"]["notes"][: max(SKIP_WARNINGS - warned, 0)]:
                 print(f"{chr(10) if progress and tty else ''}prepare: skipped {note}", file=sys.stderr, flush=True)
@@ -493,7 +524,7 @@ def prepare(
             skipped["documents"] += parts["skipped"]["documents"]
             skipped["files"] += parts["skipped"]["files"]
             n_bytes += int(parts["sizes"].sum())
-            n_tokens += len(parts["tokens"]) - len(parts["splits"])  # not counting end-of-text
+            n_tokens += len(parts["tokens"]) - (0 if packed else len(parts["splits"]))  # not counting end-of-text
             now = time.perf_counter()
             if progress and (now - t_report > (1 if tty else 10) or i == len(files) - 1):
                 t_report = now
@@ -514,7 +545,13 @@ def prepare(
                 file=sys.stderr,
                 flush=True,
             )
-        splits = {split: {"documents": docs[split], **w.finish()} for split, w in writers.items()}
+        counts = dict.fromkeys(SPLITS, {})
+        if packed:
+            for split in SPLITS:
+                rows[split].add(packers[split].finish())
+                rows[split].flush()
+                counts[split] = packers[split].counts()
+        splits = {split: {"documents": docs[split], **counts[split], **w.finish()} for split, w in writers.items()}
         manifest = {
             "format": FORMAT,
             "name": name
@@ -527,6 +564,17 @@ def prepare(
             "input_files": len(files),
             "input_bytes": n_bytes,
             "skipped": skipped,
+            **(
+                {
+                    "examples": format,
+                    "seq_len": seq_len,
+                    "row_tokens": seq_len + 1,
+                    "flags": examples.FLAGS,
+                    "pad_id": tok.pad_id,
+                }
+                if packed
+                else {}
+            ),
             "splits": splits,
         }
         Path(tmp, "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -579,10 +627,20 @@ def summarize(manifest: dict) -> str:
     skipped = manifest.get("skipped") or {}
     if any(skipped.values()):
         lines[0] += f"; skipped {skipped['documents']:,} bad documents and {skipped['files']:,} bad files"
+    fmt = manifest.get("examples")
+    if fmt:
+        lines[0] += (
+            f"; {fmt} examples packed into rows of {manifest['row_tokens']:,} tokens (data.seq_len={manifest['seq_len']})"
+        )
     for split, s in manifest["splits"].items():
         size = sum(x["bytes"] for x in s["shards"])
         lines.append(
-            f"  {split:<5} {s['documents']:>8,} documents {s['tokens']:>14,} tokens "
+            f"  {split:<5} {s['documents']:>8,} {'examples ' if fmt else 'documents'} {s['tokens']:>14,} tokens "
             f"{len(s['shards']):>5} shards {size / 2**20:>9.1f} MB"
         )
+        if fmt:
+            lines[-1] += (
+                f": {s['trained_tokens']:,} trained, {s['padding_tokens']:,} padding; "
+                f"{s['truncated']:,} examples truncated to {manifest['row_tokens']:,} tokens"
+            )
     return "\n".join(lines)

@@ -128,8 +128,9 @@ def _jsonl_lines(path: str, raw: BinaryIO) -> tuple[BinaryIO, tuple[type[BaseExc
     return raw, (), "text"
 
 
-def jsonl_documents(path: str, text_field: str, skips: Skips) -> Iterator[bytes]:
-    """The `text_field` of each line of a .jsonl, .jsonl.gz or .jsonl.zst file, as UTF-8."""
+def _jsonl_values(path: str, skips: Skips) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of each non-blank line of a .jsonl, .jsonl.gz or
+    .jsonl.zst file; lines that are not UTF-8 or not JSON, and a corrupt stream, go to `skips`."""
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(_open(path))
         lines, corrupt, what = _jsonl_lines(path, raw)
@@ -149,13 +150,19 @@ def jsonl_documents(path: str, text_field: str, skips: Skips) -> Iterator[bytes]
                 except ValueError as e:
                     skips.document(f"{path} line {n:,} is not valid JSON ({e})")
                     continue
-                if not isinstance(record, dict) or text_field not in record:
-                    skips.document(f"{path} line {n:,} has no '{text_field}' field", FIELD_HINT)
-                    continue
-                value = record[text_field]
-                yield (value if isinstance(value, str) else str(value)).encode()
+                yield n, record
         except corrupt as e:
             skips.file(f"{path} line {n + 1:,}: not a readable {what} file ({describe_error(e)})")
+
+
+def jsonl_documents(path: str, text_field: str, skips: Skips) -> Iterator[bytes]:
+    """The `text_field` of each line of a .jsonl, .jsonl.gz or .jsonl.zst file, as UTF-8."""
+    for n, record in _jsonl_values(path, skips):
+        if not isinstance(record, dict) or text_field not in record:
+            skips.document(f"{path} line {n:,} has no '{text_field}' field", FIELD_HINT)
+            continue
+        value = record[text_field]
+        yield (value if isinstance(value, str) else str(value)).encode()
 
 
 def _seekable(path: str, stack: contextlib.ExitStack) -> BinaryIO | str:
@@ -204,6 +211,49 @@ def parquet_documents(path: str, text_field: str, skips: Skips) -> Iterator[byte
         except (pa.ArrowException, OSError) as e:
             where = f" row {row + 1:,}" if row else ""
             skips.file(f"{path}{where}: not a readable parquet file ({describe_error(e)})")
+
+
+def parquet_records(path: str, fields: tuple[str, ...], skips: Skips) -> Iterator[tuple[str, dict]]:
+    """("PATH row N", {field: value}) of each row of a parquet file, with the columns of
+    `fields` it has (a list of structs comes as a list of dicts), a batch of rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with contextlib.ExitStack() as stack:
+        row = 0
+        try:
+            pf = pq.ParquetFile(_seekable(path, stack))
+            columns = [f for f in fields if f in pf.schema_arrow.names]
+            if not columns:
+                names = ", ".join(pf.schema_arrow.names)
+                skips.file(f"{path} has none of the columns {', '.join(fields)} (it has {names})", FIX)
+                return
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield f"{path} row {row:,}", record
+        except (pa.ArrowException, OSError) as e:
+            where = f" row {row + 1:,}" if row else ""
+            skips.file(f"{path}{where}: not a readable parquet file ({describe_error(e)})")
+
+
+def records(path: str, fields: tuple[str, ...], skips: Skips) -> Iterator[tuple[str, dict]]:
+    """("PATH line N" or "PATH row N", record) of each record of a .jsonl(.gz|.zst) file
+    (each line a JSON object) or a .parquet file (its `fields` columns), streaming; DataError
+    for other kinds of file."""
+    if kind(path) == "parquet":
+        yield from parquet_records(path, fields, skips)
+        return
+    if kind(path) != "jsonl":
+        raise DataError(
+            f"{path}: records (chat, prompt-completion) are read from .jsonl, .jsonl.gz, .jsonl.zst or .parquet "
+            "files: convert it, or prepare it with --format text"
+        )
+    for n, record in _jsonl_values(path, skips):
+        if not isinstance(record, dict):
+            skips.document(f"{path} line {n:,} is not a JSON object")
+            continue
+        yield f"{path} line {n:,}", record
 
 
 def tar_documents(path: str, text_field: str, skips: Skips) -> Iterator[bytes]:

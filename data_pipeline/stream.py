@@ -4,8 +4,9 @@ partitioned over slots, see its docstring). Prepared token shards are read per r
 data_pipeline.lanes.TokenStream; `TokenStream(...)` on raw-text shards gives a ShardStream.
 
 The stages (of a slot, and of the validation batches): shards in order → tokens → windows
-of T+1 at stride T from an offset → shuffled in blocks of `shuffle_buffer` → batches of
-rows. Windows move a block at a time as arrays, so no Python runs per window.
+of T+1 at stride T from an offset (packed fine-tuning rows: at stride T+1 from 0, each
+window one row) → shuffled in blocks of `shuffle_buffer` → batches of rows. Windows move a
+block at a time as arrays, so no Python runs per window.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
+from data_pipeline.examples import window_stride
 from data_pipeline.prefetch import prefetched
 from data_pipeline.prepare import load_manifest
 from data_pipeline.raw import FORMAT as RAW_FORMAT
@@ -147,6 +149,11 @@ def skip_tokens(chunks: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
         n = 0
 
 
+def window_count(tokens, seq_len: int, stride: int):
+    """How many windows of seq_len+1 tokens at `stride` `tokens` tokens make (an int or an array)."""
+    return np.maximum(tokens - seq_len - 1 + stride, 0) // stride
+
+
 def window_blocks(
     chunks: Iterable[np.ndarray],
     seq_len: int,
@@ -154,26 +161,30 @@ def window_blocks(
     block: int,
     order: Callable[[int, int], np.ndarray] | None = None,
     first_block: int = 0,
+    stride: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """The windows of seq_len+1 tokens at stride seq_len (each token a target once) that
-    `chunks` make, `count` in all (None: as many as the data makes), as (n, seq_len+1)
-    arrays of `block` consecutive windows (the last one maybe fewer); `order(j, n)` permutes
-    the rows of block j (counting from `first_block`). Whole blocks at a time, with no
-    per-window Python, so a shuffle buffer of thousands of windows costs one gather.
+    """The windows of seq_len+1 tokens at stride seq_len (each token a target once; or at
+    `stride`, seq_len+1 for packed rows) that `chunks` make, `count` in all (None: as many
+    as the data makes), as (n, seq_len+1) arrays of `block` consecutive windows (the last
+    one maybe fewer); `order(j, n)` permutes the rows of block j (counting from
+    `first_block`). Whole blocks at a time, with no per-window Python, so a shuffle buffer
+    of thousands of windows costs one gather.
 
     >>> [w.tolist() for w in window_blocks([np.arange(5), np.arange(5, 8)], 3, 2, 8)]
     [[[0, 1, 2, 3], [3, 4, 5, 6]]]
     """
+    stride = stride or seq_len
+    tail = seq_len + 1 - stride  # tokens a window has beyond its stride
     chunks = iter(chunks)
     pending, have, made, j = [], 0, 0, first_block
     while count is None or made < count:
         n = block if count is None else min(block, count - made)
-        while have < n * seq_len + 1 and (chunk := next(chunks, None)) is not None:
+        while have < n * stride + tail and (chunk := next(chunks, None)) is not None:
             pending.append(chunk)
             have += len(chunk)
-        ended = have < n * seq_len + 1
+        ended = have < n * stride + tail
         if ended:  # the data ran out: the windows it makes
-            n = max(have - 1, 0) // seq_len
+            n = int(window_count(have, seq_len, stride))
             if count is not None and made + n < count:
                 raise DataError(
                     f"the data ended after {made + n} of {count} sequences: the manifest's token counts are wrong"
@@ -182,11 +193,11 @@ def window_blocks(
                 return
         buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
         windows = np.lib.stride_tricks.as_strided(
-            buf, shape=(n, seq_len + 1), strides=(seq_len * buf.itemsize, buf.itemsize), writeable=False
+            buf, shape=(n, seq_len + 1), strides=(stride * buf.itemsize, buf.itemsize), writeable=False
         )
         yield windows if order is None else windows[order(j, n)]
         made, j = made + n, j + 1
-        pending = [buf[n * seq_len :]]
+        pending = [buf[n * stride :]]
         have = len(pending[0])
         if ended:
             return
@@ -374,6 +385,7 @@ class ShardStream(BatchStream):
             raise DataError(f"the dataset {name} has no '{split}' split")
         self.shards = self.manifest["splits"][split]["shards"]
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.stride = window_stride(self.manifest, seq_len, name)
         super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)
         self.shuffle, self.shuffle_buffer, self.on_error = shuffle, shuffle_buffer, on_error
         self.skipped: list[str] = []  # urls of shards passed over, in order
@@ -416,7 +428,7 @@ class ShardStream(BatchStream):
         """(slot q's shards in `epoch`, the token offset of its first window)."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
-        offset = int(rng.integers(self.seq_len)) if self.shuffle else 0
+        offset = int(rng.integers(self.seq_len)) if self.shuffle and self.stride == self.seq_len else 0
         return [self.shards[i] for i in order[q :: self.lanes]], offset
 
     def _count(self, shard: dict) -> int:
@@ -437,7 +449,7 @@ class ShardStream(BatchStream):
         while True:
             shards, offset = self._lane_plan(q, epoch)
             if skip_windows:  # a resume: pass whole epochs by their token counts
-                windows = max(sum(self._count(s) for s in shards) - offset - 1, 0) // self.seq_len // g * g
+                windows = window_count(sum(self._count(s) for s in shards) - offset, self.seq_len, self.stride) // g * g
                 if skip_windows >= windows and windows:
                     skip_windows -= windows
                     epoch += 1
@@ -445,7 +457,7 @@ class ShardStream(BatchStream):
             block = self.shuffle_buffer
             first = skip_windows // block * block
             chunks = skip_tokens(
-                read_shards(shards, self.read, self.on_error, self.skipped), offset + first * self.seq_len
+                read_shards(shards, self.read, self.on_error, self.skipped), offset + first * self.stride
             )
             order = (
                 (lambda j, n, e=epoch: np.random.default_rng([self.seed, e, q, j]).permutation(n))
@@ -454,7 +466,9 @@ class ShardStream(BatchStream):
             )
             made = 0
             for rows in row_batches(
-                window_blocks(chunks, self.seq_len, None, block, order, first // block), g, skip_windows - first
+                window_blocks(chunks, self.seq_len, None, block, order, first // block, self.stride),
+                g,
+                skip_windows - first,
             ):
                 made += 1
                 yield rows
@@ -502,9 +516,10 @@ def eval_batches(
     order, rank r taking its rows of each; every rank gets the same number. [] when the
     split is missing or too small for one sequence per rank."""
     manifest = open_dataset(data, raw)
+    stride = window_stride(manifest, seq_len, data)  # packed rows: each batch row is one row
     shards = manifest["splits"].get(split, {"shards": []})["shards"]
     tokens = sum(s["tokens"] for s in shards)
-    windows = max(tokens - 1, 0) // seq_len
+    windows = int(window_count(tokens, seq_len, stride))
     per_batch = micro_batch_size * world_size
     n_batches = windows // per_batch
     if n_batches == 0:  # a small split: one smaller batch
@@ -518,10 +533,10 @@ def eval_batches(
     if on_error == "skip":  # fewer windows than planned: every rank stops at the same, smaller count
         chunks = list(chunks)
         if skipped:
-            windows = max(sum(len(c) for c in chunks) - 1, 0) // seq_len
+            windows = int(window_count(sum(len(c) for c in chunks), seq_len, stride))
             n_batches = min(n_batches, windows // per_batch)
     count = n_batches * per_batch
-    batches = row_batches(window_blocks(chunks, seq_len, count, count), per_batch)
+    batches = row_batches(window_blocks(chunks, seq_len, count, count, stride=stride), per_batch)
     return [
         torch.from_numpy(b[rank * micro_batch_size : (rank + 1) * micro_batch_size].astype(np.int64)) for b in batches
     ]
