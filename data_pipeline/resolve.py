@@ -19,7 +19,23 @@ from data_pipeline.raw import is_shard_list
 from data_pipeline.sources import is_url
 
 
+def tokenizer_tag(tokenizer: str) -> tuple[str, str]:
+    """(a name for cache folders, what identifies the tokenizer) for a `data.tokenizer` spec:
+    a tokenizer file or model folder is named by its base name and identified by its
+    tokenizer.json's content, so an edited file is a new dataset."""
+    if tokenizer == "byte" or tokenizer.startswith("bpe:"):
+        return tokenizer.replace(":", ""), tokenizer
+    file = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
+    if not os.path.isfile(file):
+        return "tok", tokenizer
+    with open(file, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    name = os.path.basename(os.path.normpath(tokenizer if os.path.isdir(tokenizer) else os.path.dirname(file)))
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "tok", digest
+
+
 def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float, text_field: str) -> str:
+    tokenizer = tokenizer_tag(tokenizer)[1]
     h = hashlib.sha256(json.dumps([AUTO_SHARD_BYTES, CHUNK_BYTES, tokenizer, val_fraction, text_field]).encode())
     for p in paths:
         st = os.stat(p)
@@ -49,7 +65,7 @@ def resolve_dataset(
         raise DataError(f"data.path: {e}") from None
     stem = Path(files[0]).stem if len(files) == 1 else Path(path.split("*")[0].rstrip("/")).name or "data"
     out = os.path.join(
-        cache_dir, f"{stem}-{tokenizer.replace(':', '')}-{_fingerprint(files, tokenizer, val_fraction, text_field)}"
+        cache_dir, f"{stem}-{tokenizer_tag(tokenizer)[0]}-{_fingerprint(files, tokenizer, val_fraction, text_field)}"
     )
     if not os.path.isfile(os.path.join(out, "manifest.json")):
         prepare(
@@ -90,14 +106,14 @@ def default_corpus(cache_dir: str, tokenizer: str = "byte", val_fraction: float 
                 AUTO_SHARD_BYTES,
                 CHUNK_BYTES,
                 sys.version,
-                tokenizer,
+                tokenizer_tag(tokenizer)[1],
                 val_fraction,
                 len(files),
                 sum(os.path.getsize(f) for f in files),
             ]
         ).encode()
     ).hexdigest()[:16]
-    out = os.path.join(cache_dir, f"stdlib-{tokenizer.replace(':', '')}-{h}")
+    out = os.path.join(cache_dir, f"stdlib-{tokenizer_tag(tokenizer)[0]}-{h}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
         print(
             f"trainctl: preparing the standard library's source ({len(files)} files) into {out}",

@@ -9,6 +9,7 @@ exits 1 with the worker's own error.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from functools import partial
@@ -327,7 +328,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         out = export(args.path, args.out_dir)
     except ExportError as e:
         raise UsageError(str(e)) from None
-    print(f"trainctl: exported {args.path} to {out} (Hugging Face LlamaForCausalLM, fp32 safetensors)")
+    arch = json.loads((Path(out) / "config.json").read_text())["architectures"][0]
+    print(f"trainctl: exported {args.path} to {out} (Hugging Face {arch}, fp32 safetensors)")
     return 0
 
 
@@ -338,10 +340,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
     try:
-        text = sample(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
-    except NoCheckpoint as e:
+        text = sample(
+            args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed, args.chat
+        )
+    except (NoCheckpoint, ValueError) as e:
         raise UsageError(str(e)) from None
-    print(args.prompt + text)
+    print(text if args.chat else args.prompt + text)
     return 0
 
 
@@ -559,13 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument(
         "path",
         metavar="RUN_CHECKPOINT_OR_EXPORT",
-        help="run folder (storage_path/NAME), checkpoint folder or export folder",
+        help="run folder (storage_path/NAME), checkpoint folder, export folder or Hugging Face model folder",
     )
     pg.add_argument("--prompt", default="\n", help="text to continue")
     pg.add_argument("--max-new-tokens", type=int, default=200)
     pg.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     pg.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 = all")
     pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user's message: put it through the tokenizer's chat template and print the reply",
+    )
     pg.set_defaults(fn=_cmd_generate)
     return p
 

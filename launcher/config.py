@@ -34,6 +34,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_
         tree = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(tree, item)
+    if isinstance(tree.get("model"), dict) and tree["model"].get("init_from"):
+        from trainer.hf import HFError, resolve
+
+        try:
+            resolve(tree, base_dir or os.getcwd())
+        except HFError as e:
+            raise ConfigError(str(e)) from None
     try:
         cfg = JobConfig.model_validate(tree)
     except ValidationError as e:

@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches
-from trainer import checkpoint, perf
+from trainer import checkpoint, hf, perf
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
 from trainer.model import Transformer
 from trainer.run_folder import Attempt, checkpoint_store, record_attempt, run_dir
 from trainer.saver import Saver
+from trainer.targets import Targets
 from trainer.tracking import Tracker
 
 
@@ -48,6 +49,30 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
             [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common
         )
     return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common)
+
+
+def make_targets(cfg: JobConfig, tokenizer: dict) -> Targets:
+    """How this run's rows become targets: flagged (chat, prompt-completion) datasets train
+    only their flagged tokens; `data.document_masking` (default: on for flagged datasets)
+    keeps attention inside each example or document."""
+    from data_pipeline import open_dataset
+
+    flags = next(
+        (m["flags"] for m in (open_dataset(p, raw_options(cfg)) for p in data_paths(cfg)) if m.get("flags")), None
+    )
+    d = cfg.data
+    masking = d.document_masking if d.document_masking is not None else flags is not None
+    return Targets(
+        eot=tokenizer["eot"] if masking else None, flags=flags, train_on=d.train_on, segments=masking and bool(flags)
+    )
+
+
+def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
+    """The model to train: `model.init_from`'s weights (read shard by shard), or a seeded
+    random init. A resume reads neither: the checkpoint overwrites every weight."""
+    if cfg.model.init_from and not resuming:
+        return hf.load_model(cfg.model, cfg.model.init_from)
+    return Transformer(cfg.model)
 
 
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
@@ -107,7 +132,8 @@ class Worker:
     stream: Loader
     val: list[torch.Tensor]  # this rank's validation batches, every source's in order
     tokenizer: dict
-    eot: int | None  # the end-of-text token when attention is masked per document
+    targets: Targets  # how rows become targets: loss flags, document masking
+    hf_base: dict | None = None  # model.init_from: its path and small files, kept in checkpoints for export
     engine: Any = None
     saver: Saver | None = None
     tracker: Tracker | None = None  # rank 0's
@@ -151,12 +177,14 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
         stream,
         val,
         tokenizer,
-        tokenizer["eot"] if cfg.data.document_masking else None,
+        make_targets(cfg, tokenizer),
     )
     torch.manual_seed(t.seed)  # the same seed on every rank gives the same initial weights
     latest = resume_point(cfg, store)
     reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
-    w.engine = build_engine(Transformer(cfg.model), cfg, universal=reshard)
+    w.engine = build_engine(build_model(cfg, resuming=latest is not None), cfg, universal=reshard)
+    if cfg.model.init_from:
+        w.hf_base = {"path": cfg.model.init_from, "files": hf.base_files(cfg.model.init_from)}
     w.saver = Saver(w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save)
     return w, latest
 

@@ -62,10 +62,16 @@ class DataSection(Section):
         "fail",
         description="a corrupt, truncated or unreachable shard: fail (stop, naming it) or skip (warn, count, go on)",
     )
-    document_masking: bool = Field(
-        False,
-        description="keep attention inside each document of a packed sequence (a masked attention kernel, "
-        "slower than the plain causal one)",
+    document_masking: bool | None = Field(
+        None,
+        description="keep attention inside each document (or chat example) of a packed sequence (a masked "
+        "attention kernel, slower than the plain causal one); null = on for chat and prompt-completion "
+        "datasets, off for plain text",
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="chat and prompt-completion datasets: train on the assistant turns (completions) only, "
+        "or on every token but padding",
     )
     sources: list[MixSource] | None = Field(
         None, description="several datasets mixed by weight, [{path, weight}, ...], instead of data.path"
@@ -85,7 +91,12 @@ PROFILE_HELP = "give N (N steps after a 5-step warm-up) or FIRST-LAST with FIRST
 
 
 class TrainSection(Section):
-    max_steps: int = Field(1000, gt=0, description="optimizer steps to train")
+    max_steps: int = Field(
+        1000,
+        ge=0,
+        description="optimizer steps to train; 0 (with model.init_from) = validate the imported model and "
+        "save it as the step-0 checkpoint",
+    )
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass")
     grad_accum_steps: int | None = Field(
         None, gt=0, description="micro batches per optimizer step; null = derived from global_batch_size, else 1"
@@ -261,6 +272,8 @@ class JobConfig(Section):
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if t.precision == "fp16" and not c.use_gpu:
             raise ValueError("train.precision=fp16 needs cluster.use_gpu=true (use bf16 or fp32 on a CPU)")
+        if t.max_steps == 0 and not self.model.init_from:
+            raise ValueError("train.max_steps=0 needs model.init_from (it saves the imported model as a checkpoint)")
         if t.offload_optimizer and t.zero_stage == 0:
             raise ValueError("train.offload_optimizer=true needs train.zero_stage 1, 2 or 3")
         return self

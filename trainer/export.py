@@ -171,6 +171,30 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def base_folder_files(files: dict[str, str], mc: ModelConfig, tokenizer: dict) -> dict[str, str]:
+    """The small files of the `model.init_from` folder as export writes them: config.json keeps
+    its architecture and settings, with the shape fields trainctl trained and fp32 weights
+    (a GGUF origin's `quantization_config` dropped); the tokenizer files as they were."""
+    config = json.loads(files["config.json"])
+    config.pop("quantization_config", None)
+    config.update(
+        vocab_size=mc.vocab_size,
+        hidden_size=mc.d_model,
+        intermediate_size=mc.ffn_dim,
+        num_hidden_layers=mc.n_layer,
+        num_attention_heads=mc.n_head,
+        num_key_value_heads=mc.kv_heads,
+        rms_norm_eps=mc.norm_eps,
+        tie_word_embeddings=mc.tie_embeddings,
+    )
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = "float32"
+    out = {name: text for name, text in files.items() if name != "config.json"}
+    out["config.json"] = json.dumps(config, indent=2) + "\n"
+    if "json" in tokenizer:
+        out["tokenizer.json"] = tokenizer["json"]
+    return out
+
+
 def tokenizer_files(tokenizer: dict) -> dict[str, str]:
     """tokenizer.json & co. for the checkpoint's tokenizer. The byte tokenizer becomes a
     byte-level BPE without merges whose id for each byte is the byte's value (and 256 for
@@ -241,13 +265,20 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
             {hf_name(n): s for n, s in shapes.items()},
             ((hf_name(n), t) for n, t in model_tensors(ckpt, list(shapes))),
         )
-        (tmp / "config.json").write_text(json.dumps(llama_config(mc, info["tokenizer"]["eot"]), indent=1) + "\n")
-        (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": info["tokenizer"]["eot"], "eos_token_id": info["tokenizer"]["eot"]}, indent=1)
-            + "\n"
-        )
-        for name, text in tokenizer_files(info["tokenizer"]).items():
-            (tmp / name).write_text(text)
+        base = info.get("hf_base")
+        if base:  # started from a Hugging Face folder: its architecture and tokenizer files go back out
+            for name, text in base_folder_files(base["files"], mc, info["tokenizer"]).items():
+                (tmp / name).write_text(text)
+        else:
+            (tmp / "config.json").write_text(json.dumps(llama_config(mc, info["tokenizer"]["eot"]), indent=1) + "\n")
+            (tmp / "generation_config.json").write_text(
+                json.dumps(
+                    {"bos_token_id": info["tokenizer"]["eot"], "eos_token_id": info["tokenizer"]["eot"]}, indent=1
+                )
+                + "\n"
+            )
+            for name, text in tokenizer_files(info["tokenizer"]).items():
+                (tmp / name).write_text(text)
         (tmp / "trainctl_export.json").write_text(
             json.dumps(
                 {
@@ -271,25 +302,16 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
 
 
 def load_export(folder: Path) -> tuple[Transformer, dict]:
-    """(our model in eval mode, its tokenizer dict) from an export folder."""
-    config = json.loads((folder / "config.json").read_text())
-    mc = ModelConfig(
-        vocab_size=config["vocab_size"],
-        n_layer=config["num_hidden_layers"],
-        n_head=config["num_attention_heads"],
-        n_kv_head=config["num_key_value_heads"],
-        d_model=config["hidden_size"],
-        d_ff=config["intermediate_size"],
-        max_seq_len=config["max_position_embeddings"],
-        rope_theta=config["rope_theta"],
-        norm_eps=config["rms_norm_eps"],
-        tie_embeddings=config["tie_word_embeddings"],
-    )
-    model = Transformer(mc)
-    weights = read_safetensors(folder / "model.safetensors")
-    state = {name: weights[hf_name(name)] for name in weight_shapes(mc)}
-    if mc.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state)
+    """(our model in eval mode, its tokenizer dict) from an export folder, or any Hugging Face
+    folder `model.init_from` takes."""
+    from data_pipeline.tokenizer import build_tokenizer
+    from trainer import hf
+
+    fields = hf.model_fields(hf.hf_config(str(folder)), str(folder / "config.json"))
+    fields.pop("sliding_window", None)
+    model = hf.load_model(ModelConfig(**fields), str(folder))
     model.eval()
-    return model, json.loads((folder / "trainctl_export.json").read_text())["tokenizer"]
+    info = folder / "trainctl_export.json"
+    if info.is_file():
+        return model, json.loads(info.read_text())["tokenizer"]
+    return model, build_tokenizer(str(folder)).to_dict()

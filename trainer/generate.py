@@ -29,25 +29,37 @@ def sample(
     temperature: float = 0.8,
     top_k: int | None = 200,
     seed: int = 0,
+    chat: bool = False,
 ) -> str:
-    """The prompt's continuation as text, from a run, a checkpoint or an export folder.
+    """The prompt's continuation as text, from a run, a checkpoint, an export folder or a
+    Hugging Face model folder. With `chat`, the prompt is a user's message put through the
+    tokenizer's chat template, and the reply ends at the end-of-turn token.
 
     >>> print(sample("runs/tiny-cpu", prompt="def ", max_new_tokens=100))  # doctest: +SKIP
     """
-    if (Path(path) / "trainctl_export.json").is_file():  # an export folder
+    folder = Path(path)
+    if (folder / "trainctl_export.json").is_file() or (folder / "config.json").is_file():  # export or HF folder
         from trainer.export import load_export
 
-        model, tok_dict = load_export(Path(path))
+        model, tok_dict = load_export(folder)
         tok = tokenizer_from_dict(tok_dict)
     else:
         model, tok = load_model(checkpoint.find_checkpoint(path))
+    if chat:
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError(f"{path}'s tokenizer has no chat template: leave out --chat")
+        prompt = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = tok.encode(prompt)
     if len(ids) == 0:
         ids = [tok.eot]
     idx = torch.tensor([list(ids)], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    return tok.decode(out[0, len(ids) :].tolist())
+    stop = tok.eot if chat else None
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen, stop=stop)
+    reply = out[0, len(ids) :].tolist()
+    if chat and stop in reply:
+        reply = reply[: reply.index(stop)]
+    return tok.decode(reply)
 
 
 @torch.no_grad()

@@ -26,15 +26,19 @@ from trainer.config import JobConfig
 from trainer.console import duration, progress_line, summary_table
 from trainer.generate import continue_prompts
 from trainer.guard import DivergenceGuard
-from trainer.model import document_segments
 from trainer.run_folder import Attempt, StopRequest
+from trainer.targets import Targets
 from trainer.tracking import run_id
 
 
-def forward(engine, batch: torch.Tensor, eot: int | None):
-    """(logits, loss) for a (B, T+1) batch; with `eot`, attention stays inside each document."""
-    idx = batch[:, :-1]  # (B, T)
-    return engine(idx, batch[:, 1:], None if eot is None else document_segments(idx, eot))
+def forward(engine, batch: torch.Tensor, targets: Targets):
+    """(logits, loss) for a (B, T+1) batch: the mean over its targets, or for flagged rows
+    (logits, (sum of the trained targets' losses, their count))."""
+    idx, tgt, segments = targets.split(batch)
+    if targets.flags is None:
+        return engine(idx, tgt, segments)
+    logits, loss = engine(idx, tgt, segments, reduction="sum")
+    return logits, (loss, (tgt != -100).sum())
 
 
 def train_step(
@@ -42,43 +46,75 @@ def train_step(
     batches: Iterator[torch.Tensor],
     accum_steps: int,
     device: torch.device,
-    eot: int | None = None,
+    targets: Targets | None = None,
     poison: bool = False,
     timer: perf.StepTimer | None = None,
 ) -> float:
-    """One optimizer step over `accum_steps` micro batches; returns this rank's mean loss.
-    `eot` turns on document masking; `timer` adds the seconds of each part (waiting for
-    data, forward+backward, optimizer); `poison` (a test hook) makes the loss NaN, so the
-    gradients and then the weights go NaN as they would in a real divergence."""
+    """One optimizer step over `accum_steps` micro batches; returns this rank's share of
+    the step's loss (the mean over ranks is the step's loss). `targets` says how rows
+    become targets (default: every next token); `timer` adds the seconds of each part
+    (waiting for data, forward+backward, optimizer); `poison` (a test hook) makes the
+    loss NaN, so the gradients and then the weights go NaN as they would in a real
+    divergence.
+
+    Flagged rows (chat data) train only some targets, a different number in each micro
+    batch and on each rank: each micro batch's summed loss is divided by the step's count
+    of trained targets over every rank (one all-reduce), so the step's gradient is the
+    mean over all its trained tokens, whatever the accumulation and the number of ranks
+    (DeepSpeed divides by both; the factor undoes that)."""
     timer = timer or perf.StepTimer(cuda=False)
+    targets = targets or Targets()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(accum_steps):
-        with timer("data", host=True):
-            batch = next(batches)
-        batch = batch.to(device, non_blocking=True)  # (B, T+1)
+    if targets.flags is None:
+        for _ in range(accum_steps):
+            with timer("data", host=True):
+                batch = next(batches)
+            batch = batch.to(device, non_blocking=True)  # (B, T+1)
+            with timer("forward_backward"):
+                _, loss = forward(engine, batch, targets)
+                if poison:
+                    loss = loss * float("nan")
+                engine.backward(loss)
+            with timer("optimizer"):
+                engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total += loss.detach()
+        return total.item() / accum_steps  # one synchronisation per step, not one per micro batch
+    with timer("data", host=True):
+        micro = [next(batches).to(device, non_blocking=True) for _ in range(accum_steps)]
+    count = sum(((targets.split(b)[1] != -100).sum() for b in micro), torch.zeros((), device=device)).double()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(count)
+    scale = accum_steps * world / count.clamp(min=1)
+    for batch in micro:
         with timer("forward_backward"):
-            _, loss = forward(engine, batch, eot)
+            _, (loss_sum, _) = forward(engine, batch, targets)
+            loss = loss_sum * scale.to(loss_sum.dtype)
             if poison:
                 loss = loss * float("nan")
             engine.backward(loss)
         with timer("optimizer"):
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            engine.step()
         total += loss.detach()
-    return total.item() / accum_steps  # one synchronisation per step, not one per micro batch
+    return total.item() / accum_steps
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[torch.Tensor], device: torch.device, eot: int | None = None) -> float:
-    """Mean validation loss over every rank's batches."""
+def evaluate(engine, batches: list[torch.Tensor], device: torch.device, targets: Targets | None = None) -> float:
+    """Mean validation loss over every rank's batches (for flagged rows: over every trained target)."""
+    targets = targets or Targets()
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
-        _, loss = forward(engine, batch, eot)
-        total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
+        _, loss = forward(engine, batch, targets)
+        if targets.flags is None:
+            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
+        else:
+            total += torch.stack([loss[0].double(), loss[1].double()])
     engine.train()
     dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 VAL_SAMPLES, VAL_PROMPT_TOKENS, VAL_SAMPLE_TOKENS = 2, 32, 64  # validation samples logged at each evaluation
@@ -141,10 +177,10 @@ def validate(w: Worker, step: int) -> None:
     """The validation loss, and a few validation prompts continued (on every rank: ZeRO-3
     gathers the weights for each forward)."""
     t = w.cfg.train
-    val_loss = evaluate(w.engine, w.val, w.device, w.eot)
+    val_loss = evaluate(w.engine, w.val, w.device, w.targets)
     w.val_losses.append((step, val_loss))
     if t.sample_tokens:
-        prompts = w.val[0][:VAL_SAMPLES, :VAL_PROMPT_TOKENS].to(w.device)
+        prompts = w.targets.split(w.val[0][:VAL_SAMPLES, : VAL_PROMPT_TOKENS + 1])[0].to(w.device)
         out = continue_prompts(w.engine.module, prompts, min(t.sample_tokens, VAL_SAMPLE_TOKENS), seed=step)
     if w.rank == 0:
         w.tracker.log({"val_loss": val_loss}, step)
@@ -166,6 +202,7 @@ def save(w: Worker, state: TrainState, wait: bool) -> None:
         "tokens_seen": state.tokens_seen,
         "name": cfg.name,
         "tokenizer": w.tokenizer,
+        **({"hf_base": w.hf_base} if w.hf_base else {}),
         "wandb_run_id": run_id(w.folder) if w.rank == 0 else None,
     }
     w.saver.save(state.step, state.state_dict(), info, files={"config.yaml": cfg.to_yaml()})
@@ -213,6 +250,10 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
     )
     stop, status, timer = StopRequest(w.folder), "done", meter.timer
     batches, start_step, t_start = iter(w.stream), state.step, time.perf_counter()
+    if latest is None and cfg.model.init_from and w.val:  # the imported model's own loss: the baseline
+        validate(w, 0)
+    if t.max_steps == 0 and latest is None:  # import only: the imported weights as the step-0 checkpoint
+        save(w, state, wait=True)
     checkpoint.barrier()  # every rank starts timing together (rank 0 had more to set up)
     meter.restart_interval(state.step)  # the first interval starts here, not when the meter was made
     while state.step < t.max_steps:
@@ -221,7 +262,7 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
         position = w.stream.state_dict()  # where this step's data starts, to name it if it must be skipped
         poison = state.step + 1 == nan_at_step
         nan_at_step = 0 if poison else nan_at_step  # once: the step is trained again after the rollback
-        loss = train_step(w.engine, batches, cfg.accum_steps, w.device, w.eot, poison=poison, timer=timer)
+        loss = train_step(w.engine, batches, cfg.accum_steps, w.device, w.targets, poison=poison, timer=timer)
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.
         with timer("sync"):

@@ -41,6 +41,8 @@ def count_params(config: ModelConfig, non_embedding: bool = True) -> int:
     """
     c = config
     attn = c.d_model * c.d_model * 2 + 2 * c.d_model * c.kv_heads * c.head_dim  # wq, wo; wk, wv
+    if c.qkv_bias:
+        attn += c.d_model + 2 * c.kv_heads * c.head_dim
     mlp = 3 * c.d_model * c.ffn_dim  # w1, w3, w2
     norms = 2 * c.d_model
     total = c.n_layer * (attn + mlp + norms) + c.d_model  # + final norm
@@ -67,9 +69,26 @@ def rope_table(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (max_seq_len, head_dim / 2): angle of pair i at position t."""
     half = config.head_dim // 2
     inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float32) / half)  # (D/2,)
+    if config.rope_scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, config.rope_scaling)
     t = torch.arange(config.max_seq_len, dtype=torch.float32)  # (T_max,)
     angles = torch.outer(t, inv_freq)  # (T_max, D/2)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq: torch.Tensor, s) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: long wavelengths slowed by `factor`, short ones kept, the band
+    between interpolated (as transformers' `_compute_llama3_parameters`)."""
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq  # (D/2,)
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,9 +104,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.dropout = config.dropout
-        self.wq = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
+        bias = config.qkv_bias
+        self.wq = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=bias)
+        self.wk = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
+        self.wv = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.resid_drop = nn.Dropout(config.dropout)
 
@@ -174,9 +194,18 @@ class Transformer(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None):
-        """Logits (B, T, V) for token ids (B, T); with targets (B, T), (logits, mean loss).
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ):
+        """Logits (B, T, V) for token ids (B, T); with targets (B, T), (logits, loss): the mean
+        (or with reduction="sum" the sum) over the targets that are not -100.
 
         segments (B, T), optional: a document number per token; attention then stays
         within each document (document masking for packed sequences).
@@ -200,7 +229,7 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         # float32 softmax: in bf16 the log-sum-exp over V loses the small probabilities.
-        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), reduction=reduction)
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -232,8 +261,10 @@ class Transformer(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); returns (B, T + max_new_tokens).
+        """Append max_new_tokens sampled tokens to idx (B, T); returns (B, T + max_new_tokens),
+        or fewer once every row has produced the `stop` token.
 
         temperature 0 picks the most likely token; top_k keeps the k most likely before
         sampling. Only the last max_seq_len tokens are fed back. No KV cache: each step
@@ -243,6 +274,7 @@ class Transformer(nn.Module):
             raise ValueError(f"temperature={temperature} must be >= 0")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k={top_k} must be positive")
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,): rows that produced `stop`
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.max_seq_len :]  # (B, <=max_seq_len)
             logits = self(context)[:, -1, :].float()  # (B, V)
@@ -256,4 +288,8 @@ class Transformer(nn.Module):
                 probs = F.softmax(logits, dim=-1)  # (B, V)
                 next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)  # (B, T + i + 1)
+            if stop is not None:
+                done |= next_id[:, 0] == stop  # (B,)
+                if bool(done.all()):
+                    break
         return idx

@@ -9,11 +9,27 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class RopeScaling(BaseModel):
+    """Llama 3's RoPE frequency scaling (`rope_scaling` with rope_type llama3 in config.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(gt=0)
+    high_freq_factor: float = Field(gt=0)
+    original_max_position_embeddings: int = Field(gt=0)
+
+
 class ModelConfig(BaseModel):
     """The transformer's shape: the `model:` section of a job file, validated once, at load."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    init_from: str | None = Field(
+        None,
+        description="a Hugging Face model folder or URL (config.json, *.safetensors, tokenizer.json) to start "
+        "from: its config.json sets the fields below and its tokenizer becomes data.tokenizer",
+    )
     vocab_size: int = Field(
         257,
         gt=0,
@@ -28,7 +44,9 @@ class ModelConfig(BaseModel):
     d_ff: int | None = Field(None, gt=0, description="SwiGLU hidden size; null = about 8/3 * d_model")
     max_seq_len: int = Field(256, gt=0, description="longest context the model accepts (RoPE table size)")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base: the longest rotation wavelength grows with it")
+    rope_scaling: RopeScaling | None = Field(None, description="Llama 3 RoPE frequency scaling; null = none")
     norm_eps: float = Field(1e-5, gt=0, description="added to the RMS before dividing")
+    qkv_bias: bool = Field(False, description="biases on the query, key and value projections (Qwen2)")
     dropout: float = Field(
         0.0, ge=0, lt=1, description="on attention weights and on each block's two residual branches"
     )

@@ -1,0 +1,317 @@
+"""Hugging Face model folders in: `model.init_from`.
+
+A folder (local, or any URL `data_pipeline.sources` reads: http(s), s3://, ...) holding
+config.json, model.safetensors (or shards listed in model.safetensors.index.json) and
+tokenizer.json. `model_fields` maps config.json onto the `model:` section (Llama family:
+Llama 2/3, SmolLM, TinyLlama, Mistral; Qwen2 with its q/k/v biases), refusing in one line
+what trainctl's blocks cannot reproduce; `load_model` builds the model without a random
+init and reads each tensor straight into its parameter, shard by shard, so host memory peaks
+at one copy of the weights plus one tensor in the file's dtype. `base_files` keeps the small
+files (config, tokenizer config, chat template) that `export` writes back out, so a Qwen2
+stays a Qwen2.
+
+Module level imports no torch: the launcher resolves `init_from` before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = "LlamaForCausalLM (Llama 2/3, SmolLM, TinyLlama), MistralForCausalLM and Qwen2ForCausalLM"
+# What export copies back out beside the weights (tokenizer.json travels in the tokenizer dict).
+BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+# `model:` fields that are training choices, not the pre-trained weights' shape: a job may set them.
+FREE_FIELDS = ("init_from", "max_seq_len", "dropout", "activation_checkpointing")
+
+
+class HFError(ValueError):
+    """A Hugging Face folder trainctl cannot start from: one line for the user."""
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
+
+
+def read_file(base: str, name: str) -> bytes | None:
+    """A file of the folder, or None when it has none."""
+    path = _join(base, name)
+    if "://" not in base:
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    from data_pipeline.sources import read_bytes
+
+    try:
+        return read_bytes(path)
+    except (FileNotFoundError, OSError) as e:
+        if "404" in str(e) or isinstance(e, FileNotFoundError):
+            return None
+        raise
+
+
+def hf_config(base: str) -> dict:
+    """config.json of the folder."""
+    if "://" not in base and not os.path.isdir(base):
+        raise HFError(f"model.init_from={base} is not a folder: give a Hugging Face model folder or its URL")
+    raw = read_file(base, "config.json")
+    if raw is None:
+        raise HFError(
+            f"model.init_from={base} has no config.json: give a Hugging Face model folder "
+            "(config.json, *.safetensors, tokenizer.json)"
+        )
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise HFError(f"{_join(base, 'config.json')} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise HFError(f"{_join(base, 'config.json')} is not a JSON object")
+    return config
+
+
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from config.json: top-level keys (transformers 4) or
+    `rope_parameters` (transformers 5)."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    return float(theta), scaling
+
+
+def model_fields(config: dict, where: str = "config.json") -> dict[str, Any]:
+    """The `model:` section's fields for a config.json; HFError naming what is not supported."""
+    archs = config.get("architectures") or []
+    if not any(a in ARCHITECTURES for a in archs):
+        raise HFError(f"{where}: architectures {archs} is not supported: trainctl imports {SUPPORTED}")
+    arch = next(a for a in archs if a in ARCHITECTURES)
+    try:
+        d_model, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+        fields = {
+            "vocab_size": int(config["vocab_size"]),
+            "n_layer": int(config["num_hidden_layers"]),
+            "n_head": n_head,
+            "n_kv_head": int(config.get("num_key_value_heads") or n_head),
+            "d_model": d_model,
+            "d_ff": int(config["intermediate_size"]),
+            "max_seq_len": int(config.get("max_position_embeddings", 2048)),
+            "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+            "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+            "qkv_bias": arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFError(f"{where}: missing or bad field {e}: is it a {arch} config?") from None
+    if config.get("hidden_act", "silu") != "silu":
+        raise HFError(f"{where}: hidden_act={config['hidden_act']!r} is not supported: trainctl's MLP is SwiGLU (silu)")
+    if config.get("mlp_bias"):
+        raise HFError(f"{where}: mlp_bias=true is not supported: trainctl's MLP has no biases")
+    if config.get("attention_bias") and arch != "Qwen2ForCausalLM":
+        raise HFError(f"{where}: attention_bias=true is not supported for {arch} (its output projection has one)")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and int(head_dim) * n_head != d_model:
+        raise HFError(
+            f"{where}: head_dim={head_dim} is not hidden_size / num_attention_heads = {d_model // n_head}: "
+            "trainctl's attention needs head_dim * heads = hidden_size"
+        )
+    theta, scaling = rope_settings(config)
+    fields["rope_theta"] = theta
+    fields["rope_scaling"] = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise HFError(f"{where}: RoPE scaling {kind!r} is not supported: trainctl supports none or llama3")
+        fields["rope_scaling"] = {
+            k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        }
+    window = config.get("sliding_window")
+    if window is not None and config.get("use_sliding_window", True):
+        fields["sliding_window"] = int(window)  # checked against data.seq_len by `resolve`
+    return fields
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def resolve(tree: dict, base_dir: str) -> None:
+    """Fill a job tree's `model:` section (and `data.tokenizer`) from `model.init_from`'s
+    config.json, in place. A field the job sets to another value than config.json's is
+    refused, naming both; the folder's tokenizer is the job's unless it names that same folder."""
+    model = tree.setdefault("model", {})
+    base = str(model["init_from"])
+    if "://" not in base:
+        base = os.path.normpath(os.path.join(base_dir, os.path.expanduser(base)))
+    model["init_from"] = base
+    fields = model_fields(hf_config(base), _join(base, "config.json"))
+    window = fields.pop("sliding_window", None)
+    for key, value in fields.items():
+        if key in model and key not in FREE_FIELDS and not _same(model[key], value):
+            raise HFError(
+                f"model.{key}={model[key]} conflicts with model.init_from's config.json ({key} = {value}): "
+                f"leave model.{key} out"
+            )
+        model.setdefault(key, value)
+    seq_len = (tree.get("data") or {}).get("seq_len", 256)
+    if window is not None and int(seq_len) > window:
+        raise HFError(
+            f"model.init_from's config.json has sliding_window={window}, shorter than data.seq_len={seq_len}: "
+            f"trainctl attends to the whole sequence; use data.seq_len<={window}"
+        )
+    data = tree.setdefault("data", {})
+    if "tokenizer" in data and not _is_folder_tokenizer(data["tokenizer"], base, base_dir):
+        raise HFError(
+            f"data.tokenizer={data['tokenizer']} conflicts with model.init_from={base}: the model's own "
+            "tokenizer is used; leave data.tokenizer out"
+        )
+    data["tokenizer"] = base
+
+
+def _is_folder_tokenizer(spec: str, base: str, base_dir: str) -> bool:
+    if "://" in base:
+        return spec.rstrip("/") == base.rstrip("/")
+    path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(spec))))
+    return path in (base, os.path.join(base, "tokenizer.json"))
+
+
+def base_files(base: str) -> dict[str, str]:
+    """The folder's small files that export writes back out (those it has)."""
+    out = {}
+    for name in BASE_FILES:
+        raw = read_file(base, name)
+        if raw is not None:
+            out[name] = raw.decode("utf-8")
+    return out
+
+
+def weight_files(base: str) -> list[str]:
+    """The safetensors files holding the weights: the index's shards, or model.safetensors."""
+    index = read_file(base, "model.safetensors.index.json")
+    if index is not None:
+        return sorted(set(json.loads(index)["weight_map"].values()))
+    if (
+        read_file(base, "model.safetensors") is not None
+        if "://" in base
+        else os.path.isfile(_join(base, "model.safetensors"))
+    ):
+        return ["model.safetensors"]
+    bins = read_file(base, "pytorch_model.bin.index.json") is not None or (
+        "://" not in base and os.path.isfile(_join(base, "pytorch_model.bin"))
+    )
+    hint = " (it has pytorch_model.bin: save it with safe_serialization=True)" if bins else ""
+    raise HFError(f"model.init_from={base} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def our_name(hf: str) -> str | None:
+    """Llama's / Qwen2's parameter name → ours (the inverse of export.hf_name); None if unknown.
+
+    >>> our_name("model.layers.3.self_attn.q_proj.bias")
+    'blocks.3.attn.wq.bias'
+    """
+    top = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "norm.weight"}
+    if hf in top or hf == "lm_head.weight":
+        return top.get(hf, hf)
+    parts = hf.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+        return None
+    sub = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "mlp_norm",
+        "self_attn.q_proj": "attn.wq",
+        "self_attn.k_proj": "attn.wk",
+        "self_attn.v_proj": "attn.wv",
+        "self_attn.o_proj": "attn.wo",
+        "mlp.gate_proj": "mlp.w1",
+        "mlp.up_proj": "mlp.w3",
+        "mlp.down_proj": "mlp.w2",
+    }.get(".".join(parts[3:-1]))
+    return None if sub is None else f"blocks.{parts[2]}.{sub}.{parts[-1]}"
+
+
+def _header(url: str) -> tuple[int, dict]:
+    from data_pipeline.sources import read_range
+
+    (n,) = struct.unpack("<Q", read_range(url, 0, 8))
+    return 8 + n, json.loads(read_range(url, 8, n))
+
+
+def load_weights(model, base: str) -> None:
+    """Read the folder's weights into `model`'s parameters, one tensor at a time."""
+    import torch
+
+    from data_pipeline.sources import read_range
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    params = dict(model.named_parameters())  # a tied head once, as the embedding
+    tied = model.config.tie_embeddings
+    loaded: set[str] = set()
+    for file in weight_files(base):
+        url = _join(base, file)
+        start, header = _header(url)
+        local = None if "://" in base else open(url, "rb")
+        try:
+            for hf, spec in sorted(
+                header.items(), key=lambda kv: kv[1]["data_offsets"][0] if "data_offsets" in kv[1] else -1
+            ):
+                if hf == "__metadata__" or (hf.endswith("rotary_emb.inv_freq")):
+                    continue
+                name = our_name(hf)
+                if name == "lm_head.weight" and tied:
+                    continue  # the embedding is the head
+                if name not in params:
+                    raise HFError(f"{url}: tensor {hf} has no place in trainctl's {model.config.n_layer}-layer model")
+                p = params[name]
+                if list(spec["shape"]) != list(p.shape):
+                    raise HFError(f"{url}: {hf} has shape {spec['shape']} but the model's {name} is {list(p.shape)}")
+                if spec["dtype"] not in dtypes:
+                    raise HFError(f"{url}: {hf} is {spec['dtype']}: trainctl reads F32, F16, BF16 and F64 weights")
+                a, b = spec["data_offsets"]
+                dtype = dtypes[spec["dtype"]]
+                dst = p.data if dtype == p.dtype else torch.empty(p.shape, dtype=dtype)
+                buf = dst.view(-1).view(torch.uint8).numpy()
+                if local is not None:
+                    local.seek(start + a)
+                    if local.readinto(memoryview(buf)) != b - a:
+                        raise HFError(f"{url} ends inside {hf}: the file is truncated")
+                else:
+                    buf[:] = torch.frombuffer(bytearray(read_range(url, start + a, b - a)), dtype=torch.uint8).numpy()
+                if dst is not p.data:
+                    p.data.copy_(dst)
+                loaded.add(name)
+        finally:
+            if local is not None:
+                local.close()
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise HFError(
+            f"model.init_from={base} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:3])}"
+        )
+
+
+def load_model(mc, base: str):
+    """The Transformer of `mc` holding the folder's weights (fp32, CPU, train mode)."""
+    import torch
+
+    from trainer.model import Transformer, rope_table
+
+    with torch.device("meta"):
+        model = Transformer(mc)
+    model.to_empty(device="cpu")  # storage without a random init: every weight is read below
+    if mc.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    cos, sin = rope_table(mc)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    load_weights(model, base)
+    return model
