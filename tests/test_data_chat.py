@@ -305,7 +305,7 @@ def test_mixed_with_pretraining_text_the_rows_keep_their_flags(work):
             assert max(row) < 2**16 and np.array(row, np.uint16).tobytes() in text_tokens
             kinds["text"] += 1
     assert min(kinds.values()) > 50
-    # on 2 ranks through 2 loader workers (parts of uint16 and uint32 rows widened together): the same
+    # on 2 ranks through 2 loader workers (uint16 text rows and uint32 chat rows widened together): the same
     assert all(torch.equal(a, b) for a, b in zip(one, run(2, 2)))
 
 
