@@ -34,9 +34,14 @@ def tokenizer_tag(tokenizer: str) -> tuple[str, str]:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "tok", digest
 
 
-def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float, text_field: str) -> str:
+def _fingerprint(
+    paths: list[str], tokenizer: str, val_fraction: float, text_field: str, fmt: str = "text", seq_len=None
+) -> str:
     tokenizer = tokenizer_tag(tokenizer)[1]
-    h = hashlib.sha256(json.dumps([AUTO_SHARD_BYTES, CHUNK_BYTES, tokenizer, val_fraction, text_field]).encode())
+    what = [AUTO_SHARD_BYTES, CHUNK_BYTES, tokenizer, val_fraction, text_field] + (
+        [fmt, seq_len] if fmt != "text" else []
+    )
+    h = hashlib.sha256(json.dumps(what).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -44,9 +49,16 @@ def _fingerprint(paths: list[str], tokenizer: str, val_fraction: float, text_fie
 
 
 def resolve_dataset(
-    path: str, cache_dir: str, tokenizer: str = "byte", val_fraction: float = 0.1, text_field: str = "text"
+    path: str,
+    cache_dir: str,
+    tokenizer: str = "byte",
+    val_fraction: float = 0.1,
+    text_field: str = "text",
+    fmt: str = "text",
+    seq_len: int | None = None,
 ) -> str:
-    """The prepared dataset folder for `path`, preparing raw text into cache_dir if needed.
+    """The prepared dataset folder for `path`, preparing raw files into cache_dir if needed
+    (`fmt` chat or prompt-completion: records packed into rows of seq_len + 1 tokens).
 
     >>> resolve_dataset("data/tinyshakespeare.txt", ".cache/trainctl")  # doctest: +SKIP
     '.cache/trainctl/tinyshakespeare-3f9a...'
@@ -64,9 +76,8 @@ def resolve_dataset(
     except DataError as e:
         raise DataError(f"data.path: {e}") from None
     stem = Path(files[0]).stem if len(files) == 1 else Path(path.split("*")[0].rstrip("/")).name or "data"
-    out = os.path.join(
-        cache_dir, f"{stem}-{tokenizer_tag(tokenizer)[0]}-{_fingerprint(files, tokenizer, val_fraction, text_field)}"
-    )
+    h = _fingerprint(files, tokenizer, val_fraction, text_field, fmt, seq_len)
+    out = os.path.join(cache_dir, f"{stem}-{tokenizer_tag(tokenizer)[0]}-{h}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
         prepare(
             [path],
@@ -76,6 +87,8 @@ def resolve_dataset(
             shard_size_bytes=AUTO_SHARD_BYTES,
             overwrite=True,
             text_field=text_field,
+            format=fmt,
+            seq_len=seq_len if fmt != "text" else None,
         )
     return out
 

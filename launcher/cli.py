@@ -43,6 +43,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         workers=args.workers,
         map_fn=map_fn,
         on_error=args.on_error,
+        format=args.format,
+        seq_len=args.seq_len,
     )
     print(summarize(manifest))
     return 0
@@ -325,9 +327,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import ExportError, export
 
     try:
-        out = export(args.path, args.out_dir)
+        out = export(args.path, args.out_dir, args.lora)
     except ExportError as e:
         raise UsageError(str(e)) from None
+    if (Path(out) / "adapter_config.json").is_file():
+        print(f"trainctl: exported {args.path}'s LoRA adapters to {out} (a PEFT adapter folder)")
+        return 0
     arch = json.loads((Path(out) / "config.json").read_text())["architectures"][0]
     print(f"trainctl: exported {args.path} to {out} (Hugging Face {arch}, fp32 safetensors)")
     return 0
@@ -397,7 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--tokenizer",
         default="byte",
-        help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs) or a path to a Hugging Face tokenizer.json",
+        help="byte (default), bpe:VOCAB_SIZE (trained here on a sample of the inputs), a path to a Hugging Face "
+        "tokenizer.json, or a Hugging Face model folder (its tokenizer, end-of-turn token and chat template)",
+    )
+    pp.add_argument(
+        "--format",
+        choices=("text", "chat", "prompt-completion"),
+        default="text",
+        help="text (default): documents; chat: .jsonl/.parquet records with a 'messages' list, trained on the "
+        "assistant turns; prompt-completion: records with 'prompt' and 'completion', trained on the completion",
+    )
+    pp.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="required with --format chat/prompt-completion: the data.seq_len you will train with "
+        "(examples are packed into rows of SEQ_LEN+1 tokens, one training sequence each)",
     )
     pp.add_argument(
         "--val-fraction",
@@ -547,12 +567,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     pe = sub.add_parser(
         "export",
-        help="write a Hugging Face folder (Llama) from a run or a checkpoint",
+        help="write a Hugging Face folder from a run or a checkpoint",
         description="Gather a checkpoint's weights tensor by tensor into OUT_DIR: config.json, "
-        "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM.",
+        "model.safetensors and the tokenizer, loadable with transformers' AutoModelForCausalLM "
+        "(a run started from model.init_from keeps that model's architecture and tokenizer files).",
     )
     pe.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder (storage_path/NAME) or checkpoint folder")
     pe.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
+    pe.add_argument(
+        "--lora",
+        default="merged",
+        metavar="merged|adapter",
+        help="a LoRA run: merged (default) writes the base with the adapters merged in; adapter writes a "
+        "PEFT adapter folder that peft loads onto the base",
+    )
     pe.set_defaults(fn=_cmd_export)
 
     pg = sub.add_parser(

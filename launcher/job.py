@@ -26,9 +26,11 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
     d = cfg.data
     if d.sources:
         for source in d.sources:
-            source.path = resolve_dataset(source.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
+            source.path = resolve_dataset(
+                source.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field, d.format, d.seq_len
+            )
     else:
-        d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field)
+        d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field, d.format, d.seq_len)
     tokenizer = open_dataset(data_paths(cfg)[0], raw_options(cfg))[
         "tokenizer"
     ]  # mixed sources must agree (build_stream checks)
@@ -53,8 +55,11 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
             f"run '{cfg.name}' was trained with the {was.get('name')} tokenizer (vocab {was.get('vocab_size')}) "
             f"but the data uses {tokenizer['name']} (vocab {vocab}): use the run's dataset or another name="
         )
+    if cfg.model.init_from:
+        check_init_tokenizer(cfg, tokenizer)
     if latest is not None:
         check_shapes(cfg, latest)
+        check_lora(cfg, latest)
         saved = checkpoint.meta(latest)
         if saved.get("global_batch", cfg.global_batch) != cfg.global_batch:
             raise UsageError(
@@ -125,6 +130,54 @@ def branch_point(cfg, wanted, own, force: bool):
             f"({', '.join(c.name for c in newer)}): add --force to delete them and continue from {wanted.name}"
         )
     return wanted, newer
+
+
+def check_init_tokenizer(cfg, tokenizer: dict) -> None:
+    """The data must be tokenized with model.init_from's own tokenizer."""
+    from trainer.hf import read_file
+
+    theirs = read_file(cfg.model.init_from, "tokenizer.json")
+    if theirs is None:
+        raise UsageError(
+            f"model.init_from={cfg.model.init_from} has no tokenizer.json: trainctl needs the model's own tokenizer"
+        )
+    if tokenizer.get("json") != theirs.decode("utf-8"):
+        raise UsageError(
+            f"the dataset {data_path(cfg)} was tokenized with another tokenizer ({tokenizer.get('name')}, vocab "
+            f"{tokenizer.get('vocab_size')}) than model.init_from's: prepare it with --tokenizer {cfg.model.init_from}"
+        )
+
+
+def data_path(cfg) -> str:
+    return cfg.data.sources[0].path if cfg.data.sources else cfg.data.path
+
+
+def check_lora(cfg, ckpt) -> None:
+    """A LoRA checkpoint resumes only with the same adapters, on the same base weights."""
+    from trainer import checkpoint
+    from trainer.hf import weights_sha256
+
+    saved = checkpoint.meta(ckpt).get("lora")
+    lora = cfg.train.lora
+    if saved is None and lora is None:
+        return
+    if saved is None or lora is None:
+        has = "has LoRA adapters" if saved else "has no LoRA adapters"
+        raise UsageError(
+            f"checkpoint {ckpt} {has} but this job {'sets' if lora else 'does not set'} train.lora: "
+            "resume with the checkpoint's train.lora, or start another run (name=)"
+        )
+    for key in ("rank", "alpha", "targets"):
+        if saved[key] != getattr(lora, key):
+            raise UsageError(
+                f"checkpoint {ckpt} has LoRA {key}={saved[key]} but this job has train.lora.{key}={getattr(lora, key)}: "
+                "resume with the checkpoint's settings"
+            )
+    if weights_sha256(cfg.model.init_from) != saved["base_sha256"]:
+        raise UsageError(
+            f"the base model {cfg.model.init_from} has changed since checkpoint {ckpt} was trained on it (its weights' "
+            "sha256 differs): resume against the base the adapters were trained on"
+        )
 
 
 def check_shapes(cfg, ckpt) -> None:

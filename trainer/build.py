@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches
-from trainer import checkpoint, hf, perf
+from trainer import checkpoint, hf, lora, perf
 from trainer.config import JobConfig
 from trainer.engine import build_engine, import_deepspeed
 from trainer.model import Transformer
@@ -69,7 +69,11 @@ def make_targets(cfg: JobConfig, tokenizer: dict) -> Targets:
 
 def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     """The model to train: `model.init_from`'s weights (read shard by shard), or a seeded
-    random init. A resume reads neither: the checkpoint overwrites every weight."""
+    random init; with `train.lora`, adapters on the frozen pre-trained weights. A full
+    fine-tuning resume reads neither (the checkpoint overwrites every weight); a LoRA
+    resume reads the base (its checkpoints hold only the adapters)."""
+    if cfg.train.lora is not None:
+        return lora.apply(hf.load_model(cfg.model, cfg.model.init_from), cfg.train.lora)
     if cfg.model.init_from and not resuming:
         return hf.load_model(cfg.model, cfg.model.init_from)
     return Transformer(cfg.model)
@@ -134,6 +138,7 @@ class Worker:
     tokenizer: dict
     targets: Targets  # how rows become targets: loss flags, document masking
     hf_base: dict | None = None  # model.init_from: its path and small files, kept in checkpoints for export
+    lora: dict | None = None  # train.lora: the adapters' settings and the base's hash, kept in checkpoints
     engine: Any = None
     saver: Saver | None = None
     tracker: Tracker | None = None  # rank 0's
@@ -185,7 +190,15 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     w.engine = build_engine(build_model(cfg, resuming=latest is not None), cfg, universal=reshard)
     if cfg.model.init_from:
         w.hf_base = {"path": cfg.model.init_from, "files": hf.base_files(cfg.model.init_from)}
-    w.saver = Saver(w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save)
+    if t.lora is not None and rank == 0:
+        w.lora = {
+            **t.lora.model_dump(),
+            "base": cfg.model.init_from,
+            "base_sha256": hf.weights_sha256(cfg.model.init_from),
+        }
+    w.saver = Saver(
+        w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save, frozen=t.lora is None
+    )
     return w, latest
 
 

@@ -380,21 +380,22 @@ def to_universal(ckpt: Path, out: Path) -> None:
         ds_to_universal(args)
 
 
-def load(engine, ckpt: Path, rank: int, universal: Path | None = None) -> dict[str, Any]:
+def load(engine, ckpt: Path, rank: int, universal: Path | None = None, strict: bool = True) -> dict[str, Any]:
     """Restore the engine (collective) and return this rank's own state. `universal`: a
     scratch folder where rank 0 converts the checkpoint first, for an engine built with
-    `universal=True` on another number of ranks than the checkpoint's."""
+    `universal=True` on another number of ranks than the checkpoint's. `strict=False`: the
+    checkpoint holds only some of the weights (LoRA's adapters; the base is already loaded)."""
     patches.set_load_universal(engine, universal is not None)
     if universal is not None:
         if rank == 0:
             to_universal(ckpt, universal)
         barrier()
-        path, _ = engine.load_checkpoint(str(universal), tag=ckpt.name)
+        path, _ = engine.load_checkpoint(str(universal), tag=ckpt.name, load_module_strict=strict)
         barrier()
         if rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
     else:
-        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=strict)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt}")
     own = ckpt / f"rank_{rank:05d}.pt"

@@ -54,6 +54,11 @@ class DataSection(Section):
         "training process); they split the rank's reads between them",
     )
     cache_dir: str = Field(".cache/trainctl", description="where automatically prepared datasets are kept")
+    format: Literal["text", "chat", "prompt-completion"] = Field(
+        "text",
+        description="how raw files named by data.path are prepared: text documents, or .jsonl/.parquet "
+        "chat (messages) / prompt-completion records packed into rows of data.seq_len + 1 tokens",
+    )
     text_field: str = Field(
         "text", description="raw-text shards: the field of .json/.jsonl members that holds the text"
     )
@@ -85,6 +90,43 @@ class DataSection(Section):
             if self.path != DataSection.model_fields["path"].default:  # a dumped config carries the default
                 raise ValueError("set data.path or data.sources, not both")
         return self
+
+
+# LoRA targets by their Hugging Face names (what fine-tuners know) → trainctl's layer names.
+LORA_TARGETS = {
+    "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
+    "o_proj": "wo",
+    "gate_proj": "w1",
+    "up_proj": "w3",
+    "down_proj": "w2",
+}
+
+
+class LoraSection(Section):
+    rank: int = Field(8, gt=0, description="the adapters' rank r")
+    alpha: float = Field(16.0, gt=0, description="scaling: each adapter's update is multiplied by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="the layers that get adapters, by their Hugging Face names: "
+        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"train.lora.targets is empty: name layers from {', '.join(LORA_TARGETS)}")
+        if v == ["all-linear"]:
+            return list(LORA_TARGETS)
+        for name in v:
+            if name not in LORA_TARGETS:
+                raise ValueError(
+                    f"train.lora.targets: {name!r} matches no layer: choose from {', '.join(LORA_TARGETS)} or all-linear"
+                )
+        return sorted(set(v), key=list(LORA_TARGETS).index)
 
 
 PROFILE_HELP = "give N (N steps after a 5-step warm-up) or FIRST-LAST with FIRST <= LAST, e.g. 20-22"
@@ -125,6 +167,11 @@ class TrainSection(Section):
     )
     compile: bool = Field(
         False, description="torch.compile the model (Module.compile: the first steps pay the compile time)"
+    )
+    lora: LoraSection | None = Field(
+        None,
+        description="train low-rank adapters on a frozen model.init_from: {rank, alpha, dropout, targets}; "
+        "checkpoints hold the adapters and a hash of the base; null = train every weight",
     )
     eval_every: int = Field(100, gt=0, description="steps between validation passes (and at the end)")
     eval_batches: int = Field(20, gt=0, description="global validation batches per pass (capped by the split)")
@@ -272,6 +319,8 @@ class JobConfig(Section):
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if t.precision == "fp16" and not c.use_gpu:
             raise ValueError("train.precision=fp16 needs cluster.use_gpu=true (use bf16 or fp32 on a CPU)")
+        if t.lora is not None and not self.model.init_from:
+            raise ValueError("train.lora needs model.init_from: the pre-trained model the adapters train on")
         if t.max_steps == 0 and not self.model.init_from:
             raise ValueError("train.max_steps=0 needs model.init_from (it saves the imported model as a checkpoint)")
         if t.offload_optimizer and t.zero_stage == 0:

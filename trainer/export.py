@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from trainer import checkpoint
-from trainer.config import JobConfig
+from trainer.config import JobConfig, LoraSection
 from trainer.model import ModelConfig, Transformer
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -242,8 +242,26 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def export(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the Hugging Face folder for a run's latest checkpoint (or a given one)."""
+def lora_adapters(ckpt: Path, info: dict) -> tuple[LoraSection, dict[str, torch.Tensor]]:
+    """A LoRA checkpoint's settings and adapters (fp32), after checking that its base is still
+    the one it was trained on."""
+    from trainer import hf, lora
+
+    meta = info["lora"]
+    settings = LoraSection(**{k: meta[k] for k in ("rank", "alpha", "dropout", "targets")})
+    if hf.weights_sha256(meta["base"]) != meta["base_sha256"]:
+        raise ExportError(
+            f"the base model {meta['base']} has changed since {ckpt} was trained on it (its weights' sha256 "
+            "differs): export against the base the adapters were trained on"
+        )
+    names = list(lora.adapter_shapes(model_config(ckpt), settings))
+    return settings, dict(model_tensors(ckpt, names))
+
+
+def export(path: str | Path, out_dir: str | Path, lora_mode: str = "merged") -> Path:
+    """Write the Hugging Face folder for a run's latest checkpoint (or a given one). A LoRA
+    run's export is its base with the adapters merged in (`lora_mode="merged"`), or a PEFT
+    adapter folder (`"adapter"`)."""
     from trainer.checkpoint import NoCheckpoint, find_checkpoint
 
     try:
@@ -255,15 +273,34 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"{out} already exists and is not an empty folder: choose a new output folder")
     info = checkpoint.meta(ckpt)
     mc = model_config(ckpt)
+    if lora_mode not in ("merged", "adapter"):
+        raise ExportError(f"--lora {lora_mode}: give merged (the default) or adapter")
+    if lora_mode == "adapter" and "lora" not in info:
+        raise ExportError(f"--lora adapter: {ckpt} has no LoRA adapters (its run did not set train.lora)")
+    adapters = lora_adapters(ckpt, info) if "lora" in info else None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         shapes = weight_shapes(mc)
+        if adapters is not None and lora_mode == "adapter":
+            write_adapter(tmp, adapters, info)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+            return out
+        if adapters is not None:  # the base's tensors, each with its adapters merged in
+            from trainer import hf, lora
+
+            settings, tensors = adapters
+            index = hf.TensorIndex(info["lora"]["base"])
+            source = ((n, lora.merged(n, index.read(hf_name(n)), tensors, settings)) for n in shapes)
+        else:
+            source = model_tensors(ckpt, list(shapes))
         write_safetensors(
             tmp / "model.safetensors",
             {hf_name(n): s for n, s in shapes.items()},
-            ((hf_name(n), t) for n, t in model_tensors(ckpt, list(shapes))),
+            ((hf_name(n), t) for n, t in source),
         )
         base = info.get("hf_base")
         if base:  # started from a Hugging Face folder: its architecture and tokenizer files go back out
@@ -299,6 +336,24 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_adapter(folder: Path, adapters: tuple[LoraSection, dict], info: dict) -> None:
+    """A PEFT adapter folder: adapter_config.json, adapter_model.safetensors and the tokenizer."""
+    from trainer import lora
+
+    settings, tensors = adapters
+    config, hf_tensors = lora.adapter_files(tensors, settings, info["lora"]["base"])
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    write_safetensors(
+        folder / "adapter_model.safetensors",
+        {n: list(t.shape) for n, t in hf_tensors.items()},
+        iter(hf_tensors.items()),
+    )
+    files = {**info["hf_base"]["files"], "tokenizer.json": info["tokenizer"]["json"]}
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if name in files:
+            (folder / name).write_text(files[name])
 
 
 def load_export(folder: Path) -> tuple[Transformer, dict]:

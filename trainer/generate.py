@@ -16,8 +16,14 @@ from trainer.model import Transformer
 def load_model(ckpt: Path):
     """(model in eval mode, tokenizer) from a checkpoint folder."""
     cfg = JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    model = Transformer(cfg.model)
-    model.load_state_dict(checkpoint.load_model_state(ckpt))
+    if "lora" in checkpoint.meta(ckpt):  # the adapters alone: on their base
+        from trainer import hf, lora
+
+        model = lora.apply(hf.load_model(cfg.model, checkpoint.meta(ckpt)["lora"]["base"]), cfg.train.lora)
+        model.load_state_dict(checkpoint.load_model_state(ckpt), strict=False)
+    else:
+        model = Transformer(cfg.model)
+        model.load_state_dict(checkpoint.load_model_state(ckpt))
     model.eval()
     return model, tokenizer_from_dict(checkpoint.meta(ckpt)["tokenizer"])
 

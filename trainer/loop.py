@@ -151,7 +151,7 @@ def restore(w: Worker, state: TrainState, ckpt: Path) -> None:
     the checkpoint's job did not have takes rank 0's state and a seed of its own."""
     reshard = checkpoint.needs_resharding(ckpt, w.world, w.cfg.train.zero_stage)
     scratch = w.store.root / f".universal-{ckpt.name}" if reshard else None
-    state.load_state_dict(checkpoint.load(w.engine, ckpt, w.rank, universal=scratch))
+    state.load_state_dict(checkpoint.load(w.engine, ckpt, w.rank, universal=scratch, strict=w.cfg.train.lora is None))
     if not (ckpt / f"rank_{w.rank:05d}.pt").exists():
         torch.manual_seed(w.cfg.train.seed + w.rank + 1_000_003 * state.step)
 
@@ -203,6 +203,7 @@ def save(w: Worker, state: TrainState, wait: bool) -> None:
         "name": cfg.name,
         "tokenizer": w.tokenizer,
         **({"hf_base": w.hf_base} if w.hf_base else {}),
+        **({"lora": w.lora} if w.lora else {}),
         "wandb_run_id": run_id(w.folder) if w.rank == 0 else None,
     }
     w.saver.save(state.step, state.state_dict(), info, files={"config.yaml": cfg.to_yaml()})

@@ -140,8 +140,10 @@ class Saver:
     finished (killed, disk full) is never committed, so it stays invisible. `flush()` waits
     for everything, collectively: before the next save, a rollback, and at the end."""
 
-    def __init__(self, engine, store: Store, rank: int, keep: int, background: bool = True):
+    def __init__(self, engine, store: Store, rank: int, keep: int, background: bool = True, frozen: bool = True):
+        """`frozen=False`: leave frozen parameters (a LoRA run's base) out of the checkpoints."""
         self.engine, self.store, self.rank, self.keep, self.background = engine, store, rank, keep, background
+        self.frozen = frozen
         self.writer = _Writer()
         self.files: list[Path] = []  # what this rank wrote of the pending checkpoint
         self.ckpt_engine = _checkpoint_engine(engine._config, self.writer, self.files, background)
@@ -162,7 +164,13 @@ class Saver:
         self.started = time.perf_counter()
         self.engine.checkpoint_engine = self.ckpt_engine  # DeepSpeed writes each file through it
         try:
-            self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"step": step}, save_latest=False)
+            self.engine.save_checkpoint(
+                str(self.store.root),
+                tag=tag,
+                client_state={"step": step},
+                save_latest=False,
+                exclude_frozen_parameters=not self.frozen,
+            )
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             self.writer.error = e
