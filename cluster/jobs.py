@@ -167,10 +167,12 @@ def upload_size(root: Path) -> tuple[int, list[tuple[int, str]]]:
 
 
 def _data_paths(cfg) -> list[tuple[str, str]]:
-    """(key, path) of each dataset the job reads: data.path, or each data.sources[i].path."""
+    """(key, path) of each input the job reads: data.path, or each data.sources[i].path; and
+    model.init_from, the pre-trained model it starts from."""
+    model = [("model.init_from", cfg.model.init_from)] if cfg.model.init_from else []
     if cfg.data.sources:
-        return [(f"data.sources[{i}].path", s.path) for i, s in enumerate(cfg.data.sources)]
-    return [("data.path", cfg.data.path)]
+        return [(f"data.sources[{i}].path", s.path) for i, s in enumerate(cfg.data.sources)] + model
+    return [("data.path", cfg.data.path)] + model
 
 
 def _local_path(path: str, workdir: Path) -> Path | None:
@@ -264,12 +266,15 @@ def cluster_data_overrides(cfg, workdir: Path) -> list[str]:
             return path
         return os.path.relpath(where[1], workdir) if where[0] == "uploaded" else str(where[1])
 
-    if all(_placed(path, workdir) is None for _, path in _data_paths(cfg)):
-        return []
+    out = []
+    if cfg.model.init_from and _placed(cfg.model.init_from, workdir) is not None:
+        out = ["model.init_from=" + _yaml_value(there(cfg.model.init_from))]
+    if all(_placed(path, workdir) is None for key, path in _data_paths(cfg) if key != "model.init_from"):
+        return out
     if cfg.data.sources:
         sources = [{**s.model_dump(mode="json"), "path": there(s.path)} for s in cfg.data.sources]
-        return ["data.sources=" + _yaml_value(sources)]
-    return ["data.path=" + _yaml_value(there(cfg.data.path))]
+        return ["data.sources=" + _yaml_value(sources), *out]
+    return ["data.path=" + _yaml_value(there(cfg.data.path)), *out]
 
 
 def upload_limit() -> int:
