@@ -287,7 +287,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from launcher.plan import make_plan, render
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, model_folder_optional=True)
     for flag, value in (
         ("--mfu", args.mfu),
         ("--peak-tflops", args.peak_tflops),

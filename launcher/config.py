@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,15 @@ class ConfigError(ValueError):
     """A config problem, stated in one line for the user."""
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_dir: str | None = None) -> JobConfig:
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] = (),
+    base_dir: str | None = None,
+    model_folder_optional: bool = False,
+) -> JobConfig:
     """Build the validated config; `path=None` means defaults plus overrides only.
+    `model_folder_optional` (plan): a `model.init_from` folder that is not here is skipped,
+    the `model:` section taken as written.
 
     >>> cfg = load_config("configs/tiny-cpu.yaml", ["train.max_steps=10"])
     """
@@ -37,10 +45,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_
     if isinstance(tree.get("model"), dict) and tree["model"].get("init_from"):
         from trainer.hf import HFError, resolve
 
-        try:
-            resolve(tree, base_dir or os.getcwd())
-        except HFError as e:
-            raise ConfigError(str(e)) from None
+        base = os.path.join(base_dir or os.getcwd(), os.path.expanduser(str(tree["model"]["init_from"])))
+        if model_folder_optional and "://" not in base and not os.path.exists(os.path.join(base, "config.json")):
+            print(
+                f"trainctl: note: model.init_from {tree['model']['init_from']} is not here: using the model "
+                "section as written",
+                file=sys.stderr,
+            )
+        else:
+            try:
+                resolve(tree, base_dir or os.getcwd())
+            except HFError as e:
+                raise ConfigError(str(e)) from None
     try:
         cfg = JobConfig.model_validate(tree)
     except ValidationError as e:

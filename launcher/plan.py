@@ -16,6 +16,9 @@ and the time per step and per run at a stated MFU. Closed forms, no model is bui
   input, and one block's full set exists at a time during the recompute.
 - FLOPs per token: trainer/perf.py's flops_per_token, 6 N + 12 L H Q T (the convention MFU
   is logged with); activation checkpointing makes the hardware do a third more.
+- LoRA (`train.lora`): the base's weights are held (w bytes each) but have no gradients or
+  optimizer state; the adapters' r (in + out) parameters per targeted layer have all three;
+  FLOPs 4 N + 6 adapters + attention (no weight gradients for the frozen matrices).
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_
     s, b = cfg.data.seq_len, t.micro_batch_size
     C, L, V, F, KD = mc.d_model, mc.n_layer, mc.vocab_size, mc.ffn_dim, mc.kv_heads * mc.head_dim
     params = count_params(mc, non_embedding=False)
-    flops_per_token = perf.flops_per_token(mc, s)
+    flops_per_token = perf.flops_per_token(mc, s, t.lora)
+    # LoRA: the frozen weights have no gradients or optimizer state; the adapters have both.
+    trained = perf.lora_params(mc, t.lora) if t.lora is not None else params
 
     half = t.precision in ("bf16", "fp16")
     w, g, o = (2, 2, 12) if half else (4, 4, 8)
@@ -84,11 +89,11 @@ def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_
         for stage in range(4):
             if offload and stage == 0:
                 continue  # DeepSpeed offloads only with ZeRO 1-3
-            weights = w * params / (n if stage == 3 else 1)
-            grads = g * params / (n if stage >= 2 else 1)
-            optim = o * params / (n if stage >= 1 else 1)
+            weights = w * (params + (trained if t.lora is not None else 0)) / (n if stage == 3 else 1)
+            grads = g * trained / (n if stage >= 2 else 1)
+            optim = o * trained / (n if stage >= 1 else 1)
             gpu = weights + grads + (0 if offload else optim)
-            memory.append(Memory(stage, offload, int(gpu + acts), int(optim + (4 * params / n if offload else 0))))
+            memory.append(Memory(stage, offload, int(gpu + acts), int(optim + (4 * trained / n if offload else 0))))
 
     tokens_per_step = cfg.global_batch * s
     limit = int((gpu_memory_gb or cfg.cluster.gpu_memory_gb) * GIB) if cfg.cluster.use_gpu else None
@@ -126,7 +131,16 @@ def render(cfg: JobConfig, p: Plan, mfu: float) -> str:
         f"plan for '{cfg.name}' on {where}, {t.precision}, ZeRO-{t.zero_stage}"
         + (" + offload" if t.offload_optimizer else ""),
         f"  parameters          {p.params:,} ({p.non_embedding:,} without embeddings)",
-        f"  FLOPs per token     {p.flops_per_token:,} (6 x matmul parameters + attention, training)",
+        *(
+            [
+                f"  LoRA adapters       {perf.lora_params(cfg.model, t.lora):,} trained (rank {t.lora.rank}), the rest frozen"
+            ]
+            if t.lora is not None
+            else []
+        ),
+        f"  FLOPs per token     {p.flops_per_token:,} ("
+        + ("4 x frozen + 6 x adapter parameters" if t.lora is not None else "6 x matmul parameters")
+        + " + attention, training)",
         f"  tokens per step     {p.tokens_per_step:,} ({cfg.global_batch} sequences x {cfg.data.seq_len})",
         f"  activations         {_gb(p.activation_bytes)} per worker (micro batch {t.micro_batch_size}"
         + (", activation checkpointing)" if cfg.model.activation_checkpointing else ")"),

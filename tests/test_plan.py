@@ -7,6 +7,7 @@ from cli_helpers import REPO, trainctl
 
 from launcher.config import load_config
 from launcher.plan import GIB, fit_warning, make_plan
+from trainer import perf
 
 
 def test_gpt2_124m_by_hand():
@@ -70,6 +71,22 @@ def test_plan_command_and_the_fit_warning(tmp_path):
     )
     assert fit_warning(load_config(REPO / "configs" / "llama-1b.yaml")) is None
     assert fit_warning(load_config(REPO / "configs" / "tiny-cpu.yaml")) is None  # CPU jobs declare no GPU memory
+
+
+def test_llama3_8b_sft_fits_full_and_with_lora():
+    """The shipped 8B fine-tuning config: every weight trained at ZeRO-3 on 8 H100s fits, and
+    LoRA (all linear layers, rank 16: peft's 41,943,040 adapters for this shape) needs a
+    fraction of it, its FLOPs without the frozen weights' gradients."""
+    path = REPO / "configs" / "llama3-8b-sft.yaml"
+    full = make_plan(load_config(path, model_folder_optional=True), mfu=0.4)
+    assert full.params == 8_030_261_248 and full.fits(3, False)
+    lora = load_config(path, ["train.lora={rank: 16, alpha: 32, targets: all-linear}"], model_folder_optional=True)
+    assert perf.lora_params(lora.model, lora.train.lora) == 41_943_040
+    small = make_plan(lora, mfu=0.4)
+    z3 = next(m for m in small.memory if (m.stage, m.offload) == (3, False))
+    full_z3 = next(m for m in full.memory if (m.stage, m.offload) == (3, False))
+    assert small.fits(0, False) and z3.gpu_bytes < 0.5 * full_z3.gpu_bytes
+    assert small.flops_per_token < 0.75 * full.flops_per_token
 
 
 @pytest.mark.parametrize(

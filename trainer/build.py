@@ -220,7 +220,7 @@ def start_tracking(w: Worker, step: int, latest: Path | None) -> tuple[perf.Mete
     peak, peak_source = perf.device_peak_tflops(cfg.cluster.peak_tflops, cfg.cluster.use_gpu)
     if not cfg.cluster.use_gpu and not cfg.cluster.peak_tflops:
         (peak,) = perf.mean_over_ranks([peak], w.device)  # measured on every rank at once, as they train
-    flops = perf.flops_per_token(cfg.model, cfg.data.seq_len)
+    flops = perf.flops_per_token(cfg.model, cfg.data.seq_len, cfg.train.lora)
     tokens_per_step = cfg.global_batch * cfg.data.seq_len
     meter = perf.Meter(
         flops,

@@ -114,13 +114,16 @@ class LoraSection(Section):
         "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear",
     )
 
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _all_linear(cls, v):
+        return list(LORA_TARGETS) if v in ("all-linear", ["all-linear"]) else v
+
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError(f"train.lora.targets is empty: name layers from {', '.join(LORA_TARGETS)}")
-        if v == ["all-linear"]:
-            return list(LORA_TARGETS)
         for name in v:
             if name not in LORA_TARGETS:
                 raise ValueError(

@@ -47,9 +47,29 @@ def matmul_params(c: ModelConfig) -> int:
     return c.n_layer * (attn + mlp) + c.vocab_size * c.d_model
 
 
-def flops_per_token(c: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token of a T = seq_len context: 6 N + 12 L H Q T."""
-    return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+def lora_params(c: ModelConfig, lora) -> int:
+    """The adapters' parameters of `train.lora` on a model: r (in + out) per targeted layer."""
+    C, KD, F = c.d_model, c.kv_heads * c.head_dim, c.ffn_dim
+    shapes = {
+        "q_proj": (C, C),
+        "k_proj": (C, KD),
+        "v_proj": (C, KD),
+        "o_proj": (C, C),
+        "gate_proj": (C, F),
+        "up_proj": (C, F),
+        "down_proj": (F, C),
+    }
+    return c.n_layer * sum(lora.rank * sum(shapes[t]) for t in lora.targets)
+
+
+def flops_per_token(c: ModelConfig, seq_len: int, lora=None) -> int:
+    """Training FLOPs per token of a T = seq_len context: 6 N + 12 L H Q T. With LoRA the
+    frozen weights get no weight gradients: 4 N (forward, and backward to the inputs), plus
+    6 per adapter parameter."""
+    attention = 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+    if lora is not None:
+        return 4 * matmul_params(c) + 6 * lora_params(c, lora) + attention
+    return 6 * matmul_params(c) + attention
 
 
 def gpu_peak_tflops(name: str) -> float | None:
