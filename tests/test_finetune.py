@@ -33,7 +33,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def job(init_from: Path, **extra) -> str:
+def job(init_from: Path | str, **extra) -> str:
     """A job file starting from `init_from`: 1 worker, no Ray, a small batch."""
     tree = {
         "name": "ft",
@@ -201,14 +201,20 @@ def test_other_families_load_with_the_same_logits(tmp_path, family):
 
 
 @pytest.mark.slow
-def test_qwen2_round_trips(smollm2, tmp_path):
-    """A random Qwen2 (q/k/v biases, untied head): import → 0 steps → export stays a Qwen2
-    with the same logits."""
-    base = qwen2_folder(tmp_path / "qwen2")
+def test_qwen2_round_trips_from_a_url(smollm2, tmp_path):
+    """A random Qwen2 (q/k/v biases, untied head) served over HTTP (ranged reads) on
+    127.0.0.1, loaded at ZeRO-3 (partitioned, through zero.Init): import → 0 steps → export
+    stays a Qwen2 with the same logits."""
+    from http_helpers import serve
+
+    base = qwen2_folder(tmp_path / "models" / "qwen2")
     (tmp_path / "text.txt").write_text(SHAKESPEARE.read_text()[:100_000])
-    (tmp_path / "job.yaml").write_text(job(base, data__path="text.txt"))
-    r = trainctl("run", "job.yaml", "--no-ray", cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    with serve(tmp_path / "models") as httpd:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/qwen2"
+        (tmp_path / "job.yaml").write_text(job(url, data__path="text.txt", train__zero_stage=3))
+        r = trainctl("run", "job.yaml", "--no-ray", cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert httpd.handler.sent["-"] >= (base / "model.safetensors").stat().st_size  # the weights came over HTTP
     e = trainctl("export", "runs/ft", "out", cwd=tmp_path)
     assert e.returncode == 0 and "Hugging Face Qwen2ForCausalLM" in e.stdout, e.stderr[-2000:]
     ids = torch.randint(0, 49152, (1, 40))

@@ -5,6 +5,7 @@ cluster needed: the check comes first."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -88,6 +89,32 @@ def test_the_job_on_the_cluster_is_pointed_at_its_data(site):
         (str(outside), 2),
         ("https://h/x", 1),
     ]
+
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+
+
+def test_a_local_model_folder_goes_where_data_goes(site):
+    """model.init_from is placed like data.path: carried when uploaded (and pointed at in
+    the job's copy), named when outside or left out."""
+    job, outside = site
+    for folder in (job / "models" / "m", outside / "m", job / "data" / "m"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
+    assert check(job, "model.init_from=models/m") is None
+    assert check(job, f"model.init_from={outside / 'm'}").startswith(
+        f"model.init_from {outside / 'm'} is outside the folder submit uploads"
+    )
+    assert "but the upload leaves it out" in check(job, "model.init_from=data/m")
+    cfg = load_config(job / "job.yaml", ["model.init_from=models/m"], base_dir=str(job))
+    assert cluster_data_overrides(cfg, job) == ["data.path=corpus/t.txt", "model.init_from=models/m"]
 
 
 def test_the_repo_uploads_its_test_corpus_and_stays_small():

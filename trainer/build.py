@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches
 from trainer import checkpoint, hf, lora, perf
 from trainer.config import JobConfig
-from trainer.engine import build_engine, import_deepspeed
+from trainer.engine import build_engine, deepspeed_config, import_deepspeed
 from trainer.model import Transformer
 from trainer.run_folder import Attempt, checkpoint_store, record_attempt, run_dir
 from trainer.saver import Saver
@@ -72,10 +73,13 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     random init; with `train.lora`, adapters on the frozen pre-trained weights. A full
     fine-tuning resume reads neither (the checkpoint overwrites every weight); a LoRA
     resume reads the base (its checkpoints hold only the adapters)."""
+    load = hf.load_model
+    if cfg.train.zero_stage == 3:  # each rank holds only its partition, even while loading
+        load = partial(hf.load_model_partitioned, ds_config=deepspeed_config(cfg))
     if cfg.train.lora is not None:
-        return lora.apply(hf.load_model(cfg.model, cfg.model.init_from), cfg.train.lora)
+        return lora.apply(load(cfg.model, cfg.model.init_from), cfg.train.lora)
     if cfg.model.init_from and not resuming:
-        return hf.load_model(cfg.model, cfg.model.init_from)
+        return load(cfg.model, cfg.model.init_from)
     return Transformer(cfg.model)
 
 

@@ -51,14 +51,52 @@ def read_file(base: str, name: str) -> bytes | None:
             return None
         with open(path, "rb") as f:
             return f.read()
+    from data_pipeline.errors import DataError
     from data_pipeline.sources import read_bytes
 
     try:
         return read_bytes(path)
-    except (FileNotFoundError, OSError) as e:
-        if "404" in str(e) or isinstance(e, FileNotFoundError):
+    except DataError as e:
+        if "HTTP 404" in str(e) or "FileNotFoundError" in str(e):
             return None
         raise
+
+
+def _exists(base: str, name: str) -> bool:
+    """Whether the folder has the file, without reading it (a URL: its first 8 bytes)."""
+    if "://" not in base:
+        return os.path.isfile(_join(base, name))
+    from data_pipeline.sources import read_range
+
+    try:
+        read_range(_join(base, name), 0, 8)
+    except Exception:  # noqa: BLE001 - missing, unreachable or too short: not a weights file
+        return False
+    return True
+
+
+def local_tokenizer(base: str, cache_dir: str) -> str:
+    """A local folder holding the tokenizer files of `base` (itself when local; for a URL,
+    downloaded once into `cache_dir`)."""
+    if "://" not in base:
+        return base
+    import hashlib
+
+    folder = os.path.join(cache_dir, "models", "tokenizer-" + hashlib.sha256(base.encode()).hexdigest()[:16])
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raw = read_file(base, "tokenizer.json")
+        if raw is None:
+            raise HFError(f"model.init_from={base} has no tokenizer.json: trainctl needs the model's own tokenizer")
+        tmp = f"{folder}.partial-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (more := read_file(base, name)) is not None:
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(more)
+        with open(os.path.join(tmp, "tokenizer.json"), "wb") as f:
+            f.write(raw)
+        os.replace(tmp, folder)
+    return folder
 
 
 def hf_config(base: str) -> dict:
@@ -175,12 +213,13 @@ def resolve(tree: dict, base_dir: str) -> None:
             f"data.tokenizer={data['tokenizer']} conflicts with model.init_from={base}: the model's own "
             "tokenizer is used; leave data.tokenizer out"
         )
-    data["tokenizer"] = base
+    cache = os.path.join(base_dir, os.path.expanduser(str(data.get("cache_dir", ".cache/trainctl"))))
+    data["tokenizer"] = local_tokenizer(base, cache)
 
 
 def _is_folder_tokenizer(spec: str, base: str, base_dir: str) -> bool:
     if "://" in base:
-        return spec.rstrip("/") == base.rstrip("/")
+        return spec.rstrip("/") == base.rstrip("/") or "/models/tokenizer-" in spec  # a dumped config
     path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(spec))))
     return path in (base, os.path.join(base, "tokenizer.json"))
 
@@ -297,6 +336,38 @@ def load_weights(model, base: str) -> None:
         raise HFError(
             f"model.init_from={base} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:3])}"
         )
+
+
+def load_model_partitioned(mc, base: str, ds_config: dict):
+    """The Transformer of `mc` holding the folder's weights, built under ZeRO-3's
+    `zero.Init`: each rank holds only its partition of every weight. Rank 0 reads each
+    tensor from the folder and `GatheredParameters` hands every rank its slice, so a rank's
+    memory peaks at its partition plus one tensor (not a whole model on every rank of a
+    node, which for 8 ranks of an 8B model would be 8 x 32 GB)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from trainer.export import hf_name
+    from trainer.model import Transformer
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Transformer(mc)  # its random init touches only empty partitions
+    index = TensorIndex(base) if dist.get_rank() == 0 else None
+    loaded = torch.zeros(1)
+    for name, p in model.named_parameters():  # a tied head once, as the embedding
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if index is not None:
+                hf = hf_name(name)
+                tensor = index.read(hf) if hf in index.where else None
+                if tensor is None or list(tensor.shape) != list(p.shape):
+                    loaded[0] = 1  # reported after the loop: every rank must finish the collective
+                else:
+                    p.data.copy_(tensor)
+    dist.broadcast(loaded, 0)
+    if loaded.item():
+        raise HFError(f"model.init_from={base} lacks a weight of the model or holds it in another shape")
+    return model
 
 
 def load_model(mc, base: str):

@@ -80,15 +80,15 @@ def train_step(
             total += loss.detach()
         return total.item() / accum_steps  # one synchronisation per step, not one per micro batch
     with timer("data", host=True):
-        micro = [next(batches).to(device, non_blocking=True) for _ in range(accum_steps)]
-    count = sum(((targets.split(b)[1] != -100).sum() for b in micro), torch.zeros((), device=device)).double()
+        micro = [targets.split(next(batches).to(device, non_blocking=True)) for _ in range(accum_steps)]
+    count = sum(((tgt != -100).sum() for _, tgt, _ in micro), torch.zeros((), device=device)).double()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         dist.all_reduce(count)
     scale = accum_steps * world / count.clamp(min=1)
-    for batch in micro:
+    for idx, tgt, segments in micro:
         with timer("forward_backward"):
-            _, (loss_sum, _) = forward(engine, batch, targets)
+            _, loss_sum = engine(idx, tgt, segments, reduction="sum")
             loss = loss_sum * scale.to(loss_sum.dtype)
             if poison:
                 loss = loss * float("nan")
