@@ -28,8 +28,15 @@ def tokenizer_tag(tokenizer: str) -> tuple[str, str]:
     file = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
     if not os.path.isfile(file):
         return "tok", tokenizer
-    with open(file, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    h = hashlib.sha256()
+    # A model folder's chat template and special tokens decide the loss flags and the packing too.
+    extra = (
+        ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja") if os.path.isdir(tokenizer) else ()
+    )
+    for path in [file] + [os.path.join(tokenizer, n) for n in extra if os.path.isfile(os.path.join(tokenizer, n))]:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    digest = h.hexdigest()
     name = os.path.basename(os.path.normpath(tokenizer if os.path.isdir(tokenizer) else os.path.dirname(file)))
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "tok", digest
 

@@ -327,7 +327,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import ExportError, export
 
     try:
-        out = export(args.path, args.out_dir, args.lora)
+        out = export(args.path, args.out_dir, args.lora, args.base)
     except ExportError as e:
         raise UsageError(str(e)) from None
     if (Path(out) / "adapter_config.json").is_file():
@@ -581,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a LoRA run: merged (default) writes the base with the adapters merged in; adapter writes a "
         "PEFT adapter folder that peft loads onto the base",
     )
+    pe.add_argument(
+        "--base",
+        metavar="PATH",
+        help="a LoRA run: the base model's folder or URL, when it is no longer where the run read it "
+        "(checked against the sha256 the checkpoint recorded)",
+    )
     pe.set_defaults(fn=_cmd_export)
 
     pg = sub.add_parser(
@@ -610,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cluster.jobs import JobsError
     from launcher.config import ConfigError
+    from trainer.hf import HFError
     from trainer.run_folder import RunFolderError
 
     parser = build_parser()
@@ -623,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
-    except (ConfigError, DataError, UsageError, JobsError, RunFolderError) as e:
+    except (ConfigError, DataError, UsageError, JobsError, RunFolderError, HFError) as e:
         print(f"trainctl: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -334,6 +334,34 @@ def test_lora_trains_and_saves_only_adapters(sft):
     assert len(err.getvalue().strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("extra", [{}, {"qkv_bias": True, "tie_embeddings": False}, {"rope_scaling": {
+    "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}])  # fmt: skip
+def test_export_config_reads_back_as_the_same_model(extra):
+    """The config.json a run from scratch exports is read back as the same model section
+    (q/k/v biases as a Qwen2, Llama 3 RoPE scaling kept)."""
+    from trainer.export import llama_config
+
+    mc = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64, **extra)
+    config = llama_config(mc, eot=0)
+    assert config["architectures"] == (["Qwen2ForCausalLM"] if mc.qkv_bias else ["LlamaForCausalLM"])
+    fields = hf.model_fields(config)
+    fields.pop("sliding_window", None)
+    assert ModelConfig(**fields) == mc.model_copy(update={"d_ff": mc.ffn_dim})  # d_ff resolved
+
+
+def test_a_changed_chat_template_is_a_new_dataset(smollm2, tmp_path):
+    """Prepared-on-first-use chat data is keyed by the template too (it decides the loss flags)."""
+    from data_pipeline.resolve import tokenizer_tag
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2 / name, folder / name)
+    before = tokenizer_tag(str(folder))
+    (folder / "chat_template.jinja").write_text((folder / "chat_template.jinja").read_text() + "\n")
+    assert tokenizer_tag(str(folder))[1] != before[1] and tokenizer_tag(str(folder))[0] == before[0] == "tok"
+
+
 def test_masked_targets_have_no_gradient():
     """Flagged rows train only their unflagged targets: the loss's gradient at the logits of
     prompt targets and of an example's first token is zero, elsewhere not; changing the last

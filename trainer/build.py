@@ -68,6 +68,22 @@ def make_targets(cfg: JobConfig, tokenizer: dict) -> Targets:
     )
 
 
+def base_sha256(cfg: JobConfig, rank: int) -> str:
+    """The LoRA base's weights hash, computed by rank 0 and known to every rank (a failure
+    too: no rank is left waiting in a collective)."""
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = hf.weights_sha256(cfg.model.init_from)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box[1] = f"cannot hash model.init_from={cfg.model.init_from}: {e}"
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise hf.HFError(box[1])
+    return box[0]
+
+
 def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     """The model to train: `model.init_from`'s weights (read shard by shard), or a seeded
     random init; with `train.lora`, adapters on the frozen pre-trained weights. A full
@@ -80,6 +96,10 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
         return lora.apply(load(cfg.model, cfg.model.init_from), cfg.train.lora)
     if cfg.model.init_from and not resuming:
         return load(cfg.model, cfg.model.init_from)
+    if cfg.model.init_from and cfg.train.zero_stage == 3:  # a resume of a large model: partitioned from the start
+        deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg)):
+            return Transformer(cfg.model)
     return Transformer(cfg.model)
 
 
@@ -194,12 +214,8 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     w.engine = build_engine(build_model(cfg, resuming=latest is not None), cfg, universal=reshard)
     if cfg.model.init_from:
         w.hf_base = {"path": cfg.model.init_from, "files": hf.base_files(cfg.model.init_from)}
-    if t.lora is not None and rank == 0:
-        w.lora = {
-            **t.lora.model_dump(),
-            "base": cfg.model.init_from,
-            "base_sha256": hf.weights_sha256(cfg.model.init_from),
-        }
+    if t.lora is not None:
+        w.lora = {**t.lora.model_dump(), "base": cfg.model.init_from, "base_sha256": base_sha256(cfg, rank)}
     w.saver = Saver(
         w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save, frozen=t.lora is None
     )

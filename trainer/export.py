@@ -68,9 +68,12 @@ def hf_name(name: str) -> str:
 
 
 def llama_config(mc: ModelConfig, eot: int) -> dict:
+    """config.json for a run from scratch: Llama's, or Qwen2's when the model has q/k/v biases
+    (Llama's attention_bias would put one on the output projection too)."""
+    qwen2 = mc.qkv_bias
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
         "vocab_size": mc.vocab_size,
         "hidden_size": mc.d_model,
         "intermediate_size": mc.ffn_dim,
@@ -81,10 +84,11 @@ def llama_config(mc: ModelConfig, eot: int) -> dict:
         "max_position_embeddings": mc.max_seq_len,
         "rms_norm_eps": mc.norm_eps,
         "rope_theta": mc.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": None if mc.rope_scaling is None else {"rope_type": "llama3", **mc.rope_scaling.model_dump()},
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
+        **({"use_sliding_window": False, "sliding_window": None} if qwen2 else {}),
         "attention_dropout": 0.0,
         "tie_word_embeddings": mc.tie_embeddings,
         "bos_token_id": eot,
@@ -242,23 +246,30 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def lora_adapters(ckpt: Path, info: dict) -> tuple[LoraSection, dict[str, torch.Tensor]]:
-    """A LoRA checkpoint's settings and adapters (fp32), after checking that its base is still
-    the one it was trained on."""
+def lora_adapters(ckpt: Path, info: dict, base: str | None = None) -> tuple[LoraSection, dict[str, torch.Tensor]]:
+    """A LoRA checkpoint's settings and adapters (fp32), after checking that its base (where
+    it was trained, or `base`) is still the one it was trained on."""
     from trainer import hf, lora
 
     meta = info["lora"]
+    base = base or meta["base"]
     settings = LoraSection(**{k: meta[k] for k in ("rank", "alpha", "dropout", "targets")})
-    if hf.weights_sha256(meta["base"]) != meta["base_sha256"]:
+    try:
+        digest = hf.weights_sha256(base)
+    except (hf.HFError, OSError, ValueError) as e:
         raise ExportError(
-            f"the base model {meta['base']} has changed since {ckpt} was trained on it (its weights' sha256 "
-            "differs): export against the base the adapters were trained on"
+            f"cannot read the base model of {ckpt} at {base} ({e}): pass --base PATH to a copy of it"
+        ) from None
+    if digest != meta["base_sha256"]:
+        raise ExportError(
+            f"the base model {base} is not the one {ckpt} was trained on (its weights' sha256 differs): "
+            "export against that base (--base PATH)"
         )
     names = list(lora.adapter_shapes(model_config(ckpt), settings))
     return settings, dict(model_tensors(ckpt, names))
 
 
-def export(path: str | Path, out_dir: str | Path, lora_mode: str = "merged") -> Path:
+def export(path: str | Path, out_dir: str | Path, lora_mode: str = "merged", base: str | None = None) -> Path:
     """Write the Hugging Face folder for a run's latest checkpoint (or a given one). A LoRA
     run's export is its base with the adapters merged in (`lora_mode="merged"`), or a PEFT
     adapter folder (`"adapter"`)."""
@@ -277,7 +288,9 @@ def export(path: str | Path, out_dir: str | Path, lora_mode: str = "merged") -> 
         raise ExportError(f"--lora {lora_mode}: give merged (the default) or adapter")
     if lora_mode == "adapter" and "lora" not in info:
         raise ExportError(f"--lora adapter: {ckpt} has no LoRA adapters (its run did not set train.lora)")
-    adapters = lora_adapters(ckpt, info) if "lora" in info else None
+    if base is not None and "lora" not in info:
+        raise ExportError(f"--base: {ckpt} has no LoRA adapters; its checkpoint holds every weight")
+    adapters = lora_adapters(ckpt, info, base) if "lora" in info else None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -293,7 +306,7 @@ def export(path: str | Path, out_dir: str | Path, lora_mode: str = "merged") -> 
             from trainer import hf, lora
 
             settings, tensors = adapters
-            index = hf.TensorIndex(info["lora"]["base"])
+            index = hf.TensorIndex(base or info["lora"]["base"])
             source = ((n, lora.merged(n, index.read(hf_name(n)), tensors, settings)) for n in shapes)
         else:
             source = model_tensors(ckpt, list(shapes))

@@ -239,15 +239,9 @@ def weight_files(base: str) -> list[str]:
     index = read_file(base, "model.safetensors.index.json")
     if index is not None:
         return sorted(set(json.loads(index)["weight_map"].values()))
-    if (
-        read_file(base, "model.safetensors") is not None
-        if "://" in base
-        else os.path.isfile(_join(base, "model.safetensors"))
-    ):
+    if _exists(base, "model.safetensors"):
         return ["model.safetensors"]
-    bins = read_file(base, "pytorch_model.bin.index.json") is not None or (
-        "://" not in base and os.path.isfile(_join(base, "pytorch_model.bin"))
-    )
+    bins = _exists(base, "pytorch_model.bin") or _exists(base, "pytorch_model.bin.index.json")
     hint = " (it has pytorch_model.bin: save it with safe_serialization=True)" if bins else ""
     raise HFError(f"model.init_from={base} has no model.safetensors or model.safetensors.index.json{hint}")
 
@@ -278,18 +272,23 @@ def our_name(hf: str) -> str | None:
     return None if sub is None else f"blocks.{parts[2]}.{sub}.{parts[-1]}"
 
 
-def _header(url: str) -> tuple[int, dict]:
-    from data_pipeline.sources import read_range
+def _read_range(url: str, start: int, size: int) -> bytes:
+    """Bytes of a weights file, retried like the data's reads when the network fails."""
+    from data_pipeline.sources import read_range, with_retries
 
-    (n,) = struct.unpack("<Q", read_range(url, 0, 8))
-    return 8 + n, json.loads(read_range(url, 8, n))
+    if "://" not in url:
+        return read_range(url, start, size)
+    return with_retries(lambda: read_range(url, start, size), f"{url} bytes {start:,}-{start + size:,}")
+
+
+def _header(url: str) -> tuple[int, dict]:
+    (n,) = struct.unpack("<Q", _read_range(url, 0, 8))
+    return 8 + n, json.loads(_read_range(url, 8, n))
 
 
 def load_weights(model, base: str) -> None:
     """Read the folder's weights into `model`'s parameters, one tensor at a time."""
     import torch
-
-    from data_pipeline.sources import read_range
 
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
     params = dict(model.named_parameters())  # a tied head once, as the embedding
@@ -324,7 +323,7 @@ def load_weights(model, base: str) -> None:
                     if local.readinto(memoryview(buf)) != b - a:
                         raise HFError(f"{url} ends inside {hf}: the file is truncated")
                 else:
-                    buf[:] = torch.frombuffer(bytearray(read_range(url, start + a, b - a)), dtype=torch.uint8).numpy()
+                    buf[:] = torch.frombuffer(bytearray(_read_range(url, start + a, b - a)), dtype=torch.uint8).numpy()
                 if dst is not p.data:
                     p.data.copy_(dst)
                 loaded.add(name)
@@ -345,7 +344,6 @@ def load_model_partitioned(mc, base: str, ds_config: dict):
     memory peaks at its partition plus one tensor (not a whole model on every rank of a
     node, which for 8 ranks of an 8B model would be 8 x 32 GB)."""
     import deepspeed
-    import torch
     import torch.distributed as dist
 
     from trainer.export import hf_name
@@ -353,20 +351,32 @@ def load_model_partitioned(mc, base: str, ds_config: dict):
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = Transformer(mc)  # its random init touches only empty partitions
-    index = TensorIndex(base) if dist.get_rank() == 0 else None
-    loaded = torch.zeros(1)
+    # Problems travel as objects (broadcast_object_list picks the group's device: NCCL has no
+    # CPU tensors), and only after every rank has finished each collective.
+    problem, index = [None], None
+    if dist.get_rank() == 0:
+        try:
+            index = TensorIndex(base)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it before the collectives below
+            problem[0] = str(e)
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise HFError(problem[0])
     for name, p in model.named_parameters():  # a tied head once, as the embedding
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if index is not None:
+            if index is not None and problem[0] is None:
                 hf = hf_name(name)
-                tensor = index.read(hf) if hf in index.where else None
-                if tensor is None or list(tensor.shape) != list(p.shape):
-                    loaded[0] = 1  # reported after the loop: every rank must finish the collective
+                if hf not in index.where:
+                    problem[0] = f"model.init_from={base} lacks the weight {hf}"
+                elif list(index.where[hf][4]) != list(p.shape):
+                    problem[0] = (
+                        f"{base}: {hf} has shape {index.where[hf][4]} but the model's {name} is {list(p.shape)}"
+                    )
                 else:
-                    p.data.copy_(tensor)
-    dist.broadcast(loaded, 0)
-    if loaded.item():
-        raise HFError(f"model.init_from={base} lacks a weight of the model or holds it in another shape")
+                    p.data.copy_(index.read(hf))
+    dist.broadcast_object_list(problem, src=0)  # after the loop: every rank finished each gather
+    if problem[0] is not None:
+        raise HFError(problem[0])
     return model
 
 
@@ -422,11 +432,9 @@ class TensorIndex:
     def read(self, name: str):
         import torch
 
-        from data_pipeline.sources import read_range
-
         if name not in self.where:
             raise HFError(f"{self.base} has no tensor {name}")
         url, start, size, dtype, shape = self.where[name]
         torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[dtype]
-        raw = bytearray(read_range(url, start, size))
+        raw = bytearray(_read_range(url, start, size))
         return torch.frombuffer(raw, dtype=torch_dtype).view(shape).float()

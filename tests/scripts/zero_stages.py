@@ -63,7 +63,6 @@ def flagged_step(cfg, stage: int) -> dict:
         total, count = total + s, count + int((tgt != -100).sum())
     (total / count).backward()
     ref = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in plain.parameters())).item()
-    del engine
     return {
         "loss": loss.item() / dist.get_world_size(),
         "ref_loss": (total / count).item(),
