@@ -57,6 +57,12 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
         )
     if cfg.model.init_from:
         check_init_tokenizer(cfg, tokenizer)
+        from trainer.hf import HFError, check_weights
+
+        try:
+            check_weights(cfg.model, cfg.model.init_from)
+        except HFError as e:
+            raise UsageError(str(e)) from None
     if latest is not None:
         check_shapes(cfg, latest)
         check_lora(cfg, latest)

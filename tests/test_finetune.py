@@ -411,6 +411,10 @@ def test_bad_fine_tuning_input_is_one_line(tmp_path, smollm2):
     empty.mkdir()
     chats = tmp_path / "chats.jsonl"
     chats.write_text(json.dumps({"messages": [{"role": "narrator", "content": "Once"}]}) + "\n")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, no_weights / name)
     no_template = tmp_path / "no-template"
     no_template.mkdir()
     shutil.copy(smollm2 / "tokenizer.json", no_template / "tokenizer.json")

@@ -337,6 +337,29 @@ def load_weights(model, base: str) -> None:
         )
 
 
+def check_weights(mc, base: str) -> None:
+    """The folder holds every weight of the model in its shape (safetensors headers only, a
+    few small reads): HFError naming the first that is missing or differs."""
+    import torch
+
+    from trainer.export import hf_name
+    from trainer.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(mc)
+    where = TensorIndex(base).where
+    for name, p in model.named_parameters():  # a tied head once, as the embedding
+        hf = hf_name(name)
+        if hf not in where:
+            raise HFError(
+                f"model.init_from={base} lacks the weight {hf} (its safetensors files hold {len(where)} tensors)"
+            )
+        if list(where[hf][4]) != list(p.shape):
+            raise HFError(
+                f"model.init_from={base}: {hf} has shape {where[hf][4]} but the model's {name} is {list(p.shape)}"
+            )
+
+
 def load_model_partitioned(mc, base: str, ds_config: dict):
     """The Transformer of `mc` holding the folder's weights, built under ZeRO-3's
     `zero.Init`: each rank holds only its partition of every weight. Rank 0 reads each
