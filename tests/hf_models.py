@@ -64,6 +64,20 @@ def smollm2_folder() -> Path:
     return out
 
 
+def tiny_config(**extra) -> dict:
+    """A transformers config's fields for a 2-layer model with SmolLM2's vocabulary."""
+    return {
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        **extra,
+    }
+
+
 def qwen2_folder(out: Path) -> Path:
     """A small random Qwen2 (q/k/v biases, untied head, GQA) with SmolLM2's tokenizer."""
     import torch
@@ -71,16 +85,7 @@ def qwen2_folder(out: Path) -> Path:
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+        **tiny_config(max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
     )
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # non-zero biases, so a dropped bias shows in the logits

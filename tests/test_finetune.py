@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import SHAKESPEARE, env, trainctl
-from hf_models import qwen2_folder, smollm2_folder
+from hf_models import qwen2_folder, smollm2_folder, tiny_config
 
 from data_pipeline import FLAG_PROMPT, FLAG_SHIFT, FLAG_START
 from trainer import hf
@@ -158,19 +158,6 @@ def test_loading_peaks_at_one_copy_of_the_weights(smollm2):
     grown, weights = map(int, r.stdout.split()[-2:])
     assert weights == 134_515_008 * 4
     assert grown <= 1.2 * weights, (grown, weights)
-
-
-def tiny_config(**extra) -> dict:
-    return dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **extra,
-    )
 
 
 @pytest.mark.parametrize(

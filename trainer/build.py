@@ -68,9 +68,12 @@ def make_targets(cfg: JobConfig, tokenizer: dict) -> Targets:
     )
 
 
-def base_sha256(cfg: JobConfig, rank: int) -> str:
-    """The LoRA base's weights hash, computed by rank 0 and known to every rank (a failure
-    too: no rank is left waiting in a collective)."""
+def base_sha256(cfg: JobConfig, rank: int, latest: Path | None) -> str:
+    """The LoRA base's weights hash: on a resume the checkpoint's (the launcher has just
+    checked the base against it), else computed by rank 0 and known to every rank (a
+    failure too: no rank is left waiting in a collective)."""
+    if latest is not None and (saved := checkpoint.meta(latest).get("lora")):
+        return saved["base_sha256"]
     box = [None, None]
     if rank == 0:
         try:
@@ -215,7 +218,7 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     if cfg.model.init_from:
         w.hf_base = {"path": cfg.model.init_from, "files": hf.base_files(cfg.model.init_from)}
     if t.lora is not None:
-        w.lora = {**t.lora.model_dump(), "base": cfg.model.init_from, "base_sha256": base_sha256(cfg, rank)}
+        w.lora = {**t.lora.model_dump(), "base": cfg.model.init_from, "base_sha256": base_sha256(cfg, rank, latest)}
     w.saver = Saver(
         w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save, frozen=t.lora is None
     )

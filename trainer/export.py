@@ -1,6 +1,8 @@
-"""`trainctl export`: a checkpoint as a Hugging Face folder for the Llama architecture.
+"""`trainctl export`: a checkpoint as a Hugging Face folder.
 
-    config.json              LlamaForCausalLM: widths, heads, GQA, RoPE base, RMSNorm eps, tying
+    config.json              LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases): widths,
+                             heads, GQA, RoPE, RMSNorm eps, tying; a run from model.init_from
+                             keeps its base's config.json and tokenizer files instead
     model.safetensors        fp32 weights under Llama's names
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
     trainctl_export.json     where it came from: run, step, tokens seen; our tokenizer
@@ -11,7 +13,9 @@ gathered from the ZeRO checkpoint one tensor at a time (DeepSpeed's lazy zero_to
 over memory-mapped shards, or the memory-mapped model file for stage 0) and written
 straight into a safetensors file whose header is known in advance from the model's
 shapes: peak memory is about one tensor, not the model. The folder is built beside OUT
-and moved into place when complete. Nothing here imports transformers.
+and moved into place when complete. A LoRA run's export reads its base tensor by tensor
+(trainer/hf.py) and merges each one's adapters, or writes a PEFT adapter folder
+(`write_adapter`). Nothing here imports transformers.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import yaml
 from trainer import checkpoint
 from trainer.config import JobConfig, LoraSection
 from trainer.model import ModelConfig, Transformer
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 class ExportError(ValueError):
@@ -159,22 +161,6 @@ def write_safetensors(path: Path, shapes: dict[str, list[int]], tensors: Iterato
             f.write(tensor.detach().contiguous().numpy().data)  # the array's own buffer, not a copy
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (memory-mapped)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
-    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    out = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = (8 + n + o for o in spec["data_offsets"])
-        out[name] = data[start:end].view(dtypes[spec["dtype"]]).view(spec["shape"])
-    return out
-
-
 def base_folder_files(files: dict[str, str], mc: ModelConfig, tokenizer: dict) -> dict[str, str]:
     """The small files of the `model.init_from` folder as export writes them: config.json keeps
     its architecture and settings, with the shape fields trainctl trained and fp32 weights
@@ -295,53 +281,10 @@ def export(path: str | Path, out_dir: str | Path, lora_mode: str = "merged", bas
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        shapes = weight_shapes(mc)
         if adapters is not None and lora_mode == "adapter":
             write_adapter(tmp, adapters, info)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-            return out
-        if adapters is not None:  # the base's tensors, each with its adapters merged in
-            from trainer import hf, lora
-
-            settings, tensors = adapters
-            index = hf.TensorIndex(base or info["lora"]["base"])
-            source = ((n, lora.merged(n, index.read(hf_name(n)), tensors, settings)) for n in shapes)
         else:
-            source = model_tensors(ckpt, list(shapes))
-        write_safetensors(
-            tmp / "model.safetensors",
-            {hf_name(n): s for n, s in shapes.items()},
-            ((hf_name(n), t) for n, t in source),
-        )
-        base = info.get("hf_base")
-        if base:  # started from a Hugging Face folder: its architecture and tokenizer files go back out
-            for name, text in base_folder_files(base["files"], mc, info["tokenizer"]).items():
-                (tmp / name).write_text(text)
-        else:
-            (tmp / "config.json").write_text(json.dumps(llama_config(mc, info["tokenizer"]["eot"]), indent=1) + "\n")
-            (tmp / "generation_config.json").write_text(
-                json.dumps(
-                    {"bos_token_id": info["tokenizer"]["eot"], "eos_token_id": info["tokenizer"]["eot"]}, indent=1
-                )
-                + "\n"
-            )
-            for name, text in tokenizer_files(info["tokenizer"]).items():
-                (tmp / name).write_text(text)
-        (tmp / "trainctl_export.json").write_text(
-            json.dumps(
-                {
-                    "checkpoint": str(ckpt.resolve()),
-                    "step": info.get("step"),
-                    "tokens_seen": info.get("tokens_seen"),
-                    "run": info.get("name"),
-                    "tokenizer": info["tokenizer"],
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+            write_model_folder(tmp, ckpt, info, mc, adapters, base)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -349,6 +292,50 @@ def export(path: str | Path, out_dir: str | Path, lora_mode: str = "merged", bas
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_model_folder(
+    folder: Path, ckpt: Path, info: dict, mc: ModelConfig, adapters: tuple | None, base: str | None
+) -> None:
+    """config.json, model.safetensors, the tokenizer files and trainctl_export.json: the
+    checkpoint's weights, or a LoRA run's base (at `base`, else where it was trained) with
+    its adapters merged in."""
+    shapes = weight_shapes(mc)
+    if adapters is not None:  # the base's tensors, each with its adapters merged in
+        from trainer import hf, lora
+
+        settings, tensors = adapters
+        index = hf.TensorIndex(base or info["lora"]["base"])
+        source = ((n, lora.merged(n, index.read(hf_name(n)), tensors, settings)) for n in shapes)
+    else:
+        source = model_tensors(ckpt, list(shapes))
+    write_safetensors(
+        folder / "model.safetensors", {hf_name(n): s for n, s in shapes.items()}, ((hf_name(n), t) for n, t in source)
+    )
+    eot = info["tokenizer"]["eot"]
+    if info.get("hf_base"):  # started from a Hugging Face folder: its architecture and tokenizer files go back out
+        files = base_folder_files(info["hf_base"]["files"], mc, info["tokenizer"])
+    else:
+        files = {
+            "config.json": json.dumps(llama_config(mc, eot), indent=1) + "\n",
+            "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eot}, indent=1) + "\n",
+            **tokenizer_files(info["tokenizer"]),
+        }
+    files["trainctl_export.json"] = (
+        json.dumps(
+            {
+                "checkpoint": str(ckpt.resolve()),
+                "step": info.get("step"),
+                "tokens_seen": info.get("tokens_seen"),
+                "run": info.get("name"),
+                "tokenizer": info["tokenizer"],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    for name, text in files.items():
+        (folder / name).write_text(text)
 
 
 def write_adapter(folder: Path, adapters: tuple[LoraSection, dict], info: dict) -> None:

@@ -246,32 +246,6 @@ def weight_files(base: str) -> list[str]:
     raise HFError(f"model.init_from={base} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def our_name(hf: str) -> str | None:
-    """Llama's / Qwen2's parameter name → ours (the inverse of export.hf_name); None if unknown.
-
-    >>> our_name("model.layers.3.self_attn.q_proj.bias")
-    'blocks.3.attn.wq.bias'
-    """
-    top = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "norm.weight"}
-    if hf in top or hf == "lm_head.weight":
-        return top.get(hf, hf)
-    parts = hf.split(".")
-    if len(parts) < 5 or parts[:2] != ["model", "layers"]:
-        return None
-    sub = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "mlp_norm",
-        "self_attn.q_proj": "attn.wq",
-        "self_attn.k_proj": "attn.wk",
-        "self_attn.v_proj": "attn.wv",
-        "self_attn.o_proj": "attn.wo",
-        "mlp.gate_proj": "mlp.w1",
-        "mlp.up_proj": "mlp.w3",
-        "mlp.down_proj": "mlp.w2",
-    }.get(".".join(parts[3:-1]))
-    return None if sub is None else f"blocks.{parts[2]}.{sub}.{parts[-1]}"
-
-
 def _read_range(url: str, start: int, size: int) -> bytes:
     """Bytes of a weights file, retried like the data's reads when the network fails."""
     from data_pipeline.sources import read_range, with_retries
@@ -288,53 +262,13 @@ def _header(url: str) -> tuple[int, dict]:
 
 def load_weights(model, base: str) -> None:
     """Read the folder's weights into `model`'s parameters, one tensor at a time."""
-    import torch
+    from trainer.export import hf_name
 
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    params = dict(model.named_parameters())  # a tied head once, as the embedding
-    tied = model.config.tie_embeddings
-    loaded: set[str] = set()
-    for file in weight_files(base):
-        url = _join(base, file)
-        start, header = _header(url)
-        local = None if "://" in base else open(url, "rb")
-        try:
-            for hf, spec in sorted(
-                header.items(), key=lambda kv: kv[1]["data_offsets"][0] if "data_offsets" in kv[1] else -1
-            ):
-                if hf == "__metadata__" or (hf.endswith("rotary_emb.inv_freq")):
-                    continue
-                name = our_name(hf)
-                if name == "lm_head.weight" and tied:
-                    continue  # the embedding is the head
-                if name not in params:
-                    raise HFError(f"{url}: tensor {hf} has no place in trainctl's {model.config.n_layer}-layer model")
-                p = params[name]
-                if list(spec["shape"]) != list(p.shape):
-                    raise HFError(f"{url}: {hf} has shape {spec['shape']} but the model's {name} is {list(p.shape)}")
-                if spec["dtype"] not in dtypes:
-                    raise HFError(f"{url}: {hf} is {spec['dtype']}: trainctl reads F32, F16, BF16 and F64 weights")
-                a, b = spec["data_offsets"]
-                dtype = dtypes[spec["dtype"]]
-                dst = p.data if dtype == p.dtype else torch.empty(p.shape, dtype=dtype)
-                buf = dst.view(-1).view(torch.uint8).numpy()
-                if local is not None:
-                    local.seek(start + a)
-                    if local.readinto(memoryview(buf)) != b - a:
-                        raise HFError(f"{url} ends inside {hf}: the file is truncated")
-                else:
-                    buf[:] = torch.frombuffer(bytearray(_read_range(url, start + a, b - a)), dtype=torch.uint8).numpy()
-                if dst is not p.data:
-                    p.data.copy_(dst)
-                loaded.add(name)
-        finally:
-            if local is not None:
-                local.close()
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise HFError(
-            f"model.init_from={base} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:3])}"
-        )
+    index = TensorIndex(base)
+    for name, p in model.named_parameters():  # a tied head once, as the embedding
+        if (problem := index.problem(hf_name(name), name, p)) is not None:
+            raise HFError(problem)
+        index.read_into(hf_name(name), p.data)
 
 
 def check_weights(mc, base: str) -> None:
@@ -347,17 +281,10 @@ def check_weights(mc, base: str) -> None:
 
     with torch.device("meta"):
         model = Transformer(mc)
-    where = TensorIndex(base).where
-    for name, p in model.named_parameters():  # a tied head once, as the embedding
-        hf = hf_name(name)
-        if hf not in where:
-            raise HFError(
-                f"model.init_from={base} lacks the weight {hf} (its safetensors files hold {len(where)} tensors)"
-            )
-        if list(where[hf][4]) != list(p.shape):
-            raise HFError(
-                f"model.init_from={base}: {hf} has shape {where[hf][4]} but the model's {name} is {list(p.shape)}"
-            )
+    index = TensorIndex(base)
+    for name, p in model.named_parameters():
+        if (problem := index.problem(hf_name(name), name, p)) is not None:
+            raise HFError(problem)
 
 
 def load_model_partitioned(mc, base: str, ds_config: dict):
@@ -388,15 +315,9 @@ def load_model_partitioned(mc, base: str, ds_config: dict):
     for name, p in model.named_parameters():  # a tied head once, as the embedding
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if index is not None and problem[0] is None:
-                hf = hf_name(name)
-                if hf not in index.where:
-                    problem[0] = f"model.init_from={base} lacks the weight {hf}"
-                elif list(index.where[hf][4]) != list(p.shape):
-                    problem[0] = (
-                        f"{base}: {hf} has shape {index.where[hf][4]} but the model's {name} is {list(p.shape)}"
-                    )
-                else:
-                    p.data.copy_(index.read(hf))
+                problem[0] = index.problem(hf_name(name), name, p)
+                if problem[0] is None:
+                    index.read_into(hf_name(name), p.data)
     dist.broadcast_object_list(problem, src=0)  # after the loop: every rank finished each gather
     if problem[0] is not None:
         raise HFError(problem[0])
@@ -437,10 +358,12 @@ def weights_sha256(base: str) -> str:
     return h.hexdigest()
 
 
-class TensorIndex:
-    """The folder's tensors by Hugging Face name, each read on its own (fp32 copies)."""
+# safetensors dtype codes trainctl reads, by torch's names.
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
-    DTYPES = ("F32", "F16", "BF16", "F64")
+
+class TensorIndex:
+    """The folder's tensors by Hugging Face name (safetensors headers), each read on its own."""
 
     def __init__(self, base: str):
         self.base, self.where = base, {}
@@ -450,14 +373,45 @@ class TensorIndex:
             for name, spec in header.items():
                 if name != "__metadata__":
                     a, b = spec["data_offsets"]
-                    self.where[name] = (url, start + a, b - a, spec["dtype"], spec["shape"])
+                    self.where[name] = (url, start + a, b - a, spec["dtype"], list(spec["shape"]))
 
-    def read(self, name: str):
+    def problem(self, hf: str, name: str, p) -> str | None:
+        """Why the tensor `hf` cannot fill our parameter `name`, `p` (None: it can)."""
+        if hf not in self.where:
+            return f"model.init_from={self.base} lacks the weight {hf} (its safetensors files hold {len(self.where)} tensors)"
+        url, _, _, dtype, shape = self.where[hf]
+        if shape != list(p.shape):
+            return f"{url}: {hf} has shape {shape} but the model's {name} is {list(p.shape)}"
+        if dtype not in DTYPES:
+            return f"{url}: {hf} is {dtype}: trainctl reads {', '.join(DTYPES)} weights"
+        return None
+
+    def read_into(self, hf: str, dst) -> None:
+        """The tensor's bytes straight into `dst` when the dtypes agree (no copy of the weights
+        beside the model), else through one temporary of the file's dtype."""
         import torch
 
-        if name not in self.where:
-            raise HFError(f"{self.base} has no tensor {name}")
-        url, start, size, dtype, shape = self.where[name]
-        torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[dtype]
-        raw = bytearray(_read_range(url, start, size))
-        return torch.frombuffer(raw, dtype=torch_dtype).view(shape).float()
+        url, start, size, dtype, _ = self.where[hf]
+        file_dtype = getattr(torch, DTYPES[dtype])
+        buf = dst if file_dtype == dst.dtype else torch.empty(dst.shape, dtype=file_dtype)
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+        if "://" in url:
+            view[:] = _read_range(url, start, size)
+        else:
+            with open(url, "rb") as f:
+                f.seek(start)
+                if f.readinto(view) != size:
+                    raise HFError(f"{url} ends inside {hf}: the file is truncated")
+        if buf is not dst:
+            dst.copy_(buf)
+
+    def read(self, hf: str):
+        """The tensor as a new fp32 tensor."""
+        import torch
+
+        if hf not in self.where:
+            raise HFError(f"{self.base} has no tensor {hf}")
+        *_, dtype, shape = self.where[hf]
+        out = torch.empty(shape, dtype=getattr(torch, DTYPES[dtype]))
+        self.read_into(hf, out)
+        return out.float()

@@ -21,7 +21,6 @@ import torch
 from trainer.config import LORA_TARGETS, LoraSection
 
 ADAPTER = re.compile(r"^(?P<layer>.+)\.lora_(?P<ab>[AB])\.default\.weight$")
-OURS_TO_HF = {ours: hf for hf, ours in LORA_TARGETS.items()}
 
 
 def apply(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
@@ -47,19 +46,6 @@ def apply(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
 
 def _drop_tied_head(module, state_dict, prefix, local_metadata) -> None:
     state_dict.pop(f"{prefix}weight", None)
-
-
-def base_name(name: str) -> str:
-    """A parameter's name in the model without adapters.
-
-    >>> base_name("blocks.0.attn.wq.base_layer.weight")
-    'blocks.0.attn.wq.weight'
-    """
-    return name.replace(".base_layer.", ".")
-
-
-def adapter_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def adapter_shapes(mc, lora: LoraSection) -> dict[str, list[int]]:
