@@ -1,11 +1,14 @@
 """Where data comes from: local paths, http(s):// and other fsspec URLs, opened as byte
-streams, and the one retry policy: transient network errors (refused, reset, timeout,
-truncated, HTTP 5xx/408/429) retried `RETRIES` times with backoff, anything else a
-DataError at once, naming the URL.
+streams, and the one retry policy (`with_retries`): transient network errors (refused,
+reset, timeout, truncated, HTTP 5xx/408/429) retried `RETRIES` times, waiting
+BACKOFF_S * 2**k before retry k (0.5, 1, 2, 4, 8 s) or the server's Retry-After when that is
+longer (capped at RETRY_AFTER_MAX_S); anything else a DataError at once, naming the URL.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import os
 import posixpath
@@ -20,7 +23,9 @@ from data_pipeline.errors import DataError
 
 RETRIES = 5
 BACKOFF_S = 0.5
-TIMEOUT_S = 60
+RETRY_AFTER_MAX_S = 30.0  # a server's Retry-After is honoured up to this
+TIMEOUT_S = 60  # seconds without a byte from an HTTP server before a read fails (a transient error)
+SLEEP: Callable[[float], object] = time.sleep  # with_retries' clock when none is passed
 T = TypeVar("T")
 
 
@@ -49,11 +54,17 @@ def transient(error: BaseException) -> bool:
 
 
 def with_retries(
-    fn: Callable[[], T], what: str, retries: int | None = None, failed: Callable[[BaseException], str] | None = None
+    fn: Callable[[], T],
+    what: str,
+    retries: int | None = None,
+    failed: Callable[[BaseException], str] | None = None,
+    sleep: Callable[[float], object] | None = None,
 ) -> T:
-    """fn(), retried on transient errors; DataError naming `what` when it keeps failing
-    (or saying `failed(error)`, where given)."""
+    """fn(), retried on transient errors; DataError naming `what` and the last error when it
+    keeps failing (or saying `failed(error)`, where given). Before retry k it calls
+    `sleep` (SLEEP, time.sleep, unless given) with `retry_delay(k, error)`."""
     retries = RETRIES if retries is None else retries
+    sleep = SLEEP if sleep is None else sleep
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -65,8 +76,32 @@ def with_retries(
                     raise DataError(failed(e)) from None
                 tries = f" after {attempt + 1} tries" if attempt else ""
                 raise DataError(f"cannot read {what}{tries}: {describe_error(e)}") from None
-            time.sleep(BACKOFF_S * 2**attempt)
+            sleep(retry_delay(attempt, e))
     raise AssertionError("unreachable")
+
+
+def retry_delay(attempt: int, error: BaseException) -> float:
+    """Seconds to wait before retry `attempt` (0 first): BACKOFF_S * 2**attempt, or the
+    server's Retry-After (seconds or an HTTP date) when that is longer, at most RETRY_AFTER_MAX_S."""
+    backoff = BACKOFF_S * 2**attempt
+    asked = retry_after(error)
+    return backoff if asked is None else max(backoff, min(asked, RETRY_AFTER_MAX_S))
+
+
+def retry_after(error: BaseException) -> float | None:
+    """An HTTP error's Retry-After in seconds from now, None when it has none or an unreadable one."""
+    headers = getattr(error, "headers", None)
+    value = (headers.get("Retry-After") if headers is not None else None) or ""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": an HTTP date is GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 def describe_error(e: BaseException) -> str:
@@ -126,14 +161,14 @@ def open_stream(url: str) -> BinaryIO:
     return open(url, "rb")
 
 
-def read_bytes(url: str) -> bytes:
-    """The whole content of a (small) file, such as a manifest."""
+def read_bytes(url: str, sleep: Callable[[float], object] | None = None) -> bytes:
+    """The whole content of a (small) file, such as a manifest; retried (see `with_retries`)."""
 
     def fetch() -> bytes:
         with open_stream(url) as f:
             return f.read()
 
-    return with_retries(fetch, url)
+    return with_retries(fetch, url, sleep=sleep)
 
 
 def read_range(url: str, start: int, size: int) -> bytes:

@@ -1,24 +1,54 @@
 """A real HTTP server on 127.0.0.1 for tests: serves a folder with Range requests (as
 nginx, S3 and GCS do: 206 with the asked bytes) and counts requests and bytes sent per
 client, the client being the first part of the path (`/rank3/d/train-000000.tar` serves
-`d/train-000000.tar` and counts it for `rank3`) or `-`."""
+`d/train-000000.tar` and counts it for `rank3`) or `-`, and requests per path (`hits`).
+`faults` makes a path's next requests fail, one `Fault` each: an HTTP status (with
+headers such as Retry-After), a stall longer than the client's timeout, a body cut off."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import http.server
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """How one request fails: `status` answers it with that HTTP status (and `headers`);
+    `stall_s` sends nothing for that long, then closes; `drop` sends the headers and half
+    the body, then hangs up (the client sees a truncated body)."""
+
+    status: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
+    stall_s: float = 0.0
+    drop: bool = False
+
+
+def status(code: int, **headers: str) -> Fault:
+    """An HTTP error answer, e.g. status(429, Retry_After="3") (underscores become dashes)."""
+    return Fault(status=code, headers=tuple((k.replace("_", "-"), v) for k, v in headers.items()))
+
+
+DROP = Fault(drop=True)
+
+
+def stall(seconds: float) -> Fault:
+    return Fault(stall_s=seconds)
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     clients: tuple[str, ...] = ()  # path prefixes counted as clients
     sent: collections.Counter = collections.Counter()
     requests: collections.Counter = collections.Counter()
+    hits: collections.Counter = collections.Counter()  # requests per path (without the client part)
+    faults: dict[str, list[Fault]] = {}  # path -> how its next requests fail, one Fault each
     lock = threading.Lock()
 
     def log_message(self, *args):
@@ -37,6 +67,12 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         path = self.translate_path(self.path)
         with self.lock:
             type(self).requests[client] += 1
+            type(self).hits[self.path] += 1
+            pending = self.faults.get(self.path)
+            fault = pending.pop(0) if pending else None
+        if fault is not None:
+            self._fail(fault, path, match)
+            return
         if match is None or not os.path.isfile(path):
             super().do_GET()
             if os.path.isfile(path):
@@ -60,12 +96,46 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         with self.lock:
             type(self).sent[client] += len(body)
 
+    def _fail(self, fault: Fault, path: str, match: re.Match | None) -> None:
+        self.close_connection = True
+        if fault.stall_s:
+            time.sleep(fault.stall_s)  # the client has given up by now: nothing is sent
+            return
+        if fault.drop:
+            with open(path, "rb") as f:
+                body = f.read()
+            if match is not None:
+                body = body[int(match[1]) : int(match[2]) + 1]
+            self.send_response(206 if match is not None else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            return
+        body = f"{fault.status}\n".encode()
+        self.send_response(fault.status)
+        for key, value in fault.headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
 
 @contextlib.contextmanager
-def serve(folder, handler: type[RangeHandler] = RangeHandler, clients: tuple[str, ...] = ()) -> Iterator[str]:
-    """`http://127.0.0.1:PORT` serving `folder` until the block ends; counters start at zero."""
+def serve(
+    folder, handler: type[RangeHandler] = RangeHandler, clients: tuple[str, ...] = ()
+) -> Iterator[http.server.ThreadingHTTPServer]:
+    """`http://127.0.0.1:PORT` serving `folder` until the block ends (the server; its
+    `handler` holds the counters and faults); counters start at zero."""
     handler = type(
-        "Handler", (handler,), {"clients": clients, "sent": collections.Counter(), "requests": collections.Counter()}
+        "Handler",
+        (handler,),
+        {
+            "clients": clients,
+            "sent": collections.Counter(),
+            "requests": collections.Counter(),
+            "hits": collections.Counter(),
+            "faults": {},
+        },
     )
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     httpd.handler = handler

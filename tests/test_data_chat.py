@@ -114,6 +114,7 @@ def segments(row: np.ndarray) -> list[np.ndarray]:
     return np.split(row, starts[1:])
 
 
+@pytest.mark.timeout(180)
 def test_a_model_folder_tokenizer_and_its_dict(work, tmp_path):
     _, folder = work
     tok = build_tokenizer(folder)
@@ -139,6 +140,7 @@ def test_a_model_folder_tokenizer_and_its_dict(work, tmp_path):
         build_tokenizer(str(tmp_path / "empty"))
 
 
+@pytest.mark.timeout(180)
 def test_only_the_assistant_turns_and_their_end_tokens_are_trained(work, tmp_path):
     _, folder = work
     tok = build_tokenizer(folder)
@@ -170,6 +172,7 @@ def test_only_the_assistant_turns_and_their_end_tokens_are_trained(work, tmp_pat
     assert pad[0] == 2 | (FLAG_PAD | FLAG_START) << FLAG_SHIFT and set(pad[1:].tolist()) == {2 | FLAG_PAD << FLAG_SHIFT}
 
 
+@pytest.mark.timeout(180)
 def test_prompt_completion_trains_the_completion_and_end_of_text(work, tmp_path):
     _, folder = work
     tok = build_tokenizer(folder)
@@ -181,6 +184,7 @@ def test_prompt_completion_trains_the_completion_and_end_of_text(work, tmp_path)
     assert flags == [FLAG_START | FLAG_PROMPT] + [FLAG_PROMPT] * (len(prompt) - 1) + [0] * (len(completion) + 1)
 
 
+@pytest.mark.timeout(180)
 def test_whole_examples_packed_into_rows_truncating_only_the_too_long(work):
     root, folder = work
     m = load_manifest(str(root / "c"))
@@ -233,6 +237,7 @@ def test_whole_examples_packed_into_rows_truncating_only_the_too_long(work):
     ]
 
 
+@pytest.mark.timeout(180)
 def test_a_run_with_another_seq_len_is_refused_naming_both(work):
     root, _ = work
     path = str(root / "c")
@@ -257,6 +262,7 @@ def global_batches(path, world, steps, workers=0, state=None):
     return [torch.cat([next(it) for it in its]) for _ in range(steps)], loaders[0].state_dict()
 
 
+@pytest.mark.timeout(300)
 def test_each_window_is_one_stored_row_with_its_flags_and_resume_is_exact(work):
     root, _ = work
     path = str(root / "c")
@@ -280,6 +286,7 @@ def test_each_window_is_one_stored_row_with_its_flags_and_resume_is_exact(work):
     assert len(joined) == len(val) // 4 * 4 and joined.tolist() == val[: len(joined)].astype(np.int64).tolist()
 
 
+@pytest.mark.timeout(300)
 def test_mixed_with_pretraining_text_the_rows_keep_their_flags(work):
     root, _ = work
     chat, text = str(root / "c"), str(root / "t")
@@ -362,6 +369,7 @@ def bad(tmp_path, records, **kw):
         ),
     ],
 )
+@pytest.mark.timeout(180)
 def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(work, tmp_path, records, kw, message):
     _, folder = work
     if kw.get("tokenizer") == "NOTEMPLATE":
@@ -375,6 +383,7 @@ def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(work, tmp_path,
     assert set(os.listdir(tmp_path)) == before  # no output folder, no partial one beside it
 
 
+@pytest.mark.timeout(180)
 def test_bad_records_are_skipped_and_counted_under_on_error_skip(work, tmp_path, capsys):
     _, folder = work
     records = [

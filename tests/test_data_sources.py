@@ -1,52 +1,27 @@
 """Sources: the same dataset over a real HTTP server on 127.0.0.1 gives the same batches
-as from the local folder; transient failures are retried; bad shards are named."""
+as from the local folder; transient failures are retried by the one policy (the server
+counts the attempts, an injected clock records the waits); bad shards are named."""
 
 from __future__ import annotations
 
-import functools
-import http.server
+import email.utils
 import shutil
 import socket
 import tarfile
-import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import SHAKESPEARE
-from http_helpers import RangeHandler
+from http_helpers import DROP, serve, stall, status
 from s3_helpers import s3_server
 
 from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare, sources
 
-
-class Handler(RangeHandler):
-    """Serves a folder; `fail` maps a path to how many of its next requests fail
-    (503, or a connection dropped halfway through the body)."""
-
-    fail: dict[str, int] = {}
-    mode = "503"
-    paths: list[str] = []
-
-    def do_GET(self):
-        type(self).paths.append(self.path)
-        left = self.fail.get(self.path, 0)
-        if left:
-            self.fail[self.path] = left - 1
-            if self.mode == "503":
-                self.send_error(503, "busy")
-                return
-            body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
-            if "Range" in self.headers:  # bytes=a-b
-                start, end = map(int, self.headers["Range"].removeprefix("bytes=").split("-"))
-                body = body[start : end + 1]
-            self.send_response(206 if "Range" in self.headers else 200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[: len(body) // 2])  # then hang up: the client sees a truncated body
-            self.close_connection = True
-            return
-        super().do_GET()
+TIMEOUT_S = 0.4  # the client's timeout in the tests that stall (sources.TIMEOUT_S, 60 s in use)
+STALL = stall(2.0)  # a server silent for longer than that: a real socket timeout on the client
+SCHEDULE = [0.5, 1.0, 2.0, 4.0, 8.0]  # BACKOFF_S * 2**k before retry k
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +33,33 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(data):
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(data)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+def httpd(data):
+    with serve(data) as httpd:
+        yield httpd
+
+
+@pytest.fixture
+def server(httpd):
+    """The server's URL; `httpd.handler.faults` and `.hits` start empty in every test."""
+    httpd.handler.faults.clear()
+    httpd.handler.hits.clear()
+    return f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
 @pytest.fixture(autouse=True)
-def fast_retries(monkeypatch):
-    monkeypatch.setattr(sources, "BACKOFF_S", 0.01)  # every retry goes through sources.with_retries
-    Handler.fail, Handler.mode, Handler.paths = {}, "503", []
+def slept(monkeypatch):
+    """The waits of every retry (sources.SLEEP, the clock with_retries uses when given none),
+    recorded instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(sources, "SLEEP", waits.append)
+    return waits
+
+
+@pytest.fixture
+def short_timeout(monkeypatch):
+    """The client's timeout shortened for a test that stalls (only there: a loaded machine
+    could make a healthy answer take longer than that)."""
+    monkeypatch.setattr(sources, "TIMEOUT_S", TIMEOUT_S)
 
 
 def batches(path, steps=12, state=None):
@@ -96,34 +86,122 @@ def test_http_gives_the_same_batches_as_the_local_folder(data, server):
     assert all(torch.equal(a, b) for a, b in zip(local[17:], resumed))
 
 
-@pytest.mark.parametrize("mode", ["503", "drop"])
-def test_transient_failures_are_retried(data, server, mode):
+@pytest.mark.parametrize("fault", [status(503), DROP], ids=["503", "drop"])
+def test_transient_failures_are_retried(data, server, httpd, slept, fault):
     local = eval_batches(str(data / "d"), "train", 32, 4, 0, 1)  # every train shard, in order
-    Handler.mode = mode
-    Handler.fail = {"/d/manifest.json": 2, "/d/train-000001.tar": 2, "/d/train-000002.tar": 1}
+    httpd.handler.faults.update(
+        {"/d/manifest.json": [fault] * 2, "/d/train-000001.tar": [fault] * 2, "/d/train-000002.tar": [fault]}
+    )
     remote = eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
     assert len(local) == len(remote) > 100 and all(torch.equal(a, b) for a, b in zip(local, remote))
-    assert Handler.fail == {"/d/manifest.json": 0, "/d/train-000001.tar": 0, "/d/train-000002.tar": 0}
-    assert Handler.paths.count("/d/train-000001.tar") >= 3
+    assert httpd.handler.faults == {"/d/manifest.json": [], "/d/train-000001.tar": [], "/d/train-000002.tar": []}
+    assert httpd.handler.hits["/d/train-000001.tar"] >= 3
+    assert len(slept) == 5 and set(slept) <= {0.5, 1.0}  # one wait per failure, each read on its own schedule
 
 
-def test_a_shard_that_keeps_failing_is_named(server):
-    Handler.fail = {"/d/train-000001.tar": 100}
+def _read_whole(url, sleep):
+    return sources.read_bytes(url, sleep=sleep)
+
+
+def _read_range(url, sleep):
+    return sources.with_retries(lambda: sources.read_range(url, 1_000, 3_000), url, sleep=sleep)
+
+
+READERS = {"read_bytes": (_read_whole, slice(None)), "read_range": (_read_range, slice(1_000, 4_000))}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(
+    "fault",
+    [status(503), status(500), status(408), status(429), status(429, Retry_After="0"), DROP, STALL],
+    ids=["503", "500", "408", "429", "429-retry-after-0", "drop", "stall"],
+)
+def test_each_transient_failure_is_retried_on_the_backoff_schedule(data, server, httpd, reader, fault, request):
+    """Three failures, then the right bytes on the fourth request, after waits of 0.5, 1 and
+    2 s (a Retry-After shorter than the backoff does not shorten it)."""
+    if fault is STALL:
+        request.getfixturevalue("short_timeout")
+    read, part = READERS[reader]
+    httpd.handler.faults["/d/train-000000.tar"] = [fault] * 3
+    waits = []
+    assert read(f"{server}/d/train-000000.tar", waits.append) == (data / "d" / "train-000000.tar").read_bytes()[part]
+    assert httpd.handler.hits["/d/train-000000.tar"] == 4
+    assert waits == SCHEDULE[:3]
+
+
+def test_retry_after_is_honoured_when_longer_than_the_backoff_and_capped(data, server, httpd):
+    in_20_s = email.utils.formatdate(time.time() + 20, usegmt=True)
+    httpd.handler.faults["/d/manifest.json"] = [
+        status(429, Retry_After="3"),  # seconds, longer than the backoff (1st: 0.5)
+        status(503, Retry_After="3600"),  # capped at RETRY_AFTER_MAX_S
+        status(429, Retry_After=in_20_s),  # an HTTP date: about 20 s from now
+        status(429, Retry_After="soon"),  # unreadable: the backoff (4th: 4)
+    ]
+    waits = []
+    assert sources.read_bytes(f"{server}/d/manifest.json", waits.append) == (data / "d" / "manifest.json").read_bytes()
+    assert httpd.handler.hits["/d/manifest.json"] == 5
+    assert waits[:2] == [3.0, sources.RETRY_AFTER_MAX_S] and 18 <= waits[2] <= 20 and waits[3] == 4.0
+
+
+@pytest.mark.parametrize("code, reason", [(404, "Not Found"), (403, "Forbidden"), (400, "Bad Request")])
+def test_a_non_transient_answer_is_not_retried(server, httpd, code, reason):
+    """One request, no wait, and the answer named."""
+    url = f"{server}/d/train-000000.tar"
+    httpd.handler.faults["/d/train-000000.tar"] = [status(code)] * 3
+    waits = []
+    with pytest.raises(DataError) as e:
+        sources.read_bytes(url, waits.append)
+    assert str(e.value) == f"cannot read {url}: HTTP {code} {reason}"
+    assert httpd.handler.hits["/d/train-000000.tar"] == 1 and waits == []
+
+
+def test_a_missing_file_over_http_is_not_retried(server, httpd):
+    url = f"{server}/d/no-such-file.tar"
+    waits = []
+    with pytest.raises(DataError, match=r"^cannot read \S+/d/no-such-file.tar: HTTP 404 File not found$"):
+        sources.with_retries(lambda: sources.read_range(url, 0, 10), url, sleep=waits.append)
+    assert httpd.handler.hits["/d/no-such-file.tar"] == 1 and waits == []
+
+
+def test_after_every_retry_fails_one_data_error_names_the_url_and_the_last_error(server, httpd, short_timeout):
+    """RETRIES + 1 requests, the whole schedule waited, then one line: the URL, the number
+    of tries and the last failure (a timeout here, after 503s and a 429)."""
+    url = f"{server}/d/manifest.json"
+    httpd.handler.faults["/d/manifest.json"] = [status(503)] * (sources.RETRIES - 1) + [status(429), STALL]
+    waits = []
+    with pytest.raises(DataError) as e:
+        sources.read_bytes(url, waits.append)
+    assert str(e.value) == f"cannot read {url} after {sources.RETRIES + 1} tries: TimeoutError: timed out"
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback under it
+    assert httpd.handler.hits["/d/manifest.json"] == sources.RETRIES + 1 and waits == SCHEDULE
+
+
+def test_a_stalled_server_costs_the_clients_timeout_not_the_stall(data, server, httpd, short_timeout):
+    """The stall is a real socket timeout: each try gives up after TIMEOUT_S."""
+    httpd.handler.faults["/d/manifest.json"] = [STALL] * 2
+    t = time.perf_counter()
+    assert sources.read_bytes(f"{server}/d/manifest.json", [].append) == (data / "d" / "manifest.json").read_bytes()
+    assert 2 * TIMEOUT_S <= time.perf_counter() - t < STALL.stall_s
+
+
+def test_a_shard_that_keeps_failing_is_named(server, httpd, slept):
+    httpd.handler.faults["/d/train-000001.tar"] = [status(503)] * 100
     with pytest.raises(DataError, match=r"shard http://127.0.0.1:\d+/d/train-000001.tar is unreadable \(HTTP 503"):
         eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
-    assert Handler.paths.count("/d/train-000001.tar") == sources.RETRIES + 1  # bounded
+    assert httpd.handler.hits["/d/train-000001.tar"] == sources.RETRIES + 1  # bounded
+    assert slept == SCHEDULE
 
 
-def test_missing_shard_is_not_retried(data, server, tmp_path):
+def test_missing_shard_is_not_retried(data, server, httpd, slept):
     copy = data / "missing"
     shutil.copytree(data / "d", copy)
     (copy / "train-000000.tar").unlink()
     with pytest.raises(DataError, match=r"missing/train-000000.tar is unreadable \(HTTP 404"):
         eval_batches(f"{server}/missing", "train", 32, 4, 0, 1)
-    assert Handler.paths.count("/missing/train-000000.tar") == 1
+    assert httpd.handler.hits["/missing/train-000000.tar"] == 1 and slept == []
 
 
-def test_unreachable_server(monkeypatch):
+def test_unreachable_server(monkeypatch, slept):
     monkeypatch.setattr(sources, "RETRIES", 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,6 +210,7 @@ def test_unreachable_server(monkeypatch):
         DataError, match=rf"cannot read http://127.0.0.1:{port}/d/manifest.json after 3 tries: .*refused"
     ):
         load_manifest(f"http://127.0.0.1:{port}/d")
+    assert slept == SCHEDULE[:2]
 
 
 def _rewrite_member(shard: Path, change) -> None:

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_zero_stages_match_stage_0(tmp_path):
     out = tmp_path / "curves.json"
     with socket.socket() as sock:  # torchrun's --master_port=0 leaves the workers waiting at rendezvous

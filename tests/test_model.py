@@ -122,6 +122,7 @@ def test_rope_tables_stay_out_of_the_state_dict():
     fresh.load_state_dict(model.state_dict())
 
 
+@pytest.mark.timeout(120)
 def test_overfits_one_batch():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**TINY, "d_model": 64}))
