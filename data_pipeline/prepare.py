@@ -55,7 +55,8 @@ def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
     """Sorted files named by `inputs` (files, folders, globs, URLs); DataError when there is no text.
 
     A file named directly must hold text (unless `skip_empty`); empty files found through a
-    folder or a glob are skipped. A URL (http(s)://, s3://, ...) names one file, as it is.
+    folder or a glob are skipped, and so are a folder's hidden files and folders (.git,
+    .cache). A URL (http(s)://, s3://, ...) names one file, as it is.
     """
     files: list[str] = []
     for item in inputs:
@@ -66,9 +67,18 @@ def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
                 raise DataError(f"input file {item} has no text: remove it from the inputs or fill it")
             found = [item]
         elif os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = sorted(  # hidden files and folders (.git, .cache, ...) are not input
+                str(p)
+                for p in Path(item).rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        if not found and os.path.isdir(item):
+            raise DataError(
+                f"input folder '{item}' holds no files (hidden ones are not read): give text files, a folder of "
+                "them or a quoted glob"
+            )
         if not found:
             raise DataError(f"input '{item}' matches no files: give text files, a folder or a quoted glob")
         files += found
@@ -96,6 +106,9 @@ def split_documents(
     skips = skips or readers.Skips()
     if readers.kind(path) == "text":
         raw = readers.read_text(path)
+        if (problem := readers.head_problem(path, raw[: readers.HEAD_BYTES])) is not None:
+            skips.file(f"{path} is {problem}")
+            return
         cut = int(len(raw) * (1 - val_fraction))
         yield from ((split, text) for split, text in (("train", raw[:cut]), ("val", raw[cut:])) if text)
         return
@@ -345,6 +358,13 @@ class ShardWriter:
 
 def _check_out(out_dir: str, overwrite: bool) -> None:
     if not os.path.exists(out_dir):
+        above = os.path.dirname(os.path.abspath(out_dir))
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise DataError(f"--out {out_dir}: {above} is a file, not a folder: choose a folder")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise DataError(f"--out {out_dir}: {above} is not writable: choose a folder you can write")
         return
     if not os.path.isdir(out_dir):
         raise DataError(f"--out {out_dir} is a file: choose a folder")
@@ -476,6 +496,8 @@ def prepare(
     if (error := examples.no_template(format, tokenizer)) is not None:
         raise error
     files = expand_inputs(inputs, skip_empty)
+    if on_error == "fail":  # a binary or misnamed input, named before anything is written
+        readers.check_heads(files)
     remote = RemoteOut(out_dir, overwrite) if is_url(out_dir) else None
     if remote is None:
         _check_out(out_dir, overwrite)
@@ -601,8 +623,9 @@ def load_manifest(path: str) -> dict:
         raise DataError(
             f"no manifest.json in {path}: run `trainctl prepare` first or point data.path at a prepared dataset"
         )
+    raw = read_bytes(file)  # DataError naming the file when it cannot be read
     try:
-        manifest = json.loads(read_bytes(file))
+        manifest = json.loads(raw)
     except ValueError as e:
         raise DataError(f"{file} is not valid JSON ({e}): prepare the dataset again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.errors import DataError
-from data_pipeline.sources import is_url
+from data_pipeline.errors import DataError, error_text
+from data_pipeline.sources import is_url, open_stream, with_retries
 from data_pipeline.tokenizer import build_tokenizer, parse_spec, token_dtype
 
 FORMAT = "trainctl.raw-shards"
@@ -69,6 +69,60 @@ def raw_manifest(spec: str, options: RawOptions, urls: list[str] | None = None) 
         "splits": {"train": {"shards": shards}, "val": {"shards": []}},
         "options": options,
     }
+
+
+RAW_HELP = (
+    "give WebDataset .tar shards of .txt, .json or .jsonl samples, raw text (a file, folder or glob) or a "
+    "prepared dataset folder (`trainctl prepare`)"
+)
+
+
+def tar_header_problem(head: bytes) -> str | None:
+    """Why the first 512 bytes of a file are not a tar member's header, or None when they are."""
+    import tarfile
+
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")):
+        return None  # a compressed tar (gzip, bzip2, xz), which tarfile reads too: its first sample tells
+    if len(head) < tarfile.BLOCKSIZE:
+        return f"{len(head):,} bytes, less than one 512-byte tar header"
+    try:
+        tarfile.TarInfo.frombuf(head[: tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return "an empty tar: its first block is all zeros"
+    except tarfile.HeaderError:
+        return "its first 512 bytes are no tar header"
+    return None
+
+
+def check_shards(manifest: dict, text_field: str = "text") -> None:
+    """Raw-text shards checked before a job starts, so a file that is not one fails here in
+    one line (DataError) rather than in every worker after launch: each local shard must
+    begin with a tar header, and the first shard's first sample (read through, local or a
+    URL) must hold text (.txt, .json or .jsonl with `text_field`). `pipe:` shards are not
+    run here."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    urls = [s["url"] for s in manifest["splits"]["train"]["shards"] if not s["url"].startswith("pipe:")]
+    for url in urls:
+        if is_url(url) and not url.startswith("file://"):
+            continue
+        with open(url.removeprefix("file://"), "rb") as f:
+            problem = tar_header_problem(f.read(512))
+        if problem:
+            raise DataError(f"data.path: {url} is not a tar file ({problem}): {RAW_HELP}")
+    if not urls:
+        return
+    url = urls[0]
+    with with_retries(lambda: open_stream(url), url) as stream:
+        try:
+            first = next(group_by_keys(tar_file_expander([{"url": url, "stream": stream}])), None)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken tar, named
+            raise DataError(f"data.path: {url} is not a readable tar file ({error_text(e, url)}): {RAW_HELP}") from None
+    if first is None:
+        raise DataError(f"data.path: {url} holds no samples: {RAW_HELP}")
+    documents(first, url, text_field)  # DataError when the sample holds no text
 
 
 def json_text(raw: str | bytes, text_field: str, where: str, hint: str) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, error_text
 from data_pipeline.sources import describe_error, is_url, open_stream, read_bytes, with_retries
 
 ON_ERROR = ("fail", "skip")
@@ -44,6 +44,43 @@ def kind(path: str) -> str:
     if name.endswith(".tar"):
         return "tar"
     return "text"
+
+
+HEAD_BYTES = 8000  # git's test for binary files: a NUL byte among the first 8000 bytes
+INPUT_HELP = "give text, .jsonl(.gz|.zst), .parquet or raw-text .tar files, or remove it from the inputs"
+
+
+def head_problem(path: str, head: bytes) -> str | None:
+    """What an input file is instead of what its name says, from its first HEAD_BYTES bytes
+    (e.g. "binary, not text (...)"), or None when they agree: a tar header for .tar, no NUL
+    byte in text and .jsonl. Compressed .jsonl and .parquet files are left to their readers,
+    which name what is wrong."""
+    name = path.split("?")[0] if is_url(path) else path
+    if kind(path) == "tar":
+        from data_pipeline.raw import tar_header_problem
+
+        problem = tar_header_problem(head)
+        return f"not a tar file ({problem})" if problem else None
+    if kind(path) == "parquet" or name.endswith((".gz", ".zst")) and kind(path) == "jsonl":
+        return None
+    nul = head.find(b"\0", 0, HEAD_BYTES)
+    return f"binary, not text (byte {nul:,} is a NUL byte)" if nul >= 0 else None
+
+
+def check_heads(files: list[str]) -> None:
+    """DataError naming the first local file whose first bytes are not what its name says
+    (`head_problem`): a binary file among text, random bytes named .tar. URLs are checked as
+    they are read."""
+    for path in files:
+        if is_url(path) and not path.startswith("file://"):
+            continue
+        try:
+            with open(path.removeprefix("file://"), "rb") as f:
+                head = f.read(HEAD_BYTES)
+        except OSError as e:
+            raise DataError(f"cannot read {path} ({e.strerror})") from None
+        if (problem := head_problem(path, head)) is not None:
+            raise DataError(f"{path} is {problem}: {INPUT_HELP}")
 
 
 class Skips:
@@ -274,7 +311,7 @@ def tar_documents(path: str, text_field: str, skips: Skips) -> Iterator[bytes]:
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - a broken tar, named
-            skips.file(f"{path} is not a readable tar file ({type(e).__name__}: {e})")
+            skips.file(f"{path} is not a readable tar file ({error_text(e, path)})")
 
 
 def documents(path: str, text_field: str, skips: Skips) -> Iterator[bytes]:

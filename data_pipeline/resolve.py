@@ -16,6 +16,7 @@ from pathlib import Path
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import AUTO_SHARD_BYTES, CHUNK_BYTES, FORMAT, expand_inputs, prepare
 from data_pipeline.raw import is_shard_list
+from data_pipeline.readers import check_heads
 from data_pipeline.sources import is_url
 
 
@@ -86,6 +87,12 @@ def resolve_dataset(
     h = _fingerprint(files, tokenizer, val_fraction, text_field, fmt, seq_len)
     out = os.path.join(cache_dir, f"{stem}-{tokenizer_tag(tokenizer)[0]}-{h}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
+        try:
+            check_heads(files)  # a binary file, or random bytes named .tar, before anything is written
+        except DataError as e:
+            raise DataError(f"data.path: {e}") from None
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise DataError(f"data.cache_dir {cache_dir} is a file: set data.cache_dir to a folder")
         prepare(
             [path],
             out,

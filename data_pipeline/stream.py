@@ -22,13 +22,13 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, error_text
 from data_pipeline.examples import window_stride
 from data_pipeline.prefetch import prefetched
 from data_pipeline.prepare import load_manifest
 from data_pipeline.raw import FORMAT as RAW_FORMAT
 from data_pipeline.raw import RawOptions, is_shard_list, raw_manifest, shard_urls, tokenize_sample
-from data_pipeline.sources import describe_error, is_url, join, open_stream, parent, with_retries
+from data_pipeline.sources import is_url, join, open_stream, parent, with_retries
 from data_pipeline.tokenizer import tokenizer_from_dict
 from data_pipeline.ustar import token_members
 
@@ -96,7 +96,7 @@ def read_shard(
         attempt,
         url,
         failed=lambda e: (
-            f"shard {url} is unreadable ({describe_error(e)}): prepare the dataset again or check the storage"
+            f"shard {url} is unreadable ({error_text(e, url)}): prepare the dataset again or check the storage"
         ),
     )
     tokens = sum(len(a) for a in arrays)

@@ -67,18 +67,84 @@ def load_config(
     return resolve_paths(cfg, base_dir or os.getcwd())
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in one mapping of a YAML text (YAML's last-one-wins would hide it)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping, at any depth (PyYAML
+    keeps the last silently), naming the dotted key and both lines. Keys a `<<: *anchor`
+    merge brings in may be overridden: only the keys written in the mapping itself count.
+    `key_prefix`: the dotted key the text is the value of (an override's), named instead of lines."""
+
+    key_prefix = ""
+
+    def construct_document(self, node):
+        self.where: dict[int, str] = {}  # id(mapping node) -> its dotted key, for the message
+
+        def walk(n, where: str) -> None:
+            if isinstance(n, yaml.MappingNode) and id(n) not in self.where:
+                self.where[id(n)] = where
+                for k, v in n.value:
+                    walk(v, f"{where}.{k.value}" if where else str(k.value))
+            elif isinstance(n, yaml.SequenceNode):
+                for i, v in enumerate(n.value):
+                    walk(v, f"{where}.{i}" if where else str(i))
+
+        walk(node, self.key_prefix)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+                if first is not None:
+                    where = getattr(self, "where", {}).get(id(node), "")
+                    lines = f"on line {line}" if first == line else f"at line {first} and line {line}"
+                    raise DuplicateKey(
+                        f"key '{f'{where}.{key}' if where else key}' is given twice"
+                        + ("" if self.key_prefix else f", {lines}")  # an override's one line says nothing
+                        + ": keep one (YAML would silently use the last)"
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give the path to a YAML job file (see configs/)")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: give the path to a YAML job file (see configs/)")
     try:
-        tree = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not a YAML job file: byte {e.start:,} is not UTF-8 text (a binary file?): give a job file "
+            "like those in configs/"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror}): check its permissions") from None
+    try:
+        tree = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
     if tree is None:
-        return {}
+        raise ConfigError(
+            f"{path} is empty (or holds only comments): write the job's sections in it (name, model, data, train, "
+            "...), e.g. start from configs/tiny-cpu.yaml"
+        )
     if not isinstance(tree, dict):
         raise ConfigError(
             f"{path}: a job file is a mapping of sections (name, model, data, train, ...), not a {type(tree).__name__}"
@@ -91,7 +157,10 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        loader = type("OverrideLoader", (UniqueKeyLoader,), {"key_prefix": key})
+        value = yaml.load(raw, Loader=loader) if raw != "" else ""
+    except DuplicateKey as e:
+        raise ConfigError(f"override {item!r}: {e}") from None
     except yaml.YAMLError:
         value = raw
     node = tree

@@ -6,6 +6,8 @@ one line, exit 2, nothing written.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,11 +16,16 @@ class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit 2."""
 
 
-def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
+def prepare_job(cfg, fresh: bool = False, force: bool = False, ray: bool = True) -> list:
     """Make data.path a prepared dataset and check that it fits the model and the checkpoint
-    it resumes from (before any worker starts). Returns the checkpoints a `--resume --force`
-    rewind deletes."""
+    it resumes from, and (`ray`: the job runs on a private local Ray) that this machine has
+    the cores for its workers (before any worker starts). Returns the checkpoints a
+    `--resume --force` rewind deletes."""
+    if ray and "WORLD_SIZE" not in os.environ:  # under torchrun (--no-ray), torchrun decides
+        check_local_cores(cfg.cluster)
     from data_pipeline import open_dataset, resolve_dataset
+    from data_pipeline.raw import FORMAT as RAW_SHARDS
+    from data_pipeline.raw import check_shards, is_shard_list
     from trainer import checkpoint
     from trainer.build import build_stream, data_paths, raw_options
     from trainer.run_folder import checkpoint_store
@@ -31,9 +38,13 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
             )
     else:
         d.path = resolve_dataset(d.path, d.cache_dir, d.tokenizer, d.val_fraction, d.text_field, d.format, d.seq_len)
-    tokenizer = open_dataset(data_paths(cfg)[0], raw_options(cfg))[
-        "tokenizer"
-    ]  # mixed sources must agree (build_stream checks)
+    manifests = {path: open_dataset(path, raw_options(cfg)) for path in data_paths(cfg)[:1]}
+    for path in data_paths(cfg):  # raw-text shards, read only by the workers: a first look here
+        if is_shard_list(path) and not path.startswith("pipe:"):
+            manifest = manifests.get(path) or open_dataset(path, raw_options(cfg))
+            if manifest["format"] == RAW_SHARDS:
+                check_shards(manifest, d.text_field)
+    tokenizer = manifests[data_paths(cfg)[0]]["tokenizer"]  # mixed sources must agree (build_stream checks)
     vocab = tokenizer["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise UsageError(
@@ -93,6 +104,47 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False) -> list:
     if (too_big := fit_warning(cfg)) is not None:
         print(f"trainctl: warning: {too_big}", file=sys.stderr, flush=True)
     return newer
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota
+    (a container's `--cpus`)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(math.ceil(int(quota) / int(period)), 1))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def check_local_cores(cluster, cores: int | None = None) -> None:
+    """A private local Ray (`cluster.address: local`) gets num_workers x cpus_per_worker CPUs:
+    more than this machine has cores would start more worker processes than it can run (each
+    training slower than alone, and all of them waiting for the slowest), so it is refused,
+    naming how to oversubscribe on purpose. A cluster that is joined checks placement itself."""
+    from trainer.config import CPU_UNITS
+
+    if cluster.address != "local":
+        return
+    cores = available_cores() if cores is None else cores
+    n, per = cluster.num_workers, cluster.cpus_per_worker
+    if round(per * CPU_UNITS) * n <= cores * CPU_UNITS:
+        return
+    need = round(per * CPU_UNITS) * n / CPU_UNITS
+    what = f"cluster.num_workers={n}" + (f" x cluster.cpus_per_worker={per:g}" if per != 1 else "")
+    fit = math.floor(cores * CPU_UNITS / n) / CPU_UNITS  # the most per worker that fits, in Ray's steps
+    if fit >= 1:
+        how = f"lower cluster.cpus_per_worker to {fit:g}" + (" or cluster.num_workers" if n > 1 else "")
+    elif fit > 0:
+        how = f"lower cluster.num_workers, or oversubscribe on purpose with cluster.cpus_per_worker={fit:g}"
+    else:
+        how = f"lower cluster.num_workers to at most {cores * CPU_UNITS}"
+    raise UsageError(f"{what} needs {need:g} CPUs but this machine has {cores} cores: {how}")
 
 
 def resume_checkpoint(path: str):

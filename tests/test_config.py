@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,40 @@ def _cli(*args, cwd):
         (["run", "CFG", "model.vocab_size=100"], "tokenizer has 257 tokens but model.vocab_size=100"),
         (["run", "CFG", "data.lanes=0"], "data.lanes=0"),
         (["generate", "nowhere"], "no complete checkpoint in nowhere"),
+        # the job file itself
+        (["run", "empty.yaml"], "empty.yaml is empty (or holds only comments): write the job's sections"),
+        (["run", "comments.yaml"], "comments.yaml is empty (or holds only comments)"),
+        (["run", "dup.yaml"], "dup.yaml: key 'name' is given twice, at line 1 and line 3: keep one"),
+        (["run", "dup-nested.yaml"], "key 'train.lr' is given twice, at line 3 and line 5"),
+        (
+            ["run", "CFG", "data.sources=[{path: a, weight: 1, path: b}]"],
+            "key 'data.sources.0.path' is given twice: keep one",
+        ),
+        (["run", "."], "config file . is a folder: give the path to a YAML job file"),
+        (["run", "list.yaml"], "list.yaml: a job file is a mapping of sections"),
+        (["run", "binary.yaml"], "binary.yaml is not a YAML job file: byte 1 is not UTF-8 text"),
+        # data.path that is not data
+        (["run", "CFG", "data.path=junk.tar"], "junk.tar is not a tar file (its first 512 bytes are no tar header)"),
+        (["run", "CFG", "data.path=x.tar"], "x.tar is not a tar file (6 bytes, less than one 512-byte tar header)"),
+        (["run", "CFG", "data.path=junk.bin"], "junk.bin is binary, not text (byte "),
+        (
+            ["run", "CFG", "data.path=junkdir"],
+            "junkdir/a.tar is not a tar file (its first 512 bytes are no tar header)",
+        ),
+        (["run", "CFG", "data.path=emptydir"], "emptydir' holds no files (hidden ones are not read)"),
+        (["run", "CFG", "data.path="], "data.path is empty: give a path"),
+        (["run", "CFG", "data.cache_dir=text.txt"], "data.cache_dir " + "{tmp}/text.txt is a file"),
+        (["run", "CFG", "name=../x"], "name='../x' must be letters"),
+        (["run", "CFG", "name=/tmp/x"], "name='/tmp/x' must be letters"),
+        (["run", "CFG", "name=a/b"], "name='a/b' must be letters"),
+        (["run", "CFG", "name=.."], "name='..' must be letters"),
+        (["run", "CFG", 'name="x\\n"'], "name='x\\n' must be letters"),  # a whole-name match: no trailing newline
+        # an error naming a URL shows it without its credentials
+        (
+            ["run", "CFG", "data.path=foo://me:S3CR3T@h/d"],
+            "trainctl: error: cannot open foo://me:***@h/d/manifest.json: Protocol not known: foo",
+        ),
+        (["run", "CFG", "cluster.cpus_per_worker=0.03125"], "Ray counts CPUs in steps of 0.0001"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragment):
@@ -212,6 +247,21 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragme
     )
     (tmp_path / "text.txt").write_text("hello world, " * 400)
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comments.yaml").write_text("# a job, one day\n\n  # nothing yet\n")
+    (tmp_path / "dup.yaml").write_text("name: a\ndata: {path: text.txt}\nname: b\n")
+    (tmp_path / "dup-nested.yaml").write_text("name: a\ntrain:\n  lr: 0.1\n  max_steps: 3\n  lr: 0.2\n")
+    (tmp_path / "list.yaml").write_text("- name: a\n- name: b\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\x00\xfe\xff" + bytes(range(256)))
+    junk = random.Random(0).randbytes(4096)  # as `head -c 4096 /dev/urandom`
+    (tmp_path / "junk.tar").write_bytes(junk)
+    (tmp_path / "junk.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + junk)
+    (tmp_path / "x.tar").write_text("hello\n")
+    (tmp_path / "junkdir").mkdir()
+    (tmp_path / "junkdir" / "a.tar").write_bytes(junk)
+    (tmp_path / "emptydir").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    fragment = fragment.replace("{tmp}", str(tmp_path))
     before = sorted(p.name for p in tmp_path.rglob("*"))
     r = _cli(*[str(tmp_path / "job.yaml") if a == "CFG" else a for a in args], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
@@ -238,3 +288,50 @@ def test_the_gpu_fast_path_overlaps_communication_and_uses_the_fused_adam():
     assert z3["stage"] == 3 and z3["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and z3["overlap_comm"]
     cpu = deepspeed_config(load_config(None, ["train.zero_stage=2"]))["zero_optimization"]
     assert cpu == {"stage": 2}  # gloo on a CPU: DeepSpeed's defaults, no overlap stream to use
+
+
+def test_a_local_job_wider_than_the_machine_is_refused_before_ray():
+    """cluster.address local sizes a private Ray to num_workers x cpus_per_worker CPUs: more
+    than the cores here is refused, naming how to oversubscribe on purpose (Ray's CPUs are
+    fixed-point in 0.0001 steps, so the suggestion is rounded down to fit)."""
+    from launcher.job import UsageError, check_local_cores
+
+    def check(*overrides, cores=2):
+        check_local_cores(load_config(None, list(overrides)).cluster, cores=cores)
+
+    with pytest.raises(UsageError) as e:
+        check("cluster.num_workers=64")
+    assert str(e.value) == (
+        "cluster.num_workers=64 needs 64 CPUs but this machine has 2 cores: lower cluster.num_workers, or "
+        "oversubscribe on purpose with cluster.cpus_per_worker=0.0312"
+    )
+    check("cluster.num_workers=64", "cluster.cpus_per_worker=0.0312")  # on purpose: 1.9968 CPUs
+    check("cluster.num_workers=3", "cluster.cpus_per_worker=0.6666")
+    check("cluster.num_workers=2")
+    check("cluster.num_workers=64", "cluster.address=auto")  # a joined cluster: Ray's placement check
+    with pytest.raises(
+        UsageError,
+        match=r"^cluster.num_workers=1 x cluster.cpus_per_worker=8 needs 8 CPUs but this "
+        r"machine has 2 cores: lower cluster.cpus_per_worker to 2$",
+    ):
+        check("cluster.num_workers=1", "cluster.cpus_per_worker=8")
+    with pytest.raises(UsageError, match=r"needs 30000 CPUs .* 2 cores: lower cluster.num_workers to at most 20000$"):
+        check("cluster.num_workers=30000")  # not even Ray's smallest share each
+    assert load_config(None, ["cluster.cpus_per_worker=0.25"]).cluster.cpus_per_worker == 0.25
+    assert "cluster.cpus_per_worker=0.03125: Ray counts CPUs in steps of 0.0001" in _err(
+        Path("."), None, ["cluster.cpus_per_worker=0.03125"]
+    )
+
+
+def test_cli_refuses_more_workers_than_cores_before_ray(tmp_path):
+    from launcher.job import available_cores
+
+    cores = available_cores()
+    (tmp_path / "job.yaml").write_text("name: wide\ndata:\n  path: text.txt\n")
+    (tmp_path / "text.txt").write_text("hello world, " * 400)
+    r = _cli("run", "job.yaml", f"cluster.num_workers={cores + 1}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith(
+        f"trainctl: error: cluster.num_workers={cores + 1} needs {cores + 1} CPUs but this machine has {cores} cores: "
+    ), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Ray" not in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "text.txt"]  # no run folder, no prepared data

@@ -105,16 +105,42 @@ def test_folder_and_glob_inputs_skip_empty_files(texts):
         (["empty.txt"], {}, "input file empty.txt has no text"),
         (["a.txt"], {"tokenizer": "wordpiece"}, "unknown tokenizer 'wordpiece'"),
         (["a.txt"], {"val_fraction": 1.0}, "--val-fraction=1.0 must be in [0, 1)"),
+        # files that are not what their names say, named before anything is written
+        (["a.txt", "prog.bin"], {}, "prog.bin is binary, not text (byte 7 is a NUL byte): give text, .jsonl"),
+        (["junk.tar"], {}, "junk.tar is not a tar file (its first 512 bytes are no tar header)"),
+        (["a.txt"], {"out_dir": "a.txt/out"}, "--out a.txt/out: " + "{texts}/a.txt is a file, not a folder"),
     ],
 )
 def test_prepare_bad_input_writes_nothing(texts, monkeypatch, inputs, kwargs, fragment):
+    import random
+
     monkeypatch.chdir(texts)
     (texts / "empty.txt").write_text("")
+    junk = random.Random(0).randbytes(4096)
+    (texts / "prog.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + junk)
+    (texts / "junk.tar").write_bytes(junk)
+    kwargs = {"out_dir": "out", **kwargs}
+    fragment = fragment.replace("{texts}", str(texts))
     before = sorted(p.name for p in texts.rglob("*"))
     with pytest.raises(DataError, match=None) as e:
-        prepare(inputs, "out", **kwargs)
+        prepare(inputs, **kwargs)
     assert fragment in str(e.value)
     assert sorted(p.name for p in texts.rglob("*")) == before
+
+
+def test_binary_inputs_are_skipped_on_request_and_hidden_folders_are_not_input(texts, capsys):
+    """--on-error skip passes over a binary file found in a folder (named, counted); a
+    folder's hidden files and folders (.git, .cache) are not read at all."""
+    (texts / "sub" / ".cache" / "old").mkdir(parents=True)
+    (texts / "sub" / "c.txt").write_text("x" * 100)
+    (texts / "sub" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200))
+    (texts / "sub" / ".cache" / "old" / "train-000000.tar").write_bytes(bytes(1024))
+    with pytest.raises(DataError, match=r"logo.png is binary, not text \(byte 8 is a NUL byte\)"):
+        prepare([str(texts / "sub")], str(texts / "out1"))
+    assert not (texts / "out1").exists()
+    m = prepare([str(texts / "sub")], str(texts / "out2"), on_error="skip")
+    assert m["input_files"] == 2 and m["skipped"]["files"] == 1 and m["splits"]["train"]["tokens"] == 91
+    assert "prepare: skipped " + str(texts / "sub" / "logo.png") + " is binary, not text" in capsys.readouterr().err
 
 
 def test_prepare_refuses_to_overwrite_without_flag(texts):
@@ -249,6 +275,7 @@ def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
     assert ours == (tmp_path / "ref.tar").read_bytes() and shard["bytes"] == len(ours)
 
 
+@pytest.mark.timeout(120)
 def test_parallel_and_ray_prepare_write_the_same_bytes(texts):
     """--workers and --address only change who tokenizes: the shards are identical."""
     import os

@@ -160,3 +160,92 @@ def test_sample_without_text(tmp_path):
     with pytest.raises(DataError, match=r"sample a has no .txt, .json or .jsonl member \(it has \['png'\]\)"):
         next(iter(TokenStream(str(tmp_path / "x.tar"), "train", 8, 1, 0, 1)))
     assert np.dtype(open_dataset(str(tmp_path / "x.tar"))["dtype"]) == np.uint16
+
+
+def test_raw_shards_are_checked_before_launch(corpus, tmp_path):
+    """`check_shards` (the launcher's look before Ray starts): every local shard begins with a
+    tar header and the first one's first sample holds text; each refusal names the file and
+    what data.path takes, without a Python object's repr."""
+    import gzip
+    import random
+
+    from http_helpers import serve
+
+    from data_pipeline.raw import check_shards
+
+    root, spec, _ = corpus
+    check_shards(open_dataset(spec, OPTS), "body")  # good shards pass
+    with serve(root) as httpd:
+        url = f"http://127.0.0.1:{httpd.server_port}/raw-{{000000..000003}}.tar"
+        check_shards(open_dataset(url, OPTS), "body")  # a URL: the first shard's first sample only
+        assert {k: v for k, v in httpd.handler.hits.items() if k.endswith(".tar")} == {"/raw-000000.tar": 1}
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "a.tar").write_bytes(gzip.compress((root / "raw-000000.tar").read_bytes()))
+    check_shards(open_dataset(str(tmp_path / "gz" / "a.tar"), OPTS), "body")  # tarfile reads it: so may we
+
+    def refused(name: str, write, text_field: str = "body") -> str:
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(DataError) as e:
+            check_shards(open_dataset(str(path), OPTS), text_field)
+        assert "\n" not in str(e.value) and " at 0x" not in str(e.value) and "<" not in str(e.value)
+        return str(e.value)
+
+    junk = random.Random(0).randbytes(4096)
+    assert refused("junk.tar", lambda p: p.write_bytes(junk)) == (
+        f"data.path: {tmp_path}/junk.tar is not a tar file (its first 512 bytes are no tar header): give "
+        "WebDataset .tar shards of .txt, .json or .jsonl samples, raw text (a file, folder or glob) or a prepared "
+        "dataset folder (`trainctl prepare`)"
+    )
+    assert "x.tar is not a tar file (6 bytes, less than one 512-byte tar header)" in refused(
+        "x.tar", lambda p: p.write_text("hello\n")
+    )
+
+    def tar_of(sample):
+        def write(path):
+            with wds.TarWriter(str(path)) as sink:
+                if sample:
+                    sink.write(sample)
+
+        return write
+
+    assert "is not a tar file (an empty tar: its first block is all zeros)" in refused("none.tar", tar_of(None))
+    assert "sample a has no .txt, .json or .jsonl member (it has ['png'])" in refused(
+        "png.tar", tar_of({"__key__": "a", "png": b"\x89PNG"})
+    )
+    assert "sample a's .json has no 'text' field: set data.text_field" in refused(
+        "json.tar", tar_of({"__key__": "a", "json": b'{"body": "x"}'}), "text"
+    )
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "s-0.tar").write_bytes((root / "raw-000000.tar").read_bytes())
+    (tmp_path / "two" / "s-1.tar").write_bytes(junk)  # a bad shard after a good one is named too
+    with pytest.raises(DataError, match=r"s-1.tar is not a tar file"):
+        check_shards(open_dataset(str(tmp_path / "two" / "s-{0..1}.tar"), OPTS), "body")
+
+
+def test_unreadable_tar_messages_hold_no_object_repr(tmp_path):
+    """webdataset adds its stream object to a tar error's args: the messages leave it out
+    (it used to read `ReadError: ('invalid header', <...HashingReader object at 0x...>, ...)`)."""
+    import random
+
+    from data_pipeline import readers
+    from data_pipeline.errors import DataError as PlainDataError
+    from data_pipeline.stream import read_shard
+
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(DataError) as e:
+        read_shard({"url": str(junk)}, np.dtype(np.uint16), lambda sample, url: [])
+    assert str(e.value) == (
+        f"shard {junk} is unreadable (ReadError: invalid header): prepare the dataset again or check the storage"
+    )
+    with pytest.raises(DataError) as e:
+        list(readers.documents(str(junk), "text", readers.Skips("fail")))
+    assert (
+        str(e.value)
+        == f"{junk} is not a readable tar file (ReadError: invalid header): fix the file or pass --on-error skip"
+    )
+    # the last resort: whatever a library puts in a message, DataError shows no object repr
+    assert str(PlainDataError("x (<a.b.Reader object at 0x7f00>, <_io.BufferedReader name='/y'>)")) == (
+        "x (Reader, BufferedReader)"
+    )

@@ -20,7 +20,7 @@ from cli_helpers import SHAKESPEARE, env, trainctl
 from hf_models import qwen2_folder, smollm2_folder, tiny_config
 
 from data_pipeline import FLAG_PROMPT, FLAG_SHIFT, FLAG_START
-from trainer import hf
+from trainer import checkpoint, hf
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.targets import Targets
@@ -98,6 +98,7 @@ def imported(smollm2, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_smollm2_step0_validation_is_a_trained_models(imported):
     """English text on a pre-trained model: far below a random model's ln(49152) = 10.8."""
     work, r = imported
@@ -108,6 +109,7 @@ def test_smollm2_step0_validation_is_a_trained_models(imported):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)
 def test_import_then_export_round_trips_smollm2(imported, smollm2):
     """Import → 0 steps → export: the same logits in transformers, the same files around them,
     and the chat answer of the original (in transformers and in `trainctl generate --chat`)."""
@@ -136,6 +138,7 @@ def test_import_then_export_round_trips_smollm2(imported, smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_loading_peaks_at_one_copy_of_the_weights(smollm2):
     """SmolLM2 saved as 3 shards loads into the model tensor by tensor: host memory grows by
     at most 1.2x one copy of the weights (no state dict beside the model)."""
@@ -164,6 +167,7 @@ def test_loading_peaks_at_one_copy_of_the_weights(smollm2):
     "family",
     ["llama3", "mistral"],
 )
+@pytest.mark.timeout(120)
 def test_other_families_load_with_the_same_logits(tmp_path, family):
     """Llama 3's RoPE scaling and Mistral (no sliding window) give transformers' logits."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -188,6 +192,7 @@ def test_other_families_load_with_the_same_logits(tmp_path, family):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_qwen2_round_trips_from_a_url(smollm2, tmp_path):
     """A random Qwen2 (q/k/v biases, untied head) served over HTTP (ranged reads) on
     127.0.0.1, loaded at ZeRO-3 (partitioned, through zero.Init): import → 0 steps → export
@@ -263,6 +268,7 @@ def sft(smollm2, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_sft_lowers_the_assistant_loss(sft):
     work, *_ = sft
     rows = metrics(work / "runs" / "lora")
@@ -274,6 +280,7 @@ def test_sft_lowers_the_assistant_loss(sft):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(720)
 def test_lora_trains_and_saves_only_adapters(sft):
     """The checkpoint holds the adapters alone, beside the base's hash; the merged export
     differs from the base in exactly the targeted weights; peft, loading the adapter export
@@ -285,7 +292,7 @@ def test_lora_trains_and_saves_only_adapters(sft):
 
     work, base, lora = sft
     ckpt = work / "runs" / "lora" / "checkpoints" / "step_00000004"
-    saved = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    saved = checkpoint.load_torch(ckpt / "mp_rank_00_model_states.pt")["module"]  # weights_only=True
     assert len(saved) == 30 * 3 * 2 and all(".lora_" in name for name in saved)
     assert json.loads((ckpt / "trainctl.json").read_text())["lora"]["base_sha256"] == hf.weights_sha256(str(base))
     assert trainctl("export", "runs/lora", "merged", cwd=work).returncode == 0
@@ -323,6 +330,7 @@ def test_lora_trains_and_saves_only_adapters(sft):
 
 @pytest.mark.parametrize("extra", [{}, {"qkv_bias": True, "tie_embeddings": False}, {"rope_scaling": {
     "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}])  # fmt: skip
+@pytest.mark.timeout(120)
 def test_export_config_reads_back_as_the_same_model(extra):
     """The config.json a run from scratch exports is read back as the same model section
     (q/k/v biases as a Qwen2, Llama 3 RoPE scaling kept)."""
@@ -336,6 +344,7 @@ def test_export_config_reads_back_as_the_same_model(extra):
     assert ModelConfig(**fields) == mc.model_copy(update={"d_ff": mc.ffn_dim})  # d_ff resolved
 
 
+@pytest.mark.timeout(300)
 def test_a_changed_chat_template_is_a_new_dataset(smollm2, tmp_path):
     """Prepared-on-first-use chat data is keyed by the template too (it decides the loss flags)."""
     from data_pipeline.resolve import tokenizer_tag
@@ -387,6 +396,7 @@ def test_masked_targets_have_no_gradient():
     assert n_all == 12 - 1 and (grad_all[10] == 0) and (grad_all[:10] > 0).all()  # all but the example start
 
 
+@pytest.mark.timeout(300)
 def test_bad_fine_tuning_input_is_one_line(tmp_path, smollm2):
     """Each mistake: one line naming it, exit 2, nothing written."""
     from launcher.cli import main

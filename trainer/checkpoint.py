@@ -19,7 +19,9 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +36,30 @@ from trainer import patches
 from trainer.console import warn
 
 COMPLETE = "trainctl.json"
+# A checkpoint's tag, its folder's name: the only names taken from a listing, a `latest`
+# file or an object store's trainctl.json as a path (never "..", "/x" or "a/b").
+TAG_RE = re.compile(r"step_\d{8}")
+
+
+def is_tag(name: str) -> bool:
+    return TAG_RE.fullmatch(name) is not None
+
+
+def check_tag(tag: str) -> str:
+    if not is_tag(tag):
+        raise CheckpointError(f"{tag!r} is not a checkpoint tag (step_ and 8 digits)")
+    return tag
+
+
+def inside(folder: Path, name: str) -> Path:
+    """folder / name, for a relative file name read from a checkpoint's trainctl.json;
+    CheckpointError when it would leave the folder (absolute, `..`)."""
+    path = folder / name
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise CheckpointError(
+            f"checkpoint {folder} lists a file outside it ({name!r}): it is not a trainctl checkpoint"
+        )
+    return path
 
 
 class CheckpointError(Exception):
@@ -97,7 +123,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    return sorted(p for p in root.glob("step_*") if is_tag(p.name) and (p / COMPLETE).is_file())
 
 
 def damage(ckpt: Path) -> str | None:
@@ -122,10 +148,11 @@ def find_latest(root: Path) -> Path | None:
     CheckpointError when every checkpoint there is damaged (so a run never silently starts
     over on top of them)."""
     pointer = root / "latest"
-    if pointer.is_file() and not (root / pointer.read_text().strip() / COMPLETE).is_file():
-        warn(
-            f"checkpoint {root / pointer.read_text().strip()} is incomplete (a save was interrupted); using an earlier one"
-        )
+    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    if named is not None and not is_tag(named):  # only ever a tag: never followed as a path
+        warn(f"{pointer} holds {named[:40]!r}, not a checkpoint tag (step_ and 8 digits); ignoring it")
+    elif named is not None and not (root / named / COMPLETE).is_file():
+        warn(f"checkpoint {root / named} is incomplete (a save was interrupted); using an earlier one")
     done = complete_checkpoints(root)
     for ckpt in reversed(done):
         why = damage(ckpt)
@@ -203,7 +230,7 @@ class Store:
             return [p.name for p in complete_checkpoints(self.root)]
         fs, base = self.fs
         fs.invalidate_cache()
-        return sorted(p.rstrip("/").split("/")[-2] for p in fs.glob(f"{base}/step_*/{COMPLETE}"))
+        return sorted(t for p in fs.glob(f"{base}/step_*/{COMPLETE}") if is_tag(t := p.rstrip("/").split("/")[-2]))
 
     def meta(self, tag: str) -> dict[str, Any]:
         if self.url is None:
@@ -249,12 +276,13 @@ class Store:
                 pass
 
     def delete(self, tags: list[str]) -> None:
-        for tag in tags:
+        for tag in map(check_tag, tags):
             if self.url is not None:
                 self.fs[0].rm(self._remote(tag), recursive=True)
             shutil.rmtree(self.root / tag, ignore_errors=True)
 
     def set_latest(self, tag: str) -> None:
+        check_tag(tag)
         if self.url is not None:
             self.fs[0].pipe_file(self._remote("latest"), tag.encode())
         _atomic_write(self.root / "latest", tag.encode())
@@ -280,7 +308,7 @@ class Store:
     def fetch(self, tag: str) -> Path:
         """The checkpoint `tag` on local disk: downloaded into the mirror (by the first rank of
         this machine to get here; the others find it done)."""
-        folder = self.root / tag
+        folder = self.root / check_tag(tag)
         if self.url is None:
             return folder
         self.root.mkdir(parents=True, exist_ok=True)
@@ -288,7 +316,7 @@ class Store:
             fcntl.flock(lock, fcntl.LOCK_EX)
             info = self.meta(tag)
             for name, size in info["files"].items():
-                local = folder / name
+                local = inside(folder, name)  # the object store's word: never a path out of the mirror
                 if not (local.is_file() and local.stat().st_size == size):
                     local.parent.mkdir(parents=True, exist_ok=True)
                     tmp = local.with_name(f".{local.name}.part")
@@ -335,7 +363,7 @@ def find_checkpoint(path: str | Path) -> Path:
 def _find_remote(url: str) -> Path:
     parent, tag = url.rsplit("/", 1)
     try:
-        if tag.startswith("step_"):
+        if is_tag(tag):
             store = Store(url_cache(parent), parent)
             if tag in store.tags():
                 return store.fetch(tag)
@@ -380,6 +408,44 @@ def to_universal(ckpt: Path, out: Path) -> None:
         ds_to_universal(args)
 
 
+def _numpy_globals() -> list:
+    """What a rank file's state holds besides tensors: numpy's MT19937 state array (and any
+    numpy scalar a counter may be)."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct, scalar
+    types = (np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64)
+    dtypes = [type(np.dtype(t)) for t in (*types, np.float16, np.float32, np.float64)]
+    # Files written under numpy 1 name these by their old module.
+    old = [(_reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
+    return [_reconstruct, scalar, *old, np.ndarray, np.dtype, *dtypes]
+
+
+def _deepspeed_globals() -> list:
+    """The few DeepSpeed classes its checkpoint files hold besides tensors and plain values."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_torch(path: Path, **kwargs) -> Any:
+    """torch.load(path) with weights_only=True: tensors, plain containers and numbers, and
+    only the few other types trainctl's and DeepSpeed's checkpoint files hold (numpy's RNG
+    state, DeepSpeed's loss scaler and ZeRO enums), never arbitrary code. DeepSpeed is
+    imported only for a file that needs its classes."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        try:
+            return torch.load(path, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            if "deepspeed." not in str(e):
+                raise
+    with torch.serialization.safe_globals(_numpy_globals() + _deepspeed_globals()):
+        return torch.load(path, weights_only=True, **kwargs)
+
+
 def load(engine, ckpt: Path, rank: int, universal: Path | None = None, strict: bool = True) -> dict[str, Any]:
     """Restore the engine (collective) and return this rank's own state. `universal`: a
     scratch folder where rank 0 converts the checkpoint first, for an engine built with
@@ -390,7 +456,8 @@ def load(engine, ckpt: Path, rank: int, universal: Path | None = None, strict: b
         if rank == 0:
             to_universal(ckpt, universal)
         barrier()
-        path, _ = engine.load_checkpoint(str(universal), tag=ckpt.name, load_module_strict=strict)
+        with patches.fix_zero3_universal_load(engine):
+            path, _ = engine.load_checkpoint(str(universal), tag=ckpt.name, load_module_strict=strict)
         barrier()
         if rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
@@ -401,7 +468,7 @@ def load(engine, ckpt: Path, rank: int, universal: Path | None = None, strict: b
     own = ckpt / f"rank_{rank:05d}.pt"
     # A rank that did not exist when the checkpoint was written (more workers now) takes
     # rank 0's state; the data position is global, and its RNG is re-seeded by the caller.
-    state = torch.load(own if own.exists() else ckpt / "rank_00000.pt", weights_only=False)
+    state = load_torch(own if own.exists() else ckpt / "rank_00000.pt")
     if own.exists():
         set_rng_state(state["rng"])
     return state
@@ -416,5 +483,5 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
-        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = load_torch(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     return {k: v.float() for k, v in state.items()}

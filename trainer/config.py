@@ -9,8 +9,9 @@ import launcher/.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,7 +24,7 @@ class Section(BaseModel):
 
 
 class MixSource(Section):
-    path: str = Field(description="a dataset, as data.path takes it")
+    path: str = Field(min_length=1, description="a dataset, as data.path takes it")
     weight: float = Field(gt=0, description="relative share of the sequences drawn from it")
 
 
@@ -81,6 +82,13 @@ class DataSection(Section):
     sources: list[MixSource] | None = Field(
         None, description="several datasets mixed by weight, [{path, weight}, ...], instead of data.path"
     )
+
+    @field_validator("path", "cache_dir")
+    @classmethod
+    def _not_empty(cls, v: str, info) -> str:
+        if not v.strip():
+            raise ValueError(f"data.{info.field_name} is empty: give a path")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
@@ -187,6 +195,11 @@ class TrainSection(Section):
         description="a step whose loss exceeds this factor times the mean of the last 20 is a spike: roll back "
         "(like a non-finite loss); null = only non-finite losses roll back",
     )
+    skip_steps: list[int] = Field(
+        default_factory=list,
+        description="steps whose data windows are passed over untrained, as a rollback after a spike does "
+        "(a batch known to be bad; Megatron's --iterations-to-skip)",
+    )
     max_rollbacks: int = Field(
         3,
         ge=0,
@@ -261,8 +274,19 @@ class ClusterSection(Section):
     )
     num_workers: int = Field(2, gt=0, description="training processes (ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false = CPU and gloo")
-    cpus_per_worker: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(
+        1,
+        gt=0,
+        description="CPUs Ray reserves for each worker (a fraction, in steps of 0.0001, packs more workers "
+        "than cores onto a machine on purpose)",
+    )
     max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray Train allows (-1 = unlimited)")
+    restart_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="after a failure, seconds to wait for the cluster to hold the workers again (a lost node, "
+        "no replacement) before the job stops with exit 1; the same command then resumes",
+    )
     placement: Literal["PACK", "SPREAD"] = Field(
         "PACK",
         description="PACK workers onto few nodes, or SPREAD them over "
@@ -287,8 +311,24 @@ class ClusterSection(Section):
         "or measured with a matmul on a CPU (plan assumes an H100 for a GPU job)",
     )
 
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _cpu_steps(cls, v: float) -> float:
+        units = v * CPU_UNITS
+        if abs(units - round(units)) > 1e-6 * max(units, 1) or round(units) < 1:
+            down = math.floor(units + 1e-6) / CPU_UNITS
+            hint = f"e.g. {down:g}" if down > 0 else f"at least {1 / CPU_UNITS:g}"
+            raise ValueError(
+                f"cluster.cpus_per_worker={v:g}: Ray counts CPUs in steps of {1 / CPU_UNITS:g} (it would round this "
+                f"one, and the workers might no longer fit): give a multiple of {1 / CPU_UNITS:g}, {hint}"
+            )
+        return v
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+CPU_UNITS = 10_000  # Ray's resource quantities are fixed-point, in units of 0.0001
+
+# A run's name is a single folder name under checkpoint.storage_path: never a path ("..", "/", "a/b").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class JobConfig(Section):
@@ -302,8 +342,11 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
-        if not NAME_RE.match(self.name):
-            raise ValueError(f"name={self.name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
+        if not NAME_RE.fullmatch(self.name):
+            raise ValueError(
+                f"name={self.name!r} must be letters, digits, '_', '.' or '-', starting with a letter or digit (it "
+                "names one folder under checkpoint.storage_path)"
+            )
         t, c = self.train, self.cluster
         per_step = t.micro_batch_size * c.num_workers
         if t.global_batch_size is not None:
@@ -345,5 +388,82 @@ class JobConfig(Section):
         return self.train.micro_batch_size * self.cluster.num_workers * self.accum_steps
 
     def to_yaml(self) -> str:
-        """The resolved config as YAML, loadable again as a job file."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML, loadable again as a job file, its secrets redacted
+        (`redact`): what the run folder and its checkpoints keep (config.yaml)."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as a plain dict (model_dump(mode="json")) with its secrets replaced by
+        REDACTED: for what a run writes down (config.yaml, W&B). The workers get the real one."""
+        return redact(self.model_dump(mode="json"))
+
+
+# Secrets never written down: a run folder, W&B and the console get REDACTED in their place.
+REDACTED = "***"
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "SIGNATURE", "AUTH")
+SECRET_PARAMS = ("sig", "pwd", "pass", "code")  # query parameters that are secrets by their whole name
+URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+BEARER_RE = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable or query parameter of this name holds a secret
+    (HF_TOKEN, AWS_SECRET_ACCESS_KEY, X-Amz-Signature, X-Amz-Credential, sig, ...)."""
+    upper = name.upper()
+    return any(word in upper for word in SECRET_WORDS) or name.lower() in SECRET_PARAMS
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo (`user:***@host`; a lone user name, often a
+    token, as `***@host`) and the values of its secret query parameters (presigned URLs'
+    X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, Azure's sig, token=, ...)
+    replaced by REDACTED; anything else, and a string that is no URL, as it is.
+
+    >>> redact_url("https://me:hunter2@host/d/x.tar?X-Amz-Signature=abc&part=1")
+    'https://me:***@host/d/x.tar?X-Amz-Signature=***&part=1'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+    path, q, query = tail.partition("?")
+    if q:
+        query, h, fragment = query.partition("#")
+        params = []
+        for param in query.split("&"):
+            key, eq, value = param.partition("=")
+            params.append(f"{key}={REDACTED}" if eq and value and is_secret_name(key) else param)
+        tail = f"{path}?{'&'.join(params)}{h}{fragment}"
+    return f"{scheme}://{netloc}{tail}"
+
+
+def redact_text(text: str) -> str:
+    """`text` (a path, a `pipe:` command, an error message) with every URL in it redacted
+    (`redact_url`) and `Bearer TOKEN`-style credentials replaced by REDACTED."""
+    text = URL_RE.sub(lambda m: redact_url(m.group(0)), text)
+    return BEARER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+
+
+def redact(tree: Any, env: bool = False) -> Any:
+    """A copy of a config tree (plain dicts, lists, strings) with its secrets replaced by
+    REDACTED: the credentials in every URL (`redact_text`), and the values of `cluster.env`
+    variables whose names say they are secrets (`is_secret_name`: HF_TOKEN, WANDB_API_KEY,
+    AWS_SECRET_ACCESS_KEY, ...)."""
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            if env and isinstance(value, str) and is_secret_name(str(key)):
+                out[key] = REDACTED if value else value
+            else:
+                out[key] = redact(value, env=key == "env" and isinstance(value, dict))
+        return out
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    if isinstance(tree, str):
+        return redact_text(tree)
+    return tree

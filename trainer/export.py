@@ -123,9 +123,7 @@ def model_tensors(ckpt: Path, names: list[str]) -> Iterator[tuple[str, torch.Ten
     each tensor from the memory-mapped shards."""
     stage = checkpoint.meta(ckpt).get("zero_stage", 0)
     if stage < 3:
-        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)[
-            "module"
-        ]
+        module = checkpoint.load_torch(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True)["module"]
         if stage == 0 or all(module[name].dtype == torch.float32 for name in names):
             for name in names:
                 yield name, module[name].float()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import CheckpointError, Store, barrier, describe_error, rng_state, write_durably
+from trainer.checkpoint import CheckpointError, Store, barrier, describe_error, load_torch, rng_state, write_durably
 
 
 class _Writer:
@@ -106,6 +106,11 @@ def _checkpoint_engine(config_params, writer: _Writer, written: list[Path], back
         def preserves_storage_sharing(self) -> bool:
             return not background  # in the background DeepSpeed skips its own clone: every tensor is copied once, here
 
+        def load(self, path: str, map_location=None):
+            # DeepSpeed's own reads (model states, ZeRO optimizer partitions) with weights_only=True:
+            # its TorchCheckpointEngine loads with weights_only=False, which runs any pickle.
+            return load_torch(Path(path), map_location=map_location)
+
         def save(self, state_dict, path: str) -> None:
             written.append(Path(path))
             zipfile = self.zipfile_serialization
@@ -147,6 +152,7 @@ class Saver:
         self.writer = _Writer()
         self.files: list[Path] = []  # what this rank wrote of the pending checkpoint
         self.ckpt_engine = _checkpoint_engine(engine._config, self.writer, self.files, background)
+        engine.checkpoint_engine = self.ckpt_engine  # its loads too (weights_only), from the first resume on
         self.pending: tuple[str, dict[str, Any]] | None = None  # (tag, meta) of the checkpoint being written
 
     def save(

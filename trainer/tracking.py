@@ -77,8 +77,9 @@ class WandbTracker:
             resume="allow",
             dir=str(run_dir),
             mode=mode,
-            config=cfg.model_dump(mode="json"),
-            settings=wandb.Settings(silent=True, console="off"),
+            config=cfg.redacted(),  # secrets (URL credentials, secret cluster.env values) as ***
+            # x_disable_meta: W&B would record the command line (and so a secret given as an override)
+            settings=wandb.Settings(silent=True, console="off", x_disable_meta=True),
         )
 
         # Every metric is drawn against the global step, so a resumed run continues one line.
