@@ -9,6 +9,7 @@ upload) are raised as JobsError with one line saying what to do.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import socket
@@ -289,7 +290,12 @@ class Submitted:
     dashboard: str
 
 
-def submit(address: str, workdir: Path, config_rel: str, overrides: list[str], name: str) -> Submitted:
+STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"  # Ray's wait between a stop's SIGTERM and its SIGKILL (default 3 s)
+
+
+def submit(
+    address: str, workdir: Path, config_rel: str, overrides: list[str], name: str, grace_s: float = 120
+) -> Submitted:
     size, largest = upload_size(workdir)
     limit = upload_limit()
     if size > limit:
@@ -303,6 +309,9 @@ def submit(address: str, workdir: Path, config_rel: str, overrides: list[str], n
     env = {k: os.environ[k] for k in SECRETS if os.environ.get(k)}
     # `trainctl run` on the cluster adds its workers' variables to this job's runtime_env
     env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    # `stop`: Ray SIGKILLs the job 3 s after its SIGTERM unless told otherwise; the job's own
+    # grace (checkpoint.preempt_grace_s) is what it needs to save at the next step and exit.
+    env[STOP_WAIT] = str(math.ceil(grace_s) + 10)
     # The code shipped is the code run: `python -m launcher.cli` imports from the uploaded
     # directory when it holds trainctl, else the `trainctl` installed on the cluster runs.
     ships_code = (workdir / "launcher" / "cli.py").is_file()
@@ -371,14 +380,17 @@ def logs(address: str, job_id: str, follow: bool, out=sys.stdout) -> str:
     return status(address, job_id)[0]
 
 
-def stop(address: str, job_id: str, wait_s: float = 60) -> str:
+def stop(address: str, job_id: str) -> str:
     """Ask the job to stop (Ray sends SIGTERM to `trainctl run`, which saves a checkpoint at
-    the next step if it can) and wait, bounded, for it to end. Returns its final status."""
+    the next step if it can, within the grace `submit` gave it) and wait, bounded, for it to
+    end. Returns its final status."""
     c = client(address)
     info = _job(c, address, job_id)
     state = str(info.status.value if hasattr(info.status, "value") else info.status)
     if state in TERMINAL:
         return state
+    env = (info.runtime_env or {}).get("env_vars") or {}
+    wait_s = float(env.get(STOP_WAIT, 3)) + 30
     c.stop_job(job_id)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:

@@ -8,6 +8,7 @@ function as an argument and hands each worker the resolved config as a plain dic
 from __future__ import annotations
 
 import collections
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -50,32 +51,144 @@ def scaling_config(cluster: ClusterSection):
     )
 
 
-def check_placeable(cluster: ClusterSection) -> None:
-    """Raise NotPlaceable, naming what is missing, when the alive nodes cannot hold
-    `num_workers` workers of `worker_resources` (each worker whole on one node)."""
+@dataclass
+class Capacity:
+    fits: int  # workers the alive nodes can hold, each whole on one node (totals, not what is free)
+    short: list[str]  # "CPU 1 of 2": each resource the alive nodes lack in all
+    alive: set[str]  # the alive nodes' addresses
+
+
+def capacity(cluster: ClusterSection) -> Capacity:
+    """What the alive nodes can hold of the job's workers (`num_workers` of `worker_resources`)."""
     import ray
 
     need = worker_resources(cluster)
-    fits, have = 0, {k: 0.0 for k in need}
+    fits, have, alive = 0, {k: 0.0 for k in need}, set()
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
+        alive.add(node.get("NodeManagerAddress", "?"))
         res = node.get("Resources", {})
         for k in need:
             have[k] += res.get(k, 0.0)
         fits += int(min(res.get(k, 0.0) / v for k, v in need.items() if v > 0))
-    if fits >= cluster.num_workers:
+    total = {k: v * cluster.num_workers for k, v in need.items()}
+    return Capacity(fits, [f"{k} {have[k]:g} of {total[k]:g}" for k in need if have[k] < total[k]], alive)
+
+
+def check_placeable(cluster: ClusterSection) -> None:
+    """Raise NotPlaceable, naming what is missing, when the alive nodes cannot hold
+    `num_workers` workers of `worker_resources` (each worker whole on one node)."""
+    cap = capacity(cluster)
+    if cap.fits >= cluster.num_workers:
         return
-    short = [
-        f"{k} {have[k]:g} of {need[k] * cluster.num_workers:g}" for k in need if have[k] < need[k] * cluster.num_workers
-    ]
+    need = worker_resources(cluster)
     raise NotPlaceable(
-        f"the cluster can place {fits} of the {cluster.num_workers} workers (each needs "
+        f"the cluster can place {cap.fits} of the {cluster.num_workers} workers (each needs "
         + ", ".join(f"{k} {v:g}" for k, v in need.items())
         + " on one node"
-        + (f"; in all it has {', '.join(short)}" if short else "")
+        + (f"; in all it has {', '.join(cap.short)}" if cap.short else "")
         + "): lower cluster.num_workers or cluster.cpus_per_worker, or add nodes"
     )
+
+
+class CapacityLost(RuntimeError):
+    """The workers could not be placed again within cluster.restart_timeout_s."""
+
+
+def _give_up(signum, frame) -> None:
+    """The watch's SIGUSR1, in the main thread: out of `fit()`. A KeyboardInterrupt, the one
+    exception Ray's wait (`ray.get`'s signal check) lets through (it swallows any other
+    raised by a signal handler); `run_on_ray` tells it from Ctrl-C by `watch.timed_out`."""
+    raise KeyboardInterrupt
+
+
+class CapacityWatch:
+    """Watches, while the job runs, whether the alive nodes can still hold its workers.
+
+    Ray Train restarts a failed worker group by waiting for its placement group, forever
+    (each try times out after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s, and is retried
+    without end): after a lost node with no replacement, the job would hang with nothing on
+    the console. Counted by the nodes' totals, the survivors of a running job can hold all
+    of it unless a worker was on a lost node: so when they cannot, the group is down. The
+    watch then says so at once, naming the lost nodes and what is missing, repeats it every
+    `repeat_s`, says when capacity is back, and after `timeout_s` sends this process SIGUSR1,
+    whose handler (put in by `run_on_ray`) raises out of `fit()`: `_thread.interrupt_main`
+    would be SIGINT, which Ray Train takes for a graceful abort that waits on the very
+    controller that cannot place the workers. `progress()` names where the run stands
+    (its step and the checkpoint it would resume from)."""
+
+    def __init__(
+        self,
+        cluster: ClusterSection,
+        progress: Callable[[], str],
+        every_s: float = 2.0,
+        repeat_s: float = 60.0,
+    ):
+        import threading
+
+        self.cluster, self.progress, self.every_s, self.repeat_s = cluster, progress, every_s, repeat_s
+        self.timeout_s = cluster.restart_timeout_s
+        self.waiting_since: float | None = None
+        self.timed_out: str | None = None  # the message, once the timeout passed
+        self.seen: set[str] = set()  # every node seen alive while the job ran
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainctl-capacity", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _describe(self, cap: Capacity) -> str:
+        lost = sorted(self.seen - cap.alive)
+        what = f"lost node{'s' * (len(lost) > 1)} {', '.join(lost)}" if lost else "lost capacity"
+        short = f" ({', '.join(cap.short)})" if cap.short else ""
+        return (
+            f"{what} {self.progress()}; the cluster can place {cap.fits} of {self.cluster.num_workers} workers{short}"
+        )
+
+    def _run(self) -> None:
+        import os
+        import signal
+        import time
+
+        said = 0.0
+        while not self._stop.wait(self.every_s):
+            try:
+                cap = capacity(self.cluster)
+            except Exception:  # noqa: BLE001 - Ray going down under us: the main thread sees why
+                continue
+            now = time.monotonic()
+            self.seen |= cap.alive
+            if cap.fits >= self.cluster.num_workers:
+                if self.waiting_since is not None:
+                    print(f"trainctl: capacity is back after {now - self.waiting_since:.0f} s: restarting", flush=True)
+                self.waiting_since = None
+                continue
+            if self.waiting_since is None:
+                self.waiting_since, said = now, 0.0
+            waited = now - self.waiting_since
+            if waited >= self.timeout_s:
+                self.timed_out = (
+                    f"{self._describe(cap)}; waited {waited:.0f} s (cluster.restart_timeout_s): add capacity "
+                    "(or lower cluster.num_workers, keeping the global batch with train.grad_accum_steps) and run "
+                    "the same command to resume"
+                )
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            if said == 0.0 or now - said >= self.repeat_s:
+                left = self.timeout_s - waited
+                print(
+                    f"trainctl: {self._describe(cap)}; waiting for capacity ({left:.0f} s more, "
+                    "cluster.restart_timeout_s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = now
 
 
 @dataclass
@@ -98,7 +211,7 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
 
     no_usage_stats()
     if cluster.address == "local":
-        needed = cluster.num_workers * cluster.cpus_per_worker
+        needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)  # ray.init takes whole CPUs
         with patches.ray_single_machine_mode():
             ray.init(
                 runtime_env=runtime_env(cluster),
@@ -148,12 +261,17 @@ def worker_env(cluster: ClusterSection) -> dict[str, str]:
 
 
 def run_on_ray(
-    train_fn: Callable[[dict], None], config: dict[str, Any], cluster: ClusterSection, name: str, storage_path: str
+    train_fn: Callable[[dict], None],
+    config: dict[str, Any],
+    cluster: ClusterSection,
+    name: str,
+    storage_path: str,
+    watch: CapacityWatch | None = None,
 ) -> None:
     """Run `train_fn(config)` on `cluster.num_workers` Ray Train workers and wait.
 
     Raises JobFailed with the worker's error when training fails after the allowed
-    restarts (`cluster.max_failures`).
+    restarts (`cluster.max_failures`), CapacityLost when `watch` gave up waiting for nodes.
     """
     import ray.train
     from ray.train import FailureConfig, RunConfig
@@ -171,10 +289,23 @@ def run_on_ray(
         ),
         torch_config=torch_config(cluster),
     )
+    import signal
+
+    previous = signal.signal(signal.SIGUSR1, _give_up) if watch is not None else None
+    if watch is not None:
+        watch.start()
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise JobFailed(_worker_error(str(e))) from None
+    except KeyboardInterrupt:
+        if watch is None or watch.timed_out is None:
+            raise
+        raise CapacityLost(watch.timed_out) from None
+    finally:
+        if watch is not None:
+            watch.stop()
+            signal.signal(signal.SIGUSR1, previous)
 
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failed)): (.+)$")
@@ -226,7 +357,7 @@ def route_worker_logs(log_path: Path) -> None:
 LOG_HANDLER = "trainctl_worker_logs"
 
 
-def shutdown(conn: Connection) -> None:
+def shutdown(conn: Connection | None = None) -> None:
     import ray
 
     if ray.is_initialized():

@@ -11,6 +11,7 @@ so a checkpoint records exactly what the model has seen.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,6 +37,14 @@ class _Rounds(IterableDataset):
                 yield torch.from_numpy(index), torch.from_numpy(rows), positions, held
         except DataError as e:
             yield None, None, [{"error": str(e)}], 0
+
+
+def _ignore_sigterm(worker: int) -> None:
+    """A DataLoader worker leaves SIGTERM to the training process: a stop sent to the whole
+    process group (`scancel`, a pod's eviction, `kill -TERM -PGID`) must not kill the workers
+    under a rank that is about to save at the next step (torch's own handler would end the
+    worker, and the rank would fail with "DataLoader worker ... killed by signal")."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Loader:
@@ -92,6 +101,7 @@ class Loader:
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
+            worker_init_fn=_ignore_sigterm,
         )
 
     def _steps(self) -> Iterator[tuple[torch.Tensor, dict]]:

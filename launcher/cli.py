@@ -17,6 +17,7 @@ from pathlib import Path
 
 from data_pipeline import DataError
 from launcher.job import UsageError, prepare_job
+from trainer.config import redact_text
 
 USAGE_ERROR, FAILED = 2, 1
 PREEMPTED = 143  # 128 + SIGTERM: stopped on request, resumable
@@ -53,7 +54,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from trainer.loop import train_worker
-    from trainer.run_folder import PREEMPT, checkpoint_store, launched, rewind, run_dir, start_over
+    from trainer.run_folder import checkpoint_store, launched, rewind, run_dir, start_over
 
     cfg = load_config(args.config, args.overrides)
     if args.address:
@@ -84,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     folder, store, rank0 = run_dir(cfg), checkpoint_store(cfg), int(os.environ.get("RANK", "0")) == 0
     if args.fresh:
         start_over(folder, store, args.force, delete=False)
-    newer = prepare_job(cfg, fresh=args.fresh, force=args.force)
+    newer = prepare_job(cfg, fresh=args.fresh, force=args.force, ray=not args.no_ray)
     if rank0:
         if args.fresh:
             start_over(folder, store, args.force, delete=True)
@@ -92,14 +93,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
             rewind(store, Path(cfg.checkpoint.resume_from), newer)
         launched(folder)
     # Fault injection for the divergence tests, read here at the edge and handed to the workers.
-    worker = partial(train_worker, nan_at_step=int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", "0")))
+    worker = partial(
+        train_worker,
+        nan_at_step=int(os.environ.get("TRAINCTL_TEST_NAN_AT_STEP", "0")),
+        spike_at_step=int(os.environ.get("TRAINCTL_TEST_SPIKE_AT_STEP", "0")),
+    )
     print(
         f"trainctl: run '{cfg.name}' in {folder}: {cfg.cluster.num_workers} workers, global batch "
         f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
         + (
-            ", ".join(f"{s.path} (weight {s.weight:g})" for s in cfg.data.sources)
+            ", ".join(f"{redact_text(s.path)} (weight {s.weight:g})" for s in cfg.data.sources)
             if cfg.data.sources
-            else cfg.data.path
+            else redact_text(cfg.data.path)
         ),
         flush=True,
     )
@@ -109,40 +114,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             status = worker(cfg.model_dump(mode="json"))
         except SaveFailed as e:  # a full disk, an unreachable bucket: the user's to fix, no traceback
-            print(f"trainctl: error: {e}", file=sys.stderr)
+            print(f"trainctl: error: {redact_text(str(e))}", file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
             import traceback
 
             traceback.print_exc()
-            print(f"trainctl: training failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"trainctl: training failed: {type(e).__name__}: {redact_text(str(e))}", file=sys.stderr)
             return FAILED
         if int(os.environ.get("RANK", "0")) != 0:
             return PREEMPTED if status == "preempted" else 0
     else:
-        from cluster.ray_job import JobFailed, NotPlaceable, connect, route_worker_logs, run_on_ray, shutdown
+        from launcher.supervise import run_supervised
 
-        conn, failure = connect(cfg.cluster, verbose=args.verbose), None
-        if not args.verbose:
-            route_worker_logs(folder / "workers.log")
-        preempt_on_sigterm(folder, cfg.checkpoint.preempt_grace_s)
-        try:
-            run_on_ray(worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent))
-        except JobFailed as e:
-            failure = e
-        except NotPlaceable as e:
-            raise UsageError(str(e)) from None
-        finally:
-            shutdown(conn)  # first, so that Ray's forwarded worker logs end before our last line
-        if failure is not None and "SaveFailed: " in str(failure):
-            print(f"trainctl: error: {str(failure).split('SaveFailed: ', 1)[1]}", file=sys.stderr)
-            return 2
-        if failure is not None:
-            where = "" if args.verbose else f" (the workers' output: {folder / 'workers.log'})"
-            print(f"trainctl: training failed: {failure}{where}", file=sys.stderr)
-            return FAILED
-        status = "preempted" if (folder / PREEMPT).exists() else "done"
-        (folder / PREEMPT).unlink(missing_ok=True)
+        status = run_supervised(cfg, worker, args.verbose)
+        if isinstance(status, int):
+            return status
     if status == "preempted":
         print(
             f"trainctl: preempted: the run stopped at a checkpoint in {store.url or store.root}; run the same command "
@@ -201,7 +188,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             "temporary copy; give a shared path or an object-store URL to keep the checkpoints",
             file=sys.stderr,
         )
-    job = submit(address, workdir, str(config_path.relative_to(workdir)), overrides, cfg.name)
+    job = submit(
+        address, workdir, str(config_path.relative_to(workdir)), overrides, cfg.name, cfg.checkpoint.preempt_grace_s
+    )
     print(
         f"trainctl: submitted job {job.job_id} (run '{cfg.name}') to {address}\n"
         f"  dashboard: {job.dashboard}\n"
@@ -299,28 +288,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             )
     print(render(cfg, make_plan(cfg, args.mfu, args.peak_tflops, args.gpu_memory_gb), args.mfu))
     return 0
-
-
-def preempt_on_sigterm(folder, grace_s: float) -> None:
-    """SIGTERM to the launcher (spot reclaim, scancel, pod eviction): ask the workers to
-    save at the next step boundary and stop; if they have not within grace_s, exit anyway."""
-    import signal
-    import threading
-
-    from trainer.run_folder import PREEMPT
-
-    def on_sigterm(signum, frame):
-        (folder / PREEMPT).touch()
-        print(
-            f"trainctl: SIGTERM: saving a checkpoint at the next step boundary, then stopping (grace {grace_s:g} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-        timer = threading.Timer(grace_s, lambda: os._exit(PREEMPTED))
-        timer.daemon = True
-        timer.start()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -631,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, UsageError, JobsError, RunFolderError, HFError) as e:
-        print(f"trainctl: error: {e}", file=sys.stderr)
+        print(f"trainctl: error: {redact_text(str(e))}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("trainctl: interrupted", file=sys.stderr)

@@ -38,6 +38,19 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def join_node(address: str, cluster_env: dict[str, str], cpus: int = 1) -> subprocess.Popen:
+    """A node on 127.0.0.3 joining the cluster at `address`, in its own process group (a test
+    kills it whole: `ray start --block`, its raylet and the workers on it)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    return subprocess.Popen(
+        [ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={cpus}", "--block"],
+        env=env(**cluster_env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 @contextlib.contextmanager
 def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = False) -> Iterator[Cluster]:
     ray = str(Path(sys.executable).parent / "ray")
@@ -71,13 +84,7 @@ def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = F
     # killed node's job waited ~15 s for that); 1 s apart here, each allowed 2 s.
     health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000"}
     subprocess.run(head, env=env(**cluster_env, **health), check=True, capture_output=True, timeout=120)
-    node = subprocess.Popen(
-        [ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={node_cpus}", "--block"],
-        env=env(**cluster_env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    node = join_node(address, cluster_env, node_cpus)
     probe = (
         "import ray, time\nray.init(address='%s', logging_level='ERROR')\nfor _ in range(120):\n"
         "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n    time.sleep(0.5)\n"

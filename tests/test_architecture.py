@@ -33,6 +33,7 @@ TORCH_FREE = (
     "launcher/cli.py",
     "launcher/config.py",
     "launcher/job.py",
+    "launcher/supervise.py",
 )
 HEAVY = {"torch", "deepspeed", "ray"}
 FIX_MAP = "(section 2 of docs/ARCHITECTURE.md; update it in the same commit as the code)"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import SHAKESPEARE, command, env, trainctl
-from ray_cluster import two_node_cluster
+from ray_cluster import join_node, two_node_cluster
 from s3_helpers import s3_server
+from wandb_records import history
 
 JOB = """\
 name: ck
@@ -32,6 +33,13 @@ checkpoint: {storage_path: runs, every: 20, keep: 2}
 tracking: {mode: disabled}
 cluster: {address: local, num_workers: 2}
 """
+
+
+# A resume on another number of workers continues the loss to within this (the README's
+# figure): measured 2→1 at step 30 of this job, 21 of 30 steps `==` and the largest
+# difference 2.4e-7; the gradient norm ZeRO clips with is summed over each rank's
+# partition, so its rounding depends on the world size.
+RESHARD_BOUND = 1e-6
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -66,8 +74,10 @@ def work(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_worker_killed_with_sigkill_is_restarted_and_the_losses_match(work):
     run = work / "runs" / "killed"
+    started_at = time.time()
     proc = subprocess.Popen(
         command("run", "job.yaml", "name=killed", "cluster.max_failures=1"),
         cwd=work,
@@ -79,14 +89,26 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_losses_match(work):
     wait_for_step(run, 45, proc)  # past the checkpoint at step 40
     workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
     assert workers, "no Ray Train worker process found"
+    killed_at = time.time()
     os.kill(int(workers[-1]), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "restart 1 of this job: resumed at step" in out
     assert losses(run) == losses(work / "runs" / "straight")
+    # The restart's bookkeeping: printed, in metrics.jsonl (at the step it resumed from), in attempts.jsonl.
+    resumed = int(out.split("restart 1 of this job: resumed at step ")[1].split(",")[0])
+    lost = float(out.split(f"resumed at step {resumed}, ")[1].split(" s lost")[0])
+    assert resumed in (40, 60)  # the newest checkpoint before the kill (every 20 steps)
+    (event,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "restarts" in line]
+    assert event["step"] == resumed and event["restarts"] == 1 and round(event["time_lost_s"]) == lost
+    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in attempts] == [0, resumed]
+    # lost = from that checkpoint's completion (after the start) to the restart (after the kill)
+    assert 0 < event["time_lost_s"] < attempts[1]["at"] - started_at and attempts[1]["at"] > killed_at
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(work):
     job = ["job.yaml", "--no-ray", "name=damaged", "cluster.num_workers=1", "checkpoint.every=10", "checkpoint.keep=3"]
     r = trainctl("run", *job, "train.max_steps=20", cwd=work)
@@ -107,6 +129,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(work):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_resume_and_fresh_flags(work):
     base = ["job.yaml", "--no-ray", "cluster.num_workers=1", "checkpoint.every=10", "train.max_steps=10"]
     r = trainctl("run", *base, "name=src", cwd=work)
@@ -157,10 +180,15 @@ def test_resume_and_fresh_flags(work):
             ["--resume", "runs/straight", "train.grad_accum_steps=2", "data.lanes=4"],
             "was trained with 16 data lanes but this job has 4: resume with data.lanes=16",
         ),
+        (
+            ["--resume", "runs/straight", "train.grad_accum_steps=2", "data.seq_len=16"],
+            "was trained with data.seq_len=32 but this job has 16: resume with the same data.seq_len",
+        ),
         (["checkpoint.storage_path=job.yaml/runs"], "job.yaml/runs/bad (Not a directory): set checkpoint.storage_path"),
     ],
 )
 @pytest.mark.slow
+@pytest.mark.timeout(360)
 def test_resume_bad_input_is_one_line_exit_2(work, args, fragment):
     before = sorted(str(p) for p in (work / "runs").rglob("*"))
     r = trainctl("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "name=bad", *args, cwd=work, timeout=120)
@@ -170,6 +198,7 @@ def test_resume_bad_input_is_one_line_exit_2(work, args, fragment):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_a_nan_loss_rolls_back_skips_its_data_and_the_run_finishes(work):
     job = ["job.yaml", "--no-ray", "name=nan", "cluster.num_workers=1", "checkpoint.every=10", "train.max_steps=30"]
     r = trainctl("run", *job, cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
@@ -177,10 +206,13 @@ def test_a_nan_loss_rolls_back_skips_its_data_and_the_run_finishes(work):
     assert "trainctl: warning: step 15: the loss is nan: rolled back to" in r.stderr
     assert "step_00000010 (rollback 1 of 3); the data of step 15 will be skipped" in r.stderr
     run = work / "runs" / "nan"
-    got = losses(run)  # each step once (the replayed 11-14 are not logged twice), all finite
-    assert sorted(got) == list(range(1, 31)) and all(v == v and v < 10 for v in got.values())
     (event,) = [json.loads(line) for line in (run / "rollbacks.jsonl").read_text().splitlines()]
     assert event["step"] == 15 and event["skipped"]["step_in_epoch"] == 14 and event["skipped"]["epoch"] == 0
+    # The continuation is exactly a run that passes over step 15's window from the start.
+    r = trainctl("run", *job, "name=skip15", "train.skip_steps=[15]", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(run) == losses(work / "runs" / "skip15")  # each step once (11-14 replayed, logged once)
+    assert sorted(losses(run)) == list(range(1, 31))
 
     r = trainctl("run", *job, "name=nan-stop", "train.max_rollbacks=0", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
     assert r.returncode == 1
@@ -194,6 +226,25 @@ def test_a_nan_loss_rolls_back_skips_its_data_and_the_run_finishes(work):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_a_loss_spike_rolls_back_and_continues_as_a_run_that_skips_its_window(work):
+    """Step 25's loss made 1000x (its gradient too, not NaN): above train.spike_factor x the
+    mean of the last 20 steps, so the run rolls back to step 20 and passes over step 25's
+    data; from there on it is, `==`, the run that skipped that window from the start."""
+    job = ["job.yaml", "--no-ray", "cluster.num_workers=1", "train.max_steps=30"]
+    r = trainctl("run", *job, "name=spike", "checkpoint.every=10", cwd=work, TRAINCTL_TEST_SPIKE_AT_STEP="25")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainctl: warning: step 25: the loss " in r.stderr and "x the mean of the last 20 steps" in r.stderr
+    assert "step_00000020 (rollback 1 of 3); the data of step 25 will be skipped" in r.stderr
+    r = trainctl("run", *job, "name=skip25", "train.skip_steps=[25]", "checkpoint.every=1000", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    spiked, skipped = losses(work / "runs" / "spike"), losses(work / "runs" / "skip25")
+    assert sorted(spiked) == list(range(1, 31)) and spiked == skipped
+    assert max(spiked.values()) < 6  # the spike itself (~1000x) is not what the run kept
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_sigterm_to_a_single_process_run_stops_it_at_a_checkpoint(work):
     """--no-ray (alone, or a torchrun rank): the signal reaches the training process itself."""
     run = work / "runs" / "solo-term"
@@ -223,7 +274,76 @@ def test_sigterm_to_a_single_process_run_stops_it_at_a_checkpoint(work):
     assert r.returncode == 0 and f"at step {stopped}" in r.stdout, r.stderr[-2000:]
 
 
+def torchrun(*args: str) -> list[str]:
+    """`trainctl run ... --no-ray` as 2 ranks under torchrun (the README's second launch path)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] + command(*args)[1:]
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_under_torchrun_stop_on_sigterm_to_the_group_and_resume_as_the_ray_run(work):
+    """SIGTERM to the whole process group (as `scancel` or a pod eviction sends it): torchrun,
+    both ranks and their DataLoader workers. The ranks save at the step they stopped at; the
+    same command resumes, and every loss equals the 2-worker Ray run's."""
+    job = [
+        "run",
+        "job.yaml",
+        "--no-ray",
+        "name=trun",
+        "train.max_steps=30",
+        "train.lr_decay_steps=120",
+    ]  # straight's LR
+    run = work / "runs" / "trun"
+    proc = subprocess.Popen(
+        torchrun(*job),
+        cwd=work,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_step(run, 4, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    stopped = max(losses(run))
+    assert f"trainctl: preempted: stopped at step {stopped} with a checkpoint" in out, (out[-2000:], err[-3000:])
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}" and stopped < 20
+    assert "killed by signal" not in err  # the loader workers ignore the group's SIGTERM
+    r = subprocess.run(torchrun(*job), cwd=work, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"at step {stopped}" in r.stdout, r.stderr[-3000:]
+    straight = losses(work / "runs" / "straight")
+    assert losses(run) == {s: straight[s] for s in range(1, 31)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sigterm_before_the_first_step_stops_at_once(work):
+    """No step is under way (Ray and the workers still starting): nothing to save at, so the
+    launcher stops now (exit 143), leaving no Ray process, instead of waiting out its grace."""
+    proc = subprocess.Popen(
+        command("run", "job.yaml", "name=early"),
+        cwd=work,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().startswith("trainctl: run 'early'")
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.monotonic() - t0 < 60  # checkpoint.preempt_grace_s is 120
+    assert re.search(r"trainctl: SIGTERM (while Ray starts|before the workers started): no step to save at", err)
+    assert err.strip().splitlines()[-1] == "trainctl: stopped: the run is at step 0 (no checkpoint yet)"
+    left = subprocess.run(["pgrep", "-f", f"session_[0-9_-]+_{proc.pid}[ /]"], capture_output=True, text=True).stdout
+    assert not left, left  # the private Ray (its session named by this pid) is gone
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(work):
     """ZeRO-2 state partitioned over 2 ranks, re-split for 1 (the same global batch: 1 x 8 x 2
     accumulation steps): the data and the loss continue exactly as the 2-worker run's."""
@@ -244,7 +364,8 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
     straight = losses(work / "runs" / "straight")
     resumed = losses(work / "runs" / "reshard")
     assert sorted(resumed) == list(range(101, 121))
-    assert max(abs(resumed[s] - straight[s]) for s in resumed) < 1e-5  # here: 0.0, bit for bit
+    # Within RESHARD_BOUND, not bit for bit (see RESHARD_BOUND).
+    assert max(abs(resumed[s] - straight[s]) for s in resumed) <= RESHARD_BOUND
     assert not list((work / "runs" / "reshard" / "checkpoints").glob(".universal-*"))  # the scratch conversion is gone
 
     # A rollback after a resharded resume reloads a checkpoint of the new world size.
@@ -266,6 +387,34 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(800)
+def test_zero1_grows_from_1_worker_to_2_and_zero3_shrinks_from_2_to_1(work):
+    """Resharding at the other ZeRO stages, both ways: each continuation stays within
+    RESHARD_BOUND of the uninterrupted ZeRO-2 run (ZeRO-1 and -3 do the same arithmetic)."""
+    straight = losses(work / "runs" / "straight")
+    one = ["--no-ray", "cluster.num_workers=1", "train.grad_accum_steps=2"]
+    for stage, first, then in ((1, one, []), (3, [], one)):
+        name = f"zero{stage}"
+        base = [
+            "job.yaml",
+            f"name={name}",
+            f"train.zero_stage={stage}",
+            "checkpoint.every=10",
+            "train.lr_decay_steps=120",
+        ]
+        r = trainctl("run", *base, *first, "train.max_steps=10", cwd=work)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = trainctl("run", *base, *then, "train.max_steps=20", cwd=work)
+        assert r.returncode == 0, r.stderr[-3000:]
+        workers = (1, 2) if first else (2, 1)
+        assert f"at step 10 (written by {workers[0]} workers, resharded to {workers[1]})" in r.stdout, r.stdout[-2000:]
+        got = losses(work / "runs" / name)
+        assert sorted(got) == list(range(1, 21))
+        assert max(abs(got[s] - straight[s]) for s in got) <= RESHARD_BOUND, (stage, got, straight)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work):
     """The 2-worker ZeRO-2 run, gathered into a Hugging Face Llama folder."""
     import torch
@@ -303,44 +452,90 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work)
     assert not (work / "hf2").exists()
 
 
-@pytest.fixture
-def two_nodes():
-    with two_node_cluster() as cluster:
-        yield cluster.address, cluster.node, cluster.env
+def kill_node(node: subprocess.Popen) -> None:
+    """The whole node at once: `ray start`, its raylet, the workers on it."""
+    import psutil  # Ray's own dependency
+
+    for p in [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]:
+        p.kill()
+
+
+class Lines:
+    """A running process's stderr, read in a thread: wait (bounded) for a line."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import threading
+
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, fragment: str, limit_s: float) -> str:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if fragment in line:
+                    return line
+            time.sleep(0.2)
+        raise AssertionError(f"no line with {fragment!r} in {limit_s} s: {''.join(self.lines)[-3000:]}")
 
 
 @pytest.mark.slow
-def test_a_job_spread_over_two_nodes_loses_one_and_finishes(work, two_nodes):
-    address, node, cluster_env = two_nodes
-    run = work / "runs" / "two-nodes"
-    proc = subprocess.Popen(
-        command(
-            "run",
-            "job.yaml",
-            "name=two-nodes",
-            f"cluster.address={address}",
-            "cluster.max_failures=1",
-            "cluster.placement=SPREAD",
-        ),
-        cwd=work,
-        env=env(**cluster_env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_step(run, 25, proc)  # past the checkpoint at step 20
-    import psutil  # Ray's own dependency
-
-    node_processes = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
-    for p in node_processes:  # the whole second node at once: `ray start`, its raylet, the worker on it
-        p.kill()
-    out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    assert "restart 1 of this job: resumed at step" in out  # so a worker had been on the lost node
+@pytest.mark.timeout(900)
+def test_a_lost_node_is_reported_waited_for_and_bounded_and_a_rerun_continues_exactly(work):
+    """Two nodes of 1 CPU, a worker on each (SPREAD). The second node dies: the console
+    names it, the step and what the cluster can still place, and waits; a node joins again
+    and the job continues. It dies again: after cluster.restart_timeout_s the job stops
+    with exit 1 naming the checkpoint, and the same command (here on a private local Ray:
+    capacity elsewhere) finishes with every loss equal to the uninterrupted run's."""
+    with two_node_cluster(head_cpus=1) as cluster:
+        run = work / "runs" / "lost"
+        job = ["run", "job.yaml", "name=lost", "cluster.max_failures=2"]
+        proc = subprocess.Popen(
+            command(
+                *job,
+                f"cluster.address={cluster.address}",
+                "cluster.placement=SPREAD",
+                "cluster.restart_timeout_s=25",
+                # Ray Train's own retry of a worker group it cannot place (60 s by default)
+                "cluster.env={RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S: '3'}",
+            ),
+            cwd=work,
+            env=env(**cluster.env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        err = Lines(proc)
+        wait_for_step(run, 25, proc)  # past the checkpoint at step 20
+        kill_node(cluster.node)
+        line = err.wait_for("waiting for capacity", 60)
+        assert "trainctl: lost node 127.0.0.3 at step " in line and "resumes from " in line, line
+        assert "the cluster can place 1 of 2 workers (CPU 1 of 2); waiting for capacity (" in line, line
+        node = join_node(cluster.address, cluster.env)  # capacity is back
+        try:
+            wait_for_step(run, 45, proc, limit_s=120)  # restarted, and past the checkpoint at step 40
+        finally:
+            kill_node(node)
+        t0 = time.monotonic()
+        proc.wait(timeout=120)
+        err.thread.join(timeout=10)
+        out = proc.stdout.read()
+        assert proc.returncode == 1, "".join(err.lines)[-3000:]
+        assert "restart 1 of this job: resumed at step 20" in out
+        last = err.lines[-1]
+        assert last.startswith("trainctl: stopped: lost node 127.0.0.3 at step "), last
+        assert "resumes from " in last and "waited 2" in last and "cluster.restart_timeout_s" in last, last
+        assert time.monotonic() - t0 < 90
+        resume_from = last.split("resumes from ")[1].split(")")[0]
+    r = trainctl(*job, cwd=work)  # the same command, capacity elsewhere: a private local Ray of 2 workers
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {resume_from} at step" in r.stdout
     assert losses(run) == losses(work / "runs" / "straight")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
     """ZeRO-3 holds no whole weight anywhere: the export gathers each tensor from the shards."""
     import torch
@@ -372,6 +567,7 @@ def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_sigterm_saves_to_an_object_store_exits_143_and_a_rerun_elsewhere_continues_bitwise(work):
     """checkpoint.storage_path on S3 (a real moto server on 127.0.0.1). SIGTERM mid-run: a
     checkpoint of the step it stopped at reaches the bucket, the command exits 143 in time;
@@ -379,7 +575,13 @@ def test_sigterm_saves_to_an_object_store_exits_143_and_a_rerun_elsewhere_contin
     bucket."""
     cache = {"XDG_CACHE_HOME": str(work / "cache")}
     with s3_server("ckpt") as (s3, client):
-        job = ["job.yaml", "name=s3", "checkpoint.storage_path=s3://ckpt/runs", "checkpoint.local_path=local"]
+        job = [
+            "job.yaml",
+            "name=s3",
+            "checkpoint.storage_path=s3://ckpt/runs",
+            "checkpoint.local_path=local",
+            "tracking.mode=offline",
+        ]
         run = work / "local" / "s3"
         proc = subprocess.Popen(
             command("run", *job),
@@ -417,11 +619,24 @@ def test_sigterm_saves_to_an_object_store_exits_143_and_a_rerun_elsewhere_contin
             == f"step_{stopped:08d}".encode()
         )
 
-        shutil.rmtree(run / "checkpoints")  # the machine is gone: only the bucket holds the checkpoints
+        # The machine is gone: only the bucket holds the run. Its whole folder (metrics, W&B's
+        # offline run and its id, attempts) moves aside, for W&B's history to be read below.
+        gone = work / "gone-machine"
+        run.rename(gone)
         r = trainctl("run", *job, cwd=work, **s3, **cache)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in r.stdout
-        assert losses(run) == losses(work / "runs" / "straight")
+        assert f"metrics.jsonl, attempts.jsonl, wandb_run_id taken back from step_{stopped:08d}" in r.stdout
+        assert losses(run) == losses(work / "runs" / "straight")  # the history before the stop came back too
+        assert (run / "wandb_run_id").read_text() == (gone / "wandb_run_id").read_text()
+        attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+        assert [a["step"] for a in attempts] == [0, stopped]
+        # W&B continues the same run: the two machines' offline files hold every step once.
+        (first,) = gone.glob("wandb/offline-run-*/run-*.wandb")
+        (second,) = run.glob("wandb/offline-run-*/run-*.wandb")
+        assert first.name == second.name == f"run-{(run / 'wandb_run_id').read_text().strip()}.wandb"
+        steps = [row["trainer/global_step"] for f in (first, second) for row in history(f) if "loss" in row]
+        assert steps == list(range(1, 121))
         tags = {
             k.split("/")[3]
             for k in (o["Key"] for o in client.list_objects_v2(Bucket="ckpt", Prefix="runs/s3/")["Contents"])
@@ -459,6 +674,7 @@ def test_sigterm_saves_to_an_object_store_exits_143_and_a_rerun_elsewhere_contin
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_a_full_disk_during_a_save_stops_the_run_and_leaves_the_previous_checkpoint_whole(work):
     """The run folder on a tmpfs (in a user and mount namespace this test makes) with room
     for one checkpoint and a half: the second save fails, the first stays the latest."""

@@ -75,6 +75,7 @@ def worker_nodes(site, job_id: str) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_a_submitted_job_runs_on_both_nodes_and_matches_the_local_run(site):
     root, cluster = site
     job_id, r = submit(site, "tracking.mode=online")
@@ -99,20 +100,28 @@ def test_a_submitted_job_runs_on_both_nodes_and_matches_the_local_run(site):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_stop_ends_a_running_job_and_its_last_checkpoint_is_usable(site):
     root, cluster = site
-    job_id, _ = submit(site, "name=long", "train.max_steps=100000", "checkpoint.every=5")
+    job_id, _ = submit(site, "name=long", "train.max_steps=100000", "checkpoint.every=100000")
+    run = root / "nfs" / "runs" / "long"
     deadline = time.monotonic() + 240
-    while "trainctl: checkpoint" not in cli(site, "logs", job_id, "--address", cluster.dashboard).stdout:
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+    while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 3):
+        assert time.monotonic() < deadline, "no third step within 240 s"
         time.sleep(1)
     r = cli(site, "stop", job_id, "--address", cluster.dashboard)
     assert r.returncode == 0 and r.stdout.strip() == f"{job_id}: STOPPED", r.stderr[-2000:]
+    # The checkpoint is the stop's own (no periodic one comes before step 100000), at the last step trained.
+    stopped = len(losses(run))
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+    logs = cli(site, "logs", job_id, "--address", cluster.dashboard).stdout
+    assert f"trainctl: checkpoint {run / 'checkpoints' / f'step_{stopped:08d}'}" in logs
     sample = trainctl("generate", str(root / "nfs" / "runs" / "long"), "--max-new-tokens", "8", cwd=root)
     assert sample.returncode == 0 and len(sample.stdout) >= 8, sample.stderr[-2000:]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)
 def test_cluster_bad_input_is_one_line_exit_2(site, tmp_path):
     root, cluster = site
     d = cluster.dashboard
@@ -149,6 +158,7 @@ def test_cluster_bad_input_is_one_line_exit_2(site, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(540)
 def test_cluster_check_reports_both_nodes_storage_and_bandwidth(site):
     root, cluster = site
     r = cli(site, "cluster", "check", "job.yaml", "--address", cluster.address)

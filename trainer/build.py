@@ -20,7 +20,7 @@ from trainer import checkpoint, hf, lora, perf
 from trainer.config import JobConfig
 from trainer.engine import build_engine, deepspeed_config, import_deepspeed
 from trainer.model import Transformer
-from trainer.run_folder import Attempt, checkpoint_store, record_attempt, run_dir
+from trainer.run_folder import Attempt, checkpoint_store, record_attempt, restore_history, run_dir
 from trainer.saver import Saver
 from trainer.targets import Targets
 from trainer.tracking import Tracker
@@ -231,6 +231,9 @@ def start_tracking(w: Worker, step: int, latest: Path | None) -> tuple[perf.Mete
     cfg = w.cfg
     attempt = None
     if w.rank == 0:
+        if latest is not None and latest.parent == w.store.root:  # the run's own (not --resume's branch point)
+            if restored := restore_history(w.folder, latest):
+                print(f"trainctl: {', '.join(restored)} taken back from {latest.name}", flush=True)
         w.tracker = Tracker(cfg, w.folder, resume_step=step)
         attempt = record_attempt(w.folder, step, latest)
         if attempt.restarts:

@@ -26,7 +26,7 @@ from trainer.config import JobConfig
 from trainer.console import duration, progress_line, summary_table
 from trainer.generate import continue_prompts
 from trainer.guard import DivergenceGuard
-from trainer.run_folder import Attempt, StopRequest
+from trainer.run_folder import Attempt, StopRequest, history
 from trainer.targets import Targets
 from trainer.tracking import run_id
 
@@ -47,15 +47,15 @@ def train_step(
     accum_steps: int,
     device: torch.device,
     targets: Targets | None = None,
-    poison: bool = False,
+    poison: float | None = None,
     timer: perf.StepTimer | None = None,
 ) -> float:
     """One optimizer step over `accum_steps` micro batches; returns this rank's share of
     the step's loss (the mean over ranks is the step's loss). `targets` says how rows
     become targets (default: every next token); `timer` adds the seconds of each part
-    (waiting for data, forward+backward, optimizer); `poison` (a test hook) makes the
-    loss NaN, so the gradients and then the weights go NaN as they would in a real
-    divergence.
+    (waiting for data, forward+backward, optimizer); `poison` (a test hook) multiplies
+    the loss by it before the backward pass: NaN makes the gradients and then the weights
+    go NaN as in a real divergence, a large factor makes a loss spike.
 
     Flagged rows (chat data) train only some targets, a different number in each micro
     batch and on each rank: each micro batch's summed loss is divided by the step's count
@@ -72,8 +72,8 @@ def train_step(
             batch = batch.to(device, non_blocking=True)  # (B, T+1)
             with timer("forward_backward"):
                 _, loss = forward(engine, batch, targets)
-                if poison:
-                    loss = loss * float("nan")
+                if poison is not None:
+                    loss = loss * poison
                 engine.backward(loss)
             with timer("optimizer"):
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -90,8 +90,8 @@ def train_step(
         with timer("forward_backward"):
             _, loss_sum = engine(idx, tgt, segments, reduction="sum")
             loss = loss_sum * scale.to(loss_sum.dtype)
-            if poison:
-                loss = loss * float("nan")
+            if poison is not None:
+                loss = loss * poison
             engine.backward(loss)
         with timer("optimizer"):
             engine.step()
@@ -206,7 +206,8 @@ def save(w: Worker, state: TrainState, wait: bool) -> None:
         **({"lora": w.lora} if w.lora else {}),
         "wandb_run_id": run_id(w.folder) if w.rank == 0 else None,
     }
-    w.saver.save(state.step, state.state_dict(), info, files={"config.yaml": cfg.to_yaml()})
+    files = {"config.yaml": cfg.to_yaml(), **(history(w.folder) if w.rank == 0 else {})}
+    w.saver.save(state.step, state.state_dict(), info, files=files)
     if wait:
         w.saver.flush()
 
@@ -225,10 +226,11 @@ def rollback(w: Worker, state: TrainState, guard: DivergenceGuard, alarm: str, p
         w.tracker.rewind(state.step)
 
 
-def train_worker(config: dict, nan_at_step: int = 0) -> str:
+def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> str:
     """Train to train.max_steps; returns "done", or "preempted" when stopped by a request
-    (a checkpoint of the last step is saved first). `nan_at_step` (fault injection for tests)
-    makes that step's loss NaN once, as a real divergence would."""
+    (a checkpoint of the last step is saved first). Fault injection for tests: `nan_at_step`
+    makes that step's loss NaN once, as a real divergence would; `spike_at_step` makes it
+    1000 times larger once (a spike)."""
     cfg = JobConfig.model_validate(config)
     t, every = cfg.train, cfg.checkpoint.every
     w, latest = start(cfg)
@@ -260,9 +262,12 @@ def train_worker(config: dict, nan_at_step: int = 0) -> str:
     while state.step < t.max_steps:
         profiler.tick(state.step + 1)
         state.skip_step = guard.skip_window(state.step + 1, state.skip_step, batches, cfg.accum_steps)
+        if state.step + 1 in t.skip_steps:  # a window the user knows to be bad, passed over untrained
+            guard.skip_window(state.step + 1, state.step + 1, batches, cfg.accum_steps)
         position = w.stream.state_dict()  # where this step's data starts, to name it if it must be skipped
-        poison = state.step + 1 == nan_at_step
-        nan_at_step = 0 if poison else nan_at_step  # once: the step is trained again after the rollback
+        poison = float("nan") if state.step + 1 == nan_at_step else 1000.0 if state.step + 1 == spike_at_step else None
+        if poison is not None:  # once: the step is trained again after the rollback
+            nan_at_step = spike_at_step = 0
         loss = train_step(w.engine, batches, cfg.accum_steps, w.device, w.targets, poison=poison, timer=timer)
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.

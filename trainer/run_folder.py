@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 PREEMPT = "PREEMPT"
 LAUNCH = "launch.json"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "attempts.jsonl", "wandb_run_id")  # what --fresh --force deletes
+# The run's history, copied into every checkpoint (with the W&B run id in its trainctl.json):
+# a resume on a machine that has only the checkpoints (an object store) takes it back.
+HISTORY = ("metrics.jsonl", "attempts.jsonl", "rollbacks.jsonl")
 
 
 class RunFolderError(ValueError):
@@ -87,6 +90,30 @@ def start_over(folder: Path, store: Store, force: bool, delete: bool) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+
+def history(folder: Path) -> dict[str, str]:
+    """The run folder's history files, name → text, for a checkpoint to keep."""
+    return {name: (folder / name).read_text() for name in HISTORY if (folder / name).is_file()}
+
+
+def restore_history(folder: Path, ckpt: Path) -> list[str]:
+    """Take back what the run folder lacks of the run's history from its own checkpoint
+    `ckpt` (the run folder is new: a fresh machine, the object store kept the checkpoints):
+    the history files and the W&B run id, so metrics continue and W&B continues the same
+    run. Returns the names restored."""
+    from trainer import checkpoint
+
+    restored = []
+    for name in HISTORY:
+        if (ckpt / name).is_file() and not (folder / name).exists():
+            shutil.copyfile(ckpt / name, folder / name)
+            restored.append(name)
+    rid = checkpoint.meta(ckpt).get("wandb_run_id")
+    if rid and not (folder / "wandb_run_id").exists():
+        (folder / "wandb_run_id").write_text(rid + "\n")
+        restored.append("wandb_run_id")
+    return restored
 
 
 def rewind(store: Store, to: Path, newer: list[Path]) -> None:

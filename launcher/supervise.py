@@ -1,0 +1,163 @@
+"""The launcher's watch over a job on Ray while it runs: SIGTERM, lost capacity, and how
+the run ends (an exit status and one last line).
+
+SIGTERM (spot reclaim, `scancel`, pod eviction, `trainctl stop`) asks the workers, through
+the run folder's PREEMPT file, to save at the next step boundary and stop; if they have not
+within `checkpoint.preempt_grace_s`, the launcher exits anyway. When no step is under way
+to stop at (the workers have not started in this invocation, or wait for nodes that are
+gone), there is nothing to save: it stops at once. Lost nodes are watched by
+cluster/ray_job.py's CapacityWatch. Torch-free at import, like the rest of launcher/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from trainer.config import JobConfig, redact_text
+from trainer.run_folder import LAUNCH, PREEMPT, checkpoint_store, run_dir
+
+FAILED, PREEMPTED = 1, 143
+
+
+class StopNow(KeyboardInterrupt):
+    """SIGTERM with no step under way: leave fit() at once. A KeyboardInterrupt: the one
+    exception Ray's wait lets through from a signal handler (it swallows others, and raises
+    a plain KeyboardInterrupt in its place: `Sigterm.stop` says which it was)."""
+
+
+def workers_started(folder: Path) -> bool:
+    """Whether this invocation's workers have started (recorded an attempt) yet."""
+    try:
+        launched_at = json.loads((folder / LAUNCH).read_text())["started_at"]
+        rows = (folder / "attempts.jsonl").read_text().splitlines()
+    except (OSError, ValueError, KeyError):
+        return False
+    return any(json.loads(row)["at"] >= launched_at for row in rows if row.strip())
+
+
+def where_now(cfg: JobConfig) -> str:
+    """'at step N (the same command resumes from CKPT)': for the lines about a stop."""
+    folder, store = run_dir(cfg), checkpoint_store(cfg)
+    step = 0
+    try:
+        for row in (folder / "metrics.jsonl").read_text().splitlines():
+            step = max(step, json.loads(row).get("step", 0)) if row.strip() else step
+    except OSError:
+        pass
+    try:
+        tags = store.tags()
+    except Exception:  # noqa: BLE001 - a line about the run must not fail on a flaky store
+        tags = []
+    resumes = f"the same command resumes from {store.where(tags[-1])}" if tags else "no checkpoint yet"
+    return f"at step {step} ({resumes})"
+
+
+class Sigterm:
+    """The launcher's SIGTERM handler. `idle()` says why no step is under way (then stop at
+    once), or None (then ask for a checkpoint at the next step, within grace_s). While Ray
+    starts (`starting`), a stop waits for `ray.init` to return (`check()` raises it then),
+    so no half-started Ray is left behind."""
+
+    def __init__(self, folder: Path, grace_s: float, idle: Callable[[], str | None]):
+        self.folder, self.grace_s, self.idle = folder, grace_s, idle
+        self.starting, self.stop = True, False
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def started(self) -> None:
+        """Ray is up: take SIGTERM back (`ray.init` puts in its own, which exits with status
+        15) and stop now if it came while Ray started."""
+        signal.signal(signal.SIGTERM, self.handler)
+        self.starting = False
+        if self.stop:
+            raise StopNow
+
+    def handler(self, signum, frame) -> None:
+        folder, grace_s = self.folder, self.grace_s
+        (folder / PREEMPT).touch()
+        why = "while Ray starts" if self.starting else self.idle()
+        if why is not None:
+            print(f"trainctl: SIGTERM {why}: no step to save at, stopping now", file=sys.stderr, flush=True)
+            self.stop = True
+            if not self.starting:
+                raise StopNow
+            return
+        print(
+            f"trainctl: SIGTERM: saving a checkpoint at the next step boundary, then stopping (grace {grace_s:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        timer = threading.Timer(grace_s, lambda: os._exit(PREEMPTED))
+        timer.daemon = True
+        timer.start()
+
+
+def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool) -> int | str:
+    """Train on Ray: returns the status ("done", "preempted"), or the exit status after
+    printing the last line (a failure, lost capacity, a stop before any step)."""
+    from cluster.ray_job import (
+        CapacityLost,
+        CapacityWatch,
+        JobFailed,
+        NotPlaceable,
+        connect,
+        route_worker_logs,
+        run_on_ray,
+        shutdown,
+    )
+    from launcher.job import UsageError
+
+    folder = run_dir(cfg)
+    watch = CapacityWatch(cfg.cluster, lambda: where_now(cfg))
+
+    def idle() -> str | None:
+        if watch.waiting_since is not None:
+            return "while waiting for capacity"
+        return None if workers_started(folder) else "before the workers started"
+
+    failure = None
+    sigterm = Sigterm(folder, cfg.checkpoint.preempt_grace_s, idle)
+    try:
+        try:
+            connect(cfg.cluster, verbose=verbose)
+        except SystemExit as e:  # ray.init's own SIGTERM handler, while it started Ray
+            if e.code != signal.SIGTERM:
+                raise
+            sigterm.handler(signal.SIGTERM, None)
+        if not verbose:
+            route_worker_logs(folder / "workers.log")
+        sigterm.started()
+        run_on_ray(worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent), watch)
+    except (JobFailed, CapacityLost) as e:
+        failure = e
+    except NotPlaceable as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        if not sigterm.stop:
+            raise
+        failure = StopNow()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, ending is all that is left
+        shutdown()  # first, so that Ray's forwarded worker logs end before our last line
+    if isinstance(failure, StopNow):
+        (folder / PREEMPT).unlink(missing_ok=True)
+        print(f"trainctl: stopped: the run is {where_now(cfg)}", file=sys.stderr)
+        return PREEMPTED
+    if isinstance(failure, CapacityLost):
+        print(f"trainctl: stopped: {redact_text(str(failure))}", file=sys.stderr)
+        return FAILED
+    if failure is not None and "SaveFailed: " in str(failure):
+        print(f"trainctl: error: {redact_text(str(failure).split('SaveFailed: ', 1)[1])}", file=sys.stderr)
+        return 2
+    if failure is not None:
+        where = "" if verbose else f" (the workers' output: {folder / 'workers.log'})"
+        print(f"trainctl: training failed: {redact_text(str(failure))}{where}", file=sys.stderr)
+        return FAILED
+    status = "preempted" if (folder / PREEMPT).exists() else "done"
+    (folder / PREEMPT).unlink(missing_ok=True)
+    return status
