@@ -9,11 +9,11 @@ offline) is run once without faults, then again with `--faults` faults at steps 
 
 - kill-worker: SIGKILL of a random Ray Train worker. Nothing: `cluster.max_failures` lets
   Ray restart the workers, which resume from the newest checkpoint.
-- kill-launcher: SIGKILL of `trainctl run` itself (the machine's job is gone at once, its
-  private Ray with it). The same command again.
+- kill-launcher: SIGKILL of `trainctl run` and every process under it (its private Ray:
+  the machine's job is gone at once). The same command again.
 - sigterm: SIGTERM to `trainctl run` (a preemption): it saves at the next step, exits 143.
   The same command again.
-- truncate-checkpoint: SIGKILL of `trainctl run`, then the newest checkpoint is left as a
+- truncate-checkpoint: SIGKILL of `trainctl run` and its tree, then the newest checkpoint is left as a
   save cut off mid-write leaves it (its model file truncated, no completion marker). The
   same command again, which must pass over it for the one before.
 
@@ -49,8 +49,8 @@ sys.path.insert(0, str(REPO / "tests"))
 KINDS = ("kill-worker", "kill-launcher", "sigterm", "truncate-checkpoint")
 JOB = """\
 name: chaos
-model: {{n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}}
-data: {{path: data, seq_len: 32}}
+model: {{n_layer: 4, n_head: 4, d_model: 128, max_seq_len: 64}}
+data: {{path: data, seq_len: 64}}
 train: {{max_steps: {steps}, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
         eval_every: 100000, eval_batches: 2, log_every: 1, sample_tokens: 0}}
 checkpoint: {{storage_path: runs, every: 10, keep: 3}}
@@ -94,12 +94,16 @@ class Job:
             self.log.write(line)
 
     def resumed_at(self, since: int = 0) -> int | None:
-        """The step the newest resume (a start or a restart of the workers) began at."""
+        """The step the newest start of the workers (since line `since`) began at: the one
+        it resumed from, or, with no checkpoint left to resume from, 0 (its first progress
+        line is step 1); None while it has not started."""
         for line in reversed(self.lines[since:]):
             if "resumed at step " in line:
                 return int(line.split("resumed at step ")[1].split(",")[0].split()[0])
             if " at step " in line and "trainctl: resumed from " in line:
                 return int(line.split(" at step ")[1].split()[0])
+        if any(line.startswith("step ") and line.split()[1].startswith("1/") for line in self.lines[since:]):
+            return 0
         return None
 
     def wait(self) -> int:
@@ -151,13 +155,29 @@ def worker_pids(launcher: int) -> list[int]:
     except psutil.NoSuchProcess:
         return []
     out = []
-    for p in tree:
+    for p in tree:  # the workers themselves, not their DataLoader processes (forked: the same name)
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
+            if "RayTrainWorker" in " ".join(p.cmdline()) and "RayTrainWorker" not in " ".join(p.parent().cmdline()):
                 out.append(p.pid)
         except psutil.Error:
             pass
     return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to a process and everything under it at once, as when its machine dies
+    (the launcher alone: its private Ray's workers would train on for a second or two)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def truncate_newest(run: Path) -> str:
@@ -280,8 +300,9 @@ def main() -> int:
                     print(f"fault {i:2d} at step {at}: sigterm ended with exit {code}, not 143", flush=True)
                     break
             else:
-                job.proc.kill()
+                kill_tree(pid)
                 job.wait()
+            at = max(losses(run))  # the last step trained before it ended (SIGTERM: the one it saved at)
             left = settle(pid)
             what = f" ({truncate_newest(run)})" if kind == "truncate-checkpoint" else ""
             kind += what

@@ -21,6 +21,7 @@ def command(*args: str) -> list[str]:
 def env(**extra: str) -> dict[str, str]:
     out = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **extra}
     out.pop("WANDB_MODE", None)
+    out.pop("WANDB_SERVICE", None)  # set by an in-process wandb.init: a child would use this process's W&B service
     return out
 
 

@@ -1,5 +1,7 @@
-"""Checkpoints that survive anything: bitwise resume after SIGTERM, a worker killed with
-SIGKILL and restarted by Ray, damaged checkpoints passed over, and the resume flags.
+"""Checkpoints that survive anything: bitwise resume after SIGTERM (Ray, torchrun, an
+object store on a fresh machine), a lost node waited for and bounded, damaged checkpoints
+passed over, rollbacks, resharding, and the resume flags. (A Ray worker SIGKILLed under
+max_failures, with its restart bookkeeping: tests/test_chaos.py.)
 
 Every run is the real `trainctl run` (a real local Ray with 2 workers, or `--no-ray`),
 DeepSpeed ZeRO-2 on gloo, real tar shards. Losses are compared with `==`.
@@ -71,40 +73,6 @@ def work(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(losses(work / "runs" / "straight")) == list(range(1, 121))
     return work
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_worker_killed_with_sigkill_is_restarted_and_the_losses_match(work):
-    run = work / "runs" / "killed"
-    started_at = time.time()
-    proc = subprocess.Popen(
-        command("run", "job.yaml", "name=killed", "cluster.max_failures=1"),
-        cwd=work,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_step(run, 45, proc)  # past the checkpoint at step 40
-    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    assert workers, "no Ray Train worker process found"
-    killed_at = time.time()
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "restart 1 of this job: resumed at step" in out
-    assert losses(run) == losses(work / "runs" / "straight")
-    # The restart's bookkeeping: printed, in metrics.jsonl (at the step it resumed from), in attempts.jsonl.
-    resumed = int(out.split("restart 1 of this job: resumed at step ")[1].split(",")[0])
-    lost = float(out.split(f"resumed at step {resumed}, ")[1].split(" s lost")[0])
-    assert resumed in (40, 60)  # the newest checkpoint before the kill (every 20 steps)
-    (event,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "restarts" in line]
-    assert event["step"] == resumed and event["restarts"] == 1 and round(event["time_lost_s"]) == lost
-    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
-    assert [a["step"] for a in attempts] == [0, resumed]
-    # lost = from that checkpoint's completion (after the start) to the restart (after the kill)
-    assert 0 < event["time_lost_s"] < attempts[1]["at"] - started_at and attempts[1]["at"] > killed_at
 
 
 @pytest.mark.slow
@@ -490,13 +458,20 @@ def test_a_lost_node_is_reported_waited_for_and_bounded_and_a_rerun_continues_ex
     capacity elsewhere) finishes with every loss equal to the uninterrupted run's."""
     with two_node_cluster(head_cpus=1) as cluster:
         run = work / "runs" / "lost"
-        job = ["run", "job.yaml", "name=lost", "cluster.max_failures=2"]
+        job = [
+            "run",
+            "job.yaml",
+            "name=lost",
+            "cluster.max_failures=2",
+            "train.max_steps=80",
+            "train.lr_decay_steps=120",
+        ]
         proc = subprocess.Popen(
             command(
                 *job,
                 f"cluster.address={cluster.address}",
                 "cluster.placement=SPREAD",
-                "cluster.restart_timeout_s=25",
+                "cluster.restart_timeout_s=15",
                 # Ray Train's own retry of a worker group it cannot place (60 s by default)
                 "cluster.env={RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S: '3'}",
             ),
@@ -525,13 +500,14 @@ def test_a_lost_node_is_reported_waited_for_and_bounded_and_a_rerun_continues_ex
         assert "restart 1 of this job: resumed at step 20" in out
         last = err.lines[-1]
         assert last.startswith("trainctl: stopped: lost node 127.0.0.3 at step "), last
-        assert "resumes from " in last and "waited 2" in last and "cluster.restart_timeout_s" in last, last
+        assert "resumes from " in last and "waited 1" in last and "cluster.restart_timeout_s" in last, last
         assert time.monotonic() - t0 < 90
         resume_from = last.split("resumes from ")[1].split(")")[0]
     r = trainctl(*job, cwd=work)  # the same command, capacity elsewhere: a private local Ray of 2 workers
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {resume_from} at step" in r.stdout
-    assert losses(run) == losses(work / "runs" / "straight")
+    straight = losses(work / "runs" / "straight")
+    assert losses(run) == {s: straight[s] for s in range(1, 81)}
 
 
 @pytest.mark.slow

@@ -43,3 +43,48 @@ def test_a_resumed_run_continues_the_same_wandb_run_without_duplicated_or_droppe
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 41))
     assert {m["step"]: m["loss"] for m in lines if "loss" in m}[25] == 125.0
+
+
+CRASH = """
+import os, signal, sys, time
+from trainer.config import JobConfig
+from trainer.tracking import Tracker
+t = Tracker(JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}}), __import__("pathlib").Path(sys.argv[1]))
+for step in range(1, 31):
+    t.log({"loss": float(step)}, step)
+t._started(wait=True)
+t._wandb_call("summarize", {})  # the calls kept while W&B started go out
+time.sleep(float(sys.argv[2]))
+os.killpg(0, signal.SIGKILL)  # the machine is gone: this process and W&B's service, nothing flushed
+"""
+
+
+def test_steps_w_and_b_lost_in_a_crash_are_sent_again_and_none_twice(tmp_path, monkeypatch):
+    """A SIGKILL of the process and W&B's service loses what the service had not written:
+    metrics.jsonl says 30, W&B's file holds fewer. The resumed tracker asks the file what it
+    holds and sends the rest, so the two attempts' files hold every step once."""
+    import subprocess
+    import sys
+
+    from cli_helpers import REPO, env
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "wb"
+    run.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-c", CRASH, str(run), "0"], env=env(), cwd=REPO, start_new_session=True, timeout=120
+    )
+    assert r.returncode == -9
+    (first,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    held = [row["_step"] for row in history(first)]
+    assert held == list(range(1, len(held) + 1)) and len(held) < 30  # the tail was lost
+    time.sleep(1.1)
+    cfg = JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}})
+    second = Tracker(cfg, run, resume_step=20)
+    for step in range(21, 41):
+        second.log({"loss": float(step)}, step)
+    second.finish()
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    steps = [row["_step"] for f in files for row in history(f)]
+    assert steps == list(range(1, 41))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,6 @@ class MetricsFile:
     def __init__(self, run_dir: Path, resume_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
         self._fh = None
-        self.high = self.last_step()  # before a resume drops the rows after its checkpoint
         self.rewind(resume_step)
 
     def last_step(self) -> int:
@@ -33,6 +34,23 @@ class MetricsFile:
             return 0
         return max(
             (json.loads(row).get("step", 0) for row in self.path.read_text().splitlines() if row.strip()), default=0
+        )
+
+    def _backfill(self) -> list[tuple[str, tuple, int | None, bool]]:
+        """The earlier attempts' rows W&B does not hold (its service had not written them
+        when the machine died), as log calls: metrics.jsonl has them up to the resume step."""
+        calls = []
+        for row in self.file.rows():
+            step = row.pop("step", 0)
+            if self.wandb_high < step <= self.resume_step:
+                calls.append(("log", (row, step), step, False))
+        return calls
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._fh is not None and not self._fh.closed:
+            self._fh.flush()
+        return (
+            [json.loads(row) for row in self.path.read_text().splitlines() if row.strip()] if self.path.exists() else []
         )
 
     def rewind(self, step: int) -> None:
@@ -67,13 +85,16 @@ class WandbTracker:
 
         self._wandb = wandb
         mode = os.environ.get("WANDB_MODE") or cfg.tracking.mode
+        rid = run_id(run_dir)
+        self.mode = mode
+        self.earlier = sorted(run_dir.glob(f"wandb/*-{rid}/run-{rid}.wandb"))  # this run's files, before this start
         self.run = wandb.init(
             project=cfg.tracking.project,
             entity=cfg.tracking.entity,
             group=cfg.tracking.group,
             tags=cfg.tracking.tags or None,
             name=cfg.name,
-            id=run_id(run_dir),
+            id=rid,
             resume="allow",
             dir=str(run_dir),
             mode=mode,
@@ -86,6 +107,14 @@ class WandbTracker:
         self.run.define_metric("trainer/global_step")
         self.run.define_metric("*", step_metric="trainer/global_step")
 
+    def held_step(self) -> int:
+        """The last step W&B holds of this run: a resumed online run's, as its server says;
+        offline, the highest step in this run's earlier offline files (what reached the disk
+        before a crash)."""
+        if self.mode == "online":
+            return max(self.run.starting_step - 1, 0) if self.run.resumed else 0
+        return max((step for f in self.earlier for step in history_steps(f)), default=0)
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({**{k: v for k, v in metrics.items() if v is not None}, "trainer/global_step": step}, step=step)
 
@@ -97,6 +126,49 @@ class WandbTracker:
 
     def finish(self) -> None:
         self.run.finish()
+
+
+def wandb_records(path: Path) -> Iterator[bytes]:
+    """The records of a W&B run file (run-ID.wandb: LevelDB's log format, 32 KiB blocks of
+    records with a 7-byte header, after a 7-byte ':W&B' file header; wandb 0.31 has no
+    Python reader of it). A record cut off by a crash ends the file."""
+    block, header = 32768, 7
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        return
+    buf, pos = b"", header
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:  # a block's trailer too short for a record header
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        pos += header
+        if pos + length > len(data):
+            return
+        buf += data[pos : pos + length]
+        pos += length
+        if kind in (1, 4):  # FULL, LAST
+            yield buf
+            buf = b""
+
+
+def history_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Every history row of a W&B run file as {key: value}, with '_step'."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in wandb_records(path):
+        rec = pb.Record()
+        try:
+            rec.ParseFromString(raw)
+        except Exception:  # noqa: BLE001 - a damaged record: the file ends there
+            return
+        if rec.WhichOneof("record_type") == "history":
+            yield {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+
+
+def history_steps(path: Path) -> list[int]:
+    return [row["_step"] for row in history_rows(path) if "_step" in row]
 
 
 def run_id(run_dir: Path) -> str:
@@ -113,14 +185,23 @@ class Tracker:
     """Fans each log call out to the metrics file and, if it works, W&B.
 
     W&B starts in a thread (its service takes a second or more), so the first steps do not
-    wait for it: calls made before it is up are kept and sent, in order, once it is."""
+    wait for it: calls made before it is up are kept and sent, in order, once it is.
+
+    Each step goes to W&B once. A resume replays the steps after its checkpoint; W&B's
+    history is append-only, so a replayed step is sent only if W&B does not hold it yet:
+    what it holds is asked of W&B itself once it is up (`WandbTracker.held_step`: the
+    resumed online run's last step, or the highest step in this run's offline files), not
+    taken from metrics.jsonl, which can be ahead of W&B after a crash (a SIGKILL loses what
+    W&B's service had not written). Until then every call waits in `pending`."""
 
     def __init__(self, cfg: JobConfig, run_dir: Path, resume_step: int = 0):
         self.file = MetricsFile(run_dir, resume_step)
-        self.wandb_high = self.file.high  # W&B already holds every step up to here
+        self.resume_step = resume_step  # the file's rows up to here are earlier attempts'
+        self.wandb_high = 0  # W&B held every step up to here when it started (asked of it then)
+        self.wandb_last = 0  # the step last sent to W&B: an earlier one (replayed) is not sent again
         self.carried: dict[str, Any] = {}  # events of a replayed step, sent with W&B's next new step
         self.wandb: WandbTracker | None = None
-        self.pending: list[tuple[str, tuple]] = []  # calls made while W&B starts
+        self.pending: list[tuple[str, tuple, int | None, bool]] = []  # calls made while W&B starts
         self.starting: Future | None = None
         if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
             self.starting = ThreadPoolExecutor(1, thread_name_prefix="wandb-init").submit(WandbTracker, cfg, run_dir)
@@ -133,40 +214,56 @@ class Tracker:
             return False
         try:
             self.wandb = self.starting.result()
+            self.wandb_high = self.wandb.held_step()
+            self.pending[:0] = self._backfill()
         except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
             warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
+            self.wandb = None
         self.starting = None
         return True
 
+    def _backfill(self) -> list[tuple[str, tuple, int | None, bool]]:
+        """The earlier attempts' rows W&B does not hold (its service had not written them
+        when the machine died), as log calls: metrics.jsonl has them up to the resume step."""
+        calls = []
+        for row in self.file.rows():
+            step = row.pop("step", 0)
+            if self.wandb_high < step <= self.resume_step:
+                calls.append(("log", (row, step), step, False))
+        return calls
+
     def rewind(self, step: int) -> None:
-        self.wandb_high = max(self.wandb_high, self.file.last_step())
-        self.file.rewind(step)  # the replayed steps keep their first values in W&B
+        self.file.rewind(step)  # the replayed steps keep their first values in W&B (wandb_last)
 
     def log(self, metrics: dict[str, Any], step: int, event: bool = False) -> None:
-        """Log a step's values. A step W&B already holds (replayed after a resume) goes to the
-        metrics file only; an `event` (a restart) then goes with W&B's next new step."""
+        """Log a step's values. A step W&B already holds (replayed after a resume or a
+        rollback) goes to the metrics file only; an `event` (a restart) then goes with W&B's
+        next new step."""
         self.file.log(metrics, step)
-        if step <= self.wandb_high:
-            if event:
-                self.carried.update(metrics)
-            return
-        metrics, self.carried = {**self.carried, **metrics}, {}
-        self._wandb_call("log", metrics, step)
+        self._wandb_call("log", metrics, step, step=step, event=event)
 
-    def _wandb_call(self, what: str, *args, wait: bool = False) -> None:
-        self.pending.append((what, args))
+    def _wandb_call(self, what: str, *args, wait: bool = False, step: int | None = None, event: bool = False) -> None:
+        self.pending.append((what, args, step, event))
         if not self._started(wait):
             return
         calls, self.pending = self.pending, []
-        for name, call_args in calls:
+        for name, call_args, at, is_event in calls:
             if self.wandb is None:
                 return
+            if at is not None and (at <= self.wandb_high or at < self.wandb_last):  # W&B holds this step
+                if is_event:
+                    self.carried.update(call_args[0])
+                continue
+            if name == "log" and self.carried:
+                call_args, self.carried = ({**self.carried, **call_args[0]}, *call_args[1:]), {}
             try:
                 getattr(self.wandb, name)(*call_args)
             except Exception as e:  # noqa: BLE001
                 hint = f"; run `wandb sync` on {self.file.path.parent}/wandb" if name == "finish" else ""
                 warn(f"W&B {name} failed, tracking turned off ({type(e).__name__}: {e}){hint}")
                 self.wandb = None
+            if at is not None:
+                self.wandb_last = max(self.wandb_last, at)  # more values of this step may follow
 
     def describe(self, values: dict[str, Any]) -> None:
         """Facts about the run (its plan figures, the tokenizer): run.json and the W&B summary."""
@@ -180,8 +277,7 @@ class Tracker:
         """Validation samples (prompt, continuation) as a W&B table, and samples.jsonl."""
         with open(self.file.path.parent / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"step": step, "prompt": p, "sample": c}) + "\n" for p, c in rows)
-        if step > self.wandb_high:
-            self._wandb_call("table", "val/samples", ["prompt", "sample"], rows, step)
+        self._wandb_call("table", "val/samples", ["prompt", "sample"], rows, step, step=step)
 
     def finish(self) -> None:
         self.file.finish()
