@@ -71,7 +71,8 @@ def capacity(cluster: ClusterSection) -> Capacity:
         res = node.get("Resources", {})
         for k in need:
             have[k] += res.get(k, 0.0)
-        fits += int(min(res.get(k, 0.0) / v for k, v in need.items() if v > 0))
+        # in Ray's fixed-point units (1e-4): 7 CPUs hold 100 workers of 0.07, not int(7 / 0.07) = 99
+        fits += min(round(res.get(k, 0.0) * 1e4) // round(v * 1e4) for k, v in need.items() if v > 0)
     total = {k: v * cluster.num_workers for k, v in need.items()}
     return Capacity(fits, [f"{k} {have[k]:g} of {total[k]:g}" for k in need if have[k] < total[k]], alive)
 
@@ -94,13 +95,6 @@ def check_placeable(cluster: ClusterSection) -> None:
 
 class CapacityLost(RuntimeError):
     """The workers could not be placed again within cluster.restart_timeout_s."""
-
-
-def _give_up(signum, frame) -> None:
-    """The watch's SIGUSR1, in the main thread: out of `fit()`. A KeyboardInterrupt, the one
-    exception Ray's wait (`ray.get`'s signal check) lets through (it swallows any other
-    raised by a signal handler); `run_on_ray` tells it from Ctrl-C by `watch.timed_out`."""
-    raise KeyboardInterrupt
 
 
 class CapacityWatch:
@@ -138,6 +132,9 @@ class CapacityWatch:
     def start(self) -> None:
         self._thread.start()
 
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
@@ -152,43 +149,48 @@ class CapacityWatch:
         )
 
     def _run(self) -> None:
+        said = 0.0
+        while not self._stop.wait(self.every_s) and self.timed_out is None:
+            try:
+                said = self._check(said)
+            except Exception as e:  # noqa: BLE001 - the watch must outlive any one bad look
+                print(f"trainctl: warning: the capacity check failed ({type(e).__name__}: {e})", file=sys.stderr)
+
+    def _check(self, said: float) -> float:
+        """One look at the cluster; returns when the waiting line was last printed."""
         import os
         import signal
         import time
 
-        said = 0.0
-        while not self._stop.wait(self.every_s):
-            try:
-                cap = capacity(self.cluster)
-            except Exception:  # noqa: BLE001 - Ray going down under us: the main thread sees why
-                continue
-            now = time.monotonic()
-            self.seen |= cap.alive
-            if cap.fits >= self.cluster.num_workers:
-                if self.waiting_since is not None:
-                    print(f"trainctl: capacity is back after {now - self.waiting_since:.0f} s: restarting", flush=True)
-                self.waiting_since = None
-                continue
-            if self.waiting_since is None:
-                self.waiting_since, said = now, 0.0
-            waited = now - self.waiting_since
-            if waited >= self.timeout_s:
-                self.timed_out = (
-                    f"{self._describe(cap)}; waited {waited:.0f} s (cluster.restart_timeout_s): add capacity "
-                    "(or lower cluster.num_workers, keeping the global batch with train.grad_accum_steps) and run "
-                    "the same command to resume"
-                )
+        cap = capacity(self.cluster)
+        now = time.monotonic()
+        self.seen |= cap.alive
+        if cap.fits >= self.cluster.num_workers:
+            if self.waiting_since is not None:
+                print(f"trainctl: capacity is back after {now - self.waiting_since:.0f} s: restarting", flush=True)
+            self.waiting_since = None
+            return said
+        if self.waiting_since is None:
+            self.waiting_since, said = now, 0.0
+        waited = now - self.waiting_since
+        if waited >= self.timeout_s:
+            self.timed_out = (
+                f"{self._describe(cap)}; waited {waited:.0f} s (cluster.restart_timeout_s): add capacity "
+                "(or lower cluster.num_workers, keeping the global batch with train.grad_accum_steps) and run "
+                "the same command to resume"
+            )
+            if not self._stop.is_set():
                 os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            if said == 0.0 or now - said >= self.repeat_s:
-                left = self.timeout_s - waited
-                print(
-                    f"trainctl: {self._describe(cap)}; waiting for capacity ({left:.0f} s more, "
-                    "cluster.restart_timeout_s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                said = now
+            return said
+        if said == 0.0 or now - said >= self.repeat_s:
+            print(
+                f"trainctl: {self._describe(cap)}; waiting for capacity ({self.timeout_s - waited:.0f} s more, "
+                "cluster.restart_timeout_s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = now
+        return said
 
 
 @dataclass
@@ -291,10 +293,17 @@ def run_on_ray(
     )
     import signal
 
-    previous = signal.signal(signal.SIGUSR1, _give_up) if watch is not None else None
-    if watch is not None:
-        watch.start()
+    def give_up(signum, frame) -> None:
+        """The watch's SIGUSR1, in the main thread: out of `fit()`. A KeyboardInterrupt, the
+        one exception Ray's wait (`ray.get`'s signal check) lets through (it swallows any
+        other a signal handler raises); told from Ctrl-C by `watch.timed_out`."""
+        if watch is not None and not watch.stopped():
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, give_up) if watch is not None else None
     try:
+        if watch is not None:
+            watch.start()
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise JobFailed(_worker_error(str(e))) from None

@@ -44,7 +44,13 @@ def _ignore_sigterm(worker: int) -> None:
     process group (`scancel`, a pod's eviction, `kill -TERM -PGID`) must not kill the workers
     under a rank that is about to save at the next step (torch's own handler would end the
     worker, and the rank would fail with "DataLoader worker ... killed by signal")."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(
+        signal.SIGTERM, _ignore
+    )  # a handler, not SIG_IGN: a `pipe:` command exec'd from here gets the default back
+
+
+def _ignore(signum, frame) -> None:
+    pass
 
 
 class Loader:

@@ -36,9 +36,9 @@ def workers_started(folder: Path) -> bool:
     try:
         launched_at = json.loads((folder / LAUNCH).read_text())["started_at"]
         rows = (folder / "attempts.jsonl").read_text().splitlines()
-    except (OSError, ValueError, KeyError):
+        return any(json.loads(row)["at"] >= launched_at for row in rows if row.strip())
+    except (OSError, ValueError, KeyError, TypeError):  # a row cut short by a crash: not started, as far as known
         return False
-    return any(json.loads(row)["at"] >= launched_at for row in rows if row.strip())
 
 
 def where_now(cfg: JobConfig) -> str:
@@ -46,10 +46,14 @@ def where_now(cfg: JobConfig) -> str:
     folder, store = run_dir(cfg), checkpoint_store(cfg)
     step = 0
     try:
-        for row in (folder / "metrics.jsonl").read_text().splitlines():
-            step = max(step, json.loads(row).get("step", 0)) if row.strip() else step
+        rows = (folder / "metrics.jsonl").read_text().splitlines()
     except OSError:
-        pass
+        rows = []
+    for row in rows:
+        try:
+            step = max(step, int(json.loads(row).get("step", 0)))
+        except (ValueError, TypeError, AttributeError):  # a line cut short by a crash
+            continue
     try:
         tags = store.tags()
     except Exception:  # noqa: BLE001 - a line about the run must not fail on a flaky store
@@ -118,6 +122,8 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
     def idle() -> str | None:
         if watch.waiting_since is not None:
             return "while waiting for capacity"
+        if cfg.cluster.address != "local":  # the workers' run folder may be on other machines: ask them
+            return None
         return None if workers_started(folder) else "before the workers started"
 
     failure = None
@@ -129,9 +135,9 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             if e.code != signal.SIGTERM:
                 raise
             sigterm.handler(signal.SIGTERM, None)
+        sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
         if not verbose:
             route_worker_logs(folder / "workers.log")
-        sigterm.started()
         run_on_ray(worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent), watch)
     except (JobFailed, CapacityLost) as e:
         failure = e

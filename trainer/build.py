@@ -231,10 +231,12 @@ def start_tracking(w: Worker, step: int, latest: Path | None) -> tuple[perf.Mete
     cfg = w.cfg
     attempt = None
     if w.rank == 0:
+        floor = -1
         if latest is not None and latest.parent == w.store.root:  # the run's own (not --resume's branch point)
             if restored := restore_history(w.folder, latest):
                 print(f"trainctl: {', '.join(restored)} taken back from {latest.name}", flush=True)
-        w.tracker = Tracker(cfg, w.folder, resume_step=step)
+            floor = checkpoint.meta(latest).get("wandb_sent", -1)
+        w.tracker = Tracker(cfg, w.folder, resume_step=step, wandb_floor=floor)
         attempt = record_attempt(w.folder, step, latest)
         if attempt.restarts:
             print(

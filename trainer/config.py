@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -195,7 +195,7 @@ class TrainSection(Section):
         description="a step whose loss exceeds this factor times the mean of the last 20 is a spike: roll back "
         "(like a non-finite loss); null = only non-finite losses roll back",
     )
-    skip_steps: list[int] = Field(
+    skip_steps: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=list,
         description="steps whose data windows are passed over untrained, as a rollback after a spike does "
         "(a batch known to be bad; Megatron's --iterations-to-skip)",

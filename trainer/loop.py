@@ -205,6 +205,7 @@ def save(w: Worker, state: TrainState, wait: bool) -> None:
         **({"hf_base": w.hf_base} if w.hf_base else {}),
         **({"lora": w.lora} if w.lora else {}),
         "wandb_run_id": run_id(w.folder) if w.rank == 0 else None,
+        "wandb_sent": w.tracker.wandb_last if w.tracker is not None else -1,  # rank 0's: the step W&B was last sent
     }
     files = {"config.yaml": cfg.to_yaml(), **(history(w.folder) if w.rank == 0 else {})}
     w.saver.save(state.step, state.state_dict(), info, files=files)

@@ -31,7 +31,13 @@ if TYPE_CHECKING:
 
 PREEMPT = "PREEMPT"
 LAUNCH = "launch.json"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "attempts.jsonl", "wandb_run_id")  # what --fresh --force deletes
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "attempts.jsonl",
+    "rollbacks.jsonl",
+    "wandb_run_id",
+)  # --fresh --force deletes
 # The run's history, copied into every checkpoint (with the W&B run id in its trainctl.json):
 # a resume on a machine that has only the checkpoints (an object store) takes it back.
 HISTORY = ("metrics.jsonl", "attempts.jsonl", "rollbacks.jsonl")

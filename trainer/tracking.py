@@ -36,16 +36,6 @@ class MetricsFile:
             (json.loads(row).get("step", 0) for row in self.path.read_text().splitlines() if row.strip()), default=0
         )
 
-    def _backfill(self) -> list[tuple[str, tuple, int | None, bool]]:
-        """The earlier attempts' rows W&B does not hold (its service had not written them
-        when the machine died), as log calls: metrics.jsonl has them up to the resume step."""
-        calls = []
-        for row in self.file.rows():
-            step = row.pop("step", 0)
-            if self.wandb_high < step <= self.resume_step:
-                calls.append(("log", (row, step), step, False))
-        return calls
-
     def rows(self) -> list[dict[str, Any]]:
         if self._fh is not None and not self._fh.closed:
             self._fh.flush()
@@ -80,7 +70,9 @@ class WandbTracker:
     between the checkpoint and the crash) are not sent again (see Tracker): W&B history is
     append-only, and a resumed run recomputes them bit for bit anyway."""
 
-    def __init__(self, cfg: JobConfig, run_dir: Path):
+    def __init__(self, cfg: JobConfig, run_dir: Path, floor: int = -1):
+        """`floor`: the last step W&B was sent before the checkpoint this start resumes from
+        (its trainctl.json), for a machine that has none of this run's W&B files."""
         import wandb  # an integration imports its library inside, not at the top of core files
 
         self._wandb = wandb
@@ -106,14 +98,18 @@ class WandbTracker:
         # Every metric is drawn against the global step, so a resumed run continues one line.
         self.run.define_metric("trainer/global_step")
         self.run.define_metric("*", step_metric="trainer/global_step")
+        self.held = self.held_step(floor)  # here, in W&B's start thread: reading its files takes a while
 
-    def held_step(self) -> int:
-        """The last step W&B holds of this run: a resumed online run's, as its server says;
-        offline, the highest step in this run's earlier offline files (what reached the disk
-        before a crash)."""
+    def held_step(self, floor: int = -1) -> int:
+        """The last step W&B holds of this run (-1: none): a resumed online run's, as its
+        server says; offline, the highest step in this run's earlier offline files here
+        (what reached the disk before a crash), or, on a machine with none of them (a fresh
+        one, after `wandb sync --clean`), `floor`: what the checkpoint says was sent."""
         if self.mode == "online":
-            return max(self.run.starting_step - 1, 0) if self.run.resumed else 0
-        return max((step for f in self.earlier for step in history_steps(f)), default=0)
+            return self.run.starting_step - 1 if self.run.resumed else -1
+        if not self.earlier:
+            return floor
+        return max((step for f in self.earlier for step in history_steps(f)), default=-1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({**{k: v for k, v in metrics.items() if v is not None}, "trainer/global_step": step}, step=step)
@@ -194,17 +190,20 @@ class Tracker:
     taken from metrics.jsonl, which can be ahead of W&B after a crash (a SIGKILL loses what
     W&B's service had not written). Until then every call waits in `pending`."""
 
-    def __init__(self, cfg: JobConfig, run_dir: Path, resume_step: int = 0):
+    def __init__(self, cfg: JobConfig, run_dir: Path, resume_step: int = 0, wandb_floor: int = -1):
         self.file = MetricsFile(run_dir, resume_step)
         self.resume_step = resume_step  # the file's rows up to here are earlier attempts'
-        self.wandb_high = 0  # W&B held every step up to here when it started (asked of it then)
-        self.wandb_last = 0  # the step last sent to W&B: an earlier one (replayed) is not sent again
+        self.wandb_high = -1  # W&B held every step up to here when it started (asked of it then)
+        self.wandb_last = -1  # the step last sent to W&B: an earlier one (replayed) is not sent again
         self.carried: dict[str, Any] = {}  # events of a replayed step, sent with W&B's next new step
         self.wandb: WandbTracker | None = None
         self.pending: list[tuple[str, tuple, int | None, bool]] = []  # calls made while W&B starts
         self.starting: Future | None = None
         if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
-            self.starting = ThreadPoolExecutor(1, thread_name_prefix="wandb-init").submit(WandbTracker, cfg, run_dir)
+            run_id(run_dir)  # now, not in the thread: a checkpoint saved at once records the same id
+            self.starting = ThreadPoolExecutor(1, thread_name_prefix="wandb-init").submit(
+                WandbTracker, cfg, run_dir, wandb_floor
+            )
 
     def _started(self, wait: bool) -> bool:
         """Whether W&B's start has finished (waiting for it if `wait`); a failed start is one warning."""
@@ -214,7 +213,7 @@ class Tracker:
             return False
         try:
             self.wandb = self.starting.result()
-            self.wandb_high = self.wandb.held_step()
+            self.wandb_high = self.wandb.held
             self.pending[:0] = self._backfill()
         except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
             warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
