@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.lanes import Layout, TokenStream  # noqa: E402
 from data_pipeline.loader import Loader  # noqa: E402
-from data_pipeline.prepare import ShardWriter  # noqa: E402
+from data_pipeline.shards import ShardWriter  # noqa: E402
 
 SEQ, GLOBAL, SHARDS, SHARD_MB, CHUNK_MB = 2048, 1024, 2048, 63, 3.5
 

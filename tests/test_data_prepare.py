@@ -259,7 +259,7 @@ def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
     import io
     import tarfile
 
-    from data_pipeline.prepare import ShardWriter
+    from data_pipeline.shards import ShardWriter
 
     arrays = [np.arange(n, dtype=np.uint16) for n in (1, 255, 256, 257, 4096, 3)]
     writer = ShardWriter(str(tmp_path), "train", 1 << 30)
