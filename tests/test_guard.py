@@ -41,10 +41,12 @@ def test_allow_gives_up_past_max_rollbacks_or_without_a_checkpoint(tmp_path):
 def test_rolled_back_records_the_skipped_window_on_rank_0_only(tmp_path, capsys):
     log = tmp_path / "rollbacks.jsonl"
     guard = DivergenceGuard(None, 3, log)
-    guard.check(1.0)
+    for step in range(1, 15):
+        guard.check(float(step), step)
     position = {"epoch": 0, "batch": 14}
-    assert guard.rolled_back(15, "the loss is nan", tmp_path / "step_00000010", 1, position) == 15
-    assert list(guard.recent) == []
+    assert guard.rolled_back(15, "the loss is nan", tmp_path / "step_00000010", 1, position, 10) == 15
+    assert list(guard.recent) == [float(s) for s in range(1, 11)]  # the losses up to the checkpoint stand
+    assert list(guard.steps) == list(range(1, 11))
     assert json.loads(log.read_text()) == {
         "step": 15,
         "alarm": "the loss is nan",

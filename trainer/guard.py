@@ -44,12 +44,14 @@ class DivergenceGuard:
     def __init__(self, spike_factor: float | None, max_rollbacks: int, log: Path | None = None):
         self.factor, self.max_rollbacks, self.log = spike_factor, max_rollbacks, log
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self.steps: deque[int] = deque(maxlen=SPIKE_WINDOW)  # the step of each loss in `recent`
 
-    def check(self, loss: float) -> str | None:
-        """The alarm for this step's loss, or None (then the loss joins the spike window)."""
+    def check(self, loss: float, step: int = 0) -> str | None:
+        """The alarm for step `step`'s loss, or None (then the loss joins the spike window)."""
         alarm = loss_alarm(loss, self.recent, self.factor)
         if alarm is None:
             self.recent.append(loss)
+            self.steps.append(step)
         return alarm
 
     def allow(self, rollbacks: int, step: int, alarm: str, good: Path | None) -> None:
@@ -62,10 +64,16 @@ class DivergenceGuard:
             )
             raise Diverged(f"step {step}: {alarm}; {why}: lower train.lr or raise train.warmup_steps")
 
-    def rolled_back(self, bad_step: int, alarm: str, good: Path, rollbacks: int, position: dict) -> int:
-        """After the restore: forget the spike window, record the rollback (rank 0); returns
+    def rolled_back(
+        self, bad_step: int, alarm: str, good: Path, rollbacks: int, position: dict, good_step: int = -1
+    ) -> int:
+        """After the restore to `good` (of step `good_step`): the spike window keeps the
+        losses up to that step (they stand; the steps after it are trained again), so a
+        spike soon after a rollback is still caught; record the rollback (rank 0); returns
         the step whose data window is to be skipped."""
-        self.recent.clear()
+        while self.steps and self.steps[-1] > good_step:
+            self.steps.pop()
+            self.recent.pop()
         if self.log is not None:
             warn(
                 f"step {bad_step}: {alarm}: rolled back to {good} (rollback {rollbacks} of {self.max_rollbacks}); "

@@ -222,7 +222,7 @@ def rollback(w: Worker, state: TrainState, guard: DivergenceGuard, alarm: str, p
     guard.allow(rollbacks, bad_step, alarm, good)
     restore(w, state, good)
     state.rollbacks = rollbacks
-    state.skip_step = guard.rolled_back(bad_step, alarm, good, rollbacks, position)
+    state.skip_step = guard.rolled_back(bad_step, alarm, good, rollbacks, position, state.step)
     if w.rank == 0:
         w.tracker.rewind(state.step)
 
@@ -267,8 +267,8 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
             guard.skip_window(state.step + 1, state.step + 1, batches, cfg.accum_steps)
         position = w.stream.state_dict()  # where this step's data starts, to name it if it must be skipped
         poison = float("nan") if state.step + 1 == nan_at_step else 1000.0 if state.step + 1 == spike_at_step else None
-        if poison is not None:  # once: the step is trained again after the rollback
-            nan_at_step = spike_at_step = 0
+        if poison is not None:  # once each: the step is trained again after the rollback
+            nan_at_step, spike_at_step = (0, spike_at_step) if poison != poison else (nan_at_step, 0)
         loss = train_step(w.engine, batches, cfg.accum_steps, w.device, w.targets, poison=poison, timer=timer)
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.
@@ -282,7 +282,7 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
         state.step, state.tokens_seen = state.step + 1, state.tokens_seen + meter.tokens_per_step
         last, preempted = state.step == t.max_steps, stop_votes > 0
 
-        if (alarm := guard.check(loss)) is not None:
+        if (alarm := guard.check(loss, state.step)) is not None:
             rollback(w, state, guard, alarm, position)
             batches = iter(w.stream)
             meter.restart_interval(state.step)
