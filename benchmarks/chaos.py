@@ -2,6 +2,7 @@
 where an uninterrupted run ends.
 
     python benchmarks/chaos.py [--faults 20] [--seed N] [--steps S] [--no-shard] [--keep DIR]
+                               [--work DIR --reference RUN] [key=value ...]
 
 The job (2 Ray Train workers, DeepSpeed ZeRO-2 on gloo, a checkpoint every 10 steps, W&B
 offline) is run once without faults, then again with `--faults` faults at steps drawn from
@@ -19,6 +20,10 @@ offline) is run once without faults, then again with `--faults` faults at steps 
 
 Then (unless --no-shard), checked apart because it changes the data: one chunk of a copy of
 the shards corrupted, `data.on_error: skip`: the job must finish and name the chunk skipped.
+
+`--work DIR --reference RUN` (the test suite's way, tests/test_checkpoints.py): DIR already
+holds `job.yaml` and its prepared data, and RUN (under DIR) is a finished uninterrupted run
+of that job to compare against, so none is run here; `key=value` overrides go to every run.
 
 Prints the seed, each fault with the step it resumed from and the Ray processes of the
 job left after it, then: faults injected and survived, Ray processes left (goal 0), steps
@@ -74,9 +79,9 @@ def losses(run: Path) -> dict[int, float]:
 class Job:
     """One `trainctl run` of the job, its output read in threads (kept, and in a log file)."""
 
-    def __init__(self, work: Path, name: str, log):
+    def __init__(self, work: Path, name: str, log, overrides: list[str]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "run", "job.yaml", f"name={name}"],
+            [sys.executable, "-m", "launcher.cli", "run", "job.yaml", f"name={name}", *overrides],
             cwd=work,
             env=env(),
             stdout=subprocess.PIPE,
@@ -208,7 +213,7 @@ def wandb_steps(run: Path) -> list[int]:
     return sorted(steps)
 
 
-def corrupt_shard(work: Path, log) -> tuple[bool, str]:
+def corrupt_shard(work: Path, log, overrides: list[str]) -> tuple[bool, str]:
     """The text again in shards of 0.1 MB (several chunks), bytes flipped inside one of them:
     data.on_error=skip must finish and name the chunk it passed over."""
     bad = work / "data-bad"
@@ -224,7 +229,7 @@ def corrupt_shard(work: Path, log) -> tuple[bool, str]:
     blob[at : at + 64] = bytes(b ^ 0xFF for b in blob[at : at + 64])
     shard.write_bytes(bytes(blob))
     r = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "run", "job.yaml", "name=shard", "data.path=data-bad",
+        [sys.executable, "-m", "launcher.cli", "run", "job.yaml", *overrides, "name=shard", "data.path=data-bad",
          "data.on_error=skip", "train.max_steps=20", "tracking.mode=disabled"],
         cwd=work, env=env(), capture_output=True, text=True, timeout=LIMIT_S,
     )  # fmt: skip
@@ -240,11 +245,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="the job's length (default: 12 per fault, at least 60)")
     ap.add_argument("--no-shard", action="store_true", help="leave out the corrupt-shard check")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one, removed)")
+    ap.add_argument("--work", help="a folder holding job.yaml and its prepared data (kept; needs --reference)")
+    ap.add_argument("--reference", help="with --work: a finished uninterrupted run of the job, e.g. runs/straight")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="given to every run of the job")
     args = ap.parse_args()
+    if bool(args.work) != bool(args.reference) or (args.work and args.keep):
+        ap.error("--work and --reference go together, without --keep")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     steps = args.steps or max(60, 12 * args.faults)
     faults = plan(seed, args.faults, steps)
-    work = Path(args.keep or tempfile.mkdtemp(prefix="chaos-"))
+    work = Path(args.work or args.keep or tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     log = open(work / "chaos.log", "a", buffering=1)
     counts = {k: sum(1 for _, kind in faults if kind == k) for k in KINDS}
@@ -254,28 +264,34 @@ def main() -> int:
         + f"){'' if args.no_shard else ' + a corrupt shard under on_error=skip'}; work in {work}",
         flush=True,
     )
-    shakespeare = (REPO / "tests" / "data" / "tinyshakespeare.txt").read_text()
-    (work / "text.txt").write_text(shakespeare[:300_000])
-    r = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "prepare", "text.txt", "--out", "data"],
-        cwd=work, env=env(), capture_output=True, text=True, timeout=LIMIT_S,
-    )  # fmt: skip
-    if r.returncode != 0:
-        print(r.stderr, file=sys.stderr)
-        return 1
-    (work / "job.yaml").write_text(JOB.format(steps=steps))
-
-    t0 = time.monotonic()
-    straight = Job(work, "straight", log)
-    if straight.wait() != 0:
-        print("chaos: the uninterrupted run failed:\n" + "".join(straight.lines[-20:]), file=sys.stderr)
-        return 1
-    straight_s = time.monotonic() - t0
+    overrides = list(args.overrides)
+    if args.work:
+        reference = work / args.reference
+        overrides.append(f"train.max_steps={steps}")
+        straight_s = None
+    else:
+        shakespeare = (REPO / "tests" / "data" / "tinyshakespeare.txt").read_text()
+        (work / "text.txt").write_text(shakespeare[:300_000])
+        r = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "prepare", "text.txt", "--out", "data"],
+            cwd=work, env=env(), capture_output=True, text=True, timeout=LIMIT_S,
+        )  # fmt: skip
+        if r.returncode != 0:
+            print(r.stderr, file=sys.stderr)
+            return 1
+        (work / "job.yaml").write_text(JOB.format(steps=steps))
+        t0 = time.monotonic()
+        straight = Job(work, "straight", log, overrides)
+        if straight.wait() != 0:
+            print("chaos: the uninterrupted run failed:\n" + "".join(straight.lines[-20:]), file=sys.stderr)
+            return 1
+        straight_s = time.monotonic() - t0
+        reference = work / "runs" / "straight"
 
     run = work / "runs" / "chaos"
     survived, left_total, lost_total = 0, 0, 0
     t0 = time.monotonic()
-    job = Job(work, "chaos", log)
+    job = Job(work, "chaos", log, overrides)
     for i, (step, kind) in enumerate(faults, 1):
         wait_for_step(run, step, job)
         at = max(losses(run))
@@ -306,7 +322,7 @@ def main() -> int:
             left = settle(pid)
             what = f" ({truncate_newest(run)})" if kind == "truncate-checkpoint" else ""
             kind += what
-            job = Job(work, "chaos", log)  # what the user does: the same command again
+            job = Job(work, "chaos", log, overrides)  # what the user does: the same command again
             deadline = time.monotonic() + LIMIT_S
             while job.resumed_at() is None and time.monotonic() < deadline and job.proc.poll() is None:
                 time.sleep(0.1)
@@ -330,8 +346,12 @@ def main() -> int:
     print(f"faults injected {len(faults)}, survived {survived}; the last run exited {code}")
     print(f"Ray processes of the job left running after the faults: {left_total}")
     print(f"steps lost in total: {lost_total} (trained again after resuming)")
-    print(f"wall: {chaos_s:.1f} s with faults, {straight_s:.1f} s uninterrupted: {chaos_s / straight_s:.2f}x")
-    want, got = losses(work / "runs" / "straight"), losses(run) if (run / "metrics.jsonl").exists() else {}
+    if straight_s:
+        print(f"wall: {chaos_s:.1f} s with faults, {straight_s:.1f} s uninterrupted: {chaos_s / straight_s:.2f}x")
+    else:
+        print(f"wall: {chaos_s:.1f} s with faults (the uninterrupted run, {args.reference}, was not timed here)")
+    want, got = losses(reference), losses(run) if (run / "metrics.jsonl").exists() else {}
+    want = {s: want[s] for s in range(1, steps + 1) if s in want}
     same = sum(1 for s in want if got.get(s) == want[s])
     print(
         f"losses: {same}/{len(want)} steps == the uninterrupted run's" + (" (every one)" if same == len(want) else "")
@@ -348,14 +368,14 @@ def main() -> int:
     )
     ok &= complete
     if not args.no_shard:
-        shard_ok, how = corrupt_shard(work, log)
+        shard_ok, how = corrupt_shard(work, log, overrides)
         print(f"corrupt shard under on_error=skip: {'survived' if shard_ok else 'FAILED'} ({how})")
         ok &= shard_ok
     print(
         f"chaos: {'PASS' if ok else 'FAIL'} (seed {seed}; replay: --seed {seed} --faults {len(faults)} --steps {steps})"
     )
     log.close()
-    if not args.keep and ok:
+    if not (args.keep or args.work) and ok:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 

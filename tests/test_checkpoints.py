@@ -1,7 +1,8 @@
 """Checkpoints that survive anything: bitwise resume after SIGTERM (Ray, torchrun, an
 object store on a fresh machine), a lost node waited for and bounded, damaged checkpoints
-passed over, rollbacks, resharding, and the resume flags. (A Ray worker SIGKILLed under
-max_failures, with its restart bookkeeping: tests/test_chaos.py.)
+passed over, rollbacks, resharding, the resume flags, and the chaos soak's short version (a
+worker SIGKILLed under max_failures, the launcher SIGKILLed, SIGTERM, a truncated checkpoint,
+with the restart bookkeeping).
 
 Every run is the real `trainctl run` (a real local Ray with 2 workers, or `--no-ray`),
 DeepSpeed ZeRO-2 on gloo, real tar shards. Losses are compared with `==`.
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import SHAKESPEARE, command, env, trainctl
+from cli_helpers import REPO, SHAKESPEARE, command, env, trainctl
 from ray_cluster import join_node, two_node_cluster
 from s3_helpers import s3_server
 from wandb_records import history
@@ -73,6 +74,51 @@ def work(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(losses(work / "runs" / "straight")) == list(range(1, 121))
     return work
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_job_survives_one_of_each_fault_with_every_loss_equal(work):
+    """The chaos soak's short version (benchmarks/chaos.py, whose 20-fault run is in
+    BENCHMARKS.md): each kind of fault once, at steps drawn from a fixed seed (a worker
+    SIGKILLed, `trainctl run` and its tree SIGKILLed, SIGTERM, a checkpoint left truncated
+    mid-write), each followed by what a user does. Every step's loss is `==` the
+    uninterrupted run's, W&B's offline history holds every step once, no Ray process of the
+    job is left after a fault, and the restart bookkeeping is what happened."""
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "chaos.py"), "--faults", "4", "--seed", "16", "--steps", "40",
+         "--no-shard", "--work", str(work), "--reference", "runs/straight", "checkpoint.every=10",
+         "checkpoint.keep=3", "tracking.mode=offline", "cluster.max_failures=-1", "train.lr_decay_steps=120"],
+        env=env(), capture_output=True, text=True, timeout=750,
+    )  # fmt: skip
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    assert (
+        "chaos: seed 16, 4 faults over 40 steps (kill-worker 1, kill-launcher 1, sigterm 1, truncate-checkpoint 1)"
+        in out
+    )
+    assert "faults injected 4, survived 4; the last run exited 0" in out
+    assert "Ray processes of the job left running after the faults: 0" in out
+    assert "losses: 40/40 steps == the uninterrupted run's (every one)" in out
+    assert "W&B offline history: 40 of 40 steps in " in out and ", 0 twice" in out
+    assert out.strip().splitlines()[-1].startswith("chaos: PASS (seed 16")
+    faults = re.findall(r"fault +\d+ at step +(\d+): (\S+).* resumed at step +(\d+)", out)
+    assert sorted(kind for _, kind, _ in faults) == ["kill-launcher", "kill-worker", "sigterm", "truncate-checkpoint"]
+    run = work / "runs" / "chaos"
+    log = (work / "chaos.log").read_text()
+    assert "is incomplete (a save was interrupted); using an earlier one" in log  # the truncated checkpoint passed over
+    # The restart bookkeeping: one attempt per start of the workers, at the step each resumed
+    # from; the worker killed under max_failures is "restart 1" of its invocation, in the
+    # console and in metrics.jsonl with the seconds lost since its checkpoint.
+    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in attempts] == [0] + [int(resumed) for _, _, resumed in faults]
+    (killed,) = [int(resumed) for _, kind, resumed in faults if kind == "kill-worker"]
+    assert f"trainctl: restart 1 of this job: resumed at step {killed}, " in log
+    (event,) = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"restarts": 1' in line
+    ]
+    i = [a["step"] for a in attempts].index(killed, 1 + [k for _, k, _ in faults].index("kill-worker"))
+    assert event["step"] == killed and 0 < event["time_lost_s"] < attempts[i]["at"] - attempts[i - 1]["at"]
 
 
 @pytest.mark.slow
@@ -167,20 +213,30 @@ def test_resume_bad_input_is_one_line_exit_2(work, args, fragment):
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_a_nan_loss_rolls_back_skips_its_data_and_the_run_finishes(work):
-    job = ["job.yaml", "--no-ray", "name=nan", "cluster.num_workers=1", "checkpoint.every=10", "train.max_steps=30"]
-    r = trainctl("run", *job, cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
+def test_a_nan_loss_and_a_loss_spike_roll_back_and_the_run_equals_one_that_skips_their_windows(work):
+    """Step 15's loss NaN, then step 25's made 1000x (its gradient too, not NaN: above
+    train.spike_factor x the mean of the last 20 steps, which keeps steps 1-10 across the
+    rollback). Each rolls back to the checkpoint before it and passes over its step's data;
+    the run finishes `==` a run that skipped both windows from the start (train.skip_steps)."""
+    job = ["job.yaml", "--no-ray", "cluster.num_workers=1", "checkpoint.every=10", "train.max_steps=30"]
+    r = trainctl("run", *job, "name=nan", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15", TRAINCTL_TEST_SPIKE_AT_STEP="25")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainctl: warning: step 15: the loss is nan: rolled back to" in r.stderr
     assert "step_00000010 (rollback 1 of 3); the data of step 15 will be skipped" in r.stderr
+    assert "trainctl: warning: step 25: the loss " in r.stderr and "x the mean of the last 20 steps" in r.stderr
+    assert "step_00000020 (rollback 2 of 3); the data of step 25 will be skipped" in r.stderr
     run = work / "runs" / "nan"
-    (event,) = [json.loads(line) for line in (run / "rollbacks.jsonl").read_text().splitlines()]
-    assert event["step"] == 15 and event["skipped"]["step_in_epoch"] == 14 and event["skipped"]["epoch"] == 0
-    # The continuation is exactly a run that passes over step 15's window from the start.
-    r = trainctl("run", *job, "name=skip15", "train.skip_steps=[15]", cwd=work)
+    events = [json.loads(line) for line in (run / "rollbacks.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["skipped"]["epoch"], e["skipped"]["step_in_epoch"]) for e in events] == [
+        (15, 0, 14),
+        (25, 0, 25),  # one window further on: step 15's was passed over
+    ]
+    # The continuation is exactly a run that passes over both windows from the start.
+    r = trainctl("run", *job, "name=skip", "train.skip_steps=[15,25]", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert losses(run) == losses(work / "runs" / "skip15")  # each step once (11-14 replayed, logged once)
-    assert sorted(losses(run)) == list(range(1, 31))
+    got = losses(run)  # each step once (the replayed ones logged once)
+    assert sorted(got) == list(range(1, 31)) and got == losses(work / "runs" / "skip")
+    assert max(got.values()) < 6  # the spike itself (~1000x) is not what the run kept
 
     r = trainctl("run", *job, "name=nan-stop", "train.max_rollbacks=0", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
     assert r.returncode == 1
@@ -191,24 +247,6 @@ def test_a_nan_loss_rolls_back_skips_its_data_and_the_run_finishes(work):
             "trainctl: training failed: Diverged: step 15: the loss is nan; 0 rollbacks allowed (train.max_rollbacks)"
         )
     ), r.stderr[-2000:]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_a_loss_spike_rolls_back_and_continues_as_a_run_that_skips_its_window(work):
-    """Step 25's loss made 1000x (its gradient too, not NaN): above train.spike_factor x the
-    mean of the last 20 steps, so the run rolls back to step 20 and passes over step 25's
-    data; from there on it is, `==`, the run that skipped that window from the start."""
-    job = ["job.yaml", "--no-ray", "cluster.num_workers=1", "train.max_steps=30"]
-    r = trainctl("run", *job, "name=spike", "checkpoint.every=10", cwd=work, TRAINCTL_TEST_SPIKE_AT_STEP="25")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "trainctl: warning: step 25: the loss " in r.stderr and "x the mean of the last 20 steps" in r.stderr
-    assert "step_00000020 (rollback 1 of 3); the data of step 25 will be skipped" in r.stderr
-    r = trainctl("run", *job, "name=skip25", "train.skip_steps=[25]", "checkpoint.every=1000", cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    spiked, skipped = losses(work / "runs" / "spike"), losses(work / "runs" / "skip25")
-    assert sorted(spiked) == list(range(1, 31)) and spiked == skipped
-    assert max(spiked.values()) < 6  # the spike itself (~1000x) is not what the run kept
 
 
 @pytest.mark.slow
@@ -358,24 +396,22 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
 @pytest.mark.timeout(800)
 def test_zero1_grows_from_1_worker_to_2_and_zero3_shrinks_from_2_to_1(work):
     """Resharding at the other ZeRO stages, both ways: each continuation stays within
-    RESHARD_BOUND of the uninterrupted ZeRO-2 run (ZeRO-1 and -3 do the same arithmetic)."""
+    RESHARD_BOUND of the uninterrupted ZeRO-2 run (ZeRO-1 and -3 do the same arithmetic).
+    The 2-worker halves run as 2 ranks under torchrun (the same ranks and losses as Ray's
+    workers, tested above, without a Ray start each)."""
     straight = losses(work / "runs" / "straight")
-    one = ["--no-ray", "cluster.num_workers=1", "train.grad_accum_steps=2"]
-    for stage, first, then in ((1, one, []), (3, [], one)):
+    for stage, first, then in ((1, 1, 2), (3, 2, 1)):
         name = f"zero{stage}"
-        base = [
-            "job.yaml",
-            f"name={name}",
-            f"train.zero_stage={stage}",
-            "checkpoint.every=10",
-            "train.lr_decay_steps=120",
-        ]
-        r = trainctl("run", *base, *first, "train.max_steps=10", cwd=work)
-        assert r.returncode == 0, r.stderr[-3000:]
-        r = trainctl("run", *base, *then, "train.max_steps=20", cwd=work)
-        assert r.returncode == 0, r.stderr[-3000:]
-        workers = (1, 2) if first else (2, 1)
-        assert f"at step 10 (written by {workers[0]} workers, resharded to {workers[1]})" in r.stdout, r.stdout[-2000:]
+        job = ["run", "job.yaml", "--no-ray", f"name={name}", f"train.zero_stage={stage}", "checkpoint.every=10",
+               "train.lr_decay_steps=120"]  # fmt: skip
+        for workers, steps in ((first, 10), (then, 20)):
+            args = [*job, f"train.max_steps={steps}"]
+            cmd = (
+                torchrun(*args) if workers == 2 else command(*args, "cluster.num_workers=1", "train.grad_accum_steps=2")
+            )
+            r = subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+        assert f"at step 10 (written by {first} workers, resharded to {then})" in r.stdout, r.stdout[-2000:]
         got = losses(work / "runs" / name)
         assert sorted(got) == list(range(1, 21))
         assert max(abs(got[s] - straight[s]) for s in got) <= RESHARD_BOUND, (stage, got, straight)
