@@ -110,6 +110,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
         JobFailed,
         NotPlaceable,
         connect,
+        import_ray_train_meanwhile,
         route_worker_logs,
         run_on_ray,
         shutdown,
@@ -130,6 +131,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
     sigterm = Sigterm(folder, cfg.checkpoint.preempt_grace_s, idle)
     try:
         try:
+            import_ray_train_meanwhile()
             connect(cfg.cluster, verbose=verbose)
         except SystemExit as e:  # ray.init's own SIGTERM handler, while it started Ray
             if e.code != signal.SIGTERM:
