@@ -220,7 +220,6 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
 
     from cluster.local_ray import check_reachable, no_usage_stats
 
-
     no_usage_stats()
     if cluster.address == "local":
         for name in LOCAL_RAY_TRAIN_OFF:  # read here by Ray Train and handed to its controller
