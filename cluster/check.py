@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from trainer import patches
 from trainer.config import JobConfig
 
 
@@ -117,7 +118,7 @@ def allreduce(cfg: JobConfig, mb: int = 16, rounds: int = 5) -> dict:
     c = cfg.cluster
     check_placeable(c)
     results = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
+    trainer = patches.ray_lean_trainer(TorchTrainer, private=c.address == "local")(
         _allreduce_worker,
         train_loop_config={"mb": mb, "rounds": rounds, "use_gpu": c.use_gpu, "results": results},
         scaling_config=scaling_config(c),

@@ -307,9 +307,7 @@ def run_on_ray(
     from ray.train.torch import TorchTrainer
 
     check_placeable(cluster)
-    if cluster.address == "local":
-        TorchTrainer = patches.ray_lean_trainer(TorchTrainer)  # noqa: N806
-    trainer = TorchTrainer(
+    trainer = patches.ray_lean_trainer(TorchTrainer, private=cluster.address == "local")(
         train_fn,
         train_loop_config=config,
         scaling_config=scaling_config(cluster),

@@ -175,19 +175,20 @@ def ray_torch_backend(before_start: Callable[[], None], backend: str):
     return Config(backend=backend)
 
 
-def ray_lean_trainer(trainer_cls):
-    """ray 2.60 (Train v2). `trainer_cls` (TorchTrainer) without the parts a private local
-    Ray has no use for, each of which is one more Ray process importing Ray Train or Ray
-    Data on the job's cores while the workers start: the Ray Datasets manager (trainctl
-    passes no Ray Datasets) and the placement-group cleaner (the whole private Ray ends
-    with the launcher). Ray Train takes no option for either; `_create_default_callbacks`
+def ray_lean_trainer(trainer_cls, private: bool):
+    """ray 2.60 (Train v2). `trainer_cls` (TorchTrainer) without the parts trainctl has no
+    use for, each of which is one more Ray process importing Ray Train or Ray Data on the
+    job's cores while the workers start: the Ray Datasets manager (trainctl passes no Ray
+    Datasets) and, on a `private` Ray (the whole of it ends with the launcher), the
+    placement-group cleaner. Ray Train takes no option for either; `_create_default_callbacks`
     is private."""
     from ray.train.v2._internal.callbacks import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+    drop = (DatasetsCallback, PlacementGroupCleanerCallback) if private else (DatasetsCallback,)
+
     class Lean(trainer_cls):
         def _create_default_callbacks(self):
-            drop = (DatasetsCallback, PlacementGroupCleanerCallback)
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, drop)]
 
     return Lean
