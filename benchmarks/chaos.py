@@ -292,8 +292,9 @@ def main() -> int:
     survived, left_total, lost_total = 0, 0, 0
     t0 = time.monotonic()
     job = Job(work, "chaos", log, overrides)
+    floor = 0  # the step the job last resumed at: each fault lands in a job that is training again
     for i, (step, kind) in enumerate(faults, 1):
-        wait_for_step(run, step, job)
+        wait_for_step(run, max(step, floor + 2), job)
         at = max(losses(run))
         f0 = time.monotonic()
         left, seen = 0, len(job.lines)
@@ -331,6 +332,7 @@ def main() -> int:
             print(f"fault {i:2d} at step {at}: {kind}: the job did not resume", flush=True)
             break
         survived += 1
+        floor = resumed
         left_total += left
         lost_total += at - resumed
         print(
