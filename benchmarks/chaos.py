@@ -72,7 +72,10 @@ def env() -> dict[str, str]:
 
 
 def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """Each step's loss in the run's metrics.jsonl, read while the run writes it: a last line
+    not yet whole is left for the next look (it ended the soak with a JSONDecodeError once)."""
+    lines = (run / "metrics.jsonl").read_text().split("\n")
+    rows = [json.loads(line) for line in lines[:-1] if line.strip()]  # each whole line ends with a newline
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 

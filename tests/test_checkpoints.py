@@ -46,7 +46,8 @@ RESHARD_BOUND = 1e-6
 
 
 def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """Each step's loss; read while a run writes, a last line not yet whole is left out."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().split("\n")[:-1] if line.strip()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert len(steps) == len(set(steps)), "a step was logged twice"
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
