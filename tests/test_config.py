@@ -36,6 +36,11 @@ def test_shakespeare_recipe_matches_nanogpt():
     assert (m.n_layer, m.n_head, m.d_model, cfg.data.seq_len) == (4, 4, 128, 64)
     assert (cfg.global_batch, t.max_steps, t.lr, t.lr_decay_steps, m.dropout) == (12, 2000, 1e-3, 2000, 0.0)
     assert cfg.data.val_fraction == 0.1
+    # at most nanoGPT's parameters at this shape (its model.py, 65 characters, no biases: 804,096),
+    # as benchmarks/vs_nanogpt.py compares the two
+    from trainer.model import count_params
+
+    assert count_params(m, non_embedding=False) == 787_712 <= 804_096
 
 
 def test_overrides_beat_file_beat_defaults(tmp_path):
