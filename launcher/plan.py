@@ -16,6 +16,17 @@ and the time per step and per run at a stated MFU. Closed forms, no model is bui
   input, and one block's full set exists at a time during the recompute.
 - FLOPs per token: trainer/perf.py's flops_per_token, 6 N + 12 L H Q T (the convention MFU
   is logged with); activation checkpointing makes the hardware do a third more.
+- scaling to more GPUs (`scaling`, printed for GPU jobs): bytes each GPU sends per
+  optimizer step in ring collectives of 2-byte (bf16) values, with r = (N-1)/N and P the
+  trained parameters (ZeRO paper, section 7): ZeRO-0 all-reduces the gradients once (2rP);
+  ZeRO-1 reduce-scatters them once and all-gathers the updated weights (2rP); ZeRO-2
+  reduce-scatters each micro batch's gradients (k micro batches: krP) and all-gathers the
+  weights (rP); ZeRO-3 all-gathers the weights for each micro batch's forward and backward
+  and reduce-scatters its gradients (3krP). Within a node of 8 the links are NVLink (900 GB/s
+  both ways: 450 GB/s each way); across nodes each GPU's ring traffic crosses its own
+  400 Gb/s (50 GB/s) NIC. The global batch stays the config's: more GPUs, fewer micro
+  batches each. The step takes between max(compute, communication) (all of it overlapped)
+  and their sum (none of it).
 - LoRA (`train.lora`): the base's weights are held (w bytes each) but have no gradients or
   optimizer state; the adapters' r (in + out) parameters per targeted layer have all three;
   FLOPs 4 N + 6 adapters + attention (no weight gradients for the frozen matrices).
@@ -30,6 +41,10 @@ from trainer.config import JobConfig
 
 GIB = 2**30
 H100_TFLOPS = 989.0  # the peak a GPU job's time estimate assumes without cluster.peak_tflops
+GPUS_PER_NODE = 8
+NVLINK_BYTES_S = 450e9  # NVLink 4 (H100/H200): 900 GB/s per GPU both ways, 450 GB/s each way
+NIC_BYTES_S = 50e9  # 400 Gb/s per GPU between nodes
+SCALING_GPUS = (8, 64)
 
 
 @dataclass
@@ -51,6 +66,7 @@ class Plan:
     limit_bytes: int | None  # declared GPU memory (None on CPU)
     step_seconds: float | None
     run_seconds: float | None
+    peak_tflops: float | None = None  # per device, as the step time assumes
 
     def fits(self, stage: int, offload: bool) -> bool:
         m = next(m for m in self.memory if m.stage == stage and m.offload == offload)
@@ -109,7 +125,69 @@ def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_
         limit,
         step_s,
         step_s * t.max_steps if step_s else None,
+        peak,
     )
+
+
+@dataclass
+class Scaling:
+    gpus: int
+    stage: int
+    accum: int  # micro batches per GPU per step
+    comm_bytes: int  # sent by each GPU per optimizer step
+    comm_s: float
+    compute_s: float
+    tokens_per_step: int
+
+    @property
+    def tokens_per_s(self) -> tuple[float, float]:
+        """(no overlap, full overlap) of communication with compute, for the whole job."""
+        return (
+            self.tokens_per_step / (self.compute_s + self.comm_s),
+            self.tokens_per_step / max(self.compute_s, self.comm_s),
+        )
+
+
+def comm_bytes(trained: int, stage: int, gpus: int, accum: int, value_bytes: int = 2) -> int:
+    """Bytes each GPU sends per optimizer step (ring collectives; the module docstring)."""
+    r = (gpus - 1) / gpus
+    rounds = {0: 2, 1: 2, 2: accum + 1, 3: 3 * accum}[stage]
+    return int(rounds * r * trained * value_bytes)
+
+
+def scaling(cfg: JobConfig, mfu: float, gpus: int, stage: int, peak_tflops: float | None = None) -> Scaling:
+    """The step of `cfg`'s global batch on `gpus` GPUs at ZeRO `stage`, each GPU computing at
+    `mfu` of its peak (a measured single-GPU MFU), from the bytes that stage communicates."""
+    from trainer.model import count_params
+
+    t, s = cfg.train, cfg.data.seq_len
+    trained = perf.lora_params(cfg.model, t.lora) if t.lora is not None else count_params(cfg.model, False)
+    per_gpu = max(1, cfg.global_batch // gpus)  # sequences per GPU per step
+    accum = -(-per_gpu // t.micro_batch_size)
+    tokens = per_gpu * gpus * s
+    peak = (peak_tflops or cfg.cluster.peak_tflops or H100_TFLOPS) * 1e12
+    compute = perf.flops_per_token(cfg.model, s, t.lora) * per_gpu * s / (peak * mfu)
+    sent = comm_bytes(trained, stage, gpus, accum)
+    link = NVLINK_BYTES_S if gpus <= GPUS_PER_NODE else NIC_BYTES_S
+    return Scaling(gpus, stage, accum, sent, sent / link, compute, tokens)
+
+
+def render_scaling(cfg: JobConfig, mfu: float, peak_tflops: float | None = None) -> list[str]:
+    lines = [
+        f"  scaling at {mfu:.0%} MFU per GPU (global batch {cfg.global_batch}; ring collectives of bf16; NVLink "
+        f"{NVLINK_BYTES_S / 1e9:.0f} GB/s each way in a node of {GPUS_PER_NODE}, {NIC_BYTES_S * 8 / 1e9:.0f} Gb/s "
+        "per GPU between nodes)",
+        "    GPUs  ZeRO  micro batches  sent/GPU/step  comm s   compute s  tokens/s (none .. all overlapped)",
+    ]
+    for gpus in sorted({*SCALING_GPUS, cfg.cluster.num_workers}):
+        for stage in (1, 2, 3):
+            sc = scaling(cfg, mfu, gpus, stage, peak_tflops)
+            slow, fast = sc.tokens_per_s
+            lines.append(
+                f"    {gpus:>4}  {stage:>4}  {sc.accum:>13}  {sc.comm_bytes / 1e9:>10.2f} GB  {sc.comm_s:>6.3f}  "
+                f"{sc.compute_s:>9.3f}  {slow:>12,.0f} .. {fast:,.0f}"
+            )
+    return lines
 
 
 def _gb(n: int) -> str:
@@ -158,6 +236,8 @@ def render(cfg: JobConfig, p: Plan, mfu: float) -> str:
             f"  time at {mfu:.0%} MFU     {_duration(p.step_seconds)} per step, {_duration(p.run_seconds)} for "
             f"{t.max_steps:,} steps ({p.tokens_per_step * t.max_steps / 1e9:,.2f}B tokens)"
         )
+    if cfg.cluster.use_gpu:
+        lines += render_scaling(cfg, mfu, p.peak_tflops)
     if p.limit_bytes:
         best = p.smallest_fit()
         if best is None:

@@ -101,3 +101,24 @@ def test_llama3_8b_sft_fits_full_and_with_lora():
 def test_plan_bad_input_is_one_line_exit_2(args, fragment):
     r = trainctl("plan", "configs/gpt2-124m.yaml", *args, cwd=REPO, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+
+
+def test_scaling_model_by_hand():
+    from launcher.plan import NIC_BYTES_S, NVLINK_BYTES_S, comm_bytes, scaling
+
+    cfg = load_config(REPO / "configs" / "llama-1b.yaml")  # global batch 512, micro batch 8, bf16
+    P = 1_498_482_688
+    # 8 GPUs: 64 sequences each = 8 micro batches; ZeRO-2 reduce-scatters each one's gradients
+    # (8 x 7/8 P x 2 bytes) and all-gathers the weights once (7/8 P x 2); ZeRO-1 reduces once
+    z2, z1 = scaling(cfg, 0.5, 8, 2), scaling(cfg, 0.5, 8, 1)
+    assert z2.accum == 8 and z2.comm_bytes == int(9 * 7 / 8 * P * 2) and z1.comm_bytes == int(2 * 7 / 8 * P * 2)
+    assert z2.comm_s == pytest.approx(z2.comm_bytes / NVLINK_BYTES_S)
+    assert z2.compute_s == pytest.approx(perf.flops_per_token(cfg.model, 2048) * 64 * 2048 / (989e12 * 0.5))
+    # 64 GPUs: 8 sequences each (one micro batch), across nodes: each GPU's NIC
+    z3 = scaling(cfg, 0.5, 64, 3)
+    assert z3.accum == 1 and z3.comm_bytes == comm_bytes(P, 3, 64, 1) == int(3 * 63 / 64 * P * 2)
+    assert z3.comm_s == pytest.approx(z3.comm_bytes / NIC_BYTES_S)
+    slow, fast = z3.tokens_per_s
+    assert slow == pytest.approx(512 * 2048 / (z3.compute_s + z3.comm_s)) and fast == 512 * 2048 / z3.compute_s
+    r = trainctl("plan", "configs/gpt2-124m.yaml", "--mfu", "0.391", cwd=REPO, timeout=120)
+    assert r.returncode == 0 and "      64     3              1        0.73 GB   0.015      0.018" in r.stdout, r.stdout
