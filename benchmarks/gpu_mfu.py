@@ -1,24 +1,31 @@
-"""Tokens/s and MFU of the GPU configs on one GPU: `trainctl run --no-ray` of
-configs/gpt2-124m.yaml (150 steps) and configs/llama-1b.yaml (32 steps), steady state read
-from the run's metrics.jsonl.
+"""Tokens/s, MFU and memory of the GPU configs on one GPU, with `trainctl plan`'s prediction
+beside each: `trainctl run --no-ray` of configs/gpt2-124m.yaml (150 steps), configs/llama-1b.yaml
+(32 steps) and configs/llama-7b.yaml (4 steps), and variants of them (the candidates of
+issue 17), steady state read from each run's metrics.jsonl. One command, one table:
 
-    python benchmarks/gpu_mfu.py --out DIR [--budget-s 450] [--runs gpt2-124m,llama-1b,gpt2-124m@train.compile=false]
+    python benchmarks/gpu_mfu.py --out DIR [--budget-s 420] [--runs gpt2-124m,gpt2-124m@train.zero_stage=1,...]
 
 Each run is the config as written, made to fit one GPU: 1 worker, a global batch of 64
 sequences for 124M and 32 for 1B (65,536 tokens per step either way; the configs' micro
-batches of 32 and 8), the byte-level standard-library corpus (data.path=stdlib, prepared on
-first use: the token values do not change the arithmetic), W&B disabled, no evaluation or
-checkpoint inside the window. A run named CONFIG@KEY=VALUE@... adds those overrides (a
-variant); `--profile A-B` also writes a torch profiler trace of steps A-B of each config's
-first run and prints where its GPU time went. Once the last step's metrics are written the
-run is killed (its final evaluation and checkpoint are not part of the figure). The first
-two logged intervals (warm-up, kernel builds, compilation) are dropped; the figures are
-medians of the rest.
+batches of 32 and 8), 1 for 7B (4,096 tokens, its optimizer offloaded to the host), the
+byte-level standard-library corpus (data.path=stdlib, prepared on first use: the token
+values do not change the arithmetic), W&B disabled, no evaluation or checkpoint inside the
+window. A run named CONFIG@KEY=VALUE@... adds those overrides (a variant); `--profile A-B`
+also writes a torch profiler trace of steps A-B of each config's first run and prints where
+its GPU time went. Once the last step's metrics are written the run is killed (its final
+evaluation and checkpoint are not part of the figure). The first two logged intervals
+(warm-up, kernel builds, compilation) are dropped; the figures are medians of the rest.
+
+llama-7b needs its whole fp32 model (built on the host before DeepSpeed partitions it) and
+the offloaded optimizer (fp32 master, moments and gradients: 16 bytes a parameter) in host
+memory: when `plan` says that does not fit 85% of this machine's memory, the run drops
+layers until it does and its row names the shape it ran.
 
 MFU is trainctl's own (README, "How MFU is counted"): 6N + 12LHQT FLOPs per token against
-the device's dense bf16 peak. Prints one row per run and the targets last (>= 45% for
-124M, >= 50% for 1B). Writes DIR/NAME.log (each run's output), DIR/results.json (with
-every interval's metrics) and DIR/NAME.trace.json.gz (the profiled runs).
+the device's dense bf16 peak. Prints one row per run (path, tokens/s, MFU, step time, peak
+GPU memory and plan's, peak host memory and plan's offloaded state) and the targets last
+(>= 45% for 124M, >= 60% for 1B). Writes DIR/NAME.log (each run's output), DIR/results.json
+(with every interval's metrics) and DIR/NAME.trace.json.gz (the profiled runs).
 
 On a GPU machine without Ray or W&B installed, the packages `--no-ray` needs are
 deepspeed, pydantic and webdataset (with their own dependencies); set
@@ -42,11 +49,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = {"gpt2-124m": 0.45, "llama-1b": 0.50}
+TARGETS = {"gpt2-124m": 0.45, "llama-1b": 0.60}
 RUNS = {
     "gpt2-124m": ["train.global_batch_size=64", "train.max_steps=150", "train.log_every=10"],
     "llama-1b": ["train.global_batch_size=32", "train.max_steps=32", "train.log_every=4"],
+    "llama-7b": ["train.global_batch_size=1", "train.max_steps=4", "train.log_every=1"],
 }
+# issue 17's order: the 124M baseline, two candidates (ZeRO-1, ZeRO-0: no gradient partitioning
+# to pay for on one GPU), llama-1b and its ZeRO-1 variant, a few steps of 7B
+DEFAULT_RUNS = (
+    "gpt2-124m,gpt2-124m@train.zero_stage=1,gpt2-124m@train.zero_stage=0,llama-1b,llama-1b@train.zero_stage=1,llama-7b"
+)
+HOST_SHARE = 0.85  # of the machine's memory a run may plan to use
 COMMON = [
     "cluster.num_workers=1",
     "cluster.address=local",
@@ -64,18 +78,81 @@ def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec).strip("-")
 
 
-def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str], profile: str | None) -> dict:
+def overrides_of(spec: str, work: Path, extra: list[str]) -> list[str]:
     config, *variant = spec.split("@")
-    name = f"bench-{slug(spec)}"
-    overrides = [
+    return [
         *COMMON,
         *RUNS.get(config, []),
-        f"name={name}",
+        f"name=bench-{slug(spec)}",
         f"data.cache_dir={work / 'cache'}",
         f"checkpoint.storage_path={work / 'runs'}",
         *extra,
         *variant,
     ]
+
+
+def plan_of(config: str, overrides: list[str]) -> dict:
+    """`trainctl plan`'s figures for one run: GPU memory (model states + activations) at the
+    run's ZeRO stage, the offloaded optimizer state on the host, and the host memory the run
+    needs (that state, plus the fp32 model built whole before DeepSpeed takes it)."""
+    sys.path.insert(0, str(REPO))
+    from launcher.config import load_config
+    from launcher.plan import make_plan
+
+    cfg = load_config(REPO / "configs" / f"{config}.yaml", overrides, base_dir=str(REPO))
+    p = make_plan(cfg, mfu=0.4)
+    t = cfg.train
+    m = next(m for m in p.memory if (m.stage, m.offload) == (t.zero_stage, t.offload_optimizer))
+    host = (m.cpu_bytes if m.offload else 0) + 4 * p.params
+    return {
+        "plan_gpu_gb": m.gpu_bytes / 1e9,
+        "plan_offload_gb": m.cpu_bytes / 1e9 if m.offload else 0.0,
+        "plan_host_gb": host / 1e9,
+        "n_layer": cfg.model.n_layer,
+    }
+
+
+def host_memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) * 1024  # MemTotal, kB
+
+
+def fit_host(spec: str, work: Path, extra: list[str]) -> tuple[str, str | None]:
+    """The run as named, or with fewer layers when plan says its host memory does not fit
+    HOST_SHARE of this machine's (and why)."""
+    config = spec.split("@")[0]
+    limit = HOST_SHARE * host_memory_bytes() / 1e9
+    p = plan_of(config, overrides_of(spec, work, extra))
+    if p["plan_host_gb"] <= limit:
+        return spec, None
+    for layers in range(p["n_layer"] - 1, 0, -1):
+        smaller = f"{spec}@model.n_layer={layers}"
+        q = plan_of(config, overrides_of(smaller, work, extra))
+        if q["plan_host_gb"] <= limit:
+            why = (
+                f"{spec}: plan needs {p['plan_host_gb']:.0f} GB of host memory, over {HOST_SHARE:.0%} of this "
+                f"machine's {limit / HOST_SHARE:.0f} GB: running {layers} of its {p['n_layer']} layers "
+                f"({q['plan_host_gb']:.0f} GB)"
+            )
+            return smaller, why
+    return spec, f"{spec}: no depth of it fits {limit:.0f} GB of host memory"
+
+
+def peak_rss_gb(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM), GB, while it still runs."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str], profile: str | None) -> dict:
+    config = spec.split("@")[0]
+    name = f"bench-{slug(spec)}"
+    overrides = overrides_of(spec, work, extra)
     if profile:
         overrides.append(f"train.profile={profile}")
     max_steps = int(next(o for o in reversed(overrides) if o.startswith("train.max_steps=")).split("=")[1])
@@ -102,9 +179,10 @@ def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str],
         start_new_session=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
     )
-    rows, status = [], "timed out"
+    rows, status, host_peak = [], "timed out", None
     while time.monotonic() < deadline:
         time.sleep(1.0)
+        host_peak = peak_rss_gb(proc.pid) or host_peak
         if metrics.exists():
             text = metrics.read_text()
             whole = text[: text.rfind("\n") + 1]  # a row being written is read next time
@@ -129,6 +207,9 @@ def one_run(spec: str, out: Path, work: Path, deadline: float, extra: list[str],
         "mfu": None,
         "step_time_s": None,
         "mem_peak_gb": None,
+        "host_peak_gb": host_peak,
+        "path": "--no-ray",
+        **plan_of(config, overrides),
     }
     if steady:
         result.update(
@@ -203,9 +284,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the logs and results.json")
     ap.add_argument("--work", default="/tmp/trainctl-gpu-bench", help="run folders and the prepared corpus")
-    ap.add_argument("--runs", default="gpt2-124m,llama-1b")
+    ap.add_argument("--runs", default=DEFAULT_RUNS)
     ap.add_argument("--profile", help="A-B: a trace of steps A-B in each config's first run")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting runs after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this many seconds")
     ap.add_argument("--min-run-s", type=float, default=90.0, help="do not start a run with less time than this left")
     ap.add_argument("extra", nargs="*", help="more KEY=VALUE overrides for every run")
     args = ap.parse_args()
@@ -215,8 +296,12 @@ def main() -> None:
     end = time.monotonic() + args.budget_s
     device = device_line()
     print(device, flush=True)
-    results, profiled = [], set()
+    results, profiled, notes = [], set(), []
     for spec in args.runs.split(","):
+        spec, why = fit_host(spec, work, args.extra)
+        if why:
+            print(why, flush=True)
+            notes.append(why)
         if end - time.monotonic() < args.min_run_s:
             results.append({"run": spec, "status": "not started (budget)"})
             continue
@@ -229,21 +314,38 @@ def main() -> None:
         if "profile" in results[-1]:
             print(json.dumps(results[-1]["profile"], indent=1), flush=True)
     print(f"\n{device}")
-    print(f"{'run':<40} {'status':<12} {'tokens/s':>10} {'MFU':>7} {'step s':>7} {'peak GB':>8} {'wall s':>7}")
-    for r in results:
-        if r.get("mfu") is None:
-            print(f"{r['run']:<40} {r['status']:<12}")
-            continue
-        print(
-            f"{r['run']:<40} {r['status']:<12} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['step_time_s']:>7.3f} "
-            f"{r['mem_peak_gb']:>8.1f} {r['wall_s']:>7.0f}"
-        )
+    print(table(results))
+    for why in notes:
+        print(why)
     for r in results:
         target = TARGETS.get(r["run"])
         if r.get("mfu") is not None and target and "@" not in r["run"]:
             print(
                 f"{r['run']}: MFU {r['mfu']:.1%} against the {target:.0%} target: {'met' if r['mfu'] >= target else 'not met'}"
             )
+
+
+def table(results: list[dict]) -> str:
+    """One row per run: GPU memory and host memory measured, each beside plan's prediction."""
+    head = (
+        f"{'run':<44} {'path':<9} {'status':<10} {'tokens/s':>10} {'MFU':>6} {'step s':>7} "
+        f"{'GPU GB':>7} {'plan':>6} {'host GB':>8} {'plan':>6} {'wall s':>6}"
+    )
+    lines = [head]
+
+    def num(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for r in results:
+        if r.get("mfu") is None:
+            lines.append(f"{r['run']:<44} {r.get('path', ''):<9} {r['status']:<10}")
+            continue
+        lines.append(
+            f"{r['run']:<44} {r['path']:<9} {r['status']:<10} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} "
+            f"{r['step_time_s']:>7.3f} {num(r['mem_peak_gb'], '.1f'):>7} {r['plan_gpu_gb']:>6.1f} "
+            f"{num(r['host_peak_gb'], '.1f'):>8} {r['plan_host_gb']:>6.1f} {r['wall_s']:>6.0f}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
