@@ -8,7 +8,7 @@ The job (2 Ray Train workers, DeepSpeed ZeRO-2 on gloo, a checkpoint every 10 st
 offline) is run once without faults, then again with `--faults` faults at steps drawn from
 `--seed` (printed: a failure replays with it). Each fault is followed by what a user does:
 
-- kill-worker: SIGKILL of a random Ray Train worker. Nothing: `cluster.max_failures` lets
+- kill-worker: SIGKILL of a random worker. Nothing: `cluster.max_failures` lets
   Ray restart the workers, which resume from the newest checkpoint.
 - kill-launcher: SIGKILL of `trainctl run` and every process under it (its private Ray:
   the machine's job is gone at once). The same command again.
@@ -165,7 +165,8 @@ def worker_pids(launcher: int) -> list[int]:
     out = []
     for p in tree:  # the workers themselves, not their DataLoader processes (forked: the same name)
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()) and "RayTrainWorker" not in " ".join(p.parent().cmdline()):
+            # ray::TrainWorker on a private Ray (cluster/worker_group.py), ray::RayTrainWorker on a joined one
+            if "TrainWorker" in " ".join(p.cmdline()) and "TrainWorker" not in " ".join(p.parent().cmdline()):
                 out.append(p.pid)
         except psutil.Error:
             pass

@@ -297,27 +297,37 @@ def run_on_ray(
     storage_path: str,
     watch: CapacityWatch | None = None,
 ) -> None:
-    """Run `train_fn(config)` on `cluster.num_workers` Ray Train workers and wait.
+    """Run `train_fn(config)` on `cluster.num_workers` Ray workers and wait: on a private
+    local Ray plain actors (`cluster/worker_group.py`), on a joined cluster Ray Train.
 
     Raises JobFailed with the worker's error when training fails after the allowed
     restarts (`cluster.max_failures`), CapacityLost when `watch` gave up waiting for nodes.
     """
-    import ray.train
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     check_placeable(cluster)
-    trainer = patches.ray_lean_trainer(TorchTrainer, private=cluster.address == "local")(
-        train_fn,
-        train_loop_config=config,
-        scaling_config=scaling_config(cluster),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
-        ),
-        torch_config=torch_config(cluster),
-    )
+    if cluster.address == "local":
+        from cluster.worker_group import WorkerFailed, run_group
+
+        def run() -> None:
+            run_group(train_fn, config, cluster)
+
+        failed: type[Exception] = WorkerFailed
+    else:
+        import ray.train
+        from ray.train import FailureConfig, RunConfig
+        from ray.train.torch import TorchTrainer
+
+        trainer = patches.ray_lean_trainer(TorchTrainer, private=False)(
+            train_fn,
+            train_loop_config=config,
+            scaling_config=scaling_config(cluster),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,
+                failure_config=FailureConfig(max_failures=cluster.max_failures),
+            ),
+            torch_config=torch_config(cluster),
+        )
+        run, failed = trainer.fit, ray.train.TrainingFailedError
     import signal
 
     def give_up(signum, frame) -> None:
@@ -331,9 +341,9 @@ def run_on_ray(
     try:
         if watch is not None:
             watch.start()
-        trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise JobFailed(_worker_error(str(e))) from None
+        run()
+    except failed as e:
+        raise JobFailed(str(e) if cluster.address == "local" else _worker_error(str(e))) from None
     except KeyboardInterrupt:
         if watch is None or watch.timed_out is None:
             raise

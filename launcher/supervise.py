@@ -131,7 +131,8 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
     sigterm = Sigterm(folder, cfg.checkpoint.preempt_grace_s, idle)
     try:
         try:
-            import_ray_train_meanwhile()
+            if cfg.cluster.address != "local":  # a private Ray runs plain actors (cluster/worker_group.py)
+                import_ray_train_meanwhile()
             connect(cfg.cluster, verbose=verbose)
         except SystemExit as e:  # ray.init's own SIGTERM handler, while it started Ray
             if e.code != signal.SIGTERM:

@@ -119,7 +119,7 @@ def test_the_private_ray_listens_on_loopback_only_and_ends_with_the_job(trained)
 
     _, _, listening = trained
     sockets = set().union(*listening.values())
-    assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= {s.split(" ", 1)[1].split(".")[0] for s in sockets}
+    assert {"gcs_server", "raylet", "ray::TrainWorker"} <= {s.split(" ", 1)[1].split(".")[0] for s in sockets}
     outward = [s for s in sockets if not loopback(s.split(" ")[0])]
     assert outward == [], outward  # before: the GCS, raylet and workers on every interface
     alive = [
@@ -176,7 +176,7 @@ def test_the_console_shows_progress_and_the_summary_and_the_rest_goes_to_the_log
     assert cells["mean MFU"].endswith("(fp32 matmul measured on this CPU)")
     assert console_noise(r, sample_tokens=40) == []  # Ray's, DeepSpeed's, torch's lines: none
     log = (work / "runs" / "e2e" / "workers.log").read_text()
-    assert "(RayTrainWorker" in log or "(TrainController" in log  # what Ray would have printed is kept here
+    assert "(TrainWorker pid=" in log  # what Ray would have printed is kept here
     samples = [json.loads(line) for line in (work / "runs" / "e2e" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [20, 20, 40, 40] and all(len(s["prompt"]) == 32 for s in samples)
 
@@ -396,7 +396,7 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
     assert "skipping a chunk (data.on_error=skip): chunk" in r.stdout + r.stderr and first in r.stdout + r.stderr
 
     # --verbose: Ray's forwarding of everything, nothing in workers.log
-    assert "(RayTrainWorker pid=" in r.stdout + r.stderr and "(TrainController pid=" in r.stdout + r.stderr
+    assert "(TrainWorker pid=" in r.stdout + r.stderr  # a private Ray's workers: plain actors, no Ray Train
     assert not (work / "runs" / "skip" / "workers.log").exists()
     # --profile 2: steps 6-7 (after the 5-step warm-up), a Chrome trace per rank
     assert "trainctl: profile of steps 6-7:" in r.stdout

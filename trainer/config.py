@@ -280,7 +280,7 @@ class ClusterSection(Section):
         description="CPUs Ray reserves for each worker (a fraction, in steps of 0.0001, packs more workers "
         "than cores onto a machine on purpose)",
     )
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray Train allows (-1 = unlimited)")
+    max_failures: int = Field(0, ge=-1, description="restarts of the worker group after a failure (-1 = unlimited)")
     restart_timeout_s: float = Field(
         600,
         gt=0,

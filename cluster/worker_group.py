@@ -1,0 +1,138 @@
+"""A job's workers on the private local Ray, without Ray Train: one Ray actor per rank.
+
+On `cluster.address: local` (one machine, a Ray started for the job) what the job needs of
+Ray Train is N processes on the machine's cores (or GPUs), torch's rendezvous on the
+loopback address (listening there only: `patches.rendezvous_on_loopback`), and the whole group started again when a worker fails (up to
+`cluster.max_failures`). Ray Train's controller, worker group, synchronization actor and
+backend setup are each one more process or round trip on the job's cores before the first
+step: with plain actors a 20-step tiny-cpu job's first step came after 16.5-17.0 s against
+28.5-29.3 s through Ray Train (2-vCPU VM, interleaved; BENCHMARKS.md, issue 17). Ray stays
+the launcher: it schedules the actors on `cluster.cpus_per_worker` and GPUs, runs their
+processes, forwards their output and kills them. A joined cluster keeps Ray Train
+(`ray_job.run_on_ray`): placement across nodes, node loss.
+
+Ray is imported only inside functions (as in the rest of cluster/).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from trainer.config import ClusterSection
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised or its process died; the message names the worker's own error."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, gpus: list[list[str]] | None) -> dict[str, str]:
+    """torch.distributed's env:// variables for one rank on this machine; with GPUs, every
+    rank sees the group's GPUs (as Ray Train sets them, so NCCL can use peer access
+    between them) and takes its own by LOCAL_RANK.
+
+    >>> rank_env(1, 2, 29500, [["3"], ["1"]])["CUDA_VISIBLE_DEVICES"], rank_env(1, 2, 29500, [["3"], ["1"]])["LOCAL_RANK"]
+    ('1,3', '0')
+    """
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world),
+    }
+    if gpus is not None:
+        visible = sorted({g for ids in gpus for g in ids}, key=int)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
+        env["LOCAL_RANK"] = str(visible.index(gpus[rank][0]))
+    return env
+
+
+def _actor_class():
+    import ray
+
+    class TrainWorker:
+        """One rank: its GPU ids (as Ray assigned them), then the worker function."""
+
+        def gpu_ids(self) -> list[str]:
+            return [str(g) for g in ray.get_gpu_ids()]
+
+        def run(self, fn: Callable[[dict], Any], config: dict, env: dict[str, str]) -> Any:
+            import os
+
+            from trainer import patches
+
+            os.environ.update(env)
+            patches.rendezvous_on_loopback()  # rank 0's store on 127.0.0.1 only, not every interface
+            return fn(config)
+
+    return ray.remote(TrainWorker)
+
+
+def _failure(rank: int, error: Exception) -> WorkerFailed:
+    import ray.exceptions
+
+    from cluster.ray_job import _worker_error
+
+    if isinstance(error, ray.exceptions.RayTaskError):  # the worker function raised
+        return WorkerFailed(_worker_error(str(error)))
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    return WorkerFailed(f"{type(error).__name__}: worker {rank}'s process died ({first})")
+
+
+def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSection) -> None:
+    """Start the group, run `train_fn(config)` on every rank, wait for all of them; raise
+    WorkerFailed at the first failure. The actors are killed whichever way it ends."""
+    import ray
+
+    from cluster.ray_job import worker_resources
+
+    res = worker_resources(cluster)
+    cpus, gpus = res.pop("CPU"), res.pop("GPU", 0.0)
+    worker = _actor_class().options(num_cpus=cpus, num_gpus=gpus, resources=res or None)
+    n = cluster.num_workers
+    actors = [worker.remote() for _ in range(n)]
+    try:
+        gpu_ids = ray.get([a.gpu_ids.remote() for a in actors]) if cluster.use_gpu else None
+        port = free_port()
+        refs = [a.run.remote(train_fn, config, rank_env(r, n, port, gpu_ids)) for r, a in enumerate(actors)]
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        pending = refs
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                raise _failure(rank_of[done[0]], e) from None
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def run_group(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSection) -> None:
+    """`run_once`, started again after a failure up to `cluster.max_failures` times (-1: no
+    limit), as Ray Train's FailureConfig would; the workers resume from the newest
+    checkpoint themselves. Raises WorkerFailed once the restarts are spent."""
+    failures = 0
+    while True:
+        try:
+            return run_once(train_fn, config, cluster)
+        except WorkerFailed as e:
+            failures += 1
+            if cluster.max_failures != -1 and failures > cluster.max_failures:
+                raise
+            print(
+                f"trainctl: a worker failed ({e}); starting the workers again "
+                f"({failures} of {'unlimited' if cluster.max_failures == -1 else cluster.max_failures} restarts)",
+                file=sys.stderr,
+                flush=True,
+            )
