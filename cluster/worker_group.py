@@ -37,11 +37,7 @@ def free_port() -> int:
 def rank_env(rank: int, world: int, port: int, gpus: list[list[str]] | None) -> dict[str, str]:
     """torch.distributed's env:// variables for one rank on this machine; with GPUs, every
     rank sees the group's GPUs (as Ray Train sets them, so NCCL can use peer access
-    between them) and takes its own by LOCAL_RANK.
-
-    >>> rank_env(1, 2, 29500, [["3"], ["1"]])["CUDA_VISIBLE_DEVICES"], rank_env(1, 2, 29500, [["3"], ["1"]])["LOCAL_RANK"]
-    ('1,3', '0')
-    """
+    between them) and takes its own by LOCAL_RANK (tests/test_worker_group.py)."""
     env = {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
@@ -51,7 +47,9 @@ def rank_env(rank: int, world: int, port: int, gpus: list[list[str]] | None) -> 
         "LOCAL_WORLD_SIZE": str(world),
     }
     if gpus is not None:
-        visible = sorted({g for ids in gpus for g in ids}, key=int)
+        visible = sorted(
+            {g for ids in gpus for g in ids}, key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else 0, g)
+        )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
         env["LOCAL_RANK"] = str(visible.index(gpus[rank][0]))
     return env
@@ -61,10 +59,13 @@ def _actor_class():
     import ray
 
     class TrainWorker:
-        """One rank: its GPU ids (as Ray assigned them), then the worker function."""
+        """One rank: its process id and GPU ids, then the worker function."""
 
-        def gpu_ids(self) -> list[str]:
-            return [str(g) for g in ray.get_gpu_ids()]
+        def hello(self) -> tuple[int, list[str]]:
+            """This process's id and the GPU ids Ray gave it."""
+            import os
+
+            return os.getpid(), [str(g) for g in ray.get_gpu_ids()]
 
         def run(self, fn: Callable[[dict], Any], config: dict, env: dict[str, str]) -> Any:
             import os
@@ -101,8 +102,11 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
     worker = _actor_class().options(num_cpus=cpus, num_gpus=gpus, resources=res or None)
     n = cluster.num_workers
     actors = [worker.remote() for _ in range(n)]
+    pids: list[int] = []
     try:
-        gpu_ids = ray.get([a.gpu_ids.remote() for a in actors]) if cluster.use_gpu else None
+        hello = ray.get([a.hello.remote() for a in actors])
+        pids = [pid for pid, _ in hello]
+        gpu_ids = [ids for _, ids in hello] if cluster.use_gpu else None
         port = free_port()
         refs = [a.run.remote(train_fn, config, rank_env(r, n, port, gpu_ids)) for r, a in enumerate(actors)]
         rank_of = {ref: r for r, ref in enumerate(refs)}
@@ -116,6 +120,35 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
     finally:
         for a in actors:
             ray.kill(a)
+        gone(pids)
+
+
+def gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    """Wait (bounded) until the killed workers' processes have exited: the job ends with its
+    processes, not a moment before them (`ray.kill` only asks the raylet)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # another user's process took the number: ours is gone
+                break
+            if _zombie(pid):
+                break
+            time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False  # no /proc (macOS): os.kill's answer is all there is
 
 
 def run_group(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSection) -> None:
