@@ -4,7 +4,7 @@ where an uninterrupted run ends.
     python benchmarks/chaos.py [--faults 20] [--seed N] [--steps S] [--no-shard] [--keep DIR]
                                [--work DIR --reference RUN] [key=value ...]
 
-The job (2 Ray Train workers, DeepSpeed ZeRO-2 on gloo, a checkpoint every 10 steps, W&B
+The job (2 Ray workers, DeepSpeed ZeRO-2 on gloo, a checkpoint every 10 steps, W&B
 offline) is run once without faults, then again with `--faults` faults at steps drawn from
 `--seed` (printed: a failure replays with it). Each fault is followed by what a user does:
 
@@ -305,7 +305,7 @@ def main() -> int:
         if kind == "kill-worker":
             pids = worker_pids(job.proc.pid)
             if not pids:
-                print(f"fault {i:2d} at step {at}: no Ray Train worker found", flush=True)
+                print(f"fault {i:2d} at step {at}: no worker process found", flush=True)
                 break
             os.kill(random.Random(seed + i).choice(pids), signal.SIGKILL)
             deadline = time.monotonic() + LIMIT_S

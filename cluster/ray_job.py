@@ -1,4 +1,5 @@
-"""Where a job runs: connecting to Ray and running the worker function with Ray Train.
+"""Where a job runs: connecting to Ray and running the worker function there (a private
+Ray's plain actors, cluster/worker_group.py; Ray Train on a joined cluster).
 
 Ray is imported only inside cluster/'s functions (and trainer/patches.py's Ray patches,
 called from here). The training loop knows nothing of Ray: `run_on_ray` takes the worker

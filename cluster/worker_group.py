@@ -59,7 +59,7 @@ def _actor_class():
     import ray
 
     class TrainWorker:
-        """One rank: its process id and GPU ids, then the worker function."""
+        """One rank: its process id and GPU ids, its environment, then the worker function."""
 
         def hello(self) -> tuple[int, list[str]]:
             """This process's id and the GPU ids Ray gave it."""
@@ -67,33 +67,68 @@ def _actor_class():
 
             return os.getpid(), [str(g) for g in ray.get_gpu_ids()]
 
-        def run(self, fn: Callable[[dict], Any], config: dict, env: dict[str, str]) -> Any:
+        def setup(self, env: dict[str, str]) -> None:
+            """The rank's variables, in a call of their own before `run`, whose arguments
+            (the worker function) import trainctl: CUDA_VISIBLE_DEVICES must be set before
+            anything could touch CUDA."""
             import os
 
             from trainer import patches
 
             os.environ.update(env)
             patches.rendezvous_on_loopback()  # rank 0's store on 127.0.0.1 only, not every interface
+
+        def run(self, fn: Callable[[dict], Any], config: dict) -> Any:
             return fn(config)
 
     return ray.remote(TrainWorker)
 
 
-def _failure(rank: int, error: Exception) -> WorkerFailed:
+def _cause(error: Exception) -> str:
+    """Ray's reason for a dead worker process, in a few words: its 'Worker exit detail'
+    sentence when it gives one (a SIGKILL, the memory monitor), else its first line."""
+    text = str(error)
+    if "Worker exit detail: " in text:
+        return text.split("Worker exit detail: ", 1)[1].split(". ", 1)[0].strip().rstrip(".")
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
+
+
+def _failure(rank: int | None, error: Exception) -> WorkerFailed:
     import ray.exceptions
 
     from cluster.ray_job import _worker_error
 
     if isinstance(error, ray.exceptions.RayTaskError):  # the worker function raised
         return WorkerFailed(_worker_error(str(error)))
-    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
-    return WorkerFailed(f"{type(error).__name__}: worker {rank}'s process died ({first})")
+    who = f"worker {rank}'s process" if rank is not None else "a worker process"
+    if isinstance(error, ray.exceptions.RayActorError):
+        return WorkerFailed(f"{type(error).__name__}: {who} died ({_cause(error)})")
+    return WorkerFailed(f"{type(error).__name__}: {who} failed ({_cause(error)})")
+
+
+def _first_failure(ray, failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
+    """The failure to report: a worker's death rather than the error its peers then raise
+    ('Connection closed by peer' in a collective), waiting a moment for the others."""
+    import ray.exceptions
+
+    if pending:
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                failed[ref] = e
+    dead = [ref for ref, e in failed.items() if isinstance(e, ray.exceptions.RayActorError)]
+    ref = dead[0] if dead else next(iter(failed))
+    return _failure(rank_of.get(ref), failed[ref])
 
 
 def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSection) -> None:
     """Start the group, run `train_fn(config)` on every rank, wait for all of them; raise
-    WorkerFailed at the first failure. The actors are killed whichever way it ends."""
+    WorkerFailed at the first failure (any of Ray's errors: a worker that raised, died, or
+    could not start). The actors are killed whichever way it ends."""
     import ray
+    import ray.exceptions
 
     from cluster.ray_job import worker_resources
 
@@ -101,22 +136,27 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
     cpus, gpus = res.pop("CPU"), res.pop("GPU", 0.0)
     worker = _actor_class().options(num_cpus=cpus, num_gpus=gpus, resources=res or None)
     n = cluster.num_workers
-    actors = [worker.remote() for _ in range(n)]
+    actors: list = []
     pids: list[int] = []
     try:
-        hello = ray.get([a.hello.remote() for a in actors])
-        pids = [pid for pid, _ in hello]
-        gpu_ids = [ids for _, ids in hello] if cluster.use_gpu else None
-        port = free_port()
-        refs = [a.run.remote(train_fn, config, rank_env(r, n, port, gpu_ids)) for r, a in enumerate(actors)]
+        actors = [worker.remote() for _ in range(n)]
+        try:
+            hello = ray.get([a.hello.remote() for a in actors])
+            pids = [pid for pid, _ in hello]
+            gpu_ids = [ids for _, ids in hello] if cluster.use_gpu else None
+            port = free_port()
+            ray.get([a.setup.remote(rank_env(r, n, port, gpu_ids)) for r, a in enumerate(actors)])
+        except ray.exceptions.RayError as e:
+            raise _failure(None, e) from None
+        refs = [a.run.remote(train_fn, config) for a in actors]
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = refs
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(done[0])
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-                raise _failure(rank_of[done[0]], e) from None
+            except ray.exceptions.RayError as e:
+                raise _first_failure(ray, {done[0]: e}, pending, rank_of) from None
     finally:
         for a in actors:
             ray.kill(a)

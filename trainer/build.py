@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from trainer.run_folder import Attempt, checkpoint_store, record_attempt, restor
 from trainer.saver import Saver
 from trainer.targets import Targets
 from trainer.tracking import Tracker
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 def raw_options(cfg: JobConfig) -> RawOptions:
@@ -109,8 +112,9 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     """Join (or make) the process group; returns (rank, world_size, local_rank).
 
-    Under Ray Train the group already exists (TorchConfig made it); under torchrun the
-    env:// variables are set; a plain process becomes a group of one.
+    Under Ray Train (a joined cluster) the group already exists (TorchConfig made it); a
+    private Ray's actors (cluster/worker_group.py) and torchrun set the env:// variables; a
+    plain process becomes a group of one.
     """
     if not dist.is_initialized() and "RANK" not in os.environ:
         with socket.socket() as s:
@@ -118,7 +122,9 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
+    # 30 minutes for a collective, as Ray Train's TorchConfig gives (DeepSpeed's own default is 10):
+    # rank 0 may convert a checkpoint to a universal one while the others wait in a barrier
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo", timeout=COLLECTIVE_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world != cfg.cluster.num_workers:

@@ -1,4 +1,5 @@
-"""The training loop: one worker function, the same under Ray Train, torchrun, or alone.
+"""The training loop: one worker function, the same as a private Ray's actor, under Ray Train,
+torchrun, or alone.
 
 `train_worker(config_dict)` builds a `Worker` (build.py: process group, data, model,
 engine, saver, tracker), restores the newest checkpoint into its `TrainState` if there is one, then
