@@ -16,7 +16,6 @@ Ray is imported only inside functions (as in the rest of cluster/).
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,33 +25,6 @@ from trainer.config import ClusterSection
 
 class WorkerFailed(RuntimeError):
     """A worker raised or its process died; the message names the worker's own error."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env(rank: int, world: int, port: int, gpus: list[list[str]] | None) -> dict[str, str]:
-    """torch.distributed's env:// variables for one rank on this machine; with GPUs, every
-    rank sees the group's GPUs (as Ray Train sets them, so NCCL can use peer access
-    between them) and takes its own by LOCAL_RANK (tests/test_worker_group.py)."""
-    env = {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": str(rank),
-        "WORLD_SIZE": str(world),
-        "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(world),
-    }
-    if gpus is not None:
-        visible = sorted(
-            {g for ids in gpus for g in ids}, key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else 0, g)
-        )
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
-        env["LOCAL_RANK"] = str(visible.index(gpus[rank][0]))
-    return env
 
 
 def _actor_class():
@@ -106,9 +78,10 @@ def _failure(rank: int | None, error: Exception) -> WorkerFailed:
     return WorkerFailed(f"{type(error).__name__}: {who} failed ({_cause(error)})")
 
 
-def _first_failure(ray, failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
+def _first_failure(failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
     """The failure to report: a worker's death rather than the error its peers then raise
     ('Connection closed by peer' in a collective), waiting a moment for the others."""
+    import ray
     import ray.exceptions
 
     if pending:
@@ -131,6 +104,7 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
     import ray.exceptions
 
     from cluster.ray_job import worker_resources
+    from trainer.build import free_port, rendezvous_env
 
     res = worker_resources(cluster)
     cpus, gpus = res.pop("CPU"), res.pop("GPU", 0.0)
@@ -145,7 +119,7 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
             pids = [pid for pid, _ in hello]
             gpu_ids = [ids for _, ids in hello] if cluster.use_gpu else None
             port = free_port()
-            ray.get([a.setup.remote(rank_env(r, n, port, gpu_ids)) for r, a in enumerate(actors)])
+            ray.get([a.setup.remote(rendezvous_env(r, n, port, gpu_ids)) for r, a in enumerate(actors)])
         except ray.exceptions.RayError as e:
             raise _failure(None, e) from None
         refs = [a.run.remote(train_fn, config) for a in actors]
@@ -156,7 +130,7 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
             try:
                 ray.get(done[0])
             except ray.exceptions.RayError as e:
-                raise _first_failure(ray, {done[0]: e}, pending, rank_of) from None
+                raise _first_failure({done[0]: e}, pending, rank_of) from None
     finally:
         for a in actors:
             ray.kill(a)

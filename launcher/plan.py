@@ -81,6 +81,15 @@ class Plan:
         return None
 
 
+def trained_params(cfg: JobConfig) -> int:
+    """Parameters with gradients and optimizer state: all of them, or with LoRA only the
+    adapters (the frozen weights have neither)."""
+    from trainer.model import count_params
+
+    t = cfg.train
+    return perf.lora_params(cfg.model, t.lora) if t.lora is not None else count_params(cfg.model, False)
+
+
 def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_memory_gb: float | None = None) -> Plan:
     from trainer.model import count_params
 
@@ -90,8 +99,7 @@ def make_plan(cfg: JobConfig, mfu: float, peak_tflops: float | None = None, gpu_
     C, L, V, F, KD = mc.d_model, mc.n_layer, mc.vocab_size, mc.ffn_dim, mc.kv_heads * mc.head_dim
     params = count_params(mc, non_embedding=False)
     flops_per_token = perf.flops_per_token(mc, s, t.lora)
-    # LoRA: the frozen weights have no gradients or optimizer state; the adapters have both.
-    trained = perf.lora_params(mc, t.lora) if t.lora is not None else params
+    trained = trained_params(cfg)
 
     half = t.precision in ("bf16", "fp16")
     w, g, o = (2, 2, 12) if half else (4, 4, 8)
@@ -158,10 +166,8 @@ def comm_bytes(trained: int, stage: int, gpus: int, accum: int, value_bytes: int
 def scaling(cfg: JobConfig, mfu: float, gpus: int, stage: int, peak_tflops: float | None = None) -> Scaling:
     """The step of `cfg`'s global batch on `gpus` GPUs at ZeRO `stage`, each GPU computing at
     `mfu` of its peak (a measured single-GPU MFU), from the bytes that stage communicates."""
-    from trainer.model import count_params
-
     t, s = cfg.train, cfg.data.seq_len
-    trained = perf.lora_params(cfg.model, t.lora) if t.lora is not None else count_params(cfg.model, False)
+    trained = trained_params(cfg)
     per_gpu = max(1, cfg.global_batch // gpus)  # sequences per GPU per step
     accum = -(-per_gpu // t.micro_batch_size)
     tokens = per_gpu * gpus * s

@@ -109,6 +109,35 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     return Transformer(cfg.model)
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback address (for rank 0's rendezvous store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_env(rank: int, world: int, port: int, gpus: list[list[str]] | None = None) -> dict[str, str]:
+    """torch.distributed's env:// variables for one rank of a group on this machine; with
+    `gpus` (each rank's GPU ids, as Ray assigned them), every rank sees the group's GPUs
+    (as Ray Train sets them, so NCCL can use peer access between them) and takes its own by
+    LOCAL_RANK (tests/test_worker_group.py)."""
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world),
+    }
+    if gpus is not None:
+        visible = sorted(
+            {g for ids in gpus for g in ids}, key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else 0, g)
+        )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
+        env["LOCAL_RANK"] = str(visible.index(gpus[rank][0]))
+    return env
+
+
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     """Join (or make) the process group; returns (rank, world_size, local_rank).
 
@@ -117,10 +146,7 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     plain process becomes a group of one.
     """
     if not dist.is_initialized() and "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(rendezvous_env(0, 1, free_port()))
     deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
     # 30 minutes for a collective, as Ray Train's TorchConfig gives (DeepSpeed's own default is 10):
     # rank 0 may convert a checkpoint to a universal one while the others wait in a barrier
