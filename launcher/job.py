@@ -239,8 +239,8 @@ def check_lora(cfg, ckpt) -> None:
 
 
 def check_shapes(cfg, ckpt) -> None:
-    """A checkpoint of another model shape is refused before any worker starts, naming the
-    first tensor that differs and both shapes."""
+    """A checkpoint of another model shape or parametrization is refused before any worker
+    starts, naming the first tensor that differs and both shapes (or the setting)."""
     import torch
     import yaml
 
@@ -252,7 +252,8 @@ def check_shapes(cfg, ckpt) -> None:
             model = Transformer(model_section)
         return {name: list(p.shape) for name, p in model.state_dict().items()}
 
-    theirs = shapes(JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text())).model)
+    saved = JobConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text())).model
+    theirs = shapes(saved)
     ours = shapes(cfg.model)
     for name in [*ours, *(n for n in theirs if n not in ours)]:  # the model's own order
         if theirs.get(name) != ours.get(name):
@@ -261,4 +262,11 @@ def check_shapes(cfg, ckpt) -> None:
             raise UsageError(
                 f"checkpoint {ckpt}: tensor {name} is {there} in the checkpoint but {here} in this model: "
                 "use the model settings the checkpoint was trained with, or another name= (or --fresh)"
+            )
+    # The multipliers and the optimizer's groups (their number, their settings) follow these.
+    for key in ("parametrization", "base_width", "base_depth"):
+        if getattr(saved, key) != getattr(cfg.model, key):
+            raise UsageError(
+                f"checkpoint {ckpt} was trained with model.{key}={getattr(saved, key)} but this job has "
+                f"model.{key}={getattr(cfg.model, key)}: resume with the checkpoint's, or another name= (or --fresh)"
             )

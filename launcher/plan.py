@@ -208,6 +208,30 @@ def _duration(seconds: float) -> str:
     return (f"{d}d " if d else "") + f"{h}h{rest // 60:02d}m"
 
 
+def render_parametrization(cfg: JobConfig) -> list[str]:
+    """The parametrization, its multipliers and each optimizer group's peak lr, weight decay and eps."""
+    from trainer.parametrization import Rules
+
+    mc, t = cfg.model, cfg.train
+    rules = Rules.of(mc)
+    head = f"  parametrization     {mc.parametrization}"
+    if not rules.standard:
+        base = f"base {mc.base_width or mc.d_model} wide" + (
+            f" x {mc.base_depth or mc.n_layer} deep" if mc.parametrization == "completep" else ""
+        )
+        scale = rules.attention_scale(mc.head_dim)
+        head += (
+            f" ({base}: width x{rules.width_mult:g}, depth x{rules.depth_mult:g}; branches x{rules.residual_scale:.4g}, "
+            f"logits x{rules.output_mult:.4g}, attention 1/{round(1 / scale)})"
+        )
+    lines = [head, "    group              peak lr     weight decay  eps"]
+    for kind, g in rules.describe(t.lr, t.weight_decay, t.eps):
+        if kind == "head" and mc.tie_embeddings:
+            continue  # the tied head is the embedding, in its group
+        lines.append(f"    {kind:<18} {g['lr']:<11.4g} {g['weight_decay']:<13.4g} {g['eps']:.4g}")
+    return lines
+
+
 def render(cfg: JobConfig, p: Plan, mfu: float) -> str:
     c, t = cfg.cluster, cfg.train
     where = f"{c.num_workers} GPUs of {_gb(p.limit_bytes)}" if p.limit_bytes else f"{c.num_workers} CPU workers"
@@ -226,6 +250,7 @@ def render(cfg: JobConfig, p: Plan, mfu: float) -> str:
         + ("4 x frozen + 6 x adapter parameters" if t.lora is not None else "6 x matmul parameters")
         + " + attention, training)",
         f"  tokens per step     {p.tokens_per_step:,} ({cfg.global_batch} sequences x {cfg.data.seq_len})",
+        *render_parametrization(cfg),
         f"  activations         {_gb(p.activation_bytes)} per worker (micro batch {t.micro_batch_size}"
         + (", activation checkpointing)" if cfg.model.activation_checkpointing else ")"),
         "  memory per worker   model states + activations" + (" (fits?)" if p.limit_bytes else ""),

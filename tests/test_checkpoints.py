@@ -553,34 +553,41 @@ def test_a_lost_node_is_reported_waited_for_and_bounded_and_a_rerun_continues_ex
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_export_of_a_zero3_checkpoint_gathers_the_partitions(work):
-    """ZeRO-3 holds no whole weight anywhere: the export gathers each tensor from the shards."""
+def test_a_completep_job_reshards_at_zero3_and_exports_to_transformers(work):
+    """completep on a base half as wide and half as deep (every optimizer group its own lr,
+    weight decay and eps; branches and logits x1/2, attention 1/D). ZeRO-3 from 2 ranks to 1
+    continues within RESHARD_BOUND of the same job on 1 rank throughout (a resharded ZeRO-3
+    load gave every group group 0's settings: trainer/patches.py). The export gathers each
+    tensor from the ZeRO-3 shards and folds the multipliers in: transformers' Llama gives our
+    logits."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from trainer.checkpoint import find_checkpoint
     from trainer.generate import load_model
 
-    r = trainctl(
-        "run",
-        "job.yaml",
-        "--no-ray",
-        "name=z3",
-        "cluster.num_workers=1",
-        "train.zero_stage=3",
-        "train.grad_accum_steps=2",
-        "train.max_steps=6",
-        "checkpoint.every=6",
-        cwd=work,
-    )
+    cp = ["model.parametrization=completep", "model.base_width=32", "model.base_depth=1", "train.zero_stage=3",
+          "checkpoint.every=10", "train.lr_decay_steps=120"]  # fmt: skip
+    one = ["cluster.num_workers=1", "train.grad_accum_steps=2"]
+    for name, workers, steps in (("cp-straight", 1, 20), ("cp", 2, 10), ("cp", 1, 20)):
+        args = ["run", "job.yaml", "--no-ray", f"name={name}", *cp, f"train.max_steps={steps}"]
+        cmd = torchrun(*args) if workers == 2 else command(*args, *one)
+        r = subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 10 (written by 2 workers, resharded to 1)" in r.stdout, r.stdout[-2000:]
+    got, straight = losses(work / "runs" / "cp"), losses(work / "runs" / "cp-straight")
+    assert sorted(got) == list(range(1, 21)) and got[20] < got[1] - 0.5
+    assert max(abs(got[s] - straight[s]) for s in got) <= RESHARD_BOUND, (got, straight)
+    assert got != losses(work / "runs" / "straight")  # not the standard run's curve
+    r = trainctl("export", "runs/cp", "hf-cp", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = trainctl("export", "runs/z3", "hf-z3", cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    hf = AutoModelForCausalLM.from_pretrained(str(work / "hf-z3"), dtype=torch.float32).eval()
-    ours, tok = load_model(find_checkpoint(work / "runs" / "z3"))
+    hf = AutoModelForCausalLM.from_pretrained(str(work / "hf-cp"), dtype=torch.float32).eval()
+    ours, tok = load_model(find_checkpoint(work / "runs" / "cp"))
+    assert ours.output_mult == 0.5 and ours.blocks[0].residual_scale == 0.5
     x = torch.tensor([tok.encode("First Citizen:\nBefore we proceed any further").tolist()[:32]])
     with torch.no_grad():
-        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+        a, b = ours(x), hf(x).logits
+    assert (a - b).abs().max().item() < 1e-4 and a.abs().max().item() > 1.0
 
 
 @pytest.mark.slow

@@ -42,6 +42,31 @@ def test_zero_stages_match_stage_0(tmp_path):
     assert len(base) == 8 and base[-1] < base[0] - 0.1  # it learns
     for stage in (1, 2, 3):
         assert curves[stage] == pytest.approx(base, rel=2e-4, abs=2e-4), (stage, curves[stage], base)
+    # completep: every stage follows stage 0 too, with each group's own lr, weight decay and eps
+    # reaching the optimizer DeepSpeed builds (m_N = m_L = 2: hidden lr / 2, wd x 2, eps / 4).
+    cp = [found[f"completep{stage}"] for stage in (0, 1, 2, 3)]
+    assert cp[0][-1] < cp[0][0] - 0.1 and cp[0] != base
+    for stage in (1, 2, 3):
+        assert cp[stage] == pytest.approx(cp[0], rel=2e-4, abs=2e-4), (stage, cp[stage], cp[0])
+    warm = 3e-3 / 3  # train.lr x the schedule's first factor (warm-up of 2 steps)
+    rules = {  # name: (lr, eps, weight_decay)
+        "embedding": (warm, 1e-8 / 2, 0.1),
+        "hidden_matrices": (warm / 2, 1e-8 / 4, 0.2),
+        "hidden_vectors": (warm, 1e-8 / 4, 0.0),
+        "final_norm": (warm, 1e-8 / 2, 0.0),
+    }
+    sizes = {"embedding": 257 * 64, "hidden_matrices": 2 * (4 * 64 * 64 + 3 * 64 * 192), "hidden_vectors": 2 * 2 * 64,
+             "final_norm": 64}  # fmt: skip
+    for stage in (0, 1, 2, 3):
+        groups = found[f"groups_completep{stage}"]
+        assert [g[0] for g in groups] == list(rules), (stage, groups)
+        for name, lr, eps, wd, numel in groups:
+            assert (lr, eps, wd) == pytest.approx(rules[name], rel=1e-9), (stage, name, lr, eps, wd)
+            # ZeRO-1/2/3 hold a rank's partition of the flat group (half of it, padded), stage 0 all
+            assert numel == sizes[name] if stage == 0 else sizes[name] / 2 <= numel <= sizes[name] / 2 + 64, (
+                stage,
+                name,
+            )
     # Chat rows, each micro batch training another number of targets: the step's loss and
     # gradient are those of the mean over all its trained targets (2 ranks x 2 micro batches).
     for stage in (0, 2):

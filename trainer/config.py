@@ -166,6 +166,12 @@ class TrainSection(Section):
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(
+        1e-8,
+        gt=0,
+        description="AdamW epsilon; under model.parametrization mup/completep the base value each group's is "
+        "scaled from",
+    )
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 = off")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs a GPU (loss scaling)")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")

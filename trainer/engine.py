@@ -4,7 +4,8 @@ to `deepspeed.initialize`.
 Precision, ZeRO stage, offload, accumulation and clipping are DeepSpeed's job; the
 learning-rate schedule is ours (linear warm-up, cosine decay to min_lr, as nanoGPT) so
 that it is one pure function, the same on every backend, and saved in every checkpoint
-through the scheduler DeepSpeed holds.
+through the scheduler DeepSpeed holds. It multiplies each optimizer group's own peak
+learning rate (mup and completep give groups their own: trainer/parametrization.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
             "params": {
                 "lr": t.lr,
                 "betas": [t.beta1, t.beta2],
-                "eps": 1e-8,
+                "eps": t.eps,
                 "weight_decay": t.weight_decay,
                 # DeepSpeed's CPU FusedAdam rounds differently with the memory layout, so a resumed
                 # run drifts from the uninterrupted one by an ulp; torch's AdamW resumes bit for bit.
@@ -116,7 +117,8 @@ def build_engine(model: torch.nn.Module, cfg: JobConfig, universal: bool = False
     """Wrap `model` in a DeepSpeed engine (the distributed group must already exist).
     `universal`: it will load a universal checkpoint (one written by another number of ranks)."""
     deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
-    groups = model.optim_groups(cfg.train.weight_decay)
+    t = cfg.train
+    groups = model.optim_groups(t.weight_decay, t.lr, t.eps)  # per group under mup / completep
     if cfg.train.compile:
         model.compile()  # in place: the state dict's keys (and so checkpoints) stay those of the plain model
 

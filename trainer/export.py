@@ -8,7 +8,9 @@
     trainctl_export.json     where it came from: run, step, tokens seen; our tokenizer
 
 Our blocks are Llama's (RMSNorm pre-norm, rotary embeddings on half-split pairs, SwiGLU,
-grouped-query attention, no biases), so the weights map name for name. The weights are
+grouped-query attention, no biases), so the weights map name for name; a mup or
+completep model's forward multipliers (branch scale, attention scale, logit multiplier)
+are folded into wo and w2, wq, and the final norm. The weights are
 gathered from the ZeRO checkpoint one tensor at a time (DeepSpeed's lazy zero_to_fp32
 over memory-mapped shards, or the memory-mapped model file for stage 0) and written
 straight into a safetensors file whose header is known in advance from the model's
@@ -35,6 +37,7 @@ import yaml
 from trainer import checkpoint
 from trainer.config import JobConfig, LoraSection
 from trainer.model import ModelConfig, Transformer
+from trainer.parametrization import Rules
 
 
 class ExportError(ValueError):
@@ -307,6 +310,9 @@ def write_model_folder(
         source = ((n, lora.merged(n, index.read(hf_name(n)), tensors, settings)) for n in shapes)
     else:
         source = model_tensors(ckpt, list(shapes))
+        rules = Rules.of(mc)
+        if not rules.standard:  # mup / completep: the forward multipliers folded into the weights
+            source = ((n, t * rules.export_scale(n, mc.head_dim)) for n, t in source)
     write_safetensors(
         folder / "model.safetensors", {hf_name(n): s for n, s in shapes.items()}, ((hf_name(n), t) for n, t in source)
     )

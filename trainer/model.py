@@ -2,10 +2,13 @@
 
 Owns the architecture (RMSNorm pre-norm blocks, grouped-query attention with rotary
 position embeddings, SwiGLU MLP, optionally tied output head), its initialisation, the
-weight-decay parameter groups, the closed-form parameter count and sampling. Its config,
+optimizer's parameter groups, the closed-form parameter count and sampling. How init,
+forward multipliers and groups follow the shape is `model.parametrization`'s, whose rules
+live in trainer/parametrization.py (torch-free) and are applied here. Its config,
 `ModelConfig` (trainer/model_config.py, torch-free so the launcher validates a job without
 importing torch), is the job file's `model:` section itself: one schema, so the two cannot
-drift. It never sees the rest of the training config and imports nothing else of trainctl.
+drift. It never sees the rest of the training config and imports nothing else of trainctl
+but those two.
 
 Shape letters: B batch, T sequence, C d_model, H query heads, K key/value heads,
 D head_dim, F ffn_dim, V vocab_size.
@@ -21,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.model_config import ModelConfig
+from trainer.parametrization import HIDDEN_MATRIX, RESIDUAL_OUTPUTS, Rules, kind_of
 
 
 def document_segments(idx: torch.Tensor, eot: int) -> torch.Tensor:
@@ -104,6 +108,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.dropout = config.dropout
+        self.scale = Rules.of(config).attention_scale(self.head_dim)  # None: 1/sqrt(D)
         bias = config.qkv_bias
         self.wq = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=bias)
         self.wk = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
@@ -126,7 +131,13 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
         # mask (B, 1, T, T), True = may attend, already causal; None = plain causal (the fast kernels).
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None,
+            scale=self.scale,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.wo(y))  # (B, T, C)
@@ -152,12 +163,16 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
+        self.residual_scale = Rules.of(config).residual_scale  # completep: 1 / m_L
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)  # (B, T, C)
-        return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+        if self.residual_scale == 1.0:  # no multiply at all: standard stays bit for bit, and as fast
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask)  # (B, T, C)
+            return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+        x = x + self.residual_scale * self.attn(self.attn_norm(x), cos, sin, mask)  # (B, T, C)
+        return x + self.residual_scale * self.mlp(self.mlp_norm(x))  # (B, T, C)
 
 
 class Transformer(nn.Module):
@@ -182,18 +197,19 @@ class Transformer(nn.Module):
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, D/2)
+        rules = Rules.of(config)
+        self.output_mult = rules.output_mult  # mup, completep: 1 / m_N
         self.apply(self._init_weights)
-        # GPT-2: each block adds two branches to the residual stream, so scale their output
-        # projections to keep the stream's variance from growing with depth.
-        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.wo.weight, mean=0.0, std=resid_std)
-            nn.init.normal_(block.mlp.w2.weight, mean=0.0, std=resid_std)
+        # Then the matrices whose std is not init_std: under standard (GPT-2) the two output
+        # projections each block adds to the residual stream, init_std / sqrt(2 * n_layer), so
+        # its variance does not grow with depth; under mup and completep every hidden matrix.
+        for name, p in self.named_parameters():
+            if name.endswith(RESIDUAL_OUTPUTS) or not rules.standard and kind_of(name) == HIDDEN_MATRIX:
+                nn.init.normal_(p, mean=0.0, std=rules.init_std_of(name))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -225,7 +241,10 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)  # (B, T, C)
             else:
                 x = block(x, cos, sin, mask)  # (B, T, C)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)  # (B, T, C)
+        if self.output_mult != 1.0:
+            x = x * self.output_mult  # (B, T, C): the logits' multiplier, before the head as nanoGPT-mup
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
         # float32 softmax: in bf16 the log-sum-exp over V loses the small probabilities.
@@ -241,17 +260,15 @@ class Transformer(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def optim_groups(self, weight_decay: float) -> list[dict]:
-        """Two AdamW groups: matrices (embeddings included) decay; norm weights and other
-        1-D tensors do not. Each trainable tensor appears once:
+    def optim_groups(self, weight_decay: float, lr: float = 1e-3, eps: float = 1e-8) -> list[dict]:
+        """AdamW groups, each trainable tensor once. standard: two, matrices (embeddings
+        included) decayed and vectors not, at the optimizer's own lr and eps; mup and
+        completep: one group per kind of parameter with its own lr, weight decay and eps
+        (trainer/parametrization.py), from the base values given here.
 
-            torch.optim.AdamW(model.optim_groups(0.1), lr=1e-3)
+            torch.optim.AdamW(model.optim_groups(0.1, lr=1e-3), lr=1e-3)
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        return Rules.of(self.config).optim_groups(self.named_parameters(), lr, weight_decay, eps)
 
     @torch.no_grad()
     def generate(

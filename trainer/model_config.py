@@ -5,6 +5,7 @@ importing torch."""
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -52,6 +53,22 @@ class ModelConfig(BaseModel):
     )
     tie_embeddings: bool = Field(True, description="share the input embedding with the output head")
     activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")
+    parametrization: Literal["standard", "mup", "completep"] = Field(
+        "standard",
+        description="how init, forward multipliers and per-group learning rate, weight decay and AdamW eps follow "
+        "the shape (trainer/parametrization.py): standard (GPT-2's; one learning rate), mup (width: "
+        "hyperparameters tuned at base_width transfer), completep (width and depth: tuned at base_width x "
+        "base_depth, they transfer to deeper models)",
+    )
+    base_width: int | None = Field(
+        None, gt=0, description="mup, completep: the d_model the hyperparameters were tuned at; null = d_model"
+    )
+    base_depth: int | None = Field(
+        None, gt=0, description="completep: the n_layer the hyperparameters were tuned at; null = n_layer"
+    )
+    init_std: float = Field(
+        0.02, gt=0, description="standard deviation of the weights' initialisation (at the base shape)"
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
@@ -63,6 +80,20 @@ class ModelConfig(BaseModel):
             )
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_kv_head={self.kv_heads} must divide model.n_head={self.n_head}")
+        p = self.parametrization
+        if p == "standard" and (self.base_width or self.base_depth):
+            key = "base_width" if self.base_width else "base_depth"
+            raise ValueError(
+                f"model.{key} applies only with model.parametrization mup or completep (standard has no base shape): "
+                f"set model.parametrization=completep, or drop model.{key}"
+            )
+        if p == "mup" and self.base_depth:
+            raise ValueError("model.base_depth needs model.parametrization=completep (mup transfers across width only)")
+        if p != "standard" and self.init_from:
+            raise ValueError(
+                f"model.parametrization={p} cannot start from model.init_from: a pre-trained model's weights "
+                "were trained under the standard parametrization; drop one of them"
+            )
         return self
 
     @property

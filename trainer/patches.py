@@ -141,15 +141,20 @@ def fix_zero3_universal_load(engine) -> Iterator[None]:
     were decayed; (2) puts one and the same `step` tensor in every group's Adam state, which
     torch's AdamW increments in place once per group, so the bias correction ran ahead. A
     resharded ZeRO-3 resume drifted by 3e-3 in 10 steps; with both undone it is `==`. Each
-    group keeps its own values other than the learning rate (the checkpoint's scheduler
-    sets it), and each state its own step. Stages 1 and 2 load both right; this changes
-    nothing there."""
+    group keeps its own values other than the learning rate, which is the checkpoint's
+    scheduler's last one for that group (mup and completep give groups their own: group 0's
+    would train the hidden matrices at the embedding's rate for the first step), and each
+    state its own step. Stages 1 and 2 load both right; this changes nothing there."""
     inner = getattr(engine.optimizer, "optimizer", None)
     groups = getattr(inner, "param_groups", None) or []
     before = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     yield
     for group, own in zip(groups, before):
         group.update(own)
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and len(scheduler.get_last_lr()) == len(groups):
+        for group, lr in zip(groups, scheduler.get_last_lr()):
+            group["lr"] = lr
     for state in getattr(inner, "state", {}).values():
         if hasattr(state.get("step"), "clone"):
             state["step"] = state["step"].clone()

@@ -100,13 +100,19 @@ def partitioned_load(folder: str) -> dict:
     return {"halves": halves, "equal": equal, "tied": model.lm_head.weight is model.tok_emb.weight}
 
 
+# completep on a base half as wide and half as deep: every group its own lr, weight decay and eps
+COMPLETEP = ["model.parametrization=completep", "model.base_width=32", "model.base_depth=1"]
+
+
 def main(out: str) -> None:
     curves = {}
-    for stage in (0, 1, 2, 3):
+    for stage in (*(0, 1, 2, 3), *(f"completep{s}" for s in (0, 1, 2, 3))):
+        completep = isinstance(stage, str)
         cfg = load_config(
             None,
             [
-                f"train.zero_stage={stage}",
+                *(COMPLETEP if completep else []),
+                f"train.zero_stage={int(str(stage)[-1])}",
                 "cluster.num_workers=2",
                 "train.micro_batch_size=2",
                 "train.grad_accum_steps=2",
@@ -122,6 +128,14 @@ def main(out: str) -> None:
         rank, world, _ = setup_distributed(cfg)
         torch.manual_seed(0)
         engine = build_engine(Transformer(cfg.model), cfg)
+        if completep:  # what the optimizer holds, as DeepSpeed built it at this stage
+            groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups  # ZeRO's inner AdamW
+            # ZeRO-3 puts its flat fp32 partitions into the groups only while it steps
+            flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+            sizes = [t.numel() for t in flat] if flat else [sum(p.numel() for p in g["params"]) for g in groups]
+            curves[f"groups_{stage}"] = [
+                [g.get("name"), g["lr"], g["eps"], g["weight_decay"], n] for g, n in zip(groups, sizes)
+            ]
         gen = torch.Generator().manual_seed(1234 + rank)  # each rank its own batches, the same for every stage
         data = iter([torch.randint(0, 64, (2, 33), generator=gen) for _ in range(STEPS * 2)])
         losses = []
@@ -131,7 +145,7 @@ def main(out: str) -> None:
             losses.append(loss.item() / world)
         curves[stage] = losses
         del engine
-        if stage in (0, 2):  # unclipped, so the gradient's norm is the step's own
+        if stage in (0, 2) and not completep:  # unclipped, so the gradient's norm is the step's own
             curves[f"flagged{stage}"] = flagged_step(
                 cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_clip": 0.0})}), stage
             )
