@@ -33,20 +33,31 @@ def _actor_class():
     class TrainWorker:
         """One rank: its process id and GPU ids, its environment, then the worker function."""
 
-        def hello(self) -> tuple[int, list[str]]:
-            """This process's id and the GPU ids Ray gave it."""
+        def hello(self) -> tuple[int, list[str], str, int]:
+            """This process's id, the GPU ids Ray gave it, its node, and a free port there
+            (rank 0's is the rendezvous port: the group is on rank 0's machine)."""
             import os
+            import socket
 
-            return os.getpid(), [str(g) for g in ray.get_gpu_ids()]
+            with socket.socket() as sock:  # as trainer.build.free_port, without importing trainctl (torch) yet
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            return os.getpid(), [str(g) for g in ray.get_gpu_ids()], ray.get_runtime_context().get_node_id(), port
 
-        def setup(self, env: dict[str, str]) -> None:
+        def setup(self, env: dict[str, str], log_path: str | None = None) -> None:
             """The rank's variables, in a call of their own before `run`, whose arguments
             (the worker function) import trainctl: CUDA_VISIBLE_DEVICES must be set before
-            anything could touch CUDA."""
+            anything could touch CUDA. `log_path`: this process's output goes there (a
+            sweep's trial: its run folder's workers.log) instead of to Ray's log forwarding."""
             import os
 
             from trainer import patches
 
+            if log_path is not None:
+                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                for std in (1, 2):
+                    os.dup2(fd, std)
+                os.close(fd)
             os.environ.update(env)
             patches.rendezvous_on_loopback()  # rank 0's store on 127.0.0.1 only, not every interface
 
@@ -96,15 +107,23 @@ def _first_failure(failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
     return _failure(rank_of.get(ref), failed[ref])
 
 
-def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSection) -> None:
+def run_once(
+    train_fn: Callable[[dict], Any],
+    config: dict,
+    cluster: ClusterSection,
+    poll: Callable[[], None] | None = None,
+    log_path: str | None = None,
+) -> None:
     """Start the group, run `train_fn(config)` on every rank, wait for all of them; raise
     WorkerFailed at the first failure (any of Ray's errors: a worker that raised, died, or
-    could not start). The actors are killed whichever way it ends."""
+    could not start). The actors are killed whichever way it ends, an exception `poll`
+    raises too. `poll`: called about every POLL_S while the group trains (a sweep's trial
+    reports the run's metrics from it); `log_path`: the workers' output goes to that file."""
     import ray
     import ray.exceptions
 
     from cluster.ray_job import worker_resources
-    from trainer.build import free_port, rendezvous_env
+    from trainer.build import rendezvous_env
 
     res = worker_resources(cluster)
     cpus, gpus = res.pop("CPU"), res.pop("GPU", 0.0)
@@ -116,17 +135,22 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
         actors = [worker.remote() for _ in range(n)]
         try:
             hello = ray.get([a.hello.remote() for a in actors])
-            pids = [pid for pid, _ in hello]
-            gpu_ids = [ids for _, ids in hello] if cluster.use_gpu else None
-            port = free_port()
-            ray.get([a.setup.remote(rendezvous_env(r, n, port, gpu_ids)) for r, a in enumerate(actors)])
+            here = ray.get_runtime_context().get_node_id()
+            pids = [pid for pid, _, node, _ in hello if node == here]  # processes this one can watch exit
+            gpu_ids = [ids for _, ids, _, _ in hello] if cluster.use_gpu else None
+            port = hello[0][3]  # free on rank 0's machine, where its store listens
+            ray.get([a.setup.remote(rendezvous_env(r, n, port, gpu_ids), log_path) for r, a in enumerate(actors)])
         except ray.exceptions.RayError as e:
             raise _failure(None, e) from None
         refs = [a.run.remote(train_fn, config) for a in actors]
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = refs
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S if poll else None)
+            if poll is not None:
+                poll()
+            if not done:
+                continue
             try:
                 ray.get(done[0])
             except ray.exceptions.RayError as e:
@@ -135,6 +159,9 @@ def run_once(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSect
         for a in actors:
             ray.kill(a)
         gone(pids)
+
+
+POLL_S = 2.0
 
 
 def gone(pids: list[int], timeout_s: float = 10.0) -> None:
@@ -165,14 +192,20 @@ def _zombie(pid: int) -> bool:
         return False  # no /proc (macOS): os.kill's answer is all there is
 
 
-def run_group(train_fn: Callable[[dict], Any], config: dict, cluster: ClusterSection) -> None:
+def run_group(
+    train_fn: Callable[[dict], Any],
+    config: dict,
+    cluster: ClusterSection,
+    poll: Callable[[], None] | None = None,
+    log_path: str | None = None,
+) -> None:
     """`run_once`, started again after a failure up to `cluster.max_failures` times (-1: no
     limit), as Ray Train's FailureConfig would; the workers resume from the newest
     checkpoint themselves. Raises WorkerFailed once the restarts are spent."""
     failures = 0
     while True:
         try:
-            return run_once(train_fn, config, cluster)
+            return run_once(train_fn, config, cluster, poll, log_path)
         except WorkerFailed as e:
             failures += 1
             if cluster.max_failures != -1 and failures > cluster.max_failures:

@@ -290,6 +290,58 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(flag: str, text: str | None) -> list[int] | None:
+    """'2,4,8' -> [2, 4, 8]; one line naming the flag when it is not a list of positive integers."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise UsageError(f"{flag} {text}: give distinct positive integers separated by commas, e.g. {flag} 2,4,8,16")
+    return values
+
+
+def _cmd_coordcheck(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from launcher.config import load_config
+    from trainer.coordcheck import DEFAULT_DEPTHS, run, shapes_of, table, write
+    from trainer.run_folder import run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    depths, widths = _int_list("--depths", args.depths), _int_list("--widths", args.widths)
+    if depths and widths:
+        raise UsageError("--depths and --widths: give one (a coordinate check varies one dimension)")
+    if not widths:
+        depths = depths or list(DEFAULT_DEPTHS)
+    if len(depths or widths) < 2:
+        raise UsageError("a coordinate check compares at least 2 shapes: give 2 or more values")
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: give at least 1")
+    try:
+        shapes_of(cfg.model, depths, widths)  # every shape valid before any data is read
+    except ValidationError as e:
+        raise UsageError(
+            f"{'--depths' if depths else '--widths'}: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
+        ) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    prepare_job(cfg, fresh=True, ray=False)
+    result = run(cfg, depths, widths, args.steps)
+    print(table(result))
+    data, picture = write(result, run_dir(cfg))
+    print(f"trainctl: coordcheck curves in {picture} (records: {data})")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from launcher.sweep import run_sweep
+
+    return run_sweep(args)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import ExportError, export
 
@@ -531,6 +583,45 @@ def build_parser() -> argparse.ArgumentParser:
     _job_arguments(pcc, "YAML job file (its cluster and checkpoint sections); default: the defaults", optional=True)
     pcc.add_argument("--address", help="the cluster's Ray address (HEAD:6379, auto); overrides cluster.address")
     pcc.set_defaults(fn=_cmd_cluster_check)
+
+    pco = sub.add_parser(
+        "coordcheck",
+        help="train each depth (or width) a few steps and compare activation sizes: is the parametrization right?",
+        description="The coordinate check: the job's model at each depth (or width), same seed, same batches, a few "
+        "AdamW steps at a constant train.lr with the job's per-group settings; prints the RMS of the residual stream, "
+        "branch outputs, attention and output logits and the slope against depth, and writes "
+        "RUN_FOLDER/coordcheck-PARAMETRIZATION-AXIS.png and .json.",
+    )
+    _job_arguments(pco, "YAML job file (its model, data and train sections)")
+    pco.add_argument("--depths", help="n_layer values, e.g. 2,4,8,16,32,64 (the default)")
+    pco.add_argument("--widths", help="d_model values instead, e.g. 64,128,256 (heads keep the job's head_dim)")
+    pco.add_argument("--steps", type=int, default=5, help="optimizer steps per shape (default 5)")
+    pco.set_defaults(fn=_cmd_coordcheck)
+
+    psw = sub.add_parser(
+        "sweep",
+        help="a grid of jobs on Ray Tune: the best learning rate (or anything) per group, with a table and a plot",
+        description="Every combination of the --grid values is a trial: the job with those overrides, in its own run "
+        "folder SWEEP/trials/NAME/. Trials run on Ray Tune inside one Ray (a private local one, or --address's "
+        "cluster), each trial's workers in its placement group. Results in SWEEP/ (results.csv, results.json, "
+        "val_loss.png). Run the same command again to continue a killed sweep.",
+    )
+    _job_arguments(psw, "YAML job file")
+    psw.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a key and its values (as key=value overrides take them), e.g. --grid train.lr=1e-3,2e-3,4e-3; "
+        "repeat for more keys: the first is the x axis, the others make the groups",
+    )
+    psw.add_argument("--steps", type=int, help="train.max_steps of every trial")
+    psw.add_argument("--parallel", type=int, help="trials at once (default: as many as the cores hold, on a local Ray)")
+    psw.add_argument("--early-stop", action="store_true", help="stop poor trials early (Tune's ASHA on val_loss)")
+    psw.add_argument("--address", help="Ray cluster: local (default: a private Ray here), auto, or HOST:PORT")
+    psw.add_argument("--name", help="the sweep's folder under checkpoint.storage_path (default: NAME-sweep)")
+    psw.add_argument("--verbose", action="store_true", help="Ray's and Tune's own output on the console")
+    psw.set_defaults(fn=_cmd_sweep)
 
     pe = sub.add_parser(
         "export",

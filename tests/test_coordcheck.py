@@ -1,0 +1,66 @@
+"""`trainctl coordcheck`: the coordinate check tells a parametrization whose activations
+keep their size across depth (completep) from one whose residual stream grows with it
+(standard), on real data, and refuses bad shapes in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_helpers import SHAKESPEARE, trainctl
+
+JOB = f"""\
+name: cc
+model: {{vocab_size: 257, n_layer: 2, n_head: 2, d_model: 32, max_seq_len: 64}}
+data: {{path: {SHAKESPEARE}, seq_len: 64, cache_dir: cache}}
+train: {{micro_batch_size: 8, lr: 4.0e-3}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_completep_keeps_the_residual_stream_flat_across_depth_and_standard_does_not(tmp_path):
+    (tmp_path / "job.yaml").write_text(JOB)
+    slopes = {}
+    for parametrization in ("completep", "standard"):
+        r = trainctl(
+            "coordcheck", "job.yaml", f"model.parametrization={parametrization}", "--depths", "2,4,8,16,32",
+            "--steps", "4", cwd=tmp_path, timeout=100,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        record = json.loads((tmp_path / "runs" / "cc" / f"coordcheck-{parametrization}-depth.json").read_text())
+        png = (tmp_path / "runs" / "cc" / f"coordcheck-{parametrization}-depth.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+        assert [s["n_layer"] for s in record["shapes"]] == [2, 4, 8, 16, 32]
+        for shape in record["shapes"]:  # every block of every step recorded
+            for series in ("residual", "attn", "mlp", "attn_logits"):
+                rows = shape["per_block"][series]
+                assert len(rows) == 5 and all(len(row) == shape["n_layer"] and min(row) > 0 for row in rows)
+        slopes[parametrization] = record["slope"]["residual"]
+        assert f"at step 4: residual {record['slope']['residual']:+.3f}" in r.stdout
+        if parametrization == "completep":  # the base is the job's own depth when base_depth is null
+            assert record["base_depth"] == 2 and "(base width 32, depth 2)" in r.stdout
+    assert abs(slopes["completep"]) <= 0.1, slopes
+    assert slopes["standard"] > 0.4, slopes
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--depths", "2,x"], "--depths 2,x: give distinct positive integers"),
+        (["--depths", "4"], "compares at least 2 shapes"),
+        (["--depths", "2,4", "--widths", "32,64"], "give one"),
+        (["--widths", "32,40"], "--widths 40: not a multiple of the job's head_dim 16"),
+        (["--steps", "0"], "--steps 0: give at least 1"),
+        (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=2"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
+    from launcher.cli import main
+
+    (tmp_path / "job.yaml").write_text(JOB)
+    monkeypatch.chdir(tmp_path)
+    assert main(["coordcheck", "job.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trainctl: error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
