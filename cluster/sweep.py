@@ -156,9 +156,9 @@ def check_one_node(cluster: dict) -> None:
 STATE = {"PENDING": "pending", "RUNNING": "running", "TERMINATED": "done", "ERROR": "failed", "PAUSED": "paused"}
 
 
-def live_table_callback(name: str, max_steps: dict[str, int], every_s: float = 10.0):
+def live_table_callback(sweep_name: str, max_steps: dict[str, int], every_s: float = 10.0):
     """A Tune callback printing the trials' table (state, step, last loss, last val_loss) when a
-    trial starts or ends, and every `every_s` while any runs."""
+    trial ends, and every `every_s` while any runs."""
     from ray import tune
 
     class LiveTable(tune.Callback):
@@ -185,29 +185,26 @@ def live_table_callback(name: str, max_steps: dict[str, int], every_s: float = 1
         def show(self, trials, ended=None) -> None:
             if self.pid != os.getpid():  # a restored sweep: this callback was pickled with its state
                 self.started, self.pid = time.monotonic(), os.getpid()
-            counts: dict[str, int] = {}
+            table, counts = [], {}
             for t in trials:
+                name = str(t)
+                row = {k: v for k, v in (t.last_result or {}).items() if k in ("step", "loss", "val_loss")}
+                row.update(self.last.get(name, {}))
                 state = STATE.get(t.status, t.status.lower())
                 if t is ended:  # Tune sets the status after the callback
-                    state = "failed" if t.error_file or t.status == "ERROR" else "done"
+                    state = "failed" if t.status == "ERROR" or t.error_file else "done"
+                if state == "done" and row.get("step", 0) < max_steps.get(name, 0):
+                    state = "stopped"  # early, by ASHA
                 counts[state] = counts.get(state, 0) + 1
-            lines = [
-                f"trainctl: sweep '{name}' after {duration(time.monotonic() - self.started)}: "
-                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-            ]
-            lines.append(f"  {'TRIAL':<34} {'STATE':<8} {'STEP':>11}  {'LOSS':>8}  {'VAL_LOSS':>8}")
-            for t in trials:
-                trial_name = str(t)
-                row = {k: v for k, v in (t.last_result or {}).items() if k in ("step", "loss", "val_loss")}
-                row.update(self.last.get(trial_name, {}))
-                state = STATE.get(t.status, t.status.lower())
-                if t is ended:
-                    state = "failed" if t.status == "ERROR" else "done"
-                step = f"{row['step']}/{max_steps.get(trial_name, '?')}" if "step" in row else "-"
+                step = f"{row['step']}/{max_steps.get(name, '?')}" if "step" in row else "-"
                 loss = f"{row['loss']:.4f}" if "loss" in row else "-"
                 val = f"{row['val_loss']:.4f}" if "val_loss" in row else "-"
-                lines.append(f"  {trial_name:<34} {state:<8} {step:>11}  {loss:>8}  {val:>8}")
-            print("\n".join(lines), flush=True)
+                table.append(f"  {name:<34} {state:<8} {step:>11}  {loss:>8}  {val:>8}")
+            head = f"trainctl: sweep '{sweep_name}' after {duration(time.monotonic() - self.started)}: " + ", ".join(
+                f"{n} {s}" for s, n in sorted(counts.items())
+            )
+            columns = f"  {'TRIAL':<34} {'STATE':<8} {'STEP':>11}  {'LOSS':>8}  {'VAL_LOSS':>8}"
+            print("\n".join([head, columns, *table]), flush=True)
             self.printed, self.changed = time.monotonic(), False
 
     return LiveTable()

@@ -288,6 +288,8 @@ def render(sweep: Sweep, rows: list[dict]) -> str:
     for r in rows:
         if r["error"]:
             lines.append(f"  {r['trial']}: {r['state']}: {r['error']}")
+    if any(r["state"] == "not run" for r in rows):
+        lines.append("trainctl: the sweep stopped before every trial ended: run the same command to continue it")
     return "\n".join(lines)
 
 

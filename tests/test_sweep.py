@@ -172,3 +172,51 @@ def test_the_reporter_sends_each_whole_step_once_and_rereads_a_rewound_file(tmp_
     os.replace(tmp, path)  # a resume rewinds the file: another file, read from its start
     rep.poll(flush=True)
     assert [s["step"] for s in sent[2:]] == [10, 20, 30] and sent[-2]["loss"] == 2.4
+
+
+def test_outcomes_become_states_groups_and_the_best_of_each(tmp_path):
+    """How trials ended (Tune's status, error, the rows they reported) as the table and files
+    show them: done, stopped early (ASHA), diverged, failed, not run; the best of each group
+    among the finished ones."""
+    from cluster.sweep import Outcome, TrialSpec
+    from launcher.sweep import Sweep, outcome_rows, render, write_results
+
+    grid = [("train.lr", ["1e-3", "2e-3", "4e-3"]), ("model.n_layer", ["2", "4"])]
+    specs, outcomes = [], []
+    cases = {  # (lr, depth): (status, error, last step, final val_loss)
+        ("1e-3", "2"): ("TERMINATED", None, 20, 3.0),
+        ("1e-3", "4"): ("TERMINATED", None, 20, 2.9),
+        ("2e-3", "2"): ("TERMINATED", None, 20, 2.5),
+        ("2e-3", "4"): ("TERMINATED", None, 10, 3.5),  # ASHA stopped it
+        ("4e-3", "2"): ("ERROR", "Diverged: step 7: the loss is nan", 5, None),
+        ("4e-3", "4"): ("ERROR", "RuntimeError: boom", 5, None),
+    }
+    for i, ((lr, depth), (status, error, last, val)) in enumerate(cases.items()):
+        config = {"train": {"max_steps": 20}}
+        specs.append(
+            TrialSpec(f"{i:03d}", str(tmp_path / f"{i:03d}"), config, {"train.lr": lr, "model.n_layer": depth})
+        )
+        reported = [{"step": s, "loss": 4.0 - s / 10} for s in range(5, last + 1, 5)]
+        reported[-1]["val_loss"] = val if val is not None else 9.0
+        outcomes.append(Outcome(f"{i:03d}", status, error, reported))
+    specs.append(
+        TrialSpec(
+            "006", str(tmp_path / "006"), {"train": {"max_steps": 20}}, {"train.lr": "1e-3", "model.n_layer": "8"}
+        )
+    )
+    outcomes.append(Outcome("006", "PENDING", None))
+    sweep = Sweep("s", tmp_path, grid, specs, "local", {})
+    rows = outcome_rows(sweep, outcomes)
+    assert [r["state"] for r in rows] == ["done", "done", "done", "stopped early", "diverged", "failed", "not run"]
+    assert [r["final_val_loss"] for r in rows] == [3.0, 2.9, 2.5, None, None, None, None]
+    assert rows[3]["last_val_loss"] == 3.5 and rows[3]["steps"] == 10
+    text = render(sweep, rows)
+    assert "best for model.n_layer=2: train.lr=2e-3 (val_loss 2.5000)" in text
+    assert "best for model.n_layer=4: train.lr=1e-3 (val_loss 2.9000)" in text
+    assert "004: diverged: Diverged: step 7" in text and "005: failed: RuntimeError: boom" in text
+    assert "(3.5000)" in text and text.endswith("run the same command to continue it")
+    write_results(sweep, rows)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["best"] == {"model.n_layer=2": "002", "model.n_layer=4": "001", "model.n_layer=8": None}
+    assert [r["state"] for r in csv.DictReader(open(tmp_path / "results.csv"))][3] == "stopped early"
+    assert (tmp_path / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
