@@ -5,7 +5,7 @@ Tune owns what a sweep engine owns: the grid, how many trials run at once, place
 trial's placement group holds its workers' bundles, STRICT_PACK: a trial's ranks share a
 machine and its loopback rendezvous), ASHA early stopping on the validation loss, and the
 experiment's state, which a re-run of the same command restores (`Tuner.restore`: finished
-trials kept, unfinished ones started again). trainctl owns the job: the trial function runs
+trials kept, unfinished and failed ones started again). trainctl owns the job: the trial function runs
 the job's workers (cluster/worker_group.py's actors, captured by the trial's placement
 group) on the trial's own run folder, where a restarted trial resumes from its newest
 checkpoint as `trainctl run` would; their output goes to the run folder's workers.log. The
@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class TrialSpec:
     values: dict[str, str]  # grid key -> the value as given
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "folder": self.folder, "config": self.config, "values": self.values}
+        return asdict(self)
 
 
 @dataclass
@@ -70,12 +70,12 @@ class Reporter:
             return
         if st.st_ino != self.inode or st.st_size < self.offset:  # replaced or rewound: from the start
             self.inode, self.offset, self.pending = st.st_ino, 0, {}
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
             f.seek(self.offset)
-            text = f.read()
-        whole = text[: text.rfind("\n") + 1]  # a last line not yet whole waits for the next look
-        self.offset += len(whole.encode())
-        for line in whole.splitlines():
+            data = f.read()
+        whole = data[: data.rfind(b"\n") + 1]  # a last line not yet whole waits for the next look
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
@@ -104,7 +104,7 @@ def run_trial(config: dict, worker: Callable[[dict], Any]) -> None:
     spec = config["trial"]  # Tune's config: the grid's one entry, a TrialSpec as a dict
     cfg = JobConfig.model_validate(spec["config"])
     folder = Path(spec["folder"])
-    reporter = Reporter(folder / "metrics.jsonl", lambda row: tune.report(row))
+    reporter = Reporter(folder / "metrics.jsonl", tune.report)
     latest = checkpoint_store(cfg).latest()
     if latest is not None and _step_of(latest) >= cfg.train.max_steps:
         reporter.poll(flush=True)
@@ -242,10 +242,14 @@ def tune_trials(
     max_steps = {s.name: s.config["train"]["max_steps"] for s in specs}
     path = storage / name
     if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(
-            str(path), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        # A failed trial runs again too (a lost machine, or the cause fixed meanwhile), from its own
+        # newest checkpoint like an unfinished one: trainctl resumes it, Tune holds no state of it.
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
+        print(
+            f"trainctl: sweep '{name}': continuing the sweep in {path} (finished trials are kept; unfinished and "
+            "failed ones go on from their newest checkpoints)",
+            flush=True,
         )
-        print(f"trainctl: sweep '{name}': continuing the sweep in {path} (finished trials are kept)", flush=True)
     else:
         scheduler = None
         if early_stop is not None:
@@ -270,6 +274,9 @@ def tune_trials(
             ),
         )
     grid = tuner.fit()
+    # each trial's status as Tune saved it (the results alone do not tell a trial ASHA stopped
+    # from one a Ctrl-C left unfinished)
+    status = {t.config["trial"]["name"]: t.status for t in tune.ExperimentAnalysis(grid.experiment_path).trials}
     by_name: dict[str, Outcome] = {}
     for result in grid:
         spec = (result.config or {}).get("trial", {})
@@ -281,8 +288,8 @@ def tune_trials(
                     row = {k: rec[k] for k in Reporter.KEYS if k in rec and rec[k] == rec[k]}
                     rows.setdefault(int(rec["step"]), {}).update(row)
         error = None if result.error is None else _error_line(result.error)
-        status = "ERROR" if result.error is not None else "TERMINATED"
-        by_name[spec.get("name")] = Outcome(spec.get("name"), status, error, [rows[s] for s in sorted(rows)])
+        state = "ERROR" if result.error is not None else status.get(spec.get("name"), "PENDING")
+        by_name[spec.get("name")] = Outcome(spec.get("name"), state, error, [rows[s] for s in sorted(rows)])
     return [by_name.get(s.name, Outcome(s.name, "PENDING", None)) for s in specs]
 
 

@@ -128,6 +128,7 @@ def plan_sweep(
         if url
         else f"checkpoint.storage_path={folder / 'trials'}",
         f"checkpoint.local_path={Path(c.local_path) / sweep_name / 'trials'}",
+        *([f"tracking.group={sweep_name}"] if base.tracking.group is None else []),  # W&B shows the trials together
     ]
     for key, values in grid:  # each value alone first, so a bad one is named alone
         for raw in values:

@@ -44,6 +44,26 @@ def test_completep_keeps_the_residual_stream_flat_across_depth_and_standard_does
     assert slopes["standard"] > 0.4, slopes
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_mup_keeps_activations_flat_across_width_and_standard_does_not(tmp_path):
+    (tmp_path / "job.yaml").write_text(JOB)
+    slopes = {}
+    for parametrization in ("mup", "standard"):
+        r = trainctl(
+            "coordcheck", "job.yaml", f"model.parametrization={parametrization}", "--widths", "32,64,128,256",
+            "--steps", "4", cwd=tmp_path, timeout=80,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        record = json.loads((tmp_path / "runs" / "cc" / f"coordcheck-{parametrization}-width.json").read_text())
+        assert [(s["d_model"], len(s["per_block"]["mlp"][0])) for s in record["shapes"]] == [
+            (32, 2), (64, 2), (128, 2), (256, 2)
+        ]  # fmt: skip
+        slopes[parametrization] = record["slope"]
+    assert abs(slopes["mup"]["residual"]) <= 0.15 and abs(slopes["mup"]["logits"]) <= 0.15, slopes
+    assert slopes["standard"]["residual"] > 0.8 and slopes["standard"]["logits"] > 0.5, slopes
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

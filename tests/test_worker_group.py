@@ -32,7 +32,7 @@ def test_the_group_restarts_up_to_max_failures_then_fails(monkeypatch, capsys):
 
     calls = []
 
-    def failing(train_fn, config, cluster):
+    def failing(train_fn, config, cluster, *rest):
         calls.append(1)
         raise worker_group.WorkerFailed("ValueError: boom")
 
