@@ -51,7 +51,7 @@ def test_the_group_restarts_up_to_max_failures_then_fails(monkeypatch, capsys):
 
     outcomes = iter([worker_group.WorkerFailed("x")] * 5 + [None])
 
-    def flaky(train_fn, config, cluster):
+    def flaky(train_fn, config, cluster, *rest):
         calls.append(1)
         if (e := next(outcomes)) is not None:
             raise e
