@@ -33,6 +33,16 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
+# One thread for torch's CPU kernels in each process a test starts (OMP_NUM_THREADS=1, as Ray
+# gives each worker of cpus_per_worker 1 and torchrun each rank), for a module's autouse
+# fixture to set: two threads per process on 2 cores, beside any other busy process (a
+# second run started at once, another job on the machine), make each parallel region of
+# the tiny test models wait for a descheduled thread. Measured on this 2-core machine with a
+# niced benchmark beside: 40 steps of a 2-layer model 24.5 s on 2 threads, 0.26 s on 1;
+# the nan test's 3 runs 41.8 s -> 17.3 s, with every loss the same (== to the last bit).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def trainctl(*args: str, cwd, timeout: float = 420, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout

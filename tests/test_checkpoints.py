@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, SHAKESPEARE, command, env, together, trainctl, trainctl_here
+from cli_helpers import ONE_THREAD, REPO, SHAKESPEARE, command, env, together, trainctl, trainctl_here
 from ray_cluster import join_node, two_node_cluster
 from s3_helpers import s3_server
 from wandb_records import history
@@ -62,6 +62,15 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit_s: float =
         assert proc.poll() is None, "the run ended before it was interrupted"
         time.sleep(0.1)
     raise AssertionError(f"step {step} not reached in {limit_s} s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request, monkeypatch):
+    """Every process these tests start runs torch on one thread (cli_helpers.ONE_THREAD),
+    but for the completep test's, left as they were."""
+    if request.node.name != "test_a_completep_job_reshards_at_zero3_and_exports_to_transformers":
+        for key, value in ONE_THREAD.items():
+            monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, SHAKESPEARE, together, trainctl, trainctl_here, trainctl_watched
+from cli_helpers import ONE_THREAD, REPO, SHAKESPEARE, together, trainctl, trainctl_here, trainctl_watched
 
 JOB = """\
 name: e2e
@@ -60,6 +60,13 @@ def console_noise(r, sample_tokens: int) -> list[str]:
     lines = before.splitlines() + r.stderr.splitlines()
     noise = [line for line in lines if not any(shape.fullmatch(line) for shape in CONSOLE_SHAPES)]
     return noise + ([f"a {len(sample)}-character sample: {sample!r}"] if len(sample) > sample_tokens else [])
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Every process these tests start runs torch on one thread (cli_helpers.ONE_THREAD)."""
+    for key, value in ONE_THREAD.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="module")
