@@ -5,7 +5,9 @@ worker SIGKILLed under max_failures, the launcher SIGKILLed, SIGTERM, a truncate
 with the restart bookkeeping).
 
 Every run is the real `trainctl run` (a real local Ray with 2 workers, or `--no-ray`),
-DeepSpeed ZeRO-2 on gloo, real tar shards. Losses are compared with `==`.
+DeepSpeed ZeRO-2 on gloo, real tar shards. Losses are compared with `==`. A command refused
+before anything starts runs as `launcher.cli.main` in this process (cli_helpers.trainctl_here),
+but for one real refused command; independent runs go at once (cli_helpers.together).
 """
 
 from __future__ import annotations

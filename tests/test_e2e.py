@@ -1,5 +1,6 @@
 """End-to-end tier: the `trainctl` command itself, through a real local Ray with 2 workers,
-real DeepSpeed ZeRO-2 on gloo, real tar shards and W&B in offline mode."""
+real DeepSpeed ZeRO-2 on gloo, real tar shards and W&B in offline mode. Commands refused
+before anything starts run as `launcher.cli.main` in this process (cli_helpers.trainctl_here)."""
 
 from __future__ import annotations
 
