@@ -1,14 +1,22 @@
 """Running the real `trainctl` command from tests: in a subprocess, with this checkout on
-PYTHONPATH and W&B quiet (its mode comes from the job file, not from the caller's shell)."""
+PYTHONPATH and W&B quiet (its mode comes from the job file, not from the caller's shell);
+independent runs at once (`together`); a command refused before anything starts in this
+process (`trainctl_here`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "tests" / "data" / "tinyshakespeare.txt"  # the one test corpus, inside the repo
@@ -25,10 +33,49 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
+# One thread for torch's CPU kernels in each process a test starts (OMP_NUM_THREADS=1, as Ray
+# gives each worker of cpus_per_worker 1 and torchrun each rank), for a module's autouse
+# fixture to set: two threads per process on 2 cores, beside any other busy process (a
+# second run started at once, another job on the machine), make each parallel region of
+# the tiny test models wait for a descheduled thread. Measured on this 2-core machine with a
+# niced benchmark beside: 40 steps of a 2-layer model 24.5 s on 2 threads, 0.26 s on 1;
+# the nan test's 3 runs 41.8 s -> 17.3 s, with every loss the same (== to the last bit).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def trainctl(*args: str, cwd, timeout: float = 420, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def trainctl_here(*args: str, cwd) -> subprocess.CompletedProcess:
+    """`trainctl ARGS` in this process (launcher.cli.main, in `cwd`), for a command that stops
+    on a user's mistake before anything starts: its exit status (main's return, or the
+    SystemExit of an argparse error), stdout and stderr, as trainctl() returns them, without
+    a Python start and the imports (each module keeps real subprocess checks of exit 2)."""
+    from launcher.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["trainctl", *args], code, out.getvalue(), err.getvalue())
+
+
+def together(*calls: Callable[[], T]) -> list[T]:
+    """Independent commands at the same time (each call in its own thread, typically a
+    trainctl(...) run), their results in order: on 2 cores one run's Python start and imports
+    overlap the other's."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
 
 
 def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict[int, set[str]]]:

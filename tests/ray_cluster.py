@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -97,7 +96,40 @@ def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = F
         assert alive.stdout.strip().endswith("2"), alive.stderr[-2000:]
         yield Cluster(address, url, node, cluster_env)
     finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-        subprocess.run([ray, "stop", "--force"], env=env(**cluster_env), capture_output=True, timeout=120)
+        stop(temp, address, node)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop(temp: str, address: str, node: subprocess.Popen) -> None:
+    """SIGKILL to this cluster's processes alone, as `ray stop --force` would (which kills
+    every Ray process on the machine, another job's or test run's too): the second node's
+    tree, whatever names the cluster's temp dir or GCS address (GCS, raylets, dashboard,
+    monitors, client server), and every process under those (the workers). Twice, for what a
+    raylet started while the first pass killed."""
+    import psutil
+
+    for _ in range(2):
+        found: dict[int, psutil.Process] = {}
+        try:
+            found.update(
+                {p.pid: p for p in [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]}
+            )
+        except psutil.NoSuchProcess:
+            pass
+        for p in psutil.process_iter(["cmdline"]):
+            if temp in " ".join(p.info["cmdline"] or []) or address in " ".join(p.info["cmdline"] or []):
+                found[p.pid] = p
+        for p in list(found.values()):
+            try:
+                found.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+        found.pop(os.getpid(), None)
+        for p in found.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(list(found.values()), timeout=30)
+    if node.poll() is None:
+        node.wait(timeout=30)

@@ -5,7 +5,9 @@ worker SIGKILLed under max_failures, the launcher SIGKILLed, SIGTERM, a truncate
 with the restart bookkeeping).
 
 Every run is the real `trainctl run` (a real local Ray with 2 workers, or `--no-ray`),
-DeepSpeed ZeRO-2 on gloo, real tar shards. Losses are compared with `==`.
+DeepSpeed ZeRO-2 on gloo, real tar shards. Losses are compared with `==`. A command refused
+before anything starts runs as `launcher.cli.main` in this process (cli_helpers.trainctl_here),
+but for one real refused command; independent runs go at once (cli_helpers.together).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, SHAKESPEARE, command, env, trainctl
+from cli_helpers import ONE_THREAD, REPO, SHAKESPEARE, command, env, together, trainctl, trainctl_here
 from ray_cluster import join_node, two_node_cluster
 from s3_helpers import s3_server
 from wandb_records import history
@@ -62,6 +64,15 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit_s: float =
         assert proc.poll() is None, "the run ended before it was interrupted"
         time.sleep(0.1)
     raise AssertionError(f"step {step} not reached in {limit_s} s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request, monkeypatch):
+    """Every process these tests start runs torch on one thread (cli_helpers.ONE_THREAD),
+    but for the completep test's, left as they were."""
+    if request.node.name != "test_a_completep_job_reshards_at_zero3_and_exports_to_transformers":
+        for key, value in ONE_THREAD.items():
+            monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +151,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(work):
     for ckpt in ckpts.glob("step_*"):  # now every checkpoint is damaged: refused, nothing started over
         for f in ckpt.glob("*.pt"):
             f.write_bytes(b"")
-    r = trainctl("run", *job, "train.max_steps=40", cwd=work)
+    r = trainctl_here("run", *job, "train.max_steps=40", cwd=work)  # refused before anything starts
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("trainctl: error: every checkpoint in")
     assert "--fresh --force" in r.stderr
 
@@ -166,7 +177,7 @@ def test_resume_and_fresh_flags(work):
     # Rewinding a run to an earlier checkpoint of its own needs --force, which deletes the newer ones.
     r = trainctl("run", *base, "name=src", "train.max_steps=20", cwd=work)
     assert r.returncode == 0 and (work / "runs" / "src" / "checkpoints" / "step_00000020").is_dir()
-    r = trainctl("run", *base, "name=src", "train.max_steps=20", "--resume", str(src), cwd=work)
+    r = trainctl_here("run", *base, "name=src", "train.max_steps=20", "--resume", str(src), cwd=work)
     assert r.returncode == 2 and "which has newer checkpoints (step_00000020): add --force" in r.stderr
     r = trainctl("run", *base, "name=src", "train.max_steps=20", "--resume", str(src), "--force", cwd=work)
     assert r.returncode == 0 and "at step 10" in r.stdout and "incomplete" not in r.stderr, r.stderr[-3000:]
@@ -208,7 +219,10 @@ def test_resume_and_fresh_flags(work):
 @pytest.mark.timeout(360)
 def test_resume_bad_input_is_one_line_exit_2(work, args, fragment):
     before = sorted(str(p) for p in (work / "runs").rglob("*"))
-    r = trainctl("run", "job.yaml", "--no-ray", "cluster.num_workers=1", "name=bad", *args, cwd=work, timeout=120)
+    # In this process (each is refused before anything starts), but for the one case that loads
+    # the checkpoint's tensors: the real command, its exit status and whole stderr.
+    argv = ["run", "job.yaml", "--no-ray", "cluster.num_workers=1", "name=bad", *args]
+    r = trainctl(*argv, cwd=work, timeout=120) if fragment.startswith("tensor ") else trainctl_here(*argv, cwd=work)
     assert r.returncode == 2 and r.stderr.startswith("trainctl: error: "), r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
     assert sorted(str(p) for p in (work / "runs").rglob("*")) == before
@@ -222,7 +236,15 @@ def test_a_nan_loss_and_a_loss_spike_roll_back_and_the_run_equals_one_that_skips
     rollback). Each rolls back to the checkpoint before it and passes over its step's data;
     the run finishes `==` a run that skipped both windows from the start (train.skip_steps)."""
     job = ["job.yaml", "--no-ray", "cluster.num_workers=1", "checkpoint.every=10", "train.max_steps=30"]
-    r = trainctl("run", *job, "name=nan", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15", TRAINCTL_TEST_SPIKE_AT_STEP="25")
+    r, skip, stop = together(  # three independent runs, at once
+        lambda: trainctl(
+            "run", *job, "name=nan", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15", TRAINCTL_TEST_SPIKE_AT_STEP="25"
+        ),
+        lambda: trainctl("run", *job, "name=skip", "train.skip_steps=[15,25]", cwd=work),
+        lambda: trainctl(
+            "run", *job, "name=nan-stop", "train.max_rollbacks=0", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15"
+        ),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainctl: warning: step 15: the loss is nan: rolled back to" in r.stderr
     assert "step_00000010 (rollback 1 of 3); the data of step 15 will be skipped" in r.stderr
@@ -235,21 +257,19 @@ def test_a_nan_loss_and_a_loss_spike_roll_back_and_the_run_equals_one_that_skips
         (25, 0, 25),  # one window further on: step 15's was passed over
     ]
     # The continuation is exactly a run that passes over both windows from the start.
-    r = trainctl("run", *job, "name=skip", "train.skip_steps=[15,25]", cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert skip.returncode == 0, skip.stderr[-3000:]
     got = losses(run)  # each step once (the replayed ones logged once)
     assert sorted(got) == list(range(1, 31)) and got == losses(work / "runs" / "skip")
     assert max(got.values()) < 6  # the spike itself (~1000x) is not what the run kept
 
-    r = trainctl("run", *job, "name=nan-stop", "train.max_rollbacks=0", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="15")
-    assert r.returncode == 1
+    assert stop.returncode == 1
     assert (
-        r.stderr.strip()
+        stop.stderr.strip()
         .splitlines()[-1]
         .startswith(
             "trainctl: training failed: Diverged: step 15: the loss is nan; 0 rollbacks allowed (train.max_rollbacks)"
         )
-    ), r.stderr[-2000:]
+    ), stop.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -357,16 +377,11 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
     """ZeRO-2 state partitioned over 2 ranks, re-split for 1 (the same global batch: 1 x 8 x 2
     accumulation steps): the data and the loss continue exactly as the 2-worker run's."""
     src = work / "runs" / "straight" / "checkpoints" / "step_00000100"
-    r = trainctl(
-        "run",
-        "job.yaml",
-        "--no-ray",
-        "name=reshard",
-        "cluster.num_workers=1",
-        "train.grad_accum_steps=2",
-        "--resume",
-        str(src),
-        cwd=work,
+    one = ["run", "job.yaml", "--no-ray", "cluster.num_workers=1", "train.grad_accum_steps=2", "--resume", str(src)]
+    r, nan = together(  # two independent resumes of step 100, at once; the second is checked below
+        lambda: trainctl(*one, "name=reshard", cwd=work),
+        # A rollback after a resharded resume reloads a checkpoint of the new world size.
+        lambda: trainctl(*one, "name=reshard-nan", "checkpoint.every=5", cwd=work, TRAINCTL_TEST_NAN_AT_STEP="108"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {src} at step 100 (written by 2 workers, resharded to 1)" in r.stdout
@@ -377,22 +392,9 @@ def test_a_checkpoint_of_2_workers_resumes_on_1_through_a_universal_checkpoint(w
     assert max(abs(resumed[s] - straight[s]) for s in resumed) <= RESHARD_BOUND
     assert not list((work / "runs" / "reshard" / "checkpoints").glob(".universal-*"))  # the scratch conversion is gone
 
-    # A rollback after a resharded resume reloads a checkpoint of the new world size.
-    r = trainctl(
-        "run",
-        "job.yaml",
-        "--no-ray",
-        "name=reshard-nan",
-        "cluster.num_workers=1",
-        "train.grad_accum_steps=2",
-        "checkpoint.every=5",
-        "--resume",
-        str(src),
-        cwd=work,
-        TRAINCTL_TEST_NAN_AT_STEP="108",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 108: the loss is nan: rolled back to" in r.stderr and "step_00000105 (rollback 1 of 3)" in r.stderr
+    # The rollback after the resharded resume.
+    assert nan.returncode == 0, nan.stderr[-3000:]
+    assert "step 108: the loss is nan: rolled back to" in nan.stderr and "step_00000105 (rollback 1 of 3)" in nan.stderr
 
 
 @pytest.mark.slow
@@ -403,19 +405,28 @@ def test_zero1_grows_from_1_worker_to_2_and_zero3_shrinks_from_2_to_1(work):
     The 2-worker halves run as 2 ranks under torchrun (the same ranks and losses as Ray's
     workers, tested above, without a Ray start each)."""
     straight = losses(work / "runs" / "straight")
-    for stage, first, then in ((1, 1, 2), (3, 2, 1)):
-        name = f"zero{stage}"
-        job = ["run", "job.yaml", "--no-ray", f"name={name}", f"train.zero_stage={stage}", "checkpoint.every=10",
+
+    def halves(stage: int, first: int, then: int) -> list[subprocess.CompletedProcess]:
+        job = ["run", "job.yaml", "--no-ray", f"name=zero{stage}", f"train.zero_stage={stage}", "checkpoint.every=10",
                "train.lr_decay_steps=120"]  # fmt: skip
+        done = []
         for workers, steps in ((first, 10), (then, 20)):
             args = [*job, f"train.max_steps={steps}"]
             cmd = (
                 torchrun(*args) if workers == 2 else command(*args, "cluster.num_workers=1", "train.grad_accum_steps=2")
             )
-            r = subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=300)
+            done.append(subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=300))
+            if done[-1].returncode != 0:
+                break
+        return done
+
+    # The two stages are independent runs: at once, each one's two halves in turn.
+    stages = ((1, 1, 2), (3, 2, 1))
+    for (stage, first, then), runs in zip(stages, together(lambda: halves(1, 1, 2), lambda: halves(3, 2, 1))):
+        for r in runs:
             assert r.returncode == 0, r.stderr[-3000:]
         assert f"at step 10 (written by {first} workers, resharded to {then})" in r.stdout, r.stdout[-2000:]
-        got = losses(work / "runs" / name)
+        got = losses(work / "runs" / f"zero{stage}")
         assert sorted(got) == list(range(1, 21))
         assert max(abs(got[s] - straight[s]) for s in got) <= RESHARD_BOUND, (stage, got, straight)
 
@@ -442,19 +453,20 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(work)
         assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
         greedy = ours.generate(x[:, :8], 20, temperature=0)[0, 8:].tolist()
         assert hf.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 8:].tolist() == greedy
+
     # trainctl generate reads the export folder too, and samples the same greedy text as from the run
-    from_export = trainctl(
-        "generate", "hf", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work
-    )
-    from_run = trainctl(
-        "generate", "runs/straight", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work
-    )
+    def generate(folder: str) -> subprocess.CompletedProcess:
+        return trainctl(
+            "generate", folder, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", cwd=work
+        )
+
+    from_export, from_run = together(lambda: generate("hf"), lambda: generate("runs/straight"))  # at once
     assert from_export.returncode == 0 and from_export.stdout == from_run.stdout and len(from_run.stdout) > 20
 
-    again = trainctl("export", "runs/straight", "hf", cwd=work)  # never over an existing folder
+    again = trainctl_here("export", "runs/straight", "hf", cwd=work)  # never over an existing folder
     assert again.returncode == 2 and "hf already exists and is not an empty folder" in again.stderr
     (work / "empty-run").mkdir()
-    none = trainctl("export", "empty-run", "hf2", cwd=work)
+    none = trainctl_here("export", "empty-run", "hf2", cwd=work)
     assert none.returncode == 2 and none.stderr.startswith("trainctl: error: no complete checkpoint in empty-run")
     assert not (work / "hf2").exists()
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import SHAKESPEARE, env, trainctl
+from cli_helpers import SHAKESPEARE, env, trainctl, trainctl_here
 from ray_cluster import two_node_cluster
 
 JOB = """\
@@ -130,7 +130,8 @@ def test_cluster_bad_input_is_one_line_exit_2(site, tmp_path):
     def one_line(r, fragment):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr[-2000:]
 
-    one_line(cli(site, "submit", "job.yaml", "--address", d, "model.n_layer=0"), "model.n_layer")  # refused here
+    # refused here, before the cluster (in this process)
+    one_line(trainctl_here("submit", "job.yaml", "--address", d, "model.n_layer=0", cwd=root / "job"), "model.n_layer")
     one_line(cli(site, "status", "nosuchjob", "--address", d), f"no job nosuchjob on {d}")
     one_line(cli(site, "logs", "nosuchjob", "--address", d), f"no job nosuchjob on {d}")
     t0 = time.monotonic()

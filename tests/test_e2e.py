@@ -1,5 +1,6 @@
 """End-to-end tier: the `trainctl` command itself, through a real local Ray with 2 workers,
-real DeepSpeed ZeRO-2 on gloo, real tar shards and W&B in offline mode."""
+real DeepSpeed ZeRO-2 on gloo, real tar shards and W&B in offline mode. Commands refused
+before anything starts run as `launcher.cli.main` in this process (cli_helpers.trainctl_here)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, SHAKESPEARE, trainctl, trainctl_watched
+from cli_helpers import ONE_THREAD, REPO, SHAKESPEARE, together, trainctl, trainctl_here, trainctl_watched
 
 JOB = """\
 name: e2e
@@ -60,6 +61,13 @@ def console_noise(r, sample_tokens: int) -> list[str]:
     lines = before.splitlines() + r.stderr.splitlines()
     noise = [line for line in lines if not any(shape.fullmatch(line) for shape in CONSOLE_SHAPES)]
     return noise + ([f"a {len(sample)}-character sample: {sample!r}"] if len(sample) > sample_tokens else [])
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Every process these tests start runs torch on one thread (cli_helpers.ONE_THREAD)."""
+    for key, value in ONE_THREAD.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +309,8 @@ def test_bpe_dataset_trains_and_its_tokenizer_travels_into_the_checkpoint(traine
     work, *_ = trained
     r = trainctl("prepare", "text.txt", "--out", "bpe", "--tokenizer", "bpe:512", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
-    small = trainctl("run", "job.yaml", "--no-ray", "name=bpe", "data.path=bpe", "cluster.num_workers=1", cwd=work)
+    # refusals in this process (nothing starts before them)
+    small = trainctl_here("run", "job.yaml", "--no-ray", "name=bpe", "data.path=bpe", "cluster.num_workers=1", cwd=work)
     assert small.returncode == 2 and "tokenizer has 512 tokens but model.vocab_size=257" in small.stderr
     r = trainctl(
         "run",
@@ -324,7 +333,7 @@ def test_bpe_dataset_trains_and_its_tokenizer_travels_into_the_checkpoint(traine
     r = trainctl("generate", "runs/bpe", "--prompt", "ROMEO:", "--max-new-tokens", "12", cwd=work, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:") + 12, r.stderr
     # the byte-level run cannot continue on BPE data
-    r = trainctl("run", "job.yaml", "data.path=bpe", "model.vocab_size=512", cwd=work)
+    r = trainctl_here("run", "job.yaml", "data.path=bpe", "model.vocab_size=512", cwd=work)
     assert r.returncode == 2 and "run 'e2e' was trained with the byte tokenizer (vocab 257)" in r.stderr, r.stderr
 
 
@@ -335,26 +344,30 @@ def test_training_over_http_matches_the_local_folder(trained):
     from http_helpers import serve
 
     work, *_ = trained
+
+    def run(name: str, path: str) -> subprocess.CompletedProcess:
+        return trainctl(
+            "run",
+            "job.yaml",
+            "--no-ray",
+            f"name={name}",
+            f"data.path={path}",
+            "cluster.num_workers=1",
+            "train.max_steps=4",
+            "train.log_every=1",
+            "train.eval_every=4",
+            "checkpoint.every=4",
+            "train.sample_tokens=0",
+            "tracking.mode=disabled",
+            cwd=work,
+            timeout=300,
+        )
+
     with serve(work) as httpd:
         losses = {}
-        for name, path in (("local", "data"), ("http", f"http://127.0.0.1:{httpd.server_address[1]}/data")):
-            r = trainctl(
-                "run",
-                "job.yaml",
-                "--no-ray",
-                f"name={name}",
-                f"data.path={path}",
-                "cluster.num_workers=1",
-                "train.max_steps=4",
-                "train.log_every=1",
-                "train.eval_every=4",
-                "checkpoint.every=4",
-                "train.sample_tokens=0",
-                "tracking.mode=disabled",
-                cwd=work,
-                timeout=300,
-            )
-            assert r.returncode == 0, r.stderr[-3000:]
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/data"
+        for name, r in zip(("local", "http"), together(lambda: run("local", "data"), lambda: run("http", url))):
+            assert r.returncode == 0, r.stderr[-3000:]  # the two runs at once
             losses[name] = [(m["step"], m.get("loss"), m.get("val_loss")) for m in metrics(work / "runs" / name)]
     assert len(losses["http"]) == 5 and losses["http"] == losses["local"]
 
@@ -404,7 +417,7 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
         trace = json.loads((work / "runs" / "skip" / "profile" / f"trace-steps6-7-rank{rank}.json").read_text())
         names = {e.get("name", "") for e in trace["traceEvents"]}
         assert any("aten::mm" in n or "aten::addmm" in n for n in names) and any("backward" in n.lower() for n in names)
-    bad = trainctl("run", "job.yaml", "name=prof2", "--profile", "two", cwd=work)
+    bad = trainctl_here("run", "job.yaml", "name=prof2", "--profile", "two", cwd=work)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "trainctl: error: --profile two: give N"
     )
@@ -445,7 +458,7 @@ def test_raw_text_shards_train_without_prepare(trained):
     assert (
         json.loads((work / "runs" / "raw" / "checkpoints" / "step_00000006" / "trainctl.json").read_text())["step"] == 6
     )
-    bad = trainctl(
+    bad = trainctl_here(  # refusals in this process (nothing starts before them)
         "run",
         "job.yaml",
         "--no-ray",
@@ -453,11 +466,10 @@ def test_raw_text_shards_train_without_prepare(trained):
         "data.path=raw/part-{0000..0009}.tar",
         "cluster.num_workers=1",
         cwd=work,
-        timeout=120,
     )
     assert bad.returncode == 2 and "8 of 10 shards do not exist" in bad.stderr, bad.stderr
     # --no-ray alone is one process: the job's 2 workers are refused before anything is written
-    bad = trainctl("run", "job.yaml", "--no-ray", "name=raw3", cwd=work, timeout=120)
+    bad = trainctl_here("run", "job.yaml", "--no-ray", "name=raw3", cwd=work)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "trainctl: error: --no-ray runs 1 process but cluster.num_workers=2: "
         "set cluster.num_workers=1 (or start the ranks with torchrun)"
@@ -504,9 +516,9 @@ def test_document_masking_trains(trained):
     for i in range(60):  # many short documents, so that windows cross document ends
         (work / "docs" / f"{i:03d}.txt").write_text(text[i * 300 : (i + 1) * 300])
     assert trainctl("prepare", "docs", "--out", "docs-data", cwd=work, timeout=120).returncode == 0
-    losses = {}
-    for masking in ("false", "true"):
-        r = trainctl(
+
+    def run(masking: str) -> subprocess.CompletedProcess:
+        return trainctl(
             "run",
             "job.yaml",
             "--no-ray",
@@ -523,6 +535,9 @@ def test_document_masking_trains(trained):
             cwd=work,
             timeout=300,
         )
+
+    losses = {}
+    for masking, r in zip(("false", "true"), together(lambda: run("false"), lambda: run("true"))):  # at once
         assert r.returncode == 0, r.stderr[-3000:]
         losses[masking] = [m for m in metrics(work / "runs" / f"mask-{masking}") if "loss" in m]
     assert [m["step"] for m in losses["true"]] == [1, 2, 3]

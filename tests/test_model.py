@@ -12,6 +12,17 @@ from trainer.model import ModelConfig, Transformer, apply_rope, count_params, do
 TINY = dict(vocab_size=64, n_layer=2, n_head=4, d_model=32, max_seq_len=32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch on one thread for these tiny models (set back after the module): on 2 cores
+    beside a busy process, two threads made test_overfits_one_batch's 100 steps take 46-74 s
+    (each parallel region waiting for a descheduled thread), one thread well under a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**overrides) -> Transformer:
     torch.manual_seed(0)
     return Transformer(ModelConfig(**{**TINY, **overrides}))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_helpers import REPO, SHAKESPEARE, trainctl
+from cli_helpers import REPO, SHAKESPEARE, trainctl, trainctl_here
 
 from cluster.jobs import EXCLUDES, cluster_data_overrides, left_out, local_data_outside, upload_size
 from launcher.config import load_config
@@ -134,9 +134,9 @@ def test_submit_refuses_data_it_does_not_upload_in_one_line_before_the_cluster(s
         "at that path"
     ], r.stderr
     # the same job on storage every node mounts, and jobs whose data goes along or is a URL:
-    # past the check, they fail only on the address, where no cluster listens
+    # past the check, they fail only on the address, where no cluster listens (in this process)
     for args in ([f"data.path={outside / 't.txt'}", "--shared-data"], [], ["data.path=https://host/data"]):
-        r = trainctl("submit", "job.yaml", "--address", NOWHERE, *args, cwd=job, timeout=120)
+        r = trainctl_here("submit", "job.yaml", "--address", NOWHERE, *args, cwd=job)
         assert r.returncode == 2 and "data.path" not in r.stderr, r.stderr
         assert (
             r.stderr.strip()
