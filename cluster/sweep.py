@@ -186,7 +186,7 @@ def live_table_callback(sweep_name: str, max_steps: dict[str, int], every_s: flo
             if self.pid != os.getpid():  # a restored sweep: this callback was pickled with its state
                 self.started, self.pid = time.monotonic(), os.getpid()
             table, counts = [], {}
-            for t in trials:
+            for t in sorted(trials, key=str):  # a restored experiment lists them in another order
                 name = str(t)
                 row = {k: v for k, v in (t.last_result or {}).items() if k in ("step", "loss", "val_loss")}
                 row.update(self.last.get(name, {}))

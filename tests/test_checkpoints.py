@@ -67,12 +67,10 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit_s: float =
 
 
 @pytest.fixture(autouse=True)
-def one_thread(request, monkeypatch):
-    """Every process these tests start runs torch on one thread (cli_helpers.ONE_THREAD),
-    but for the completep test's, left as they were."""
-    if request.node.name != "test_a_completep_job_reshards_at_zero3_and_exports_to_transformers":
-        for key, value in ONE_THREAD.items():
-            monkeypatch.setenv(key, value)
+def one_thread(monkeypatch):
+    """Every process these tests start runs torch on one thread (cli_helpers.ONE_THREAD)."""
+    for key, value in ONE_THREAD.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import SHAKESPEARE, trainctl
+from cli_helpers import ONE_THREAD, SHAKESPEARE, trainctl
 
 JOB = f"""\
 name: cc
@@ -25,7 +25,7 @@ def test_completep_keeps_the_residual_stream_flat_across_depth_and_standard_does
     for parametrization in ("completep", "standard"):
         r = trainctl(
             "coordcheck", "job.yaml", f"model.parametrization={parametrization}", "--depths", "2,4,8,16,32",
-            "--steps", "4", cwd=tmp_path, timeout=100,
+            "--steps", "4", cwd=tmp_path, timeout=100, **ONE_THREAD,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         record = json.loads((tmp_path / "runs" / "cc" / f"coordcheck-{parametrization}-depth.json").read_text())
@@ -52,7 +52,7 @@ def test_mup_keeps_activations_flat_across_width_and_standard_does_not(tmp_path)
     for parametrization in ("mup", "standard"):
         r = trainctl(
             "coordcheck", "job.yaml", f"model.parametrization={parametrization}", "--widths", "32,64,128,256",
-            "--steps", "4", cwd=tmp_path, timeout=80,
+            "--steps", "4", cwd=tmp_path, timeout=80, **ONE_THREAD,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         record = json.loads((tmp_path / "runs" / "cc" / f"coordcheck-{parametrization}-width.json").read_text())
