@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,16 +368,21 @@ def _worker_error(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else "training failed"
 
 
-def route_worker_logs(log_path: Path) -> None:
+def route_worker_logs(log_path: Path) -> threading.Event:
     """Show the workers' trainctl lines (progress, checkpoints, warnings, the summary:
     console.CONSOLE_LINE) on this console as they are, and append every other line of
     their output (Ray's, DeepSpeed's, torch's, a traceback) to `log_path`, each with the
-    process it came from, instead of Ray's forwarding of everything."""
-    from trainer.console import CONSOLE_LINE
+    process it came from, instead of Ray's forwarding of everything. Returns an event set
+    once the summary's last row (rank 0's last line) has been shown: Ray's log monitor
+    forwards lines a moment after they are written (seconds on a busy machine), so the
+    driver waits for it before ray.shutdown() ends the forwarding (wait_for_last_line)."""
+    from trainer.console import CONSOLE_LINE, LAST_ROW
 
     dispatcher = patches.ray_log_dispatcher()
 
     console = re.compile(CONSOLE_LINE)
+    last_row = re.compile(rf"^\| {LAST_ROW} +\| ")
+    ended = threading.Event()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a", buffering=1)
     # Nodes that share a log folder (several on one machine) each publish every line; Ray's
@@ -394,11 +400,14 @@ def route_worker_logs(log_path: Path) -> None:
                 recent.popitem(last=False)
             if console.match(line):
                 print(line, file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)
+                if last_row.match(line):
+                    ended.set()
             else:
                 log.write(who + line + "\n")
 
     dispatcher.remove_handler(patches.RAY_PRINT_HANDLER)
     dispatcher.add_handler(LOG_HANDLER, handle)
+    return ended
 
 
 LOG_HANDLER = "trainctl_worker_logs"

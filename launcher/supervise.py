@@ -101,6 +101,11 @@ class Sigterm:
         timer.start()
 
 
+# How long a finished run waits for Ray to forward rank 0's last line (seconds at most on a
+# busy machine; a run on which it never comes only ends this much later).
+LAST_LINE_WAIT_S = 30
+
+
 def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool) -> int | str:
     """Train on Ray: returns the status ("done", "preempted"), or the exit status after
     printing the last line (a failure, lost capacity, a stop before any step)."""
@@ -127,7 +132,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             return None
         return None if workers_started(folder) else "before the workers started"
 
-    failure = None
+    failure, last_line = None, None
     sigterm = Sigterm(folder, cfg.checkpoint.preempt_grace_s, idle)
     try:
         try:
@@ -140,8 +145,10 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             sigterm.handler(signal.SIGTERM, None)
         sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
         if not verbose:
-            route_worker_logs(folder / "workers.log")
+            last_line = route_worker_logs(folder / "workers.log")
         run_on_ray(worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent), watch)
+        if last_line is not None:  # rank 0's summary, forwarded a moment after the workers end
+            last_line.wait(LAST_LINE_WAIT_S)
     except (JobFailed, CapacityLost) as e:
         failure = e
     except NotPlaceable as e:

@@ -16,6 +16,9 @@ def warn(message: str) -> None:
 # and sends every other line of worker output (Ray's, DeepSpeed's, torch's) to the run's log
 # file. Progress and summary lines are shaped to match; anything else starts "trainctl:".
 CONSOLE_LINE = r"^(trainctl:|step +\d+/\d+ |\| )"
+# The summary table's last row (perf.run_summary ends with it): rank 0's last line of a run,
+# which the driver waits to see before it stops Ray's log forwarding (cluster/ray_job.py).
+LAST_ROW = "restarts"
 
 
 def duration(seconds: float) -> str:

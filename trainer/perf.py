@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.console import duration
+from trainer.console import LAST_ROW, duration
 from trainer.model_config import ModelConfig
 
 # Dense bf16 TFLOP/s of one GPU by (a part of) its name, most specific first.
@@ -385,6 +385,6 @@ def run_summary(
             "mean MFU",
             "n/a" if mean_mfu is None else f"{mean_mfu:.2%} of {peak:,.3g} TFLOP/s per worker ({peak_source})",
         ),
-        ("restarts", str(restarts)),
+        (LAST_ROW, str(restarts)),  # last: the driver waits for this line (console.LAST_ROW)
     ]
     return rows
