@@ -73,15 +73,16 @@ def sweep(work: Path, parametrization: str, lrs: str, depths: str, steps: int, s
 
 def merge(runs: list[dict]) -> list[dict]:
     """The seeds' sweeps as one list of grid points: final_val_loss the mean over the seeds
-    (None when a seed diverged or did not finish), `seeds` each seed's value."""
+    that ran it (None when one diverged), `seeds` each such seed's value."""
     points: dict[tuple, dict] = {}
     for res in runs:
         for t in res["trials"]:
             point = points.setdefault((t["train.lr"], t["model.n_layer"]), {**t, "seeds": []})
-            point["seeds"].append(t["final_val_loss"])
+            if t["state"] in ("done", "diverged"):  # a seed's sweep stopped before this trial: left out
+                point["seeds"].append(t["final_val_loss"])
     for point in points.values():
         vals = point["seeds"]
-        point["final_val_loss"] = None if None in vals else sum(vals) / len(vals)
+        point["final_val_loss"] = None if None in vals or not vals else sum(vals) / len(vals)
     return list(points.values())
 
 
