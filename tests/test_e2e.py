@@ -19,7 +19,7 @@ name: e2e
 model: {n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}
 data: {path: data, seq_len: 32, shuffle_buffer: 512}
 train: {max_steps: 40, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
-        eval_every: 20, eval_batches: 4, log_every: 10, sample_tokens: 40}
+        eval_every: 20, eval_sequences: 64, log_every: 10, sample_tokens: 40}
 checkpoint: {storage_path: runs, every: 20, keep: 1}
 tracking: {mode: offline, project: trainctl-tests}
 cluster: {address: local, num_workers: 2}

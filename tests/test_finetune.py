@@ -48,7 +48,7 @@ def job(init_from: Path | str, **extra) -> str:
             "weight_decay": 0.0,
             "zero_stage": 0,
             "eval_every": 2,
-            "eval_batches": 2,
+            "eval_sequences": 4,
             "log_every": 1,
             "sample_tokens": 0,
         },

@@ -60,7 +60,7 @@ JOB = f"""\
 name: leak
 model: {{n_layer: 1, n_head: 2, d_model: 32, max_seq_len: 16}}
 data: {{path: "@DATA@", seq_len: 16, shuffle_buffer: 64}}
-train: {{max_steps: 3, micro_batch_size: 2, warmup_steps: 1, eval_every: 3, eval_batches: 1, log_every: 1,
+train: {{max_steps: 3, micro_batch_size: 2, warmup_steps: 1, eval_every: 3, eval_sequences: 2, log_every: 1,
         sample_tokens: 0}}
 checkpoint: {{storage_path: runs, every: 3, keep: 1, async_save: false}}
 tracking: {{mode: offline, project: trainctl-tests}}

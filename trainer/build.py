@@ -1,6 +1,6 @@
 """What one rank trains with, and how it is built: the process group, the data stream and
-the validation batches, the model in its DeepSpeed engine, the saver, and rank 0's tracker
-and meter. The loop (loop.py) receives a built `Worker` and only reads it.
+its share of the validation set, the model in its DeepSpeed engine, the saver, and rank 0's
+tracker and meter. The loop (loop.py) receives a built `Worker` and only reads it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches
+from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, val_share
 from trainer import checkpoint, hf, lora, perf
 from trainer.config import JobConfig
 from trainer.engine import build_engine, deepspeed_config, import_deepspeed
@@ -53,6 +53,36 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
             [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common
         )
     return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common)
+
+
+@dataclass
+class ValSet:
+    """This rank's share of the validation set, in micro batches: of each source, the first
+    train.eval_sequences windows of its val split (the same set for any number of ranks,
+    micro batch and accumulation), rank r taking a contiguous share of each (rank 0 the
+    largest; data_pipeline.validation)."""
+
+    batches: list[torch.Tensor]  # (<= micro_batch_size, T+1) int64 each, the last one maybe shorter
+    sequences: int  # in the whole set, every rank's and source's: 0 = nothing to validate on
+    forwards: int  # micro batches every rank runs, the largest share's (ZeRO-3 gathers the weights in each)
+    filler: torch.Tensor  # (1, T+1): the forward of a rank whose share has fewer batches (its loss unused)
+
+
+def build_val(cfg: JobConfig, rank: int, world: int) -> ValSet:
+    """This rank's share of every source's validation windows, cut into micro batches."""
+    t, d = cfg.train, cfg.data
+    shares = [
+        val_share(path, "val", d.seq_len, rank, world, t.eval_sequences, d.on_error, raw_options(cfg))
+        for path in data_paths(cfg)
+    ]
+    rows = torch.cat([torch.from_numpy(s.rows.astype("int64")) for s in shares])  # (n, T+1)
+    largest = sum(-(-s.total // world) for s in shares)  # rank 0's rows (before any skipped chunk)
+    return ValSet(
+        list(rows.split(t.micro_batch_size)) if len(rows) else [],
+        sum(s.total for s in shares),
+        -(-largest // t.micro_batch_size),
+        torch.zeros((1, d.seq_len + 1), dtype=torch.int64),
+    )
 
 
 def make_targets(cfg: JobConfig, tokenizer: dict) -> Targets:
@@ -193,7 +223,7 @@ class Worker:
     folder: Path
     store: checkpoint.Store
     stream: Loader
-    val: list[torch.Tensor]  # this rank's validation batches, every source's in order
+    val: ValSet  # this rank's share of the validation set, every source's in order
     tokenizer: dict
     targets: Targets  # how rows become targets: loss flags, document masking
     hf_base: dict | None = None  # model.init_from: its path and small files, kept in checkpoints for export
@@ -216,21 +246,7 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     # Data: every rank reads the same global order and keeps its own slice of each batch.
     stream = Loader(build_stream(cfg, rank, world), cfg.data.num_workers, pin_memory=cfg.cluster.use_gpu)
     tokenizer = stream.manifest["tokenizer"]
-    val = [
-        batch
-        for path in data_paths(cfg)
-        for batch in eval_batches(
-            path,
-            "val",
-            cfg.data.seq_len,
-            t.micro_batch_size,
-            rank,
-            world,
-            max_batches=t.eval_batches,
-            on_error=cfg.data.on_error,
-            raw=raw_options(cfg),
-        )
-    ]
+    val = build_val(cfg, rank, world)
     w = Worker(
         cfg,
         rank,

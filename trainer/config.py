@@ -191,7 +191,12 @@ class TrainSection(Section):
         "checkpoints hold the adapters and a hash of the base; null = train every weight",
     )
     eval_every: int = Field(100, gt=0, description="steps between validation passes (and at the end)")
-    eval_batches: int = Field(20, gt=0, description="global validation batches per pass (capped by the split)")
+    eval_sequences: int = Field(
+        320,
+        gt=0,
+        description="validation sequences per pass from each source's val split (capped by the split): the first "
+        "ones, the same set for any number of workers, micro batch and accumulation; each rank evaluates its share",
+    )
     log_every: int = Field(10, gt=0, description="steps between metric lines")
     seed: int = Field(1337, description="seeds the model init, the data order and every rank's RNG")
     sample_tokens: int = Field(200, ge=0, description="tokens sampled from the model at the end of the run; 0 = none")
@@ -346,6 +351,22 @@ class JobConfig(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_batches(cls, data: Any) -> Any:
+        """A config.yaml an older trainctl wrote (a checkpoint's: export, generate and a resume's
+        checks read it) may hold train.eval_batches, the global validation batches it had
+        before train.eval_sequences: read as the sequences they were. A job file with it is
+        refused by launcher/config.py (`eval_batches_moved`), naming the value to set."""
+        train = data.get("train") if isinstance(data, dict) else None
+        if not isinstance(train, dict) or "eval_batches" not in train:
+            return data
+        if "eval_sequences" in train:
+            raise ValueError("train.eval_batches is replaced by train.eval_sequences: give only train.eval_sequences")
+        train = {k: v for k, v in train.items() if k != "eval_batches"}
+        train["eval_sequences"] = old_eval_sequences(data)[0]
+        return {**data, "train": train}
+
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
         if not NAME_RE.fullmatch(self.name):
@@ -402,6 +423,31 @@ class JobConfig(Section):
         """The config as a plain dict (model_dump(mode="json")) with its secrets replaced by
         REDACTED: for what a run writes down (config.yaml, W&B). The workers get the real one."""
         return redact(self.model_dump(mode="json"))
+
+
+def old_eval_sequences(tree: dict) -> tuple[Any, str]:
+    """(the validation sequences train.eval_batches counted in a config `tree`, how:
+    batches × micro_batch_size × cluster.num_workers, the job's values or the defaults)."""
+    train, cluster = tree.get("train") or {}, tree.get("cluster") or {}
+    batches = train["eval_batches"]
+    micro = train.get("micro_batch_size", TrainSection.model_fields["micro_batch_size"].default)
+    workers = cluster.get("num_workers", ClusterSection.model_fields["num_workers"].default)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batches, micro, workers)):
+        return batches, f"{batches!r} x micro_batch_size x cluster.num_workers"
+    return batches * micro * workers, f"{batches} x micro_batch_size {micro} x {workers} workers"
+
+
+def eval_batches_moved(tree: dict) -> str | None:
+    """The one line for a job file that still sets train.eval_batches; None when it does not."""
+    train = tree.get("train")
+    if not isinstance(train, dict) or "eval_batches" not in train:
+        return None
+    sequences, how = old_eval_sequences(tree)
+    return (
+        "train.eval_batches is replaced by train.eval_sequences, validation sequences per pass (the same set for "
+        f"any number of workers): this job's eval_batches evaluated {how} = {sequences} sequences; set "
+        f"train.eval_sequences: {sequences} instead"
+    )
 
 
 # Secrets never written down: a run folder, W&B and the console get REDACTED in their place.
