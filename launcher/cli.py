@@ -65,6 +65,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
+    if not args.no_ray:  # a cluster address nothing answers on: refused before anything is written
+        from cluster.local_ray import check_reachable
+
+        check_reachable(cfg.cluster.address)
     if args.verbose:
         cfg.tracking.verbose = True
     if args.no_ray:

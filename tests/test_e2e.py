@@ -275,6 +275,18 @@ def test_worker_failure_exits_1_with_the_workers_error(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_cluster_address_nothing_answers_on_is_refused_before_anything_is_written(trained):
+    work, *_ = trained
+    r = trainctl_here("run", "job.yaml", "name=nowhere", "--address", "127.0.0.1:1", cwd=work)
+    assert r.returncode == 2 and r.stderr.startswith(
+        "trainctl: error: --address 127.0.0.1:1: no Ray cluster answers there"
+    ), r.stderr
+    assert not (work / "runs" / "nowhere").exists()  # no launch.json: refused before the run folder
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_single_plain_process_without_ray(trained):
     """The same worker function alone in this process: `--no-ray` with one worker. Its
