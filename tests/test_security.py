@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 from cli_helpers import SHAKESPEARE, trainctl
-from http_helpers import serve
+from http_helpers import bearer, serve
 
-from trainer.config import REDACTED, redact, redact_text, redact_url
+from data_pipeline.credentials import REDACTED, redact_text, redact_url
+from trainer.config import redact
 
 SECRET = "S3CR3T-planted-7f3a"
 ARGV_SECRET = "S3CR3T-argv-91c2"  # given on the command line instead
+TOKEN = "S3CR3T-bearer-4d1e"  # the bearer token the server demands, from TRAINCTL_HTTP_TOKEN
 
 
 def test_redact_urls_env_and_text():
@@ -73,8 +75,8 @@ cluster:
 @pytest.fixture(scope="module")
 def leaky_run(tmp_path_factory):
     """A real 3-step --no-ray run (W&B offline) whose data.path is a presigned-style URL of
-    raw-text shards served on 127.0.0.1 (the server ignores the query) and whose cluster.env
-    holds a token and a URL with a password."""
+    raw-text shards served on 127.0.0.1 (the server ignores the query, and demands a bearer
+    token: TRAINCTL_HTTP_TOKEN's) and whose cluster.env holds a token and a URL with a password."""
     work = tmp_path_factory.mktemp("security")
     shards = work / "shards"
     shards.mkdir()
@@ -83,13 +85,23 @@ def leaky_run(tmp_path_factory):
         with wds.TarWriter(str(shards / f"part-{s}.tar")) as sink:
             for k in range(20):
                 sink.write({"__key__": f"{s}-{k}", "txt": text[(s * 20 + k) * 1000 : (s * 20 + k + 1) * 1000]})
-    with serve(shards) as httpd:
+    with serve(shards, auth=bearer(TOKEN)) as httpd:
         url = f"http://127.0.0.1:{httpd.server_port}/part-{{0..1}}.tar?X-Amz-Credential=AKIA%2F{SECRET}&X-Amz-Signature={SECRET}"
         (work / "job.yaml").write_text(JOB.replace("@DATA@", url))
-        r = trainctl("run", "job.yaml", "--no-ray", f"cluster.env.WANDB_API_KEY={ARGV_SECRET}", cwd=work, timeout=240)
+        r = trainctl(
+            "run",
+            "job.yaml",
+            "--no-ray",
+            f"cluster.env.WANDB_API_KEY={ARGV_SECRET}",
+            cwd=work,
+            timeout=240,
+            TRAINCTL_HTTP_TOKEN=f"127.0.0.1:{httpd.server_port}={TOKEN}",
+        )
         hits = sum(httpd.handler.hits.values())
+        sent = {a for _, a in httpd.handler.authorizations}
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert hits >= 2  # the shards were read through the secret-bearing URL
+    assert sent == {bearer(TOKEN)}  # with the token, every request
     return work, r
 
 
@@ -103,9 +115,9 @@ def test_no_secret_reaches_the_run_folder_wandb_or_the_console(leaky_run):
     assert {"config.yaml", "metrics.jsonl", "checkpoints/step_00000003/config.yaml"} <= names
     wandb_runs = [p for p in files if p.suffix == ".wandb"]  # W&B offline: config, metadata and history inside
     assert wandb_runs and all(b"X-Amz-Signature=***" in p.read_bytes() for p in wandb_runs)  # the config, redacted
-    leaks = [p.relative_to(run).as_posix() for p in files if SECRET.encode() in p.read_bytes()]
+    leaks = [p.relative_to(run).as_posix() for p in files if any(s.encode() in p.read_bytes() for s in (SECRET, TOKEN))]
     assert leaks == []
-    assert SECRET not in r.stdout and SECRET not in r.stderr
+    assert all(s not in r.stdout + r.stderr for s in (SECRET, TOKEN))
     # what is written is the job with its secrets as ***: still a valid job file
     import yaml
 

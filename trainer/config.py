@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_pipeline.credentials import REDACTED, is_secret_name, redact_text
 from trainer.model_config import ModelConfig
 
 
@@ -402,57 +403,6 @@ class JobConfig(Section):
         """The config as a plain dict (model_dump(mode="json")) with its secrets replaced by
         REDACTED: for what a run writes down (config.yaml, W&B). The workers get the real one."""
         return redact(self.model_dump(mode="json"))
-
-
-# Secrets never written down: a run folder, W&B and the console get REDACTED in their place.
-REDACTED = "***"
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "SIGNATURE", "AUTH")
-SECRET_PARAMS = ("sig", "pwd", "pass", "code")  # query parameters that are secrets by their whole name
-URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-BEARER_RE = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable or query parameter of this name holds a secret
-    (HF_TOKEN, AWS_SECRET_ACCESS_KEY, X-Amz-Signature, X-Amz-Credential, sig, ...)."""
-    upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS) or name.lower() in SECRET_PARAMS
-
-
-def redact_url(url: str) -> str:
-    """`url` with the password of its userinfo (`user:***@host`; a lone user name, often a
-    token, as `***@host`) and the values of its secret query parameters (presigned URLs'
-    X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, Azure's sig, token=, ...)
-    replaced by REDACTED; anything else, and a string that is no URL, as it is.
-
-    >>> redact_url("https://me:hunter2@host/d/x.tar?X-Amz-Signature=abc&part=1")
-    'https://me:***@host/d/x.tar?X-Amz-Signature=***&part=1'
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
-    path, q, query = tail.partition("?")
-    if q:
-        query, h, fragment = query.partition("#")
-        params = []
-        for param in query.split("&"):
-            key, eq, value = param.partition("=")
-            params.append(f"{key}={REDACTED}" if eq and value and is_secret_name(key) else param)
-        tail = f"{path}?{'&'.join(params)}{h}{fragment}"
-    return f"{scheme}://{netloc}{tail}"
-
-
-def redact_text(text: str) -> str:
-    """`text` (a path, a `pipe:` command, an error message) with every URL in it redacted
-    (`redact_url`) and `Bearer TOKEN`-style credentials replaced by REDACTED."""
-    text = URL_RE.sub(lambda m: redact_url(m.group(0)), text)
-    return BEARER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
 
 
 def redact(tree: Any, env: bool = False) -> Any:
