@@ -123,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
             import traceback
 
-            traceback.print_exc()
+            print(redact_text(traceback.format_exc()), end="", file=sys.stderr)  # a URL's password never shown
             print(f"trainctl: training failed: {type(e).__name__}: {redact_text(str(e))}", file=sys.stderr)
             return FAILED
         if int(os.environ.get("RANK", "0")) != 0:

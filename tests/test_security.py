@@ -15,7 +15,7 @@ from cli_helpers import SHAKESPEARE, trainctl
 from http_helpers import bearer, serve
 
 from data_pipeline.credentials import REDACTED, redact_text, redact_url
-from trainer.config import redact
+from trainer.config import redact, secrets_apart, secrets_back
 
 SECRET = "S3CR3T-planted-7f3a"
 ARGV_SECRET = "S3CR3T-argv-91c2"  # given on the command line instead
@@ -230,3 +230,51 @@ def test_an_object_stores_file_list_cannot_write_outside_the_mirror(tmp_path):
         assert not list(tmp_path.rglob("escaped"))
     finally:
         fs.rm(f"/trainctl-test-{os.getpid()}", recursive=True)
+
+
+def test_the_workers_get_the_config_secrets_apart_from_their_arguments():
+    """A private Ray's workers get the config redacted in their arguments (Ray may log those)
+    and the real values through the environment they inherit; put back only where the
+    redacted value still stands."""
+    tree = {
+        "data": {"path": f"http://u:{SECRET}@h/d", "sources": [{"path": "local"}, {"path": f"s3://b/x?sig={SECRET}"}]},
+        "model": {"init_from": None},
+        "cluster": {"env": {"HF_TOKEN": SECRET, "OMP_NUM_THREADS": "1"}},
+    }
+    redacted, secrets = secrets_apart(tree)
+    assert redacted == redact(tree) and SECRET not in json.dumps(redacted)
+    assert secrets_back(redacted, secrets) == tree
+    assert secrets_apart({"data": {"path": "local"}}) == ({"data": {"path": "local"}}, "")
+    other = {**redacted, "data": {**redacted["data"], "path": "http://u:***@elsewhere/d"}}  # not what was redacted
+    assert secrets_back(other, secrets)["data"]["path"] == "http://u:***@elsewhere/d"
+    assert secrets_back(tree, secrets) == tree and secrets_back(redacted, None) == redacted
+
+
+def test_worker_output_is_redacted_on_the_console_and_in_workers_log(tmp_path, capsys):
+    """Every line Ray forwards from a worker goes through redact_text: the trainctl lines
+    shown, the others written to workers.log, and with --verbose all of them shown (Ray's
+    own dispatcher, fed as Ray's log monitor feeds it; no Ray started)."""
+    from cluster.ray_job import LOG_HANDLER, route_worker_logs
+    from trainer import patches
+
+    url = f"http://me:{SECRET}@127.0.0.1:1/d/train-000000.tar?X-Amz-Signature={SECRET}"
+    lines = [
+        f"trainctl: warning: skipping a chunk (data.on_error=skip): chunk {url} bytes 0-10 is unreadable",
+        f'  File "x.py", line 1: DataError: cannot read {url}',
+        f"curl -H 'Authorization: Bearer {SECRET}'",
+    ]
+    dispatcher = patches.ray_log_dispatcher()
+    for verbose in (False, True):
+        log = tmp_path / f"verbose-{verbose}" / "workers.log"
+        try:
+            route_worker_logs(log, verbose)
+            dispatcher.emit({"lines": lines, "pid": 7, "ip": "127.0.0.1", "is_err": True, "actor_name": "TrainWorker"})
+        finally:
+            dispatcher.remove_handler(LOG_HANDLER)
+        err = capsys.readouterr().err
+        assert SECRET not in err and "me:***@127.0.0.1:1" in err
+        if verbose:
+            assert not log.exists() and err.count("TrainWorker pid=7") == 3, err  # as Ray prints them
+        else:
+            assert err.startswith("trainctl: warning: skipping a chunk") and err.count("\n") == 1
+            assert SECRET not in log.read_text() and log.read_text().count("Bearer ***") == 1
