@@ -3,24 +3,26 @@ Ray's plain actors, cluster/worker_group.py; Ray Train on a joined cluster).
 
 Ray is imported only inside cluster/'s functions (and trainer/patches.py's Ray patches,
 called from here). The training loop knows nothing of Ray: `run_on_ray` takes the worker
-function as an argument and hands each worker the resolved config as a plain dict.
+function as an argument and hands each worker the resolved config as a plain dict (on a
+private Ray with its secrets redacted, the real values inherited: `connect`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer import patches
-from trainer.config import ClusterSection
+from trainer.config import ClusterSection, is_secret_name, redact_text
 
 
 class JobFailed(RuntimeError):
@@ -210,12 +212,19 @@ class Connection:
     started_here: bool
 
 
-def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = True) -> Connection:
+def connect(
+    cluster: ClusterSection, worker_logs: bool = True, verbose: bool = True, secrets: dict[str, str] | None = None
+) -> Connection:
     """Join the cluster named by `cluster.address`, or start a private one.
 
     'local' starts a Ray sized to the job on this machine (no dashboard); 'auto' joins
     the cluster `ray start` made here; anything else is a cluster address. Without
     `verbose`, Ray's own warnings in this process are left out (errors still show).
+
+    A private Ray's processes inherit `secrets` and the secret `cluster.env` values
+    (`split_env`) from this process's environment, set only while ray.init starts them: Ray
+    writes a runtime_env's variables into its session logs (runtime_env_agent.log), not
+    inherited ones. A joined cluster gets all of cluster.env through the runtime_env.
     """
     level = "WARNING" if verbose else "ERROR"
     import ray
@@ -227,9 +236,10 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
         for name in LOCAL_RAY_TRAIN_OFF:  # read here by Ray Train and handed to its controller
             os.environ.setdefault(name, "0")
         needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)  # ray.init takes whole CPUs
-        with patches.ray_single_machine_mode():
+        public, secret = split_env(worker_env(cluster))
+        with patches.ray_single_machine_mode(), inherited({**secret, **(secrets or {})}):
             ray.init(
-                runtime_env=runtime_env(cluster),
+                runtime_env=runtime_env(cluster, public),
                 num_cpus=needed,
                 num_gpus=cluster.num_workers if cluster.use_gpu else 0,
                 include_dashboard=False,
@@ -274,8 +284,35 @@ def torch_config(cluster: ClusterSection):
     return patches.ray_torch_backend(patches.rendezvous_on_loopback, "nccl" if cluster.use_gpu else "gloo")
 
 
-def runtime_env(cluster: ClusterSection) -> dict[str, Any]:
-    return {"env_vars": worker_env(cluster), "worker_process_setup_hook": "cluster.ray_job.quiet_worker_logs"}
+def runtime_env(cluster: ClusterSection, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime_env: `env` (default: every `worker_env` variable) and the setup hook."""
+    env = worker_env(cluster) if env is None else env
+    return {"env_vars": env, "worker_process_setup_hook": "cluster.ray_job.quiet_worker_logs"}
+
+
+def split_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the variables that may be written down, the secret ones: a secret name such as HF_TOKEN
+    (`is_secret_name`), or a value with a secret in it, such as a URL with a password)."""
+    public, secret = {}, {}
+    for key, value in env.items():
+        (secret if is_secret_name(key) or redact_text(value) != value else public)[key] = value
+    return public, secret
+
+
+@contextlib.contextmanager
+def inherited(env: dict[str, str]) -> Iterator[None]:
+    """`env` in this process's environment for the block (the processes started meanwhile
+    inherit it), then as it was."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def worker_env(cluster: ClusterSection) -> dict[str, str]:
@@ -368,14 +405,18 @@ def _worker_error(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else "training failed"
 
 
-def route_worker_logs(log_path: Path) -> threading.Event:
+def route_worker_logs(log_path: Path, verbose: bool = False) -> threading.Event:
     """Show the workers' trainctl lines (progress, checkpoints, warnings, the summary:
     console.CONSOLE_LINE) on this console as they are, and append every other line of
     their output (Ray's, DeepSpeed's, torch's, a traceback) to `log_path`, each with the
-    process it came from, instead of Ray's forwarding of everything. Returns an event set
-    once the summary's last row (rank 0's last line) has been shown: Ray's log monitor
-    forwards lines a moment after they are written (seconds on a busy machine), so the
-    driver waits for it before ray.shutdown() ends the forwarding (wait_for_last_line)."""
+    process it came from, instead of Ray's forwarding of everything; `verbose`: every line
+    printed as Ray prints it (`patches.ray_log_printer`), and no file. Every line is
+    redacted first (`redact_text`: a URL's password, a presigned URL's signature, a bearer
+    token).
+    Returns an event set once the summary's last row (rank 0's last line) has been shown:
+    Ray's log monitor forwards lines a moment after they are written (seconds on a busy
+    machine), so the driver waits for it before ray.shutdown() ends the forwarding
+    (wait_for_last_line)."""
     from trainer.console import CONSOLE_LINE, LAST_ROW
 
     dispatcher = patches.ray_log_dispatcher()
@@ -383,13 +424,21 @@ def route_worker_logs(log_path: Path) -> threading.Event:
     console = re.compile(CONSOLE_LINE)
     last_row = re.compile(rf"^\| {LAST_ROW} +\| ")
     ended = threading.Event()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a", buffering=1)
+    log, ray_print = None, patches.ray_log_printer() if verbose else None
+    if not verbose:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "a", buffering=1)
     # Nodes that share a log folder (several on one machine) each publish every line; Ray's
     # own printing hides that with its deduplicator, this with the lines seen lately.
     recent: collections.OrderedDict[tuple, None] = collections.OrderedDict()
 
     def handle(data: dict) -> None:
+        if ray_print is not None:  # --verbose: Ray's printing, every line redacted
+            lines = [redact_text(line) for line in data.get("lines", [])]
+            ray_print({**data, "lines": lines})
+            if any(last_row.match(line) for line in lines):
+                ended.set()
+            return
         who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')} ip={data.get('ip')}) "
         for line in data.get("lines", []):
             key = (data.get("pid"), data.get("is_err"), line)  # each node's copy names itself as the ip
@@ -398,6 +447,7 @@ def route_worker_logs(log_path: Path) -> threading.Event:
             recent[key] = None
             if len(recent) > 10_000:
                 recent.popitem(last=False)
+            line = redact_text(line)
             if console.match(line):
                 print(line, file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)
                 if last_row.match(line):

@@ -62,7 +62,13 @@ def _actor_class():
             patches.rendezvous_on_loopback()  # rank 0's store on 127.0.0.1 only, not every interface
 
         def run(self, fn: Callable[[dict], Any], config: dict) -> Any:
-            return fn(config)
+            """fn(config), the config's secrets (redacted in the arguments: Ray may log
+            those) put back from the environment this process inherited (`ray_job.connect`)."""
+            import os
+
+            from trainer.config import SECRETS_ENV, secrets_back
+
+            return fn(secrets_back(config, os.environ.get(SECRETS_ENV)))
 
     return ray.remote(TrainWorker)
 

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from data_pipeline.credentials import redact_text
 from data_pipeline.errors import DataError, error_text
 from data_pipeline.examples import window_stride
 from data_pipeline.prefetch import prefetched
@@ -131,7 +132,11 @@ def read_shards(
             except DataError as e:
                 if on_error != "skip":
                     raise
-                print(f"trainctl: warning: skipping a shard (data.on_error=skip): {e}", file=sys.stderr, flush=True)
+                print(
+                    f"trainctl: warning: skipping a shard (data.on_error=skip): {redact_text(str(e))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if skipped is not None:
                     skipped.append(shard["url"])
                 continue

@@ -65,6 +65,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
+    if not args.no_ray:  # a cluster address nothing answers on: refused before anything is written
+        from cluster.local_ray import check_reachable
+
+        check_reachable(cfg.cluster.address)
     if args.verbose:
         cfg.tracking.verbose = True
     if args.no_ray:
@@ -119,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
             import traceback
 
-            traceback.print_exc()
+            print(redact_text(traceback.format_exc()), end="", file=sys.stderr)  # a URL's password never shown
             print(f"trainctl: training failed: {type(e).__name__}: {redact_text(str(e))}", file=sys.stderr)
             return FAILED
         if int(os.environ.get("RANK", "0")) != 0:

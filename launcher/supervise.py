@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.config import JobConfig, redact_text
+from trainer.config import SECRETS_ENV, JobConfig, redact_text, secrets_apart
 from trainer.run_folder import LAUNCH, PREEMPT, checkpoint_store, run_dir
 
 FAILED, PREEMPTED = 1, 143
@@ -132,21 +132,23 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             return None
         return None if workers_started(folder) else "before the workers started"
 
-    failure, last_line = None, None
+    failure, last_line, secrets = None, None, None
+    config = cfg.model_dump(mode="json")
     sigterm = Sigterm(folder, cfg.checkpoint.preempt_grace_s, idle)
     try:
         try:
             if cfg.cluster.address != "local":  # a private Ray runs plain actors (cluster/worker_group.py)
                 import_ray_train_meanwhile()
-            connect(cfg.cluster, verbose=verbose)
+            else:  # the workers' arguments hold the config's secrets as ***, the real ones inherited
+                config, secrets = secrets_apart(config)
+            connect(cfg.cluster, verbose=verbose, secrets={SECRETS_ENV: secrets} if secrets else None)
         except SystemExit as e:  # ray.init's own SIGTERM handler, while it started Ray
             if e.code != signal.SIGTERM:
                 raise
             sigterm.handler(signal.SIGTERM, None)
         sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
-        if not verbose:
-            last_line = route_worker_logs(folder / "workers.log")
-        run_on_ray(worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent), watch)
+        last_line = route_worker_logs(folder / "workers.log", verbose)  # redacted, to the console or the file
+        run_on_ray(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch)
         if last_line is not None:  # rank 0's summary, forwarded a moment after the workers end
             last_line.wait(LAST_LINE_WAIT_S)
     except (JobFailed, CapacityLost) as e:

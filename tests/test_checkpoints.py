@@ -80,9 +80,12 @@ def work(tmp_path_factory):
     (work / "text.txt").write_text(SHAKESPEARE.read_text()[:300_000])
     assert trainctl("prepare", "text.txt", "--out", "data", cwd=work).returncode == 0
     (work / "job.yaml").write_text(JOB)
-    r = trainctl("run", "job.yaml", "name=straight", cwd=work)
+    r = trainctl("run", "job.yaml", "name=straight", "--verbose", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(losses(work / "runs" / "straight")) == list(range(1, 121))
+    # --verbose (this run, to spare a Ray start): every worker line as Ray prints it, no workers.log
+    assert "(TrainWorker pid=" in r.stdout + r.stderr  # a private Ray's workers: plain actors, no Ray Train
+    assert not (work / "runs" / "straight" / "workers.log").exists()
     return work
 
 

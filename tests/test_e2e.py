@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import ipaddress
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -275,6 +276,18 @@ def test_worker_failure_exits_1_with_the_workers_error(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_cluster_address_nothing_answers_on_is_refused_before_anything_is_written(trained):
+    work, *_ = trained
+    r = trainctl_here("run", "job.yaml", "name=nowhere", "--address", "127.0.0.1:1", cwd=work)
+    assert r.returncode == 2 and r.stderr.startswith(
+        "trainctl: error: --address 127.0.0.1:1: no Ray cluster answers there"
+    ), r.stderr
+    assert not (work / "runs" / "nowhere").exists()  # no launch.json: refused before the run folder
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_single_plain_process_without_ray(trained):
     """The same worker function alone in this process: `--no-ray` with one worker. Its
@@ -374,9 +387,20 @@ def test_training_over_http_matches_the_local_folder(trained):
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_profile_work(trained):
-    """data.on_error=skip: both workers pass over the broken shard and finish (bounded by the
-    timeout). The same run (to spare a Ray start) has --verbose and --profile 2."""
+def test_skip_policy_under_ray_over_http_with_a_password_no_line_or_file_holds(trained):
+    """data.on_error=skip under the private Ray, the dataset on a real HTTP server that
+    demands Basic auth, reached as http://USER:PASSWORD@127.0.0.1:PORT/... from the job file
+    (and a token in cluster.env): both workers pass over the broken chunk and finish (bounded
+    by the timeout), and no file the run wrote (the run folder: workers.log, metrics.jsonl,
+    config.yaml, W&B's offline files, checkpoints, profiles; the private Ray's session logs,
+    in the run's own TMPDIR; W&B's service logs) nor its console holds either secret. The
+    same run (to spare a Ray start) has --profile 2."""
+    import shutil
+    import tempfile
+    import time
+
+    from http_helpers import basic, serve
+
     work, *_ = trained
     r = trainctl("prepare", "text.txt", "--out", "broken-skip", "--shard-size-mb", "0.1", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -387,30 +411,53 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
     stream = TokenStream(str(broken), "train", 32, 8, 0, 2, seed=1337)
     _, slot, _ = stream.layout(0).locate(0, 0)  # the chunk lane 0 reads first
     first = Path(stream.table.urls[stream.layout(0).perm[slot]]).name
-    (broken / first).write_bytes(b"not a tar file" * 100)
-    r = trainctl(
-        "run",
-        "job.yaml",
-        "name=skip",
-        "data.path=broken-skip",
-        "data.on_error=skip",
-        "train.max_steps=10",
-        "train.sample_tokens=0",
-        "tracking.mode=disabled",
-        "--verbose",
-        "--profile",
-        "2",
-        cwd=work,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [m for m in metrics(work / "runs" / "skip") if "loss" in m]
-    assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
-    assert "skipping a chunk (data.on_error=skip): chunk" in r.stdout + r.stderr and first in r.stdout + r.stderr
-
-    # --verbose: Ray's forwarding of everything, nothing in workers.log
-    assert "(TrainWorker pid=" in r.stdout + r.stderr  # a private Ray's workers: plain actors, no Ray Train
-    assert not (work / "runs" / "skip" / "workers.log").exists()
+    size = (broken / first).stat().st_size  # the same size: a sha256 mismatch, not a short read (retried over http)
+    (broken / first).write_bytes((b"not a tar file" * size)[:size])
+    user, password, token = "reader", "pw-5ecr3t-e2e-0b7c", "tok-5ecr3t-e2e-9a2d"
+    secrets = (password.encode(), token.encode())
+    tmp = Path(tempfile.mkdtemp(prefix="t26", dir="/tmp"))  # short: Ray's socket paths live under it
+    started = time.time()
+    try:
+        with serve(work, auth=basic(user, password)) as httpd:
+            url = f"http://{user}:{password}@127.0.0.1:{httpd.server_address[1]}/broken-skip"
+            (work / "skip.yaml").write_text(
+                JOB.replace("{path: data,", f"{{path: '{url}', on_error: skip,").replace(
+                    "num_workers: 2}", f"num_workers: 2, env: {{TRAINCTL_TEST_TOKEN: {token}}}}}"
+                )
+            )
+            r = trainctl(
+                "run",
+                "skip.yaml",
+                "name=skip",
+                "train.max_steps=10",
+                "train.sample_tokens=0",
+                "--profile",
+                "2",
+                cwd=work,
+                timeout=300,
+                TMPDIR=str(tmp),
+                RAY_TMPDIR=str(tmp),
+            )
+            sent = {a for _, a in httpd.handler.authorizations}
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert sent == {basic(user, password)}  # every request, both workers' and the launcher's
+        run = work / "runs" / "skip"
+        rows = [m for m in metrics(run) if "loss" in m]
+        assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
+        console = r.stdout + r.stderr
+        assert f"skipping a chunk (data.on_error=skip): chunk {url.replace(password, '***')}/{first} bytes" in console
+        assert all(s.decode() not in console for s in secrets)
+        sessions = list(tmp.glob("ray/session_2*/logs"))
+        assert len(sessions) == 1 and (sessions[0] / "raylet.out").is_file()  # the run's private Ray logged here
+        assert (run / "workers.log").stat().st_size > 0 and list(run.glob("wandb/*/run-*.wandb"))
+        wandb_logs = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wandb" / "logs"
+        written = [p for p in [*run.rglob("*"), *tmp.rglob("*")] if p.is_file() and not p.is_symlink()]
+        written += [p for p in wandb_logs.glob("*") if p.stat().st_mtime >= started]
+        assert len(written) > 50
+        leaks = [str(p) for p in written if any(s in p.read_bytes() for s in secrets)]
+        assert leaks == []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     # --profile 2: steps 6-7 (after the 5-step warm-up), a Chrome trace per rank
     assert "trainctl: profile of steps 6-7:" in r.stdout
     for rank in (0, 1):

@@ -209,18 +209,25 @@ def test_other_families_load_with_the_same_logits(tmp_path, family):
 @pytest.mark.timeout(420)
 def test_qwen2_round_trips_from_a_url(smollm2, tmp_path):
     """A random Qwen2 (q/k/v biases, untied head) served over HTTP (ranged reads) on
-    127.0.0.1, loaded at ZeRO-3 (partitioned, through zero.Init): import → 0 steps → export
-    stays a Qwen2 with the same logits."""
-    from http_helpers import serve
+    127.0.0.1 as a gated hub model is (every request needs `Authorization: Bearer $HF_TOKEN`;
+    the server is the hub through HF_ENDPOINT), loaded at ZeRO-3 (partitioned, through
+    zero.Init): import → 0 steps → export stays a Qwen2 with the same logits; the token is in
+    no file of the run."""
+    from http_helpers import bearer, serve
 
+    token = "hf_5ecr3tQwen2TokenForTheTest"
     base = qwen2_folder(tmp_path / "models" / "qwen2")
     (tmp_path / "text.txt").write_text(SHAKESPEARE.read_text()[:100_000])
-    with serve(tmp_path / "models") as httpd:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/qwen2"
+    with serve(tmp_path / "models", auth=bearer(token)) as httpd:
+        hub = f"http://127.0.0.1:{httpd.server_address[1]}"
+        url = f"{hub}/qwen2"
         (tmp_path / "job.yaml").write_text(job(url, data__path="text.txt", train__zero_stage=3))
-        r = trainctl("run", "job.yaml", "--no-ray", cwd=tmp_path, timeout=300)
+        r = trainctl("run", "job.yaml", "--no-ray", cwd=tmp_path, timeout=300, HF_TOKEN=token, HF_ENDPOINT=hub)
         assert r.returncode == 0, r.stderr[-3000:]
         assert httpd.handler.sent["-"] >= (base / "model.safetensors").stat().st_size  # the weights came over HTTP
+        assert {a for _, a in httpd.handler.authorizations} == {bearer(token)}
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert token not in r.stdout + r.stderr
     e = trainctl("export", "runs/ft", "out", cwd=tmp_path)
     assert e.returncode == 0 and "Hugging Face Qwen2ForCausalLM" in e.stdout, e.stderr[-2000:]
     ids = torch.randint(0, 49152, (1, 40))

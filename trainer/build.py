@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, val_share
 from trainer import checkpoint, hf, lora, perf
-from trainer.config import JobConfig
+from trainer.config import JobConfig, redact_text
 from trainer.engine import build_engine, deepspeed_config, import_deepspeed
 from trainer.model import Transformer
 from trainer.run_folder import Attempt, checkpoint_store, record_attempt, restore_history, run_dir
@@ -263,10 +263,13 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     latest = resume_point(cfg, store)
     reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
     w.engine = build_engine(build_model(cfg, resuming=latest is not None), cfg, universal=reshard)
+    # Checkpoints keep the base's URL without its password (export and generate read a URL with
+    # `user:***@` with the credentials of the environment or ~/.netrc, or take --base).
+    base = redact_text(cfg.model.init_from) if cfg.model.init_from else None
     if cfg.model.init_from:
-        w.hf_base = {"path": cfg.model.init_from, "files": hf.base_files(cfg.model.init_from)}
+        w.hf_base = {"path": base, "files": hf.base_files(cfg.model.init_from)}
     if t.lora is not None:
-        w.lora = {**t.lora.model_dump(), "base": cfg.model.init_from, "base_sha256": base_sha256(cfg, rank, latest)}
+        w.lora = {**t.lora.model_dump(), "base": base, "base_sha256": base_sha256(cfg, rank, latest)}
     w.saver = Saver(
         w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save, frozen=t.lora is None
     )

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_pipeline.credentials import REDACTED, is_secret_name, redact_text
 from trainer.model_config import ModelConfig
 
 
@@ -450,57 +451,6 @@ def eval_batches_moved(tree: dict) -> str | None:
     )
 
 
-# Secrets never written down: a run folder, W&B and the console get REDACTED in their place.
-REDACTED = "***"
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "SIGNATURE", "AUTH")
-SECRET_PARAMS = ("sig", "pwd", "pass", "code")  # query parameters that are secrets by their whole name
-URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-BEARER_RE = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable or query parameter of this name holds a secret
-    (HF_TOKEN, AWS_SECRET_ACCESS_KEY, X-Amz-Signature, X-Amz-Credential, sig, ...)."""
-    upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS) or name.lower() in SECRET_PARAMS
-
-
-def redact_url(url: str) -> str:
-    """`url` with the password of its userinfo (`user:***@host`; a lone user name, often a
-    token, as `***@host`) and the values of its secret query parameters (presigned URLs'
-    X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, Azure's sig, token=, ...)
-    replaced by REDACTED; anything else, and a string that is no URL, as it is.
-
-    >>> redact_url("https://me:hunter2@host/d/x.tar?X-Amz-Signature=abc&part=1")
-    'https://me:***@host/d/x.tar?X-Amz-Signature=***&part=1'
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
-    path, q, query = tail.partition("?")
-    if q:
-        query, h, fragment = query.partition("#")
-        params = []
-        for param in query.split("&"):
-            key, eq, value = param.partition("=")
-            params.append(f"{key}={REDACTED}" if eq and value and is_secret_name(key) else param)
-        tail = f"{path}?{'&'.join(params)}{h}{fragment}"
-    return f"{scheme}://{netloc}{tail}"
-
-
-def redact_text(text: str) -> str:
-    """`text` (a path, a `pipe:` command, an error message) with every URL in it redacted
-    (`redact_url`) and `Bearer TOKEN`-style credentials replaced by REDACTED."""
-    text = URL_RE.sub(lambda m: redact_url(m.group(0)), text)
-    return BEARER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-
-
 def redact(tree: Any, env: bool = False) -> Any:
     """A copy of a config tree (plain dicts, lists, strings) with its secrets replaced by
     REDACTED: the credentials in every URL (`redact_text`), and the values of `cluster.env`
@@ -518,4 +468,53 @@ def redact(tree: Any, env: bool = False) -> Any:
         return [redact(v) for v in tree]
     if isinstance(tree, str):
         return redact_text(tree)
+    return tree
+
+
+# The private Ray's workers get the config with its secrets as REDACTED in their arguments, and
+# the real values in this variable, inherited from the launcher (cluster/ray_job.py's
+# `connect`): Ray logs a runtime_env's variables in its session logs, not an inherited one.
+SECRETS_ENV = "TRAINCTL_CONFIG_SECRETS"
+
+
+def secrets_apart(tree: Any) -> tuple[Any, str]:
+    """(`redact(tree)`, the JSON of [where, redacted, real value] for each value it redacted,
+    "" when none): the second undoes the first in `secrets_back`."""
+    import json
+
+    redacted = redact(tree)
+    found: list[list[Any]] = []
+
+    def walk(real: Any, red: Any, where: list) -> None:
+        if isinstance(real, dict):
+            for key in real:
+                walk(real[key], red[key], [*where, key])
+        elif isinstance(real, list):
+            for i, (a, b) in enumerate(zip(real, red)):
+                walk(a, b, [*where, i])
+        elif real != red:
+            found.append([where, red, real])
+
+    walk(tree, redacted, [])
+    return redacted, json.dumps(found) if found else ""
+
+
+def secrets_back(tree: Any, secrets: str | None) -> Any:
+    """A copy of `tree` with the values `secrets_apart` redacted put back: each where it is
+    still the redacted value it was (a tree with the real ones, or another job's, stays as it is)."""
+    import copy
+    import json
+
+    if not secrets:
+        return tree
+    tree = copy.deepcopy(tree)
+    for where, red, real in json.loads(secrets):
+        node = tree
+        try:
+            for key in where[:-1]:
+                node = node[key]
+            if node[where[-1]] == red:
+                node[where[-1]] = real
+        except (KeyError, IndexError, TypeError):
+            continue
     return tree

@@ -23,7 +23,7 @@ from data_pipeline import Loader, tokenizer_from_dict
 from data_pipeline.lanes import effective_lanes
 from trainer import checkpoint, perf
 from trainer.build import ValSet, Worker, resume_point, start, start_tracking
-from trainer.config import JobConfig
+from trainer.config import JobConfig, redact_text
 from trainer.console import duration, progress_line, summary_table
 from trainer.generate import continue_prompts
 from trainer.guard import DivergenceGuard
@@ -172,7 +172,11 @@ def log(w: Worker, state: TrainState, loss: float, figures: dict[str, Any], eta_
             "epoch": w.stream.epoch,
             "data_skipped_shards": len(w.stream.skipped),
             "rollbacks": state.rollbacks,
-            **({"data_mix": w.stream.proportions()} if w.cfg.data.sources else {}),
+            **(
+                {"data_mix": {redact_text(k): v for k, v in w.stream.proportions().items()}}
+                if w.cfg.data.sources
+                else {}
+            ),
         }
         w.tracker.log(m, state.step)
         print(progress_line(state.step, w.cfg.train.max_steps, m, eta_s), flush=True)

@@ -35,6 +35,7 @@ TARGETS = [
         "global_worker_stdstream_dispatcher.remove_handler",
         "ray 2.40-2.60",
     ),
+    ("ray_log_printer", "ray._private.worker", "print_to_stdstream", "ray 2.40-2.60"),
     ("set_load_universal", "deepspeed.runtime.config", "DeepSpeedConfig", "deepspeed 0.16-0.19"),
     (
         "fix_zero3_universal_load",
@@ -122,6 +123,17 @@ def ray_log_dispatcher():
 
 
 RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray registers its printing handler under
+
+
+def ray_log_printer() -> Callable[[dict], None]:
+    """ray 2.40-2.60. Ray's own printing of forwarded worker output (the handler it registers
+    as RAY_PRINT_HANDLER: `(TrainWorker pid=...)` prefixes, its deduplication, autoscaler
+    events only), for `--verbose`, which gets every line through it, each redacted first."""
+    import functools
+
+    from ray._private.worker import print_to_stdstream
+
+    return functools.partial(print_to_stdstream, ignore_prefix=False)
 
 
 def set_load_universal(engine, on: bool) -> None:
