@@ -33,15 +33,19 @@ def _actor_class():
     class TrainWorker:
         """One rank: its process id and GPU ids, its environment, then the worker function."""
 
-        def hello(self) -> tuple[int, list[str], str, int]:
-            """This process's id, the GPU ids Ray gave it, its node, and a free port there
-            (rank 0's is the rendezvous port: the group is on rank 0's machine)."""
+        def hello(self, listen: bool = False) -> tuple[int, list[str], str, int | None]:
+            """This process's id, the GPU ids Ray gave it and its node; with `listen` (rank
+            0: the group is on its machine) the rendezvous port, bound and listening here
+            from now on. The store serves on this socket when the process group is made,
+            seconds later after torch's and DeepSpeed's imports: a port only found free here
+            and bound then could be taken meanwhile (`patches.hold_port`)."""
             import os
             import socket
 
-            with socket.socket() as sock:  # as trainer.build.free_port, without importing trainctl (torch) yet
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+            port = None
+            if listen:  # trainctl (and torch) not imported yet: the socket is taken over in setup
+                self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+                port = self.listener.getsockname()[1]
             return os.getpid(), [str(g) for g in ray.get_gpu_ids()], ray.get_runtime_context().get_node_id(), port
 
         def setup(self, env: dict[str, str], log_path: str | None = None) -> None:
@@ -60,6 +64,9 @@ def _actor_class():
                 os.close(fd)
             os.environ.update(env)
             patches.rendezvous_on_loopback()  # rank 0's store on 127.0.0.1 only, not every interface
+            if getattr(self, "listener", None) is not None:  # rank 0: its store on the socket hello bound
+                patches.hold_port(self.listener)
+                self.listener = None
 
         def run(self, fn: Callable[[dict], Any], config: dict) -> Any:
             """fn(config), the config's secrets (redacted in the arguments: Ray may log
@@ -140,11 +147,11 @@ def run_once(
     try:
         actors = [worker.remote() for _ in range(n)]
         try:
-            hello = ray.get([a.hello.remote() for a in actors])
+            hello = ray.get([a.hello.remote(r == 0) for r, a in enumerate(actors)])
             here = ray.get_runtime_context().get_node_id()
             pids = [pid for pid, _, node, _ in hello if node == here]  # processes this one can watch exit
             gpu_ids = [ids for _, ids, _, _ in hello] if cluster.use_gpu else None
-            port = hello[0][3]  # free on rank 0's machine, where its store listens
+            port = hello[0][3]  # held by rank 0's process, on its machine, until its store serves on it
             ray.get([a.setup.remote(rendezvous_env(r, n, port, gpu_ids), log_path) for r, a in enumerate(actors)])
         except ray.exceptions.RayError as e:
             raise _failure(None, e) from None

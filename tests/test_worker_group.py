@@ -1,9 +1,24 @@
-"""cluster/worker_group.py's pure parts: each rank's env:// variables (trainer/build.py's rendezvous_env) (the group itself runs in
-test_e2e, test_checkpoints: every private-Ray job)."""
+"""cluster/worker_group.py: each rank's env:// variables (trainer/build.py's rendezvous_env),
+and real groups of Ray actors on one private Ray started in this process (as `trainctl run`
+starts it, `ray_job.connect`), running small functions of this module instead of training:
+rank 0 holds the rendezvous port from the moment it is chosen (nothing can take it before
+its store serves on it). The trainer itself fails and restarts in tests/test_e2e.py and
+test_checkpoints.py."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import ONE_THREAD, REPO, env
+
 from trainer.build import rendezvous_env
+from trainer.config import ClusterSection
 
 
 def test_each_rank_rendezvous_on_loopback_with_its_rank():
@@ -72,3 +87,108 @@ def test_a_dead_workers_cause_is_rays_exit_detail():
     )
     assert _cause(RuntimeError(text)) == "Worker unexpectedly exits with a connection error code 2"
     assert _cause(RuntimeError("\nfirst line\nsecond")) == "first line"
+
+
+# --- real groups -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_ray():
+    """A private Ray in this process for the module's groups, made as `trainctl run` makes it;
+    its workers import this module (tests/ on their path) for the functions they run."""
+    from cluster.ray_job import connect, shutdown
+
+    saved = dict(os.environ)
+    os.environ.update(ONE_THREAD, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    try:
+        connect(ClusterSection(address="local", num_workers=2), worker_logs=False, verbose=False)
+        yield
+    finally:
+        shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def rank() -> int:
+    return int(os.environ["RANK"])
+
+
+def all_reduce_ranks(config: dict) -> None:
+    """Rendezvous as the trainer does (env://, rank 0's store through the loopback patch), one
+    all-reduce, the result in a file per rank."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=60))
+    total = torch.tensor([float(rank() + 1)])
+    dist.all_reduce(total)
+    dist.destroy_process_group()
+    (Path(config["dir"]) / f"sum{rank()}").write_text(f"{total.item():g}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_rank_0_holds_the_rendezvous_port_from_the_moment_it_is_chosen(private_ray, tmp_path, monkeypatch):
+    """Another process binds the rendezvous port between the moment it is chosen and the
+    moment rank 0's store would bind it (here: when the driver hands the ranks their
+    variables; in a job, while rank 0 imports torch and DeepSpeed, seconds). The port is
+    already rank 0's, listening: the bind fails and the group trains. (When rank 0 only found
+    the port free and bound it in its store, the intruder got it and the group failed:
+    'EADDRINUSE' / 'address already in use'.)"""
+    import trainer.build
+    from cluster.worker_group import run_once
+
+    original, intruders = trainer.build.rendezvous_env, []
+
+    def intrude(r, world, port, gpus=None):
+        if r == 0:
+            try:
+                intruders.append(socket.create_server(("127.0.0.1", port)))
+            except OSError as e:
+                intruders.append(e)
+        return original(r, world, port, gpus)
+
+    monkeypatch.setattr(trainer.build, "rendezvous_env", intrude)
+    try:
+        run_once(all_reduce_ranks, {"dir": str(tmp_path)}, ClusterSection(num_workers=2))
+    finally:
+        for s in intruders:
+            if isinstance(s, socket.socket):
+                s.close()
+    assert [(tmp_path / f"sum{r}").read_text() for r in (0, 1)] == ["3", "3"]
+    (refused,) = intruders
+    assert isinstance(refused, OSError) and refused.errno == errno.EADDRINUSE, refused
+
+
+INTRUDE_ALONE = """
+import socket, sys
+from types import SimpleNamespace
+import trainer.build as build
+original, intruders = build.rendezvous_env, []
+def intrude(r, world, port, gpus=None):
+    try:
+        intruders.append(socket.create_server(("127.0.0.1", port)))
+        print("intruder bound the port", flush=True)
+    except OSError as e:
+        print("intruder refused:", e.errno, flush=True)
+    return original(r, world, port, gpus)
+build.rendezvous_env = intrude
+cfg = SimpleNamespace(cluster=SimpleNamespace(use_gpu=False, num_workers=1), tracking=SimpleNamespace(verbose=False))
+print("group:", build.setup_distributed(cfg), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_group_of_one_holds_its_rendezvous_port_too(tmp_path):
+    """`trainctl run --no-ray` alone: the process chooses its store's port, then imports
+    DeepSpeed, then makes its group of one. Another process binding the port meanwhile is
+    refused (it failed the run: 'address already in use')."""
+    r = subprocess.run(
+        [sys.executable, "-c", INTRUDE_ALONE], cwd=tmp_path, env=env(**ONE_THREAD), capture_output=True, text=True
+    )
+    assert f"intruder refused: {errno.EADDRINUSE}" in r.stdout and "group: (0, 1, 0)" in r.stdout, (
+        r.stdout + r.stderr[-3000:]
+    )

@@ -6,7 +6,6 @@ tracker and meter. The loop (loop.py) receives a built `Worker` and only reads i
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, val_share
-from trainer import checkpoint, hf, lora, perf
+from trainer import checkpoint, hf, lora, patches, perf
 from trainer.config import JobConfig, redact_text
 from trainer.engine import build_engine, deepspeed_config, import_deepspeed
 from trainer.model import Transformer
@@ -139,13 +138,6 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     return Transformer(cfg.model)
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback address (for rank 0's rendezvous store)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rendezvous_env(rank: int, world: int, port: int, gpus: list[list[str]] | None = None) -> dict[str, str]:
     """torch.distributed's env:// variables for one rank of a group on this machine; with
     `gpus` (each rank's GPU ids, as Ray assigned them), every rank sees the group's GPUs
@@ -173,10 +165,12 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
 
     Under Ray Train (a joined cluster) the group already exists (TorchConfig made it); a
     private Ray's actors (cluster/worker_group.py) and torchrun set the env:// variables; a
-    plain process becomes a group of one.
+    plain process becomes a group of one, its store on a port it holds from the moment it
+    is chosen (`patches.hold_port`: DeepSpeed's import comes between).
     """
     if not dist.is_initialized() and "RANK" not in os.environ:
-        os.environ.update(rendezvous_env(0, 1, free_port()))
+        patches.rendezvous_on_loopback()
+        os.environ.update(rendezvous_env(0, 1, patches.hold_port()))
     deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
     # 30 minutes for a collective, as Ray Train's TorchConfig gives (DeepSpeed's own default is 10):
     # rank 0 may convert a checkpoint to a universal one while the others wait in a barrier

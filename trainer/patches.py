@@ -50,11 +50,31 @@ TARGETS = [
 ]
 
 
+# Listening sockets bound before rank 0's store is made, by port (`hold_port`): the store
+# takes its socket from here instead of binding the port only when it starts.
+_HELD: dict[int, socket.socket] = {}
+
+
+def hold_port(listener: socket.socket | None = None) -> int:
+    """A port on 127.0.0.1 for rank 0's rendezvous store, bound and listening from now on
+    in this process (`listener`, or a new socket on a free port), so nothing can take it
+    while torch and DeepSpeed import: rank 0's store (`rendezvous_on_loopback`) serves on
+    this very socket (TCPStore's `master_listen_fd`). The others' connections wait in its
+    backlog until then. Returns the port."""
+    if listener is None:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    port = listener.getsockname()[1]
+    _HELD[port] = listener
+    return port
+
+
 def rendezvous_on_loopback() -> None:
     """torch 2.4-2.13. Rank 0 serves torch's rendezvous store (TCPStore), which listens on
     every interface whatever address it is given; when that address is the loopback one (a
-    private local Ray), listen there only. torch has no option for the listening address,
-    so its private store factory is wrapped. Idempotent."""
+    private local Ray, `--no-ray` alone), listen there only, on the socket `hold_port`
+    bound when the port was chosen if there is one (binding it only now could find it
+    taken). torch has no option for the listening address, so its private store factory
+    is wrapped. Idempotent."""
     import importlib
 
     # `import torch.distributed.rendezvous as …` would give the function of that name
@@ -66,7 +86,7 @@ def rendezvous_on_loopback() -> None:
     def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
         if rank != 0 or hostname not in ("127.0.0.1", "localhost") or rendezvous._torchelastic_use_agent_store():
             return create(hostname, port, rank, world_size, timeout, use_libuv)
-        listener = socket.create_server(("127.0.0.1", port), backlog=128)
+        listener = _HELD.pop(port, None) or socket.create_server(("127.0.0.1", port), backlog=128)
         return rendezvous.TCPStore(
             host_name=hostname,
             port=port,
