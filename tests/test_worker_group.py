@@ -2,16 +2,20 @@
 and real groups of Ray actors on one private Ray started in this process (as `trainctl run`
 starts it, `ray_job.connect`), running small functions of this module instead of training:
 rank 0 holds the rendezvous port from the moment it is chosen (nothing can take it before
-its store serves on it). The trainer itself fails and restarts in tests/test_e2e.py and
+its store serves on it); a dead worker is reported before the errors its peers then raise;
+a failure, or an exception of `poll`, kills the other workers and returns only once their
+processes are gone. The trainer itself fails and restarts in tests/test_e2e.py and
 test_checkpoints.py."""
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +196,78 @@ def test_a_group_of_one_holds_its_rendezvous_port_too(tmp_path):
     assert f"intruder refused: {errno.EADDRINUSE}" in r.stdout and "group: (0, 1, 0)" in r.stdout, (
         r.stdout + r.stderr[-3000:]
     )
+
+
+def rank_0_raises_then_rank_1_dies(config: dict) -> None:
+    """Rank 0 raises what a collective raises when its peer is gone; rank 1's process dies a
+    moment later (as when a killed peer is noticed first by the survivor)."""
+    marker = Path(config["dir"]) / "raised"
+    if rank() == 0:
+        marker.touch()
+        raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:41234")
+    while not marker.exists():
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_dead_worker_is_reported_before_the_error_its_peer_raised(private_ray, tmp_path):
+    from cluster.worker_group import WorkerFailed, run_once
+
+    with pytest.raises(WorkerFailed) as failed:
+        run_once(rank_0_raises_then_rank_1_dies, {"dir": str(tmp_path)}, ClusterSection(num_workers=2))
+    assert str(failed.value).startswith("ActorDiedError: worker 1's process died ("), str(failed.value)
+
+
+def pid_then(config: dict) -> None:
+    """Write this process's id, then: rank 0 raises once every rank has written its own
+    (`config["raise"]`), the others sleep (until killed)."""
+    d = Path(config["dir"])
+    (d / f"pid{rank()}").write_text(str(os.getpid()))
+    if rank() == 0 and config["raise"]:
+        while len(list(d.glob("pid*"))) < config["n"]:
+            time.sleep(0.01)
+        raise ValueError("boom")
+    time.sleep(600)
+
+
+def alive(pid: int) -> bool:
+    from cluster.worker_group import _zombie
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _zombie(pid)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_failure_or_polls_exception_kills_the_workers_and_returns_once_their_processes_are_gone(
+    private_ray, tmp_path
+):
+    from cluster.worker_group import WorkerFailed, run_once
+
+    one, two = tmp_path / "raise", tmp_path / "poll"
+    one.mkdir()
+    two.mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed, match="^ValueError: boom$"):
+        run_once(pid_then, {"dir": str(one), "raise": True, "n": 2}, ClusterSection(num_workers=2))
+    pids = [int((one / f"pid{r}").read_text()) for r in (0, 1)]
+    assert [alive(p) for p in pids] == [False, False]  # rank 1 slept on: killed, and gone before run_once returned
+    assert time.monotonic() - t0 < 60
+
+    class Stop(Exception):
+        pass
+
+    def poll() -> None:  # a sweep trial's reporter, which ASHA's stop leaves through an exception
+        if len(list(two.glob("pid*"))) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_once(pid_then, {"dir": str(two), "raise": False, "n": 2}, ClusterSection(num_workers=2), poll=poll)
+    pids = [int((two / f"pid{r}").read_text()) for r in (0, 1)]
+    assert [alive(p) for p in pids] == [False, False]
