@@ -21,12 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.restarts import Failure, Restarts, classify, one_of
 from trainer import patches
 from trainer.config import ClusterSection, is_secret_name, redact_text
 
 
 class JobFailed(RuntimeError):
-    """A worker raised; the message carries the worker's own error."""
+    """A worker raised; the message carries the worker's own error, `status` the exit
+    status it ends the job with (2: the user's to fix, cluster/restarts.py), `message` the
+    line without the class name for those."""
+
+    def __init__(self, line: str, status: int = 1, message: str | None = None):
+        super().__init__(line)
+        self.status, self.message = status, line if message is None else message
 
 
 class NotPlaceable(RuntimeError):
@@ -335,38 +342,58 @@ def run_on_ray(
     name: str,
     storage_path: str,
     watch: CapacityWatch | None = None,
+    restarts: Restarts | None = None,
 ) -> None:
     """Run `train_fn(config)` on `cluster.num_workers` Ray workers and wait: on a private
-    local Ray plain actors (`cluster/worker_group.py`), on a joined cluster Ray Train.
+    local Ray plain actors (`cluster/worker_group.py`), on a joined cluster Ray Train. Either
+    way a failed group is started again by `restarts` (cluster/restarts.py: at once never,
+    a failure that recurs never), failures recorded in the run folder (STORAGE_PATH/NAME).
 
-    Raises JobFailed with the worker's error when training fails after the allowed
-    restarts (`cluster.max_failures`), CapacityLost when `watch` gave up waiting for nodes.
+    Raises JobFailed with the worker's error when training fails for good (a failure that
+    recurs, or the restarts `cluster.max_failures` allows spent), CapacityLost when `watch`
+    gave up waiting for nodes.
     """
     check_placeable(cluster)
+    restarts = restarts or Restarts(cluster, Path(storage_path) / name)
     if cluster.address == "local":
         from cluster.worker_group import WorkerFailed, run_group
 
         def run() -> None:
-            run_group(train_fn, config, cluster)
+            try:
+                run_group(train_fn, config, cluster, restarts=restarts)
+            except WorkerFailed as e:
+                raise _job_failed(e.failure) from None
 
-        failed: type[Exception] = WorkerFailed
     else:
         import ray.train
         from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
 
-        trainer = patches.ray_lean_trainer(TorchTrainer, private=False)(
-            train_fn,
-            train_loop_config=config,
-            scaling_config=scaling_config(cluster),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage_path,
-                failure_config=FailureConfig(max_failures=cluster.max_failures),
-            ),
-            torch_config=torch_config(cluster),
-        )
-        run, failed = trainer.fit, ray.train.TrainingFailedError
+        def fit() -> None:
+            trainer = patches.ray_lean_trainer(TorchTrainer, private=False)(
+                train_fn,
+                train_loop_config=config,
+                scaling_config=scaling_config(cluster),
+                run_config=RunConfig(
+                    name=name,
+                    storage_path=storage_path,
+                    # restarts are `restarts`' (each a new fit()): Ray Train's own would retry
+                    # a full disk at once, for ever with max_failures -1
+                    failure_config=FailureConfig(max_failures=0),
+                ),
+                torch_config=torch_config(cluster),
+            )
+            trainer.fit()
+
+        def failure_of(e: Exception) -> Failure | None:
+            return ray_train_failure(e) if isinstance(e, ray.train.TrainingFailedError) else None
+
+        def run() -> None:
+            try:
+                restarts.run(fit, failure_of)
+            except ray.train.TrainingFailedError as e:
+                raise _job_failed(ray_train_failure(e)) from None
+
     import signal
 
     def give_up(signum, frame) -> None:
@@ -381,8 +408,6 @@ def run_on_ray(
         if watch is not None:
             watch.start()
         run()
-    except failed as e:
-        raise JobFailed(str(e) if cluster.address == "local" else _worker_error(str(e))) from None
     except KeyboardInterrupt:
         if watch is None or watch.timed_out is None:
             raise
@@ -391,6 +416,26 @@ def run_on_ray(
         if watch is not None:
             watch.stop()
             signal.signal(signal.SIGUSR1, previous)
+
+
+def _job_failed(failure: Failure) -> JobFailed:
+    return JobFailed(failure.line, failure.status, failure.message if failure.status == 2 else None)
+
+
+def ray_train_failure(error: Exception) -> Failure:
+    """What Ray Train's TrainingFailedError from `fit()` means (cluster/restarts.py): each
+    failed rank's own exception (WorkerGroupError.worker_failures, the worker's exception
+    as it raised it, or Ray's error for a process that died), a worker's death first, then
+    a recurring error; a controller's failure (the group could not be started) does not
+    recur."""
+    import ray.exceptions
+
+    line = _worker_error(str(error))
+    errors = list(getattr(error, "worker_failures", {}).values())
+    if any(isinstance(e, ray.exceptions.RayActorError) for e in errors):
+        return Failure(line)
+    failures = [classify(e, line) for e in errors if not isinstance(e, ray.exceptions.RayError)]
+    return one_of(failures) if failures else Failure(line)
 
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failed)): (.+)$")

@@ -16,15 +16,20 @@ Ray is imported only inside functions (as in the rest of cluster/).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
+from cluster.restarts import Failure, Restarts, classify, one_of
 from trainer.config import ClusterSection
 
 
 class WorkerFailed(RuntimeError):
-    """A worker raised or its process died; the message names the worker's own error."""
+    """A worker raised or its process died; the message names the worker's own error, and
+    `failure` says whether it would recur (cluster/restarts.py)."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.line)
+        self.failure = failure
 
 
 def _actor_class():
@@ -89,22 +94,23 @@ def _cause(error: Exception) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
 
 
-def _failure(rank: int | None, error: Exception) -> WorkerFailed:
+def _failure(rank: int | None, error: Exception) -> Failure:
     import ray.exceptions
 
     from cluster.ray_job import _worker_error
 
-    if isinstance(error, ray.exceptions.RayTaskError):  # the worker function raised
-        return WorkerFailed(_worker_error(str(error)))
+    if isinstance(error, ray.exceptions.RayTaskError):  # the worker function raised: its own exception
+        return classify(getattr(error, "cause", None), _worker_error(str(error)))
     who = f"worker {rank}'s process" if rank is not None else "a worker process"
     if isinstance(error, ray.exceptions.RayActorError):
-        return WorkerFailed(f"{type(error).__name__}: {who} died ({_cause(error)})")
-    return WorkerFailed(f"{type(error).__name__}: {who} failed ({_cause(error)})")
+        return Failure(f"{type(error).__name__}: {who} died ({_cause(error)})")
+    return Failure(f"{type(error).__name__}: {who} failed ({_cause(error)})")
 
 
 def _first_failure(failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
     """The failure to report: a worker's death rather than the error its peers then raise
-    ('Connection closed by peer' in a collective), waiting a moment for the others."""
+    ('Connection closed by peer' in a collective), else a rank's recurring error rather than
+    its peers' (cluster/restarts.py), waiting a moment for the others."""
     import ray
     import ray.exceptions
 
@@ -116,8 +122,9 @@ def _first_failure(failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
             except ray.exceptions.RayError as e:
                 failed[ref] = e
     dead = [ref for ref, e in failed.items() if isinstance(e, ray.exceptions.RayActorError)]
-    ref = dead[0] if dead else next(iter(failed))
-    return _failure(rank_of.get(ref), failed[ref])
+    if dead:
+        return WorkerFailed(_failure(rank_of.get(dead[0]), failed[dead[0]]))
+    return WorkerFailed(one_of([_failure(rank_of.get(ref), e) for ref, e in failed.items()]))
 
 
 def run_once(
@@ -154,7 +161,7 @@ def run_once(
             port = hello[0][3]  # held by rank 0's process, on its machine, until its store serves on it
             ray.get([a.setup.remote(rendezvous_env(r, n, port, gpu_ids), log_path) for r, a in enumerate(actors)])
         except ray.exceptions.RayError as e:
-            raise _failure(None, e) from None
+            raise WorkerFailed(_failure(None, e)) from None
         refs = [a.run.remote(train_fn, config) for a in actors]
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = refs
@@ -211,21 +218,16 @@ def run_group(
     cluster: ClusterSection,
     poll: Callable[[], None] | None = None,
     log_path: str | None = None,
+    restarts: Restarts | None = None,
 ) -> None:
-    """`run_once`, started again after a failure up to `cluster.max_failures` times (-1: no
-    limit), as Ray Train's FailureConfig would; the workers resume from the newest
-    checkpoint themselves. Raises WorkerFailed once the restarts are spent."""
-    failures = 0
-    while True:
-        try:
-            return run_once(train_fn, config, cluster, poll, log_path)
-        except WorkerFailed as e:
-            failures += 1
-            if cluster.max_failures != -1 and failures > cluster.max_failures:
-                raise
-            print(
-                f"trainctl: a worker failed ({e}); starting the workers again "
-                f"({failures} of {'unlimited' if cluster.max_failures == -1 else cluster.max_failures} restarts)",
-                file=sys.stderr,
-                flush=True,
-            )
+    """`run_once`, started again after a failure that does not recur, after a wait that
+    grows, up to `cluster.max_failures` times (-1: no limit), as Ray Train's FailureConfig
+    would (`restarts`: the policy, cluster/restarts.py; its run folder records each failure);
+    the workers resume from the newest checkpoint themselves. Raises WorkerFailed at a
+    failure that recurs, or once the restarts are spent."""
+    restarts = restarts or Restarts(cluster)
+
+    def failure_of(e: Exception) -> Failure | None:
+        return e.failure if isinstance(e, WorkerFailed) else None
+
+    restarts.run(lambda: run_once(train_fn, config, cluster, poll, log_path), failure_of)

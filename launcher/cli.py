@@ -113,14 +113,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.no_ray:
-        from trainer.saver import SaveFailed
+        from cluster.restarts import recurring_status
 
         try:
             status = worker(cfg.model_dump(mode="json"))
-        except SaveFailed as e:  # a full disk, an unreachable bucket: the user's to fix, no traceback
-            print(f"trainctl: error: {redact_text(str(e))}", file=sys.stderr)
-            return 2
         except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
+            if recurring_status(e) == 2:  # a full disk, bad data: the user's to fix, no traceback
+                print(f"trainctl: error: {redact_text(' '.join(str(e).split()))}", file=sys.stderr)
+                return 2
             import traceback
 
             print(redact_text(traceback.format_exc()), end="", file=sys.stderr)  # a URL's password never shown

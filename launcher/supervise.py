@@ -35,8 +35,8 @@ def workers_started(folder: Path) -> bool:
     """Whether this invocation's workers have started (recorded an attempt) yet."""
     try:
         launched_at = json.loads((folder / LAUNCH).read_text())["started_at"]
-        rows = (folder / "attempts.jsonl").read_text().splitlines()
-        return any(json.loads(row)["at"] >= launched_at for row in rows if row.strip())
+        rows = [json.loads(row) for row in (folder / "attempts.jsonl").read_text().splitlines() if row.strip()]
+        return any(row["at"] >= launched_at for row in rows if "step" in row)  # a start, not a failure
     except (OSError, ValueError, KeyError, TypeError):  # a row cut short by a crash: not started, as far as known
         return False
 
@@ -120,14 +120,18 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
         run_on_ray,
         shutdown,
     )
+    from cluster.restarts import Restarts
     from launcher.job import UsageError
 
     folder = run_dir(cfg)
     watch = CapacityWatch(cfg.cluster, lambda: where_now(cfg))
+    restarts = Restarts(cfg.cluster, folder)
 
     def idle() -> str | None:
         if watch.waiting_since is not None:
             return "while waiting for capacity"
+        if restarts.waiting:
+            return "while waiting to start the workers again"
         if cfg.cluster.address != "local":  # the workers' run folder may be on other machines: ask them
             return None
         return None if workers_started(folder) else "before the workers started"
@@ -148,7 +152,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             sigterm.handler(signal.SIGTERM, None)
         sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
         last_line = route_worker_logs(folder / "workers.log", verbose)  # redacted, to the console or the file
-        run_on_ray(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch)
+        run_on_ray(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch, restarts)
         if last_line is not None:  # rank 0's summary, forwarded a moment after the workers end
             last_line.wait(LAST_LINE_WAIT_S)
     except (JobFailed, CapacityLost) as e:
@@ -169,8 +173,8 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
     if isinstance(failure, CapacityLost):
         print(f"trainctl: stopped: {redact_text(str(failure))}", file=sys.stderr)
         return FAILED
-    if failure is not None and "SaveFailed: " in str(failure):
-        print(f"trainctl: error: {redact_text(str(failure).split('SaveFailed: ', 1)[1])}", file=sys.stderr)
+    if isinstance(failure, JobFailed) and failure.status == 2:  # a full disk, bad data: the user's to fix
+        print(f"trainctl: error: {redact_text(failure.message)}", file=sys.stderr)
         return 2
     if failure is not None:
         where = "" if verbose else f" (the workers' output: {folder / 'workers.log'})"

@@ -124,9 +124,14 @@ def test_a_job_survives_one_of_each_fault_with_every_loss_equal(work):
     assert "is incomplete (a save was interrupted); using an earlier one" in log  # the truncated checkpoint passed over
     # The restart bookkeeping: one attempt per start of the workers, at the step each resumed
     # from; the worker killed under max_failures is "restart 1" of its invocation, in the
-    # console and in metrics.jsonl with the seconds lost since its checkpoint.
-    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    # console and in metrics.jsonl with the seconds lost since its checkpoint, and its
+    # failure the launcher's row between two attempts: restarted (transient) after 1 s.
+    rows = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    attempts = [row for row in rows if "step" in row]
     assert [a["step"] for a in attempts] == [0] + [int(resumed) for _, _, resumed in faults]
+    (failure,) = [row for row in rows if "failure" in row]
+    assert failure["class"] == "transient" and failure["wait_s"] == 1, failure
+    assert "starting the workers again in 1 s (1 of unlimited restarts)" in log
     (killed,) = [int(resumed) for _, kind, resumed in faults if kind == "kill-worker"]
     assert f"trainctl: restart 1 of this job: resumed at step {killed}, " in log
     (event,) = [

@@ -264,15 +264,27 @@ def test_generate_returns_requested_length(trained):
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_worker_failure_exits_1_with_the_workers_error(trained):
+def test_a_workers_error_that_would_recur_ends_an_unlimited_job_at_once_with_its_line(trained):
+    """A shard damaged after prepare: the workers fail reading it. Under cluster.max_failures:
+    -1 the job ends at that first failure, with the error's one line and exit 2 (the user's to
+    fix, as before launch), and the attempt log says why it was not restarted: started again,
+    the workers would read the same shard (the old loop restarted it for ever, ~17 s a turn;
+    this run's time limit failed it)."""
     work, *_ = trained
     broken = work / "broken"
     subprocess.run(["cp", "-r", str(work / "data"), str(broken)], check=True)
     (broken / "train-000000.tar").write_bytes(b"not a tar file" * 100)
-    r = trainctl("run", "job.yaml", "name=broken", "data.path=broken", "train.sample_tokens=0", cwd=work)
-    assert r.returncode == 1
+    r = trainctl(
+        "run", "job.yaml", "name=broken", "data.path=broken", "train.sample_tokens=0", "cluster.max_failures=-1",
+        cwd=work, timeout=200,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("trainctl: training failed:") and "train-000000.tar" in last, r.stderr[-2000:]
+    assert last.startswith("trainctl: error: ") and "train-000000.tar" in last, r.stderr[-2000:]
+    assert "starting the workers again" not in r.stderr
+    rows = [json.loads(line) for line in (work / "runs" / "broken" / "attempts.jsonl").read_text().splitlines()]
+    (failure,) = [row for row in rows if "failure" in row]
+    assert failure["class"] == "recurring" and failure["wait_s"] is None and "train-000000.tar" in failure["failure"]
 
 
 @pytest.mark.slow

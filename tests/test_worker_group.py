@@ -4,12 +4,14 @@ starts it, `ray_job.connect`), running small functions of this module instead of
 rank 0 holds the rendezvous port from the moment it is chosen (nothing can take it before
 its store serves on it); a dead worker is reported before the errors its peers then raise;
 a failure, or an exception of `poll`, kills the other workers and returns only once their
-processes are gone. The trainer itself fails and restarts in tests/test_e2e.py and
-test_checkpoints.py."""
+processes are gone; a worker killed once is restarted after the backoff; an error that
+recurs ends a `max_failures: -1` group at once. The trainer itself fails and restarts in
+tests/test_e2e.py and test_checkpoints.py."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -43,32 +45,33 @@ def test_with_gpus_every_rank_sees_the_groups_gpus_and_takes_its_own():
 
 def test_the_group_restarts_up_to_max_failures_then_fails(monkeypatch, capsys):
     """run_group's counting, with run_once standing in for a group whose worker fails each
-    time (a real group fails and restarts in test_checkpoints' chaos test)."""
-    import pytest
-
+    time (a real group fails and restarts below); the waits are recorded, not slept."""
     from cluster import worker_group
-    from trainer.config import ClusterSection
+    from cluster.restarts import Failure, Restarts
 
-    calls = []
+    calls, waits = [], []
 
     def failing(train_fn, config, cluster, *rest):
         calls.append(1)
-        raise worker_group.WorkerFailed("ValueError: boom")
+        raise worker_group.WorkerFailed(Failure("ValueError: boom"))
+
+    def restarts(max_failures: int) -> Restarts:
+        return Restarts(ClusterSection(max_failures=max_failures), sleep=waits.append)
 
     monkeypatch.setattr(worker_group, "run_once", failing)
     with pytest.raises(worker_group.WorkerFailed, match="ValueError: boom"):
-        worker_group.run_group(None, {}, ClusterSection(max_failures=2))
-    assert len(calls) == 3  # the first start and 2 restarts
+        worker_group.run_group(None, {}, ClusterSection(max_failures=2), restarts=restarts(2))
+    assert len(calls) == 3 and waits == [1, 2]  # the first start and 2 restarts
     assert capsys.readouterr().err.splitlines() == [
-        "trainctl: a worker failed (ValueError: boom); starting the workers again (1 of 2 restarts)",
-        "trainctl: a worker failed (ValueError: boom); starting the workers again (2 of 2 restarts)",
+        "trainctl: a worker failed (ValueError: boom); starting the workers again in 1 s (1 of 2 restarts)",
+        "trainctl: a worker failed (ValueError: boom); starting the workers again in 2 s (2 of 2 restarts)",
     ]
     calls.clear()
     with pytest.raises(worker_group.WorkerFailed):
-        worker_group.run_group(None, {}, ClusterSection(max_failures=0))
+        worker_group.run_group(None, {}, ClusterSection(max_failures=0), restarts=restarts(0))
     assert len(calls) == 1
 
-    outcomes = iter([worker_group.WorkerFailed("x")] * 5 + [None])
+    outcomes = iter([worker_group.WorkerFailed(Failure("x"))] * 5 + [None])
 
     def flaky(train_fn, config, cluster, *rest):
         calls.append(1)
@@ -77,7 +80,7 @@ def test_the_group_restarts_up_to_max_failures_then_fails(monkeypatch, capsys):
 
     calls.clear()
     monkeypatch.setattr(worker_group, "run_once", flaky)
-    worker_group.run_group(None, {}, ClusterSection(max_failures=-1))  # unlimited: the sixth start succeeds
+    worker_group.run_group(None, {}, ClusterSection(max_failures=-1), restarts=restarts(-1))  # the sixth start succeeds
     assert len(calls) == 6
 
 
@@ -219,6 +222,7 @@ def test_a_dead_worker_is_reported_before_the_error_its_peer_raised(private_ray,
     with pytest.raises(WorkerFailed) as failed:
         run_once(rank_0_raises_then_rank_1_dies, {"dir": str(tmp_path)}, ClusterSection(num_workers=2))
     assert str(failed.value).startswith("ActorDiedError: worker 1's process died ("), str(failed.value)
+    assert not failed.value.failure.recurs  # restarted (transient)
 
 
 def pid_then(config: dict) -> None:
@@ -271,3 +275,95 @@ def test_a_failure_or_polls_exception_kills_the_workers_and_returns_once_their_p
         run_once(pid_then, {"dir": str(two), "raise": False, "n": 2}, ClusterSection(num_workers=2), poll=poll)
     pids = [int((two / f"pid{r}").read_text()) for r in (0, 1)]
     assert [alive(p) for p in pids] == [False, False]
+
+
+def killed_once(config: dict) -> None:
+    """Rank 1's process is SIGKILLed at the first start; the second start trains through."""
+    d = Path(config["dir"])
+    with open(d / "starts", "a") as f:
+        f.write(json.dumps({"rank": rank(), "at": time.time()}) + "\n")
+    if rank() == 1 and not (d / "killed").exists():
+        (d / "killed").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_worker_killed_once_is_restarted_after_the_backoff(private_ray, tmp_path, capsys):
+    from cluster.restarts import FIRST_WAIT_S, Restarts
+    from cluster.worker_group import run_group
+
+    cluster = ClusterSection(num_workers=2, max_failures=-1)
+    run_group(killed_once, {"dir": str(tmp_path)}, cluster, restarts=Restarts(cluster, tmp_path))
+    starts = [json.loads(line) for line in (tmp_path / "starts").read_text().splitlines()]
+    assert sorted(s["rank"] for s in starts) == [0, 0, 1, 1]
+    (row,) = [json.loads(line) for line in (tmp_path / "attempts.jsonl").read_text().splitlines()]
+    assert row["class"] == "transient" and row["wait_s"] == FIRST_WAIT_S
+    assert row["failure"].startswith("ActorDiedError: worker 1's process died ("), row
+    assert min(s["at"] for s in starts[2:]) - row["at"] >= FIRST_WAIT_S  # the second start came after the wait
+    err = capsys.readouterr().err
+    assert "trainctl: a worker failed (ActorDiedError: worker 1's process died (" in err
+    assert "starting the workers again in 1 s (1 of unlimited restarts)" in err
+
+
+def raise_recurring(config: dict) -> None:
+    from data_pipeline.errors import DataError
+
+    with open(Path(config["dir"]) / "starts", "a") as f:
+        f.write(f"{rank()}\n")
+    if rank() == config["rank"]:
+        raise DataError("chunk http://u:secret@h/train-000000.tar bytes 0-99: sha256 mismatch")
+    time.sleep(600)  # its peer: waits in a collective that never completes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_error_that_recurs_ends_an_unlimited_group_at_once(private_ray, tmp_path):
+    """Rank 1 raises DataError, rank 0 waits (in a collective, in a job): the group ends at the
+    first failure, with the DataError's line and exit status 2, under `max_failures: -1`. The
+    old loop started the group again, for ever: a second start fails the test (by `poll`)."""
+    from cluster.restarts import Restarts
+    from cluster.worker_group import WorkerFailed, run_group
+
+    cluster = ClusterSection(num_workers=2, max_failures=-1)
+
+    def poll() -> None:
+        assert (tmp_path / "starts").read_text().count("1\n") <= 1, "a recurring failure was restarted"
+
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed) as failed:
+        run_group(
+            raise_recurring, {"dir": str(tmp_path), "rank": 1}, cluster, poll, restarts=Restarts(cluster, tmp_path)
+        )
+    f = failed.value.failure
+    assert (f.recurs, f.status) == (True, 2) and f.line.startswith("DataError: chunk http://u:***@h/train-000000.tar")
+    (row,) = [json.loads(line) for line in (tmp_path / "attempts.jsonl").read_text().splitlines()]
+    assert row["class"] == "recurring" and row["wait_s"] is None
+    assert time.monotonic() - t0 < 60
+
+
+def raises(name: str) -> None:
+    """A Ray task raising one of the recurring errors as a worker would."""
+    from test_restarts import recurring_errors
+
+    raise recurring_errors()[name]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_each_recurring_error_survives_rays_trip_to_the_driver_and_is_known_there(private_ray):
+    """What the driver gets from Ray for each class that recurs (the worker's exception,
+    unpickled) is classified as it was raised: the same line and exit status."""
+    import ray
+    import ray.exceptions
+    from test_restarts import recurring_errors
+
+    from cluster.worker_group import _failure
+
+    task = ray.remote(num_cpus=0.1)(raises)
+    for name, error in recurring_errors().items():
+        with pytest.raises(ray.exceptions.RayTaskError) as got:
+            ray.get(task.remote(name))
+        f = _failure(0, got.value)
+        assert f.recurs and f.status == (1 if name == "Diverged" else 2), (name, f)
+        assert f.line == f"{name}: {' '.join(str(error).split())}", (name, f.line)
