@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from trainer.config import ClusterSection
+from trainer.config import ClusterSection, redact_text
 from trainer.run_folder import record_failure
 
 T = TypeVar("T")
@@ -153,7 +153,7 @@ class Restarts:
                 if wait is None:
                     raise
             print(
-                f"trainctl: a worker failed ({failure.line}); starting the workers again in {wait:g} s "
+                f"trainctl: a worker failed ({redact_text(failure.line)}); starting the workers again in {wait:g} s "
                 f"({self.failures} of {limit} restarts)",
                 file=sys.stderr,
                 flush=True,

@@ -130,6 +130,14 @@ def test_transient_failures_restart_after_a_doubling_capped_wait_then_max_failur
     assert err[-1].endswith("starting the workers again in 60 s (9 of 9 restarts)") and len(err) == 9
 
 
+def test_the_restart_line_holds_no_secret(capsys):
+    restarts = Restarts(ClusterSection(max_failures=1), None, lambda s: None)
+    with pytest.raises(KeyError):
+        restarts.run(lambda: {}["x"], lambda e: Failure("OSError: reading http://u:pw-1@h/x?X-Amz-Signature=abc"))
+    err = capsys.readouterr().err
+    assert "pw-1" not in err and "abc" not in err and "http://u:***@h/x" in err
+
+
 def test_an_attempt_that_ran_long_starts_the_wait_over(tmp_path):
     clock = Clock()
     restarts = Restarts(ClusterSection(max_failures=-1), None, clock.sleep, lambda: clock.now)
