@@ -425,14 +425,17 @@ def _job_failed(failure: Failure) -> JobFailed:
 def ray_train_failure(error: Exception) -> Failure:
     """What Ray Train's TrainingFailedError from `fit()` means (cluster/restarts.py): each
     failed rank's own exception (WorkerGroupError.worker_failures, the worker's exception
-    as it raised it, or Ray's error for a process that died), a worker's death first, then
-    a recurring error; a controller's failure (the group could not be started) does not
-    recur."""
+    as it raised it; for a process that died, a failed health check wrapping Ray's
+    ActorDiedError), a worker's death first, then a recurring error; a controller's failure
+    (the group could not be started) does not recur."""
     import ray.exceptions
+
+    def died(e: Exception) -> bool:
+        return any(isinstance(x, ray.exceptions.RayActorError) for x in (e, getattr(e, "health_check_failure", None)))
 
     line = _worker_error(str(error))
     errors = list(getattr(error, "worker_failures", {}).values())
-    if any(isinstance(e, ray.exceptions.RayActorError) for e in errors):
+    if any(died(e) for e in errors):
         return Failure(line)
     failures = [classify(e, line) for e in errors if not isinstance(e, ray.exceptions.RayError)]
     return one_of(failures) if failures else Failure(line)

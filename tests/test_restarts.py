@@ -193,8 +193,11 @@ def test_ray_trains_failures_are_read_from_each_ranks_own_exception():
     assert f.recurs and f.status == 1 and f.line.startswith("Diverged: step 15: the loss is nan")
     f = ray_train_failure(WorkerGroupError("ValueError: boom", {0: ValueError("boom")}))
     assert not f.recurs and f.line == "ValueError: boom"
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
     died = ray.exceptions.ActorDiedError()  # a lost node: the worker's process with it
-    f = ray_train_failure(WorkerGroupError("the actor died", {0: died, 1: errors["DataError"]}))
-    assert not f.recurs
+    for dead in (died, WorkerHealthCheckFailedError("A worker health check failed.", died)):  # as Ray Train V2 has it
+        f = ray_train_failure(WorkerGroupError("the actor died", {0: dead, 1: errors["DataError"]}))
+        assert not f.recurs
     f = ray_train_failure(ControllerError(TimeoutError("the worker group did not start")))
     assert not f.recurs
