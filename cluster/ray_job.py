@@ -346,8 +346,9 @@ def run_on_ray(
 ) -> None:
     """Run `train_fn(config)` on `cluster.num_workers` Ray workers and wait: on a private
     local Ray plain actors (`cluster/worker_group.py`), on a joined cluster Ray Train. Either
-    way a failed group is started again by `restarts` (cluster/restarts.py: at once never,
-    a failure that recurs never), failures recorded in the run folder (STORAGE_PATH/NAME).
+    way a failed group is started again by `restarts` (cluster/restarts.py: after a growing
+    wait, and never for a failure that would recur), each failure recorded in the run folder
+    (STORAGE_PATH/NAME).
 
     Raises JobFailed with the worker's error when training fails for good (a failure that
     recurs, or the restarts `cluster.max_failures` allows spent), CapacityLost when `watch`

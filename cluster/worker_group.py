@@ -2,8 +2,10 @@
 
 On `cluster.address: local` (one machine, a Ray started for the job) what the job needs of
 Ray Train is N processes on the machine's cores (or GPUs), torch's rendezvous on the
-loopback address (listening there only: `patches.rendezvous_on_loopback`), and the whole group started again when a worker fails (up to
-`cluster.max_failures`). Ray Train's controller, worker group, synchronization actor and
+loopback address (listening there only: `patches.rendezvous_on_loopback`, on a port rank 0
+holds from the start), and the whole group started again when a worker fails, unless the
+failure would recur (up to `cluster.max_failures`, after a growing wait: cluster/restarts.py).
+Ray Train's controller, worker group, synchronization actor and
 backend setup are each one more process or round trip on the job's cores before the first
 step: with plain actors a 20-step tiny-cpu job's first step came after 16.5-17.0 s against
 28.5-29.3 s through Ray Train (2-vCPU VM, interleaved; BENCHMARKS.md, issue 17). Ray stays
