@@ -129,7 +129,11 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     if cfg.train.zero_stage == 3:  # each rank holds only its partition, even while loading
         load = partial(hf.load_model_partitioned, ds_config=deepspeed_config(cfg))
     if cfg.train.lora is not None:
-        return lora.apply(load(cfg.model, cfg.model.init_from), cfg.train.lora)
+        base = load(cfg.model, cfg.model.init_from)
+        # The adapters' init from the seed alone: under ZeRO-3's zero.Init the base's random
+        # init (overwritten by the file's weights) draws from the generator first.
+        torch.manual_seed(cfg.train.seed)
+        return lora.apply(base, cfg.train.lora)
     if cfg.model.init_from and not resuming:
         return load(cfg.model, cfg.model.init_from)
     if cfg.model.init_from and cfg.train.zero_stage == 3:  # a resume of a large model: partitioned from the start
