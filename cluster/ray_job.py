@@ -2,7 +2,7 @@
 Ray's plain actors, cluster/worker_group.py; Ray Train on a joined cluster).
 
 Ray is imported only inside cluster/'s functions (and trainer/patches.py's Ray patches,
-called from here). The training loop knows nothing of Ray: `run_on_ray` takes the worker
+called from here). The training loop knows nothing of Ray: `run_workers` takes the worker
 function as an argument and hands each worker the resolved config as a plain dict (on a
 private Ray with its secrets redacted, the real values inherited: `connect`).
 """
@@ -119,7 +119,7 @@ class CapacityWatch:
     of it unless a worker was on a lost node: so when they cannot, the group is down. The
     watch then says so at once, naming the lost nodes and what is missing, repeats it every
     `repeat_s`, says when capacity is back, and after `timeout_s` sends this process SIGUSR1,
-    whose handler (put in by `run_on_ray`) raises out of `fit()`: `_thread.interrupt_main`
+    whose handler (put in by `run_workers`) raises out of `fit()`: `_thread.interrupt_main`
     would be SIGINT, which Ray Train takes for a graceful abort that waits on the very
     controller that cannot place the workers. `progress()` names where the run stands
     (its step and the checkpoint it would resume from)."""
@@ -205,14 +205,6 @@ class CapacityWatch:
         return said
 
 
-# What Ray Train starts that a private local Ray has no use for, each one more Ray process on
-# the job's cores while its workers start: Ray Train's metrics (for a dashboard the private
-# Ray does not run) and its preemption watcher (node drain notices from an autoscaler it does
-# not have; trainctl's own SIGTERM handling stays). A user's own setting wins. With
-# ray_lean_trainer, 3 interleaved runs each of a 10-step job: first step 34.4 -> 28.6 s.
-LOCAL_RAY_TRAIN_OFF = ("RAY_TRAIN_METRICS_ENABLED", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
-
-
 @dataclass
 class Connection:
     address: str
@@ -240,8 +232,6 @@ def connect(
 
     no_usage_stats()
     if cluster.address == "local":
-        for name in LOCAL_RAY_TRAIN_OFF:  # read here by Ray Train and handed to its controller
-            os.environ.setdefault(name, "0")
         needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)  # ray.init takes whole CPUs
         public, secret = split_env(worker_env(cluster))
         with patches.ray_single_machine_mode(), inherited({**secret, **(secrets or {})}):
@@ -262,7 +252,7 @@ def connect(
 
 def import_ray_train_meanwhile() -> None:
     """Import Ray Train (torch, pandas, ray.data: 3.7 s on 2 vCPUs) in a thread while
-    `ray.init` (`connect`) waits on the processes it starts; `run_on_ray`'s import then
+    `ray.init` (`connect`) waits on the processes it starts; `run_workers`'s import then
     finds it done.
     Measured: ray.init + the import 8.9-10.9 s one after the other, 6.2-7.5 s together."""
     import threading
@@ -270,31 +260,24 @@ def import_ray_train_meanwhile() -> None:
     def load() -> None:
         try:
             import ray.train.torch  # noqa: F401
-        except Exception:  # run_on_ray's own import reports it
+        except Exception:  # run_workers's own import reports it
             pass
 
     threading.Thread(target=load, name="import-ray-train", daemon=True).start()
 
 
-def quiet_worker_logs() -> None:
-    """Run in every Ray worker process at start (runtime_env worker_process_setup_hook).
-    Ray Train's placement-group cleaner asks the state API every few seconds and, on a Ray
-    started without its dashboard (ours, for a local job), warns each time it cannot."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
 def torch_config(cluster: ClusterSection):
-    """Ray Train's TorchConfig, whose backend first serves torch's rendezvous store on the
-    loopback address in every worker (when the job's address is the loopback one)."""
-    return patches.ray_torch_backend(patches.rendezvous_on_loopback, "nccl" if cluster.use_gpu else "gloo")
+    """Ray Train's TorchConfig (a joined cluster's jobs and `cluster check` there): gloo or
+    NCCL, collectives timing out after `cluster.collective_timeout_s` (as the worker actors'
+    and --no-ray's groups, trainer/build.py), torch's rendezvous store served on the
+    loopback address only when that is the job's address."""
+    backend = "nccl" if cluster.use_gpu else "gloo"
+    return patches.ray_torch_backend(patches.rendezvous_on_loopback, backend, cluster.collective_timeout_s)
 
 
 def runtime_env(cluster: ClusterSection, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The job's runtime_env: `env` (default: every `worker_env` variable) and the setup hook."""
-    env = worker_env(cluster) if env is None else env
-    return {"env_vars": env, "worker_process_setup_hook": "cluster.ray_job.quiet_worker_logs"}
+    """The job's runtime_env: `env` (default: every `worker_env` variable)."""
+    return {"env_vars": worker_env(cluster) if env is None else env}
 
 
 def split_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -335,7 +318,7 @@ def worker_env(cluster: ClusterSection) -> dict[str, str]:
     return env
 
 
-def run_on_ray(
+def run_workers(
     train_fn: Callable[[dict], None],
     config: dict[str, Any],
     cluster: ClusterSection,
@@ -371,7 +354,7 @@ def run_on_ray(
         from ray.train.torch import TorchTrainer
 
         def fit() -> None:
-            trainer = patches.ray_lean_trainer(TorchTrainer, private=False)(
+            trainer = patches.ray_trainer_without_datasets(TorchTrainer)(
                 train_fn,
                 train_loop_config=config,
                 scaling_config=scaling_config(cluster),

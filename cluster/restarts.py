@@ -12,7 +12,7 @@ restarted, up to `max_failures`, after a wait that doubles from FIRST_WAIT_S to 
 folder's attempts.jsonl, between the workers' own rows: its line, its class and the wait.
 
 Both ways a job's workers run go through `Restarts.run`: a private Ray's actors
-(`worker_group.run_group`) and Ray Train on a joined cluster (`ray_job.run_on_ray`, whose
+(`worker_group.run_group`) and Ray Train on a joined cluster (`ray_job.run_workers`, whose
 own FailureConfig then allows none). Torch-free and Ray-free: failures are classified by
 the names of their classes.
 """

@@ -11,7 +11,7 @@ step: with plain actors a 20-step tiny-cpu job's first step came after 16.5-17.0
 28.5-29.3 s through Ray Train (2-vCPU VM, interleaved; BENCHMARKS.md, issue 17). Ray stays
 the launcher: it schedules the actors on `cluster.cpus_per_worker` and GPUs, runs their
 processes, forwards their output and kills them. A joined cluster keeps Ray Train
-(`ray_job.run_on_ray`): placement across nodes, node loss.
+(`ray_job.run_workers`): placement across nodes, node loss.
 
 Ray is imported only inside functions (as in the rest of cluster/).
 """

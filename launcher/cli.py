@@ -250,12 +250,12 @@ def _cmd_cluster_check(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     if args.address:
         cfg.cluster.address = args.address
-    if "://" in cfg.cluster.address and not cfg.cluster.address.startswith("ray://") or cfg.cluster.address == "local":
+    if "://" in cfg.cluster.address and not cfg.cluster.address.startswith("ray://"):
         raise UsageError(
-            f"cluster check needs the cluster's Ray address (HEAD:6379, auto or ray://HEAD:10001), not "
-            f"{cfg.cluster.address!r}: it runs a small job from here"
+            f"cluster check needs the cluster's Ray address (HEAD:6379, auto or ray://HEAD:10001), or local for "
+            f"this machine, not {cfg.cluster.address!r}: it runs a small job from here"
         )
-    conn = connect(cfg.cluster, worker_logs=False)
+    conn = connect(cfg.cluster, worker_logs=False, verbose=cfg.tracking.verbose)
     try:
         nodes = nodes_and_storage(cfg.checkpoint.storage_path)
         try:
@@ -582,10 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="nodes, storage from every node, all-reduce bandwidth",
         description="Alive nodes (CPUs, GPUs, memory); whether checkpoint.storage_path is writable from "
-        "every node; a short all-reduce over the job's workers with its bus bandwidth.",
+        "every node; a short all-reduce over the job's workers with its bus bandwidth, the workers started as the "
+        "job's would be (Ray Train on a joined cluster; with cluster.address local, a private Ray's worker actors "
+        "on this machine).",
     )
     _job_arguments(pcc, "YAML job file (its cluster and checkpoint sections); default: the defaults", optional=True)
-    pcc.add_argument("--address", help="the cluster's Ray address (HEAD:6379, auto); overrides cluster.address")
+    pcc.add_argument(
+        "--address", help="the cluster's Ray address (HEAD:6379, auto), or local; overrides cluster.address"
+    )
     pcc.set_defaults(fn=_cmd_cluster_check)
 
     pco = sub.add_parser(

@@ -117,7 +117,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
         connect,
         import_ray_train_meanwhile,
         route_worker_logs,
-        run_on_ray,
+        run_workers,
         shutdown,
     )
     from cluster.restarts import Restarts
@@ -152,7 +152,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             sigterm.handler(signal.SIGTERM, None)
         sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
         last_line = route_worker_logs(folder / "workers.log", verbose)  # redacted, to the console or the file
-        run_on_ray(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch, restarts)
+        run_workers(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch, restarts)
         if last_line is not None:  # rank 0's summary, forwarded a moment after the workers end
             last_line.wait(LAST_LINE_WAIT_S)
     except (JobFailed, CapacityLost) as e:

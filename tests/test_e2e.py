@@ -79,9 +79,9 @@ def trained(tmp_path_factory):
     r = trainctl("prepare", "text.txt", "--out", "data", cwd=work)
     assert r.returncode == 0, r.stderr
     (work / "job.yaml").write_text(JOB)
-    r, listening = trainctl_watched("run", "job.yaml", cwd=work)
+    r, sockets = trainctl_watched("run", "job.yaml", cwd=work)  # its hostname resolving outward
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return work, r, listening
+    return work, r, sockets
 
 
 @pytest.mark.slow
@@ -121,26 +121,33 @@ def loopback(ip: str) -> bool:
     return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
+def outward_sockets(seen: dict[int, set[str]]) -> list[str]:
+    """The "IP PROCESS" entries of `trainctl_watched` on an address other than loopback."""
+    return sorted(s for s in set().union(*seen.values()) if not loopback(s.split(" ")[0]))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(360)
-def test_the_private_ray_listens_on_loopback_only_and_ends_with_the_job(trained):
+def test_the_private_ray_and_the_collectives_stay_on_loopback_and_end_with_the_job(trained):
+    """Every socket of the run's processes, listening or connected (Ray's, torch's store,
+    gloo's between the ranks), is on a loopback address; the run's hostname resolved to the
+    machine's outward address (cli_helpers.hostname_outward), where gloo binds unless
+    GLOO_SOCKET_IFNAME names an interface. The processes are gone when the run ends."""
     import psutil
 
-    _, _, listening = trained
-    sockets = set().union(*listening.values())
+    _, _, seen = trained
+    sockets = set().union(*seen.values())
     assert {"gcs_server", "raylet", "ray::TrainWorker"} <= {s.split(" ", 1)[1].split(".")[0] for s in sockets}
-    outward = [s for s in sockets if not loopback(s.split(" ")[0])]
-    assert outward == [], outward  # before: the GCS, raylet and workers on every interface
-    alive = [
-        pid for pid in listening if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    ]
+    # before: the GCS, raylet and workers on every interface; then gloo on the hostname's address
+    assert outward_sockets(seen) == []
+    alive = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == [], [psutil.Process(pid).cmdline()[:3] for pid in alive]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_run_loss_falls_and_metrics_have_the_keys(trained):
-    work, r, _ = trained
+    work, r, *_ = trained
     rows = metrics(work / "runs" / "e2e")
     train = [m for m in rows if "loss" in m]
     val = [m for m in rows if "val_loss" in m]
@@ -170,7 +177,7 @@ def test_run_loss_falls_and_metrics_have_the_keys(trained):
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_the_console_shows_progress_and_the_summary_and_the_rest_goes_to_the_log_file(trained):
-    work, r, _ = trained
+    work, r, *_ = trained
     last = metrics(work / "runs" / "e2e")
     final_loss = [m for m in last if "loss" in m][-1]["loss"]
     vals = [m["val_loss"] for m in last if "val_loss" in m]
@@ -303,9 +310,11 @@ def test_a_cluster_address_nothing_answers_on_is_refused_before_anything_is_writ
 @pytest.mark.timeout(420)
 def test_single_plain_process_without_ray(trained):
     """The same worker function alone in this process: `--no-ray` with one worker. Its
-    output is the console's alone: no DeepSpeed op build, no profiler lines."""
+    output is the console's alone: no DeepSpeed op build, no profiler lines. Its sockets
+    (its group of one: the store, gloo's listener) are on loopback, the hostname resolving
+    outward (cli_helpers.hostname_outward)."""
     work, *_ = trained
-    r = trainctl(
+    r, seen = trainctl_watched(
         "run",
         "job.yaml",
         "--no-ray",
@@ -326,6 +335,28 @@ def test_single_plain_process_without_ray(trained):
     assert [m["step"] for m in rows if "loss" in m] == [10] and [m["step"] for m in rows if "val_loss" in m] == [10]
     assert (work / "runs" / "solo" / "checkpoints" / "latest").read_text() == "step_00000010"
     assert "sample from the final checkpoint" in r.stdout and "Ray" not in r.stdout
+    assert outward_sockets(seen) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_cluster_check_on_this_machine_measures_the_worker_actors_local_jobs_run(trained):
+    """`trainctl cluster check` with `cluster.address: local`: a private Ray, the storage
+    probe, and the all-reduce over the job's 2 workers started as a local job's are (plain
+    Ray actors, no Ray Train controller or workers), its sockets on loopback (the hostname
+    resolving outward). Before, a private Ray was refused."""
+    work, *_ = trained
+    r, seen = trainctl_watched("cluster", "check", "job.yaml", cwd=work, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "1 alive nodes:" in r.stdout and f"storage {work / 'runs'}: writable from every node" in r.stdout
+    bandwidth = re.search(
+        r"all-reduce over 2 workers \(gloo, worker actors on this machine's loopback\): ([0-9.]+) GB/s", r.stdout
+    )
+    assert bandwidth and float(bandwidth.group(1)) > 0, r.stdout
+    names = {s.split(" ", 1)[1] for s in set().union(*seen.values())}
+    assert any(n.startswith("ray::TrainWorker") for n in names), names
+    assert not [n for n in names if n.startswith(("ray::TrainController", "ray::RayTrainWorker"))], names
+    assert outward_sockets(seen) == []
 
 
 @pytest.mark.slow

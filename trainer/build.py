@@ -6,6 +6,8 @@ tracker and meter. The loop (loop.py) receives a built `Worker` and only reads i
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -24,8 +26,6 @@ from trainer.run_folder import Attempt, checkpoint_store, record_attempt, restor
 from trainer.saver import Saver
 from trainer.targets import Targets
 from trainer.tracking import Tracker
-
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 def raw_options(cfg: JobConfig) -> RawOptions:
@@ -128,7 +128,11 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     if cfg.train.zero_stage == 3:  # each rank holds only its partition, even while loading
         load = partial(hf.load_model_partitioned, ds_config=deepspeed_config(cfg))
     if cfg.train.lora is not None:
-        return lora.apply(load(cfg.model, cfg.model.init_from), cfg.train.lora)
+        base = load(cfg.model, cfg.model.init_from)
+        # The adapters' init from the seed alone: under ZeRO-3's zero.Init the base's random
+        # init (overwritten by the file's weights) draws from the generator first.
+        torch.manual_seed(cfg.train.seed)
+        return lora.apply(base, cfg.train.lora)
     if cfg.model.init_from and not resuming:
         return load(cfg.model, cfg.model.init_from)
     if cfg.model.init_from and cfg.train.zero_stage == 3:  # a resume of a large model: partitioned from the start
@@ -160,21 +164,53 @@ def rendezvous_env(rank: int, world: int, port: int, gpus: list[list[str]] | Non
     return env
 
 
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface, the one holding 127.0.0.1 (lo on
+    Linux, lo0 on macOS); None if none does."""
+    import psutil  # DeepSpeed's and Ray's dependency
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return name
+    return None
+
+
+def collectives_on_loopback(env: MutableMapping[str, str] = os.environ) -> None:
+    """When every rank of the group to be made is on this machine (WORLD_SIZE ==
+    LOCAL_WORLD_SIZE: a private Ray's actors, a sweep's trial, `--no-ray` alone or under
+    torchrun on one node), gloo's and NCCL's sockets go on the loopback interface
+    (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME): gloo otherwise listens on the address the
+    machine's hostname resolves to, and NCCL's bootstrap on its first outward interface,
+    open to the network. A value already set (the shell, cluster.env) is kept; a group
+    across machines (a joined cluster, a multi-node torchrun) is left alone. `env`: the
+    process's environment."""
+    local = env.get("LOCAL_WORLD_SIZE")
+    if local is None or local != env.get("WORLD_SIZE") or (name := loopback_interface()) is None:
+        return
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        env.setdefault(variable, name)
+
+
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     """Join (or make) the process group; returns (rank, world_size, local_rank).
 
     Under Ray Train (a joined cluster) the group already exists (TorchConfig made it); a
     private Ray's actors (cluster/worker_group.py) and torchrun set the env:// variables; a
     plain process becomes a group of one, its store on a port it holds from the moment it
-    is chosen (`patches.hold_port`: DeepSpeed's import comes between).
+    is chosen (`patches.hold_port`: DeepSpeed's import comes between). A group on one
+    machine keeps its collectives on the loopback interface (`collectives_on_loopback`), and
+    rank 0's store listens on 127.0.0.1 alone when that is the address
+    (`patches.rendezvous_on_loopback`; torchrun's ranks use torchrun's store).
     """
-    if not dist.is_initialized() and "RANK" not in os.environ:
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(rendezvous_env(0, 1, patches.hold_port()))
+        collectives_on_loopback()
         patches.rendezvous_on_loopback()
-        os.environ.update(rendezvous_env(0, 1, patches.hold_port()))
     deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
-    # 30 minutes for a collective, as Ray Train's TorchConfig gives (DeepSpeed's own default is 10):
-    # rank 0 may convert a checkpoint to a universal one while the others wait in a barrier
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    # cluster.collective_timeout_s, as Ray Train's TorchConfig has it on a joined cluster (ray_job.torch_config)
+    timeout = timedelta(seconds=cfg.cluster.collective_timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world != cfg.cluster.num_workers:

@@ -299,6 +299,12 @@ class ClusterSection(Section):
         description="after a failure, seconds to wait for the cluster to hold the workers again (a lost node, "
         "no replacement) before the job stops with exit 1; the same command then resumes",
     )
+    collective_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="seconds a rank waits in a collective (an all-reduce, a barrier) before the job fails: long "
+        "enough for rank 0 to convert a checkpoint for another number of workers while the others wait",
+    )
     placement: Literal["PACK", "SPREAD"] = Field(
         "PACK",
         description="PACK workers onto few nodes, or SPREAD them over "

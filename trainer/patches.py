@@ -44,6 +44,13 @@ TARGETS = [
         "deepspeed 0.19",
     ),
     ("ray_torch_backend", "ray.train.torch.config", "_TorchBackend.on_start", "ray 2.40-2.60"),
+    ("ray_trainer_without_datasets", "ray.train.v2._internal.callbacks", "DatasetsCallback", "ray 2.60"),
+    (
+        "ray_trainer_without_datasets",
+        "ray.train.v2.api.data_parallel_trainer",
+        "DataParallelTrainer._create_default_callbacks",
+        "ray 2.60",
+    ),
     ("ray_upload_limit", "ray._private.runtime_env.packaging", "GCS_STORAGE_MAX_SIZE", "ray 2.40-2.60"),
     ("ray_upload_matchers", "ray._private.runtime_env.packaging", "_get_excludes", "ray 2.40-2.60"),
     ("ray_upload_matchers", "ray._private.runtime_env.packaging", "get_excludes_from_ignore_files", "ray 2.40-2.60"),
@@ -192,10 +199,11 @@ def fix_zero3_universal_load(engine) -> Iterator[None]:
             state["step"] = state["step"].clone()
 
 
-def ray_torch_backend(before_start: Callable[[], None], backend: str):
-    """ray 2.40-2.60. Ray Train's TorchConfig whose backend runs `before_start` in every
-    worker before torch's process group is made (to apply rendezvous_on_loopback there).
-    Ray Train takes no hook for that; its private backend class is subclassed."""
+def ray_torch_backend(before_start: Callable[[], None], backend: str, timeout_s: float):
+    """ray 2.40-2.60. Ray Train's TorchConfig (`backend`, collectives timing out after
+    `timeout_s`) whose backend runs `before_start` in every worker before torch's process
+    group is made (to apply rendezvous_on_loopback there). Ray Train takes no hook for
+    that; its private backend class is subclassed."""
     from ray.train.torch import TorchConfig
     from ray.train.torch.config import _TorchBackend
 
@@ -209,26 +217,21 @@ def ray_torch_backend(before_start: Callable[[], None], backend: str):
         def backend_cls(self):
             return Backend
 
-    return Config(backend=backend)
+    return Config(backend=backend, timeout_s=timeout_s)
 
 
-def ray_lean_trainer(trainer_cls, private: bool):
-    """ray 2.60 (Train v2). `trainer_cls` (TorchTrainer) without the parts trainctl has no
-    use for, each of which is one more Ray process importing Ray Train or Ray Data on the
-    job's cores while the workers start: the Ray Datasets manager (trainctl passes no Ray
-    Datasets) and, on a `private` Ray (the whole of it ends with the launcher), the
-    placement-group cleaner. Ray Train takes no option for either; `_create_default_callbacks`
-    is private."""
+def ray_trainer_without_datasets(trainer_cls):
+    """ray 2.60 (Train v2). `trainer_cls` (TorchTrainer) without its Ray Datasets manager
+    (trainctl passes no Ray Datasets), one more Ray process importing Ray Data on the job's
+    cores while the workers start. Ray Train takes no option for it;
+    `_create_default_callbacks` is private."""
     from ray.train.v2._internal.callbacks import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    drop = (DatasetsCallback, PlacementGroupCleanerCallback) if private else (DatasetsCallback,)
-
-    class Lean(trainer_cls):
+    class WithoutDatasets(trainer_cls):
         def _create_default_callbacks(self):
-            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, drop)]
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, DatasetsCallback)]
 
-    return Lean
+    return WithoutDatasets
 
 
 def ray_upload_limit() -> int:
