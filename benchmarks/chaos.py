@@ -57,7 +57,7 @@ name: chaos
 model: {{n_layer: 4, n_head: 4, d_model: 128, max_seq_len: 64}}
 data: {{path: data, seq_len: 64}}
 train: {{max_steps: {steps}, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
-        eval_every: 100000, eval_batches: 2, log_every: 1, sample_tokens: 0}}
+        eval_every: 100000, eval_sequences: 32, log_every: 1, sample_tokens: 0}}
 checkpoint: {{storage_path: runs, every: 10, keep: 3}}
 tracking: {{mode: offline}}
 cluster: {{address: local, num_workers: 2, max_failures: -1}}

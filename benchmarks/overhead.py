@@ -91,7 +91,7 @@ def trainctl(steps: int, folder: str, zero_stage: int) -> float:
         f"train.log_every={every}",
         "train.sample_tokens=0",
         f"train.eval_every={steps}",
-        "train.eval_batches=2",
+        "train.eval_sequences=32",
         "tracking.mode=disabled",
         f"checkpoint.every={steps}",
         f"train.zero_stage={zero_stage}",

@@ -39,7 +39,7 @@ def one_run(folder: str, steps: int) -> tuple[float, float]:
         "train.log_every=1",
         "train.sample_tokens=0",
         f"train.eval_every={steps}",
-        "train.eval_batches=2",
+        "train.eval_sequences=32",
         "--fresh",
         "--force",
     ]

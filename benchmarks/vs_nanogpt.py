@@ -171,7 +171,7 @@ def main() -> None:
                 f"data.path={data}",
                 f"checkpoint.storage_path={folder}",
                 f"name=vs-nanogpt-{r}",
-                "train.eval_batches=20",
+                "train.eval_sequences=240",  # nanoGPT's eval_iters=20 batches of 12
                 "train.sample_tokens=0",
             ]
             results["trainctl"].append(timed("trainctl", ours_cmd, REPO, env, args.target, OURS_EVAL, ours_rate))

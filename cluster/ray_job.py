@@ -2,29 +2,38 @@
 Ray's plain actors, cluster/worker_group.py; Ray Train on a joined cluster).
 
 Ray is imported only inside cluster/'s functions (and trainer/patches.py's Ray patches,
-called from here). The training loop knows nothing of Ray: `run_on_ray` takes the worker
-function as an argument and hands each worker the resolved config as a plain dict.
+called from here). The training loop knows nothing of Ray: `run_workers` takes the worker
+function as an argument and hands each worker the resolved config as a plain dict (on a
+private Ray with its secrets redacted, the real values inherited: `connect`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.restarts import Failure, Restarts, classify, one_of
 from trainer import patches
-from trainer.config import ClusterSection
+from trainer.config import ClusterSection, is_secret_name, redact_text
 
 
 class JobFailed(RuntimeError):
-    """A worker raised; the message carries the worker's own error."""
+    """A worker raised; the message carries the worker's own error, `status` the exit
+    status it ends the job with (2: the user's to fix, cluster/restarts.py), `message` the
+    line without the class name for those."""
+
+    def __init__(self, line: str, status: int = 1, message: str | None = None):
+        super().__init__(line)
+        self.status, self.message = status, line if message is None else message
 
 
 class NotPlaceable(RuntimeError):
@@ -110,7 +119,7 @@ class CapacityWatch:
     of it unless a worker was on a lost node: so when they cannot, the group is down. The
     watch then says so at once, naming the lost nodes and what is missing, repeats it every
     `repeat_s`, says when capacity is back, and after `timeout_s` sends this process SIGUSR1,
-    whose handler (put in by `run_on_ray`) raises out of `fit()`: `_thread.interrupt_main`
+    whose handler (put in by `run_workers`) raises out of `fit()`: `_thread.interrupt_main`
     would be SIGINT, which Ray Train takes for a graceful abort that waits on the very
     controller that cannot place the workers. `progress()` names where the run stands
     (its step and the checkpoint it would resume from)."""
@@ -196,26 +205,25 @@ class CapacityWatch:
         return said
 
 
-# What Ray Train starts that a private local Ray has no use for, each one more Ray process on
-# the job's cores while its workers start: Ray Train's metrics (for a dashboard the private
-# Ray does not run) and its preemption watcher (node drain notices from an autoscaler it does
-# not have; trainctl's own SIGTERM handling stays). A user's own setting wins. With
-# ray_lean_trainer, 3 interleaved runs each of a 10-step job: first step 34.4 -> 28.6 s.
-LOCAL_RAY_TRAIN_OFF = ("RAY_TRAIN_METRICS_ENABLED", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
-
-
 @dataclass
 class Connection:
     address: str
     started_here: bool
 
 
-def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = True) -> Connection:
+def connect(
+    cluster: ClusterSection, worker_logs: bool = True, verbose: bool = True, secrets: dict[str, str] | None = None
+) -> Connection:
     """Join the cluster named by `cluster.address`, or start a private one.
 
     'local' starts a Ray sized to the job on this machine (no dashboard); 'auto' joins
     the cluster `ray start` made here; anything else is a cluster address. Without
     `verbose`, Ray's own warnings in this process are left out (errors still show).
+
+    A private Ray's processes inherit `secrets` and the secret `cluster.env` values
+    (`split_env`) from this process's environment, set only while ray.init starts them: Ray
+    writes a runtime_env's variables into its session logs (runtime_env_agent.log), not
+    inherited ones. A joined cluster gets all of cluster.env through the runtime_env.
     """
     level = "WARNING" if verbose else "ERROR"
     import ray
@@ -224,12 +232,11 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
 
     no_usage_stats()
     if cluster.address == "local":
-        for name in LOCAL_RAY_TRAIN_OFF:  # read here by Ray Train and handed to its controller
-            os.environ.setdefault(name, "0")
         needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)  # ray.init takes whole CPUs
-        with patches.ray_single_machine_mode():
+        public, secret = split_env(worker_env(cluster))
+        with patches.ray_single_machine_mode(), inherited({**secret, **(secrets or {})}):
             ray.init(
-                runtime_env=runtime_env(cluster),
+                runtime_env=runtime_env(cluster, public),
                 num_cpus=needed,
                 num_gpus=cluster.num_workers if cluster.use_gpu else 0,
                 include_dashboard=False,
@@ -245,7 +252,7 @@ def connect(cluster: ClusterSection, worker_logs: bool = True, verbose: bool = T
 
 def import_ray_train_meanwhile() -> None:
     """Import Ray Train (torch, pandas, ray.data: 3.7 s on 2 vCPUs) in a thread while
-    `ray.init` (`connect`) waits on the processes it starts; `run_on_ray`'s import then
+    `ray.init` (`connect`) waits on the processes it starts; `run_workers`'s import then
     finds it done.
     Measured: ray.init + the import 8.9-10.9 s one after the other, 6.2-7.5 s together."""
     import threading
@@ -253,29 +260,49 @@ def import_ray_train_meanwhile() -> None:
     def load() -> None:
         try:
             import ray.train.torch  # noqa: F401
-        except Exception:  # run_on_ray's own import reports it
+        except Exception:  # run_workers's own import reports it
             pass
 
     threading.Thread(target=load, name="import-ray-train", daemon=True).start()
 
 
-def quiet_worker_logs() -> None:
-    """Run in every Ray worker process at start (runtime_env worker_process_setup_hook).
-    Ray Train's placement-group cleaner asks the state API every few seconds and, on a Ray
-    started without its dashboard (ours, for a local job), warns each time it cannot."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
 def torch_config(cluster: ClusterSection):
-    """Ray Train's TorchConfig, whose backend first serves torch's rendezvous store on the
-    loopback address in every worker (when the job's address is the loopback one)."""
-    return patches.ray_torch_backend(patches.rendezvous_on_loopback, "nccl" if cluster.use_gpu else "gloo")
+    """Ray Train's TorchConfig (a joined cluster's jobs and `cluster check` there): gloo or
+    NCCL, collectives timing out after `cluster.collective_timeout_s` (as the worker actors'
+    and --no-ray's groups, trainer/build.py), torch's rendezvous store served on the
+    loopback address only when that is the job's address."""
+    backend = "nccl" if cluster.use_gpu else "gloo"
+    return patches.ray_torch_backend(patches.rendezvous_on_loopback, backend, cluster.collective_timeout_s)
 
 
-def runtime_env(cluster: ClusterSection) -> dict[str, Any]:
-    return {"env_vars": worker_env(cluster), "worker_process_setup_hook": "cluster.ray_job.quiet_worker_logs"}
+def runtime_env(cluster: ClusterSection, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime_env: `env` (default: every `worker_env` variable)."""
+    return {"env_vars": worker_env(cluster) if env is None else env}
+
+
+def split_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the variables that may be written down, the secret ones: a secret name such as HF_TOKEN
+    (`is_secret_name`), or a value with a secret in it, such as a URL with a password)."""
+    public, secret = {}, {}
+    for key, value in env.items():
+        (secret if is_secret_name(key) or redact_text(value) != value else public)[key] = value
+    return public, secret
+
+
+@contextlib.contextmanager
+def inherited(env: dict[str, str]) -> Iterator[None]:
+    """`env` in this process's environment for the block (the processes started meanwhile
+    inherit it), then as it was."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def worker_env(cluster: ClusterSection) -> dict[str, str]:
@@ -291,45 +318,66 @@ def worker_env(cluster: ClusterSection) -> dict[str, str]:
     return env
 
 
-def run_on_ray(
+def run_workers(
     train_fn: Callable[[dict], None],
     config: dict[str, Any],
     cluster: ClusterSection,
     name: str,
     storage_path: str,
     watch: CapacityWatch | None = None,
+    restarts: Restarts | None = None,
 ) -> None:
     """Run `train_fn(config)` on `cluster.num_workers` Ray workers and wait: on a private
-    local Ray plain actors (`cluster/worker_group.py`), on a joined cluster Ray Train.
+    local Ray plain actors (`cluster/worker_group.py`), on a joined cluster Ray Train. Either
+    way a failed group is started again by `restarts` (cluster/restarts.py: after a growing
+    wait, and never for a failure that would recur), each failure recorded in the run folder
+    (STORAGE_PATH/NAME).
 
-    Raises JobFailed with the worker's error when training fails after the allowed
-    restarts (`cluster.max_failures`), CapacityLost when `watch` gave up waiting for nodes.
+    Raises JobFailed with the worker's error when training fails for good (a failure that
+    recurs, or the restarts `cluster.max_failures` allows spent), CapacityLost when `watch`
+    gave up waiting for nodes.
     """
     check_placeable(cluster)
+    restarts = restarts or Restarts(cluster, Path(storage_path) / name)
     if cluster.address == "local":
         from cluster.worker_group import WorkerFailed, run_group
 
         def run() -> None:
-            run_group(train_fn, config, cluster)
+            try:
+                run_group(train_fn, config, cluster, restarts=restarts)
+            except WorkerFailed as e:
+                raise _job_failed(e.failure) from None
 
-        failed: type[Exception] = WorkerFailed
     else:
         import ray.train
         from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
 
-        trainer = patches.ray_lean_trainer(TorchTrainer, private=False)(
-            train_fn,
-            train_loop_config=config,
-            scaling_config=scaling_config(cluster),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage_path,
-                failure_config=FailureConfig(max_failures=cluster.max_failures),
-            ),
-            torch_config=torch_config(cluster),
-        )
-        run, failed = trainer.fit, ray.train.TrainingFailedError
+        def fit() -> None:
+            trainer = patches.ray_trainer_without_datasets(TorchTrainer)(
+                train_fn,
+                train_loop_config=config,
+                scaling_config=scaling_config(cluster),
+                run_config=RunConfig(
+                    name=name,
+                    storage_path=storage_path,
+                    # restarts are `restarts`' (each a new fit()): Ray Train's own would retry
+                    # a full disk at once, for ever with max_failures -1
+                    failure_config=FailureConfig(max_failures=0),
+                ),
+                torch_config=torch_config(cluster),
+            )
+            trainer.fit()
+
+        def failure_of(e: Exception) -> Failure | None:
+            return ray_train_failure(e) if isinstance(e, ray.train.TrainingFailedError) else None
+
+        def run() -> None:
+            try:
+                restarts.run(fit, failure_of)
+            except ray.train.TrainingFailedError as e:
+                raise _job_failed(ray_train_failure(e)) from None
+
     import signal
 
     def give_up(signum, frame) -> None:
@@ -344,8 +392,6 @@ def run_on_ray(
         if watch is not None:
             watch.start()
         run()
-    except failed as e:
-        raise JobFailed(str(e) if cluster.address == "local" else _worker_error(str(e))) from None
     except KeyboardInterrupt:
         if watch is None or watch.timed_out is None:
             raise
@@ -354,6 +400,29 @@ def run_on_ray(
         if watch is not None:
             watch.stop()
             signal.signal(signal.SIGUSR1, previous)
+
+
+def _job_failed(failure: Failure) -> JobFailed:
+    return JobFailed(failure.line, failure.status, failure.message if failure.status == 2 else None)
+
+
+def ray_train_failure(error: Exception) -> Failure:
+    """What Ray Train's TrainingFailedError from `fit()` means (cluster/restarts.py): each
+    failed rank's own exception (WorkerGroupError.worker_failures, the worker's exception
+    as it raised it; for a process that died, a failed health check wrapping Ray's
+    ActorDiedError), a worker's death first, then a recurring error; a controller's failure
+    (the group could not be started) does not recur."""
+    import ray.exceptions
+
+    def died(e: Exception) -> bool:
+        return any(isinstance(x, ray.exceptions.RayActorError) for x in (e, getattr(e, "health_check_failure", None)))
+
+    line = _worker_error(str(error))
+    errors = list(getattr(error, "worker_failures", {}).values())
+    if any(died(e) for e in errors):
+        return Failure(line)
+    failures = [classify(e, line) for e in errors if not isinstance(e, ray.exceptions.RayError)]
+    return one_of(failures) if failures else Failure(line)
 
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failed)): (.+)$")
@@ -368,14 +437,18 @@ def _worker_error(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else "training failed"
 
 
-def route_worker_logs(log_path: Path) -> threading.Event:
+def route_worker_logs(log_path: Path, verbose: bool = False) -> threading.Event:
     """Show the workers' trainctl lines (progress, checkpoints, warnings, the summary:
     console.CONSOLE_LINE) on this console as they are, and append every other line of
     their output (Ray's, DeepSpeed's, torch's, a traceback) to `log_path`, each with the
-    process it came from, instead of Ray's forwarding of everything. Returns an event set
-    once the summary's last row (rank 0's last line) has been shown: Ray's log monitor
-    forwards lines a moment after they are written (seconds on a busy machine), so the
-    driver waits for it before ray.shutdown() ends the forwarding (wait_for_last_line)."""
+    process it came from, instead of Ray's forwarding of everything; `verbose`: every line
+    printed as Ray prints it (`patches.ray_log_printer`), and no file. Every line is
+    redacted first (`redact_text`: a URL's password, a presigned URL's signature, a bearer
+    token).
+    Returns an event set once the summary's last row (rank 0's last line) has been shown:
+    Ray's log monitor forwards lines a moment after they are written (seconds on a busy
+    machine), so the driver waits for it before ray.shutdown() ends the forwarding
+    (wait_for_last_line)."""
     from trainer.console import CONSOLE_LINE, LAST_ROW
 
     dispatcher = patches.ray_log_dispatcher()
@@ -383,13 +456,21 @@ def route_worker_logs(log_path: Path) -> threading.Event:
     console = re.compile(CONSOLE_LINE)
     last_row = re.compile(rf"^\| {LAST_ROW} +\| ")
     ended = threading.Event()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a", buffering=1)
+    log, ray_print = None, patches.ray_log_printer() if verbose else None
+    if not verbose:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "a", buffering=1)
     # Nodes that share a log folder (several on one machine) each publish every line; Ray's
     # own printing hides that with its deduplicator, this with the lines seen lately.
     recent: collections.OrderedDict[tuple, None] = collections.OrderedDict()
 
     def handle(data: dict) -> None:
+        if ray_print is not None:  # --verbose: Ray's printing, every line redacted
+            lines = [redact_text(line) for line in data.get("lines", [])]
+            ray_print({**data, "lines": lines})
+            if any(last_row.match(line) for line in lines):
+                ended.set()
+            return
         who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')} ip={data.get('ip')}) "
         for line in data.get("lines", []):
             key = (data.get("pid"), data.get("is_err"), line)  # each node's copy names itself as the ip
@@ -398,6 +479,7 @@ def route_worker_logs(log_path: Path) -> threading.Event:
             recent[key] = None
             if len(recent) > 10_000:
                 recent.popitem(last=False)
+            line = redact_text(line)
             if console.match(line):
                 print(line, file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)
                 if last_row.match(line):

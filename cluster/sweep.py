@@ -97,6 +97,7 @@ def run_trial(config: dict, worker: Callable[[dict], Any]) -> None:
     record it) reports its rows and trains nothing."""
     from ray import tune
 
+    from cluster.restarts import Restarts
     from cluster.worker_group import run_group
     from trainer.config import JobConfig
     from trainer.run_folder import checkpoint_store, launched
@@ -110,7 +111,14 @@ def run_trial(config: dict, worker: Callable[[dict], Any]) -> None:
         reporter.poll(flush=True)
         return
     launched(folder)
-    run_group(worker, spec["config"], cfg.cluster, poll=reporter.poll, log_path=str(folder / "workers.log"))
+    run_group(
+        worker,
+        spec["config"],
+        cfg.cluster,
+        poll=reporter.poll,
+        log_path=str(folder / "workers.log"),
+        restarts=Restarts(cfg.cluster, folder),  # its failures in the trial's attempts.jsonl
+    )
     reporter.poll(flush=True)
 
 

@@ -2,29 +2,36 @@
 
 On `cluster.address: local` (one machine, a Ray started for the job) what the job needs of
 Ray Train is N processes on the machine's cores (or GPUs), torch's rendezvous on the
-loopback address (listening there only: `patches.rendezvous_on_loopback`), and the whole group started again when a worker fails (up to
-`cluster.max_failures`). Ray Train's controller, worker group, synchronization actor and
+loopback address (listening there only: `patches.rendezvous_on_loopback`, on a port rank 0
+holds from the start), and the whole group started again when a worker fails, unless the
+failure would recur (up to `cluster.max_failures`, after a growing wait: cluster/restarts.py).
+Ray Train's controller, worker group, synchronization actor and
 backend setup are each one more process or round trip on the job's cores before the first
 step: with plain actors a 20-step tiny-cpu job's first step came after 16.5-17.0 s against
 28.5-29.3 s through Ray Train (2-vCPU VM, interleaved; BENCHMARKS.md, issue 17). Ray stays
 the launcher: it schedules the actors on `cluster.cpus_per_worker` and GPUs, runs their
 processes, forwards their output and kills them. A joined cluster keeps Ray Train
-(`ray_job.run_on_ray`): placement across nodes, node loss.
+(`ray_job.run_workers`): placement across nodes, node loss.
 
 Ray is imported only inside functions (as in the rest of cluster/).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
+from cluster.restarts import Failure, Restarts, classify, one_of
 from trainer.config import ClusterSection
 
 
 class WorkerFailed(RuntimeError):
-    """A worker raised or its process died; the message names the worker's own error."""
+    """A worker raised or its process died; the message names the worker's own error, and
+    `failure` says whether it would recur (cluster/restarts.py)."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.line)
+        self.failure = failure
 
 
 def _actor_class():
@@ -33,15 +40,19 @@ def _actor_class():
     class TrainWorker:
         """One rank: its process id and GPU ids, its environment, then the worker function."""
 
-        def hello(self) -> tuple[int, list[str], str, int]:
-            """This process's id, the GPU ids Ray gave it, its node, and a free port there
-            (rank 0's is the rendezvous port: the group is on rank 0's machine)."""
+        def hello(self, listen: bool = False) -> tuple[int, list[str], str, int | None]:
+            """This process's id, the GPU ids Ray gave it and its node; with `listen` (rank
+            0: the group is on its machine) the rendezvous port, bound and listening here
+            from now on. The store serves on this socket when the process group is made,
+            seconds later after torch's and DeepSpeed's imports: a port only found free here
+            and bound then could be taken meanwhile (`patches.hold_port`)."""
             import os
             import socket
 
-            with socket.socket() as sock:  # as trainer.build.free_port, without importing trainctl (torch) yet
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+            port = None
+            if listen:  # trainctl (and torch) not imported yet: the socket is taken over in setup
+                self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+                port = self.listener.getsockname()[1]
             return os.getpid(), [str(g) for g in ray.get_gpu_ids()], ray.get_runtime_context().get_node_id(), port
 
         def setup(self, env: dict[str, str], log_path: str | None = None) -> None:
@@ -60,9 +71,18 @@ def _actor_class():
                 os.close(fd)
             os.environ.update(env)
             patches.rendezvous_on_loopback()  # rank 0's store on 127.0.0.1 only, not every interface
+            if getattr(self, "listener", None) is not None:  # rank 0: its store on the socket hello bound
+                patches.hold_port(self.listener)
+                self.listener = None
 
         def run(self, fn: Callable[[dict], Any], config: dict) -> Any:
-            return fn(config)
+            """fn(config), the config's secrets (redacted in the arguments: Ray may log
+            those) put back from the environment this process inherited (`ray_job.connect`)."""
+            import os
+
+            from trainer.config import SECRETS_ENV, secrets_back
+
+            return fn(secrets_back(config, os.environ.get(SECRETS_ENV)))
 
     return ray.remote(TrainWorker)
 
@@ -76,22 +96,23 @@ def _cause(error: Exception) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
 
 
-def _failure(rank: int | None, error: Exception) -> WorkerFailed:
+def _failure(rank: int | None, error: Exception) -> Failure:
     import ray.exceptions
 
     from cluster.ray_job import _worker_error
 
-    if isinstance(error, ray.exceptions.RayTaskError):  # the worker function raised
-        return WorkerFailed(_worker_error(str(error)))
+    if isinstance(error, ray.exceptions.RayTaskError):  # the worker function raised: its own exception
+        return classify(getattr(error, "cause", None), _worker_error(str(error)))
     who = f"worker {rank}'s process" if rank is not None else "a worker process"
     if isinstance(error, ray.exceptions.RayActorError):
-        return WorkerFailed(f"{type(error).__name__}: {who} died ({_cause(error)})")
-    return WorkerFailed(f"{type(error).__name__}: {who} failed ({_cause(error)})")
+        return Failure(f"{type(error).__name__}: {who} died ({_cause(error)})")
+    return Failure(f"{type(error).__name__}: {who} failed ({_cause(error)})")
 
 
 def _first_failure(failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
     """The failure to report: a worker's death rather than the error its peers then raise
-    ('Connection closed by peer' in a collective), waiting a moment for the others."""
+    ('Connection closed by peer' in a collective), else a rank's recurring error rather than
+    its peers' (cluster/restarts.py), waiting a moment for the others."""
     import ray
     import ray.exceptions
 
@@ -103,8 +124,9 @@ def _first_failure(failed: dict, pending: list, rank_of: dict) -> WorkerFailed:
             except ray.exceptions.RayError as e:
                 failed[ref] = e
     dead = [ref for ref, e in failed.items() if isinstance(e, ray.exceptions.RayActorError)]
-    ref = dead[0] if dead else next(iter(failed))
-    return _failure(rank_of.get(ref), failed[ref])
+    if dead:
+        return WorkerFailed(_failure(rank_of.get(dead[0]), failed[dead[0]]))
+    return WorkerFailed(one_of([_failure(rank_of.get(ref), e) for ref, e in failed.items()]))
 
 
 def run_once(
@@ -134,14 +156,14 @@ def run_once(
     try:
         actors = [worker.remote() for _ in range(n)]
         try:
-            hello = ray.get([a.hello.remote() for a in actors])
+            hello = ray.get([a.hello.remote(r == 0) for r, a in enumerate(actors)])
             here = ray.get_runtime_context().get_node_id()
             pids = [pid for pid, _, node, _ in hello if node == here]  # processes this one can watch exit
             gpu_ids = [ids for _, ids, _, _ in hello] if cluster.use_gpu else None
-            port = hello[0][3]  # free on rank 0's machine, where its store listens
+            port = hello[0][3]  # held by rank 0's process, on its machine, until its store serves on it
             ray.get([a.setup.remote(rendezvous_env(r, n, port, gpu_ids), log_path) for r, a in enumerate(actors)])
         except ray.exceptions.RayError as e:
-            raise _failure(None, e) from None
+            raise WorkerFailed(_failure(None, e)) from None
         refs = [a.run.remote(train_fn, config) for a in actors]
         rank_of = {ref: r for r, ref in enumerate(refs)}
         pending = refs
@@ -198,21 +220,16 @@ def run_group(
     cluster: ClusterSection,
     poll: Callable[[], None] | None = None,
     log_path: str | None = None,
+    restarts: Restarts | None = None,
 ) -> None:
-    """`run_once`, started again after a failure up to `cluster.max_failures` times (-1: no
-    limit), as Ray Train's FailureConfig would; the workers resume from the newest
-    checkpoint themselves. Raises WorkerFailed once the restarts are spent."""
-    failures = 0
-    while True:
-        try:
-            return run_once(train_fn, config, cluster, poll, log_path)
-        except WorkerFailed as e:
-            failures += 1
-            if cluster.max_failures != -1 and failures > cluster.max_failures:
-                raise
-            print(
-                f"trainctl: a worker failed ({e}); starting the workers again "
-                f"({failures} of {'unlimited' if cluster.max_failures == -1 else cluster.max_failures} restarts)",
-                file=sys.stderr,
-                flush=True,
-            )
+    """`run_once`, started again after a failure that does not recur, after a wait that
+    grows, up to `cluster.max_failures` times (-1: no limit), as Ray Train's FailureConfig
+    would (`restarts`: the policy, cluster/restarts.py; its run folder records each failure);
+    the workers resume from the newest checkpoint themselves. Raises WorkerFailed at a
+    failure that recurs, or once the restarts are spent."""
+    restarts = restarts or Restarts(cluster)
+
+    def failure_of(e: Exception) -> Failure | None:
+        return e.failure if isinstance(e, WorkerFailed) else None
+
+    restarts.run(lambda: run_once(train_fn, config, cluster, poll, log_path), failure_of)

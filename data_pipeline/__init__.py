@@ -3,7 +3,7 @@ per-rank batch streams (`TokenStream`, `MixedStream`, `Loader`). Fine-tuning exa
 per-token loss flags in each value's high byte: token = value & TOKEN_MASK, flags = value >>
 FLAG_SHIFT, of FLAG_PROMPT, FLAG_START, FLAG_PAD (data_pipeline.examples).
 
-The torch-importing modules (stream, mix, loader) load on first use, so a process that
+The torch-importing modules (stream, lanes, validation, mix, loader) load on first use, so a process that
 only prepares data (a `prepare --workers` process, a Ray task) starts in a fraction of a
 second. Nothing here imports Ray (cluster/local_ray.py runs `prepare --address`).
 """
@@ -21,8 +21,8 @@ _LAZY = {
     "Loader": "loader",
     "MixedStream": "mix",
     "TokenStream": "lanes",
-    "eval_batches": "stream",
     "open_dataset": "stream",
+    "val_share": "validation",
 }
 
 __all__ = [
@@ -39,13 +39,13 @@ __all__ = [
     "TokenStream",
     "build_tokenizer",
     "default_corpus",
-    "eval_batches",
     "load_manifest",
     "open_dataset",
     "prepare",
     "resolve_dataset",
     "summarize",
     "tokenizer_from_dict",
+    "val_share",
 ]
 
 

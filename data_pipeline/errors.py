@@ -4,7 +4,8 @@ The launcher prints it as one line and exits 2; inside a worker it names the sha
 file so the job's failure message says what to fix. Its message never shows a Python
 object's repr (`<... object at 0x...>`): some libraries put their stream objects in an
 exception's args (webdataset adds the tar stream and the URL), which `error_text` leaves out
-and DataError itself strips as a last resort.
+and DataError itself strips as a last resort. Nor a secret: DataError redacts the URLs in its
+message (`credentials.redact_text`), so no error or warning made of one shows a password.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def error_text(e: BaseException, *known: str) -> str:
     args equal to `known` (the URL the message names already) too."""
     import urllib.error
 
+    from data_pipeline.credentials import http_error_text
+
     if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
+        return http_error_text(e.code, e.reason, getattr(e, "trainctl_credentials", None))
     if isinstance(e, urllib.error.URLError):
         return str(e.reason)
     plain = [a for a in e.args if isinstance(a, (str, int, float))]
@@ -39,7 +42,10 @@ def error_text(e: BaseException, *known: str) -> str:
 
 
 class DataError(ValueError):
-    """Data that cannot be used as given: missing, empty, corrupt, or not fitting the job."""
+    """Data that cannot be used as given: missing, empty, corrupt, or not fitting the job.
+    Its message has no object reprs and no secrets (URLs redacted)."""
 
     def __init__(self, message: object = "", *args: object):
-        super().__init__(without_reprs(str(message)), *args)
+        from data_pipeline.credentials import redact_text  # imports this module
+
+        super().__init__(redact_text(without_reprs(str(message))), *args)

@@ -11,7 +11,8 @@ assistant turn's text is what rendering up to it adds after the generation promp
 content and end-of-turn token; what the template writes after the tokenizer's eos token,
 such as ChatML's newline, is not trained). The full text is tokenized once, with offsets;
 tokens starting inside an assistant turn are trained, the rest flagged FLAG_PROMPT.
-Prompt-completion: encode(prompt) (FLAG_PROMPT) + encode(completion) + [eot].
+Prompt-completion: prompt + completion tokenized as the tokenizer does on its own (its BOS
+first, if it adds one), tokens starting inside the prompt flagged FLAG_PROMPT, + [eot].
 
 Packing (`Packer`): rows of seq_len + 1 tokens, so that a window (inputs row[:-1], targets
 row[1:]) is one row. Each example goes whole into the first open row with room (first fit
@@ -159,11 +160,18 @@ def encode_chat(tok, messages: list[dict], where: str) -> tuple[np.ndarray, int]
 
 
 def encode_prompt_completion(tok, prompt: str, completion: str) -> np.ndarray:
-    p, c = tok.encode(prompt), tok.encode(completion)
-    ids = np.concatenate([p, c, [tok.eot]]).astype(np.uint32)
-    flags = np.zeros(len(ids), dtype=np.uint32)
-    flags[: len(p)] = FLAG_PROMPT
-    return _flagged(ids, flags)
+    """prompt + completion as the tokenizer encodes the text on its own (`tokenizer(prompt +
+    completion)`, as a model's users and TRL do: a BOS its post-processor adds, Llama 3's
+    <|begin_of_text|>, comes first; ChatML tokenizers add none), then the end-of-text token
+    unless that already ends it. The prompt, not trained when only answers are: the tokens
+    that start inside it and the special tokens before it."""
+    ids, starts, added = tok.encode_special(prompt + completion)
+    content = np.flatnonzero(~added)
+    before = np.arange(len(ids)) < (content[0] if len(content) else len(ids))  # BOS and the like
+    flags = np.where((starts < len(prompt)) & ~added | added & before, FLAG_PROMPT, 0).astype(np.uint32)
+    if not len(ids) or ids[-1] != tok.eot:
+        ids, flags = np.append(ids, tok.eot), np.append(flags, np.uint32(0))
+    return _flagged(ids.astype(np.uint32), flags)
 
 
 def example_records(path: str, fmt: str, skips: readers.Skips) -> Iterator[tuple[str, object, bytes]]:

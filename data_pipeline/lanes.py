@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from data_pipeline.credentials import redact_text
 from data_pipeline.errors import DataError
 from data_pipeline.examples import window_stride
 from data_pipeline.sources import describe_error, read_range, with_retries
@@ -260,7 +261,11 @@ class LaneReader:
             except DataError as e:
                 if self.s.on_error != "skip":
                     raise
-                print(f"trainctl: warning: skipping a chunk (data.on_error=skip): {e}", file=sys.stderr, flush=True)
+                print(
+                    f"trainctl: warning: skipping a chunk (data.on_error=skip): {redact_text(str(e))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.skipped.append(table.name(c))
         if tries == len(table):
             raise DataError(

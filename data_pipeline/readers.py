@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from data_pipeline.credentials import redact_text
 from data_pipeline.errors import DataError, error_text
 from data_pipeline.sources import describe_error, is_url, open_stream, read_bytes, with_retries
 
@@ -97,7 +98,7 @@ class Skips:
         if self.on_error == "fail":
             raise DataError(f"{message}{fix}")
         if len(self.notes) < NOTES_KEPT:
-            self.notes.append(message)
+            self.notes.append(redact_text(message))  # printed by prepare, kept in manifest.json
 
     def document(self, message: str, hint: str | None = FIX) -> None:
         """One bad document (a line, a row, a sample): raise, or count and go on. Without

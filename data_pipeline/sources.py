@@ -2,7 +2,8 @@
 streams, and the one retry policy (`with_retries`): transient network errors (refused,
 reset, timeout, truncated, HTTP 5xx/408/429) retried `RETRIES` times, waiting
 BACKOFF_S * 2**k before retry k (0.5, 1, 2, 4, 8 s) or the server's Retry-After when that is
-longer (capped at RETRY_AFTER_MAX_S); anything else a DataError at once, naming the URL.
+longer (capped at RETRY_AFTER_MAX_S); anything else a DataError at once, naming the URL
+(redacted). http(s) requests carry the credentials `credentials.http_auth` finds for them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import posixpath
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import BinaryIO, TypeVar
 
+from data_pipeline import credentials
 from data_pipeline.errors import DataError
 
 RETRIES = 5
@@ -75,7 +78,7 @@ def with_retries(
                 if failed is not None:
                     raise DataError(failed(e)) from None
                 tries = f" after {attempt + 1} tries" if attempt else ""
-                raise DataError(f"cannot read {what}{tries}: {describe_error(e)}") from None
+                raise DataError(f"cannot read {credentials.redact_text(what)}{tries}: {describe_error(e)}") from None
             sleep(retry_delay(attempt, e))
     raise AssertionError("unreachable")
 
@@ -105,11 +108,54 @@ def retry_after(error: BaseException) -> float | None:
 
 
 def describe_error(e: BaseException) -> str:
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.HTTPError):  # a 401/403 says whose credentials were refused, or how to send some
+        return credentials.http_error_text(e.code, e.reason, getattr(e, "trainctl_credentials", None))
     if isinstance(e, urllib.error.URLError):
         return str(e.reason)
     return f"{type(e).__name__}: {e}"
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """A redirect keeps the request's Authorization only to the same origin (scheme, host,
+    port); another host gets its own credentials (`credentials.env_auth`), or none."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is None:
+            return None
+        new.full_url = credentials.split_userinfo(new.full_url)[0]
+        state = getattr(req, "trainctl_state", {})
+        new.trainctl_state = state
+        old, now = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
+        if (old.scheme, old.hostname, old.port) == (now.scheme, now.hostname, now.port) and req.has_header(
+            "Authorization"
+        ):
+            new.add_unredirected_header("Authorization", req.get_header("Authorization"))
+            return new
+        auth = credentials.env_auth(new.full_url)
+        state["source"] = auth.source if auth is not None else None
+        if auth is not None:
+            new.add_unredirected_header("Authorization", auth.header)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_Redirects)
+
+
+def http_open(url: str, headers: dict[str, str] | None = None):
+    """The response to a GET of an http(s) URL, with its credentials (`credentials.http_auth`);
+    an HTTPError carries where they came from (`trainctl_credentials`) for its message."""
+    clean, auth = credentials.http_auth(url)
+    request = urllib.request.Request(clean, headers=headers or {})
+    state = {"source": auth.source if auth is not None else None}
+    request.trainctl_state = state
+    if auth is not None:
+        request.add_unredirected_header("Authorization", auth.header)
+    try:
+        return _OPENER.open(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        e.trainctl_credentials = state["source"]
+        raise
 
 
 class PipeStream:
@@ -150,14 +196,14 @@ def open_stream(url: str) -> BinaryIO:
     if url.startswith("file://"):
         url = url[len("file://") :]
     if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=TIMEOUT_S)
+        return http_open(url)
     if is_url(url):
         import fsspec
 
         try:
             return fsspec.open(url, "rb").open()
         except (ImportError, ValueError) as e:  # no backend for the scheme (s3fs, gcsfs, ...)
-            raise DataError(f"cannot open {url}: {e}") from None
+            raise DataError(f"cannot open {url}: {e}") from None  # DataError redacts the URL
     return open(url, "rb")
 
 
@@ -179,11 +225,10 @@ def read_range(url: str, start: int, size: int) -> bytes:
     if url.startswith("file://"):
         url = url[len("file://") :]
     if url.startswith(("http://", "https://")):
-        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{start + size - 1}"})
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        with http_open(url, {"Range": f"bytes={start}-{start + size - 1}"}) as response:
             if response.status != 206:
                 raise DataError(
-                    f"{url} ignores HTTP Range requests (status {response.status}): serve the dataset from a "
+                    f"{credentials.redact_url(url)} ignores HTTP Range requests (status {response.status}): serve the dataset from a "
                     "server that supports them, or copy it to local disk"
                 )
             data = response.read(size)

@@ -1,12 +1,13 @@
 """What every batch stream shares (BatchStream), whole-shard reads, the windowing stages,
-the fixed validation batches, and the stream of raw-text shards (ShardStream: shards
-partitioned over slots, see its docstring). Prepared token shards are read per rank by
-data_pipeline.lanes.TokenStream; `TokenStream(...)` on raw-text shards gives a ShardStream.
+and the stream of raw-text shards (ShardStream: shards partitioned over slots, see its
+docstring). Prepared token shards are read per rank by data_pipeline.lanes.TokenStream;
+`TokenStream(...)` on raw-text shards gives a ShardStream; the validation set is
+data_pipeline.validation's.
 
-The stages (of a slot, and of the validation batches): shards in order → tokens → windows
-of T+1 at stride T from an offset (packed fine-tuning rows: at stride T+1 from 0, each
-window one row) → shuffled in blocks of `shuffle_buffer` → batches of rows. Windows move a
-block at a time as arrays, so no Python runs per window.
+The stages (of a slot): shards in order → tokens → windows of T+1 at stride T from an
+offset (packed fine-tuning rows: at stride T+1 from 0, each window one row) → shuffled in
+blocks of `shuffle_buffer` → batches of rows. Windows move a block at a time as arrays, so
+no Python runs per window.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from data_pipeline.credentials import redact_text
 from data_pipeline.errors import DataError, error_text
 from data_pipeline.examples import window_stride
 from data_pipeline.prefetch import prefetched
@@ -130,7 +132,11 @@ def read_shards(
             except DataError as e:
                 if on_error != "skip":
                     raise
-                print(f"trainctl: warning: skipping a shard (data.on_error=skip): {e}", file=sys.stderr, flush=True)
+                print(
+                    f"trainctl: warning: skipping a shard (data.on_error=skip): {redact_text(str(e))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if skipped is not None:
                     skipped.append(shard["url"])
                 continue
@@ -499,44 +505,3 @@ class ShardStream(BatchStream):
                 positions.append(self.position())
             block = np.concatenate(rows) if rows else np.zeros((0, self.seq_len + 1), self.dtype)
             yield np.concatenate(index) if index else np.zeros(0, np.int64), block, positions, 0
-
-
-def eval_batches(
-    data: str,
-    split: str,
-    seq_len: int,
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    max_batches: int | None = None,
-    on_error: str = "fail",
-    raw: RawOptions | None = None,
-) -> list[torch.Tensor]:
-    """The same fixed, unshuffled validation batches on every call: the split's windows in
-    order, rank r taking its rows of each; every rank gets the same number. [] when the
-    split is missing or too small for one sequence per rank."""
-    manifest = open_dataset(data, raw)
-    stride = window_stride(manifest, seq_len, data)  # packed rows: each batch row is one row
-    shards = manifest["splits"].get(split, {"shards": []})["shards"]
-    tokens = sum(s["tokens"] for s in shards)
-    windows = int(window_count(tokens, seq_len, stride))
-    per_batch = micro_batch_size * world_size
-    n_batches = windows // per_batch
-    if n_batches == 0:  # a small split: one smaller batch
-        micro_batch_size, per_batch, n_batches = windows // world_size, windows // world_size * world_size, 1
-        if micro_batch_size == 0:
-            return []
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    skipped: list[str] = []
-    chunks = read_shards(shards, shard_reader(manifest), on_error, skipped)
-    if on_error == "skip":  # fewer windows than planned: every rank stops at the same, smaller count
-        chunks = list(chunks)
-        if skipped:
-            windows = int(window_count(sum(len(c) for c in chunks), seq_len, stride))
-            n_batches = min(n_batches, windows // per_batch)
-    count = n_batches * per_batch
-    batches = row_batches(window_blocks(chunks, seq_len, count, count, stride=stride), per_batch)
-    return [
-        torch.from_numpy(b[rank * micro_batch_size : (rank + 1) * micro_batch_size].astype(np.int64)) for b in batches
-    ]

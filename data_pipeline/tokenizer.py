@@ -1,8 +1,8 @@
-"""Tokenizers behind one interface (`encode`, `decode`, `vocab_size`, `eot`, `pad_id`,
-`to_dict`): `byte` (ids 0..255, end-of-text 256), `bpe:VOCAB_SIZE` (byte-level BPE that
-`prepare` trains on the corpus), a Hugging Face tokenizer.json, or a Hugging Face model
-folder (`hf`: its tokenizer.json, and tokenizer_config.json's special tokens and chat
-template). The dict form travels in manifest.json and every checkpoint, so a checkpoint
+"""Tokenizers behind one interface (`encode`, `encode_special`, `decode`, `vocab_size`,
+`eot`, `pad_id`, `to_dict`): `byte` (ids 0..255, end-of-text 256), `bpe:VOCAB_SIZE`
+(byte-level BPE that `prepare` trains on the corpus), a Hugging Face tokenizer.json, or a
+Hugging Face model folder (`hf`: its tokenizer.json, and tokenizer_config.json's special
+tokens and chat template). The dict form travels in manifest.json and every checkpoint, so a checkpoint
 samples without the dataset.
 
 >>> tok = ByteTokenizer()
@@ -35,6 +35,12 @@ class ByteTokenizer:
     def encode(self, text: str | bytes) -> np.ndarray:
         data = text.encode("utf-8") if isinstance(text, str) else text
         return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+    def encode_special(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """HFTokenizer.encode_special: bytes add no special tokens; each starts at its character."""
+        ids = self.encode(text)
+        chars = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])  # each character's first byte
+        return ids, np.searchsorted(chars, np.arange(len(ids)), side="right") - 1, np.zeros(len(ids), dtype=bool)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text for `ids`; end-of-text tokens are dropped, broken UTF-8 becomes U+FFFD."""
@@ -103,6 +109,18 @@ class HFTokenizer:
         """(ids, where each token starts in `text`, in characters)."""
         enc = self.tok.encode(text, add_special_tokens=False)
         return np.array(enc.ids, dtype=self.dtype), np.array([o[0] for o in enc.offsets], dtype=np.int64)
+
+    def encode_special(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`text` as the tokenizer encodes it on its own, as `tokenizer(text)` does: with the
+        special tokens its post-processor adds (Llama 3's <|begin_of_text|>; none for ChatML
+        tokenizers). (ids, where each token starts in `text` in characters, whether the
+        post-processor added it)."""
+        enc = self.tok.encode(text, add_special_tokens=True)
+        return (
+            np.array(enc.ids, dtype=self.dtype),
+            np.array([o[0] for o in enc.offsets], dtype=np.int64),
+            np.array(enc.special_tokens_mask, dtype=bool),
+        )
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         """Several texts at once, on all cores (the Rust side parallelises the batch)."""

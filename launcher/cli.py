@@ -65,6 +65,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
+    if not args.no_ray:  # a cluster address nothing answers on: refused before anything is written
+        from cluster.local_ray import check_reachable
+
+        check_reachable(cfg.cluster.address)
     if args.verbose:
         cfg.tracking.verbose = True
     if args.no_ray:
@@ -109,17 +113,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.no_ray:
-        from trainer.saver import SaveFailed
+        from cluster.restarts import recurring_status
 
         try:
             status = worker(cfg.model_dump(mode="json"))
-        except SaveFailed as e:  # a full disk, an unreachable bucket: the user's to fix, no traceback
-            print(f"trainctl: error: {redact_text(str(e))}", file=sys.stderr)
-            return 2
         except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
+            if recurring_status(e) == 2:  # a full disk, bad data: the user's to fix, no traceback
+                print(f"trainctl: error: {redact_text(' '.join(str(e).split()))}", file=sys.stderr)
+                return 2
             import traceback
 
-            traceback.print_exc()
+            print(redact_text(traceback.format_exc()), end="", file=sys.stderr)  # a URL's password never shown
             print(f"trainctl: training failed: {type(e).__name__}: {redact_text(str(e))}", file=sys.stderr)
             return FAILED
         if int(os.environ.get("RANK", "0")) != 0:
@@ -246,12 +250,12 @@ def _cmd_cluster_check(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     if args.address:
         cfg.cluster.address = args.address
-    if "://" in cfg.cluster.address and not cfg.cluster.address.startswith("ray://") or cfg.cluster.address == "local":
+    if "://" in cfg.cluster.address and not cfg.cluster.address.startswith("ray://"):
         raise UsageError(
-            f"cluster check needs the cluster's Ray address (HEAD:6379, auto or ray://HEAD:10001), not "
-            f"{cfg.cluster.address!r}: it runs a small job from here"
+            f"cluster check needs the cluster's Ray address (HEAD:6379, auto or ray://HEAD:10001), or local for "
+            f"this machine, not {cfg.cluster.address!r}: it runs a small job from here"
         )
-    conn = connect(cfg.cluster, worker_logs=False)
+    conn = connect(cfg.cluster, worker_logs=False, verbose=cfg.tracking.verbose)
     try:
         nodes = nodes_and_storage(cfg.checkpoint.storage_path)
         try:
@@ -578,10 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="nodes, storage from every node, all-reduce bandwidth",
         description="Alive nodes (CPUs, GPUs, memory); whether checkpoint.storage_path is writable from "
-        "every node; a short all-reduce over the job's workers with its bus bandwidth.",
+        "every node; a short all-reduce over the job's workers with its bus bandwidth, the workers started as the "
+        "job's would be (Ray Train on a joined cluster; with cluster.address local, a private Ray's worker actors "
+        "on this machine).",
     )
     _job_arguments(pcc, "YAML job file (its cluster and checkpoint sections); default: the defaults", optional=True)
-    pcc.add_argument("--address", help="the cluster's Ray address (HEAD:6379, auto); overrides cluster.address")
+    pcc.add_argument(
+        "--address", help="the cluster's Ray address (HEAD:6379, auto), or local; overrides cluster.address"
+    )
     pcc.set_defaults(fn=_cmd_cluster_check)
 
     pco = sub.add_parser(

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trainer.config import JobConfig
+from trainer.config import JobConfig, eval_batches_moved
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,11 @@ def load_config(
                 resolve(tree, base_dir or os.getcwd())
             except HFError as e:
                 raise ConfigError(str(e)) from None
+    moved = eval_batches_moved(tree)
+    if moved is not None:
+        if any(item.partition("=")[0] == "train.eval_batches" for item in overrides):
+            where = "the command-line overrides"
+        raise ConfigError(f"{moved} (in {where})")
     try:
         cfg = JobConfig.model_validate(tree)
     except ValidationError as e:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.config import JobConfig, redact_text
+from trainer.config import SECRETS_ENV, JobConfig, redact_text, secrets_apart
 from trainer.run_folder import LAUNCH, PREEMPT, checkpoint_store, run_dir
 
 FAILED, PREEMPTED = 1, 143
@@ -35,8 +35,8 @@ def workers_started(folder: Path) -> bool:
     """Whether this invocation's workers have started (recorded an attempt) yet."""
     try:
         launched_at = json.loads((folder / LAUNCH).read_text())["started_at"]
-        rows = (folder / "attempts.jsonl").read_text().splitlines()
-        return any(json.loads(row)["at"] >= launched_at for row in rows if row.strip())
+        rows = [json.loads(row) for row in (folder / "attempts.jsonl").read_text().splitlines() if row.strip()]
+        return any(row["at"] >= launched_at for row in rows if "step" in row)  # a start, not a failure
     except (OSError, ValueError, KeyError, TypeError):  # a row cut short by a crash: not started, as far as known
         return False
 
@@ -117,36 +117,42 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
         connect,
         import_ray_train_meanwhile,
         route_worker_logs,
-        run_on_ray,
+        run_workers,
         shutdown,
     )
+    from cluster.restarts import Restarts
     from launcher.job import UsageError
 
     folder = run_dir(cfg)
     watch = CapacityWatch(cfg.cluster, lambda: where_now(cfg))
+    restarts = Restarts(cfg.cluster, folder)
 
     def idle() -> str | None:
         if watch.waiting_since is not None:
             return "while waiting for capacity"
+        if restarts.waiting:
+            return "while waiting to start the workers again"
         if cfg.cluster.address != "local":  # the workers' run folder may be on other machines: ask them
             return None
         return None if workers_started(folder) else "before the workers started"
 
-    failure, last_line = None, None
+    failure, last_line, secrets = None, None, None
+    config = cfg.model_dump(mode="json")
     sigterm = Sigterm(folder, cfg.checkpoint.preempt_grace_s, idle)
     try:
         try:
             if cfg.cluster.address != "local":  # a private Ray runs plain actors (cluster/worker_group.py)
                 import_ray_train_meanwhile()
-            connect(cfg.cluster, verbose=verbose)
+            else:  # the workers' arguments hold the config's secrets as ***, the real ones inherited
+                config, secrets = secrets_apart(config)
+            connect(cfg.cluster, verbose=verbose, secrets={SECRETS_ENV: secrets} if secrets else None)
         except SystemExit as e:  # ray.init's own SIGTERM handler, while it started Ray
             if e.code != signal.SIGTERM:
                 raise
             sigterm.handler(signal.SIGTERM, None)
         sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
-        if not verbose:
-            last_line = route_worker_logs(folder / "workers.log")
-        run_on_ray(worker, cfg.model_dump(mode="json"), cfg.cluster, cfg.name, str(folder.parent), watch)
+        last_line = route_worker_logs(folder / "workers.log", verbose)  # redacted, to the console or the file
+        run_workers(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch, restarts)
         if last_line is not None:  # rank 0's summary, forwarded a moment after the workers end
             last_line.wait(LAST_LINE_WAIT_S)
     except (JobFailed, CapacityLost) as e:
@@ -167,8 +173,8 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
     if isinstance(failure, CapacityLost):
         print(f"trainctl: stopped: {redact_text(str(failure))}", file=sys.stderr)
         return FAILED
-    if failure is not None and "SaveFailed: " in str(failure):
-        print(f"trainctl: error: {redact_text(str(failure).split('SaveFailed: ', 1)[1])}", file=sys.stderr)
+    if isinstance(failure, JobFailed) and failure.status == 2:  # a full disk, bad data: the user's to fix
+        print(f"trainctl: error: {redact_text(failure.message)}", file=sys.stderr)
         return 2
     if failure is not None:
         where = "" if verbose else f" (the workers' output: {folder / 'workers.log'})"

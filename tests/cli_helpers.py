@@ -6,8 +6,10 @@ process (`trainctl_here`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -78,15 +80,69 @@ def together(*calls: Callable[[], T]) -> list[T]:
         return [f.result() for f in futures]
 
 
-def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict[int, set[str]]]:
-    """trainctl(...), sampling every 0.5 s which addresses its process tree (the private
-    Ray it starts included) listens on: returns the result and {pid: {"IP PROCESS-NAME", ...}}."""
+def outward_address() -> str | None:
+    """An IPv4 address of this machine other than a loopback one, or None."""
     import psutil
 
-    proc = subprocess.Popen(
-        command(*args), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+@functools.cache
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(UNSHARE + ["true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+UNSHARE = ["unshare", "--user", "--map-root-user", "--uts"]
+SET_HOSTNAME = "import os, socket, sys; socket.sethostname(sys.argv[1]); os.execv(sys.argv[2], sys.argv[2:])"
+
+
+def hostname_outward(cmd: list[str]) -> tuple[list[str], bool]:
+    """`cmd` in a namespace of its own (user and UTS: no privileges needed) whose hostname
+    is this machine's outward address, so that what binds to the address the hostname
+    resolves to (gloo, by default) binds to the network, as on a machine whose hostname is
+    in DNS (here /etc/hosts maps it to 127.0.0.1, which hides the difference); and whether
+    it is. Where that cannot be (no unshare, user namespaces off, no outward address), `cmd`
+    as it is and False."""
+    address = outward_address()
+    if address is None or not _can_unshare():
+        return cmd, False
+    return [*UNSHARE, sys.executable, "-c", SET_HOSTNAME, address, *cmd], True
+
+
+def _ip(text: str) -> str:
+    """An address as text, an IPv4-mapped IPv6 one as its IPv4 address, a zone left off."""
+    import ipaddress
+
+    address = ipaddress.ip_address(text.split("%")[0])
+    return str(getattr(address, "ipv4_mapped", None) or address)
+
+
+def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict[int, set[str]]]:
+    """trainctl(...) with its hostname outward (`hostname_outward`), sampling every 0.5 s
+    the addresses its process tree (the private Ray it starts included) could be reached on
+    and talks to itself over: its listening TCP sockets and unconnected UDP ones, and its
+    TCP connections to an address of this machine (between its own processes: Ray's, the
+    ranks'). Not a connection out (Ray's UDP probe for the node's address, which sends
+    nothing, is one). Returns the result and {pid: {"IP PROCESS-NAME", ...}}."""
+    import psutil
+
+    mine = {_ip(a.address) for addresses in psutil.net_if_addrs().values() for a in addresses if a.family in INET}
+    cmd, _ = hostname_outward(command(*args))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, set[str]] = {}
+
+    def within(c) -> bool:
+        if c.type == socket.SOCK_STREAM:
+            return c.status == psutil.CONN_LISTEN or bool(c.raddr) and _ip(c.raddr.ip) in mine
+        return not c.raddr
+
     with ThreadPoolExecutor(1) as pool:  # the pipes drain while this thread samples
         out = pool.submit(proc.communicate, timeout=timeout)
         while not out.done():
@@ -98,10 +154,13 @@ def trainctl_watched(*args: str, cwd, timeout: float = 420) -> tuple[subprocess.
             for pid, p in tree.items():  # per process: a system-wide scan reads every process's fds
                 try:
                     seen.setdefault(pid, set()).update(
-                        f"{c.laddr.ip} {p.name()}" for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                        f"{_ip(c.laddr.ip)} {p.name()}" for c in p.net_connections("inet") if c.laddr and within(c)
                     )
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             time.sleep(0.5)
         stdout, stderr = out.result()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), seen
+
+
+INET = (socket.AF_INET, socket.AF_INET6)

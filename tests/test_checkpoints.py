@@ -33,7 +33,7 @@ name: ck
 model: {n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}
 data: {path: data, seq_len: 32, shuffle_buffer: 512}
 train: {max_steps: 120, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
-        eval_every: 1000, eval_batches: 2, log_every: 1, sample_tokens: 0}
+        eval_every: 1000, eval_sequences: 32, log_every: 1, sample_tokens: 0}
 checkpoint: {storage_path: runs, every: 20, keep: 2}
 tracking: {mode: disabled}
 cluster: {address: local, num_workers: 2}
@@ -80,9 +80,12 @@ def work(tmp_path_factory):
     (work / "text.txt").write_text(SHAKESPEARE.read_text()[:300_000])
     assert trainctl("prepare", "text.txt", "--out", "data", cwd=work).returncode == 0
     (work / "job.yaml").write_text(JOB)
-    r = trainctl("run", "job.yaml", "name=straight", cwd=work)
+    r = trainctl("run", "job.yaml", "name=straight", "--verbose", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(losses(work / "runs" / "straight")) == list(range(1, 121))
+    # --verbose (this run, to spare a Ray start): every worker line as Ray prints it, no workers.log
+    assert "(TrainWorker pid=" in r.stdout + r.stderr  # a private Ray's workers: plain actors, no Ray Train
+    assert not (work / "runs" / "straight" / "workers.log").exists()
     return work
 
 
@@ -121,9 +124,14 @@ def test_a_job_survives_one_of_each_fault_with_every_loss_equal(work):
     assert "is incomplete (a save was interrupted); using an earlier one" in log  # the truncated checkpoint passed over
     # The restart bookkeeping: one attempt per start of the workers, at the step each resumed
     # from; the worker killed under max_failures is "restart 1" of its invocation, in the
-    # console and in metrics.jsonl with the seconds lost since its checkpoint.
-    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    # console and in metrics.jsonl with the seconds lost since its checkpoint, and its
+    # failure the launcher's row between two attempts: restarted (transient) after 1 s.
+    rows = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    attempts = [row for row in rows if "step" in row]
     assert [a["step"] for a in attempts] == [0] + [int(resumed) for _, _, resumed in faults]
+    (failure,) = [row for row in rows if "failure" in row]
+    assert failure["class"] == "transient" and failure["wait_s"] == 1, failure
+    assert "starting the workers again in 1 s (1 of unlimited restarts)" in log
     (killed,) = [int(resumed) for _, kind, resumed in faults if kind == "kill-worker"]
     assert f"trainctl: restart 1 of this job: resumed at step {killed}, " in log
     (event,) = [

@@ -19,7 +19,7 @@ name: {name}
 model: {{n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}}
 data: {{path: {data}, seq_len: 32, shuffle_buffer: 512}}
 train: {{max_steps: 20, micro_batch_size: 8, lr: 3.0e-3, warmup_steps: 5, zero_stage: 2, eval_every: 1000,
-        eval_batches: 2, log_every: 1, sample_tokens: 0}}
+        eval_sequences: 32, log_every: 1, sample_tokens: 0}}
 checkpoint: {{storage_path: {runs}, every: 10, keep: 2}}
 tracking: {{mode: disabled}}
 cluster: {{address: local, num_workers: 2, placement: SPREAD}}

@@ -9,15 +9,17 @@ import shutil
 import socket
 import tarfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import SHAKESPEARE
-from http_helpers import DROP, serve, stall, status
+from http_helpers import DROP, basic, bearer, serve, stall, status
 from s3_helpers import s3_server
 
-from data_pipeline import DataError, TokenStream, eval_batches, load_manifest, prepare, sources
+from data_pipeline import DataError, TokenStream, credentials, load_manifest, prepare, sources, val_share
+from data_pipeline.stream import open_dataset, shard_reader
 
 TIMEOUT_S = 0.4  # the client's timeout in the tests that stall (sources.TIMEOUT_S, 60 s in use)
 STALL = stall(2.0)  # a server silent for longer than that: a real socket timeout on the client
@@ -62,6 +64,13 @@ def short_timeout(monkeypatch):
     monkeypatch.setattr(sources, "TIMEOUT_S", TIMEOUT_S)
 
 
+def whole_split(path, split) -> torch.Tensor:
+    """Every shard of a split read whole (read_shard: raw-text shards are read so), in order."""
+    m = open_dataset(path)
+    read = shard_reader(m)
+    return torch.cat([torch.from_numpy(a.astype("int64")) for s in m["splits"][split]["shards"] for a in read(s)])
+
+
 def batches(path, steps=12, state=None):
     s = TokenStream(path, "train", 32, 4, 0, 1, seed=3, shuffle_buffer=64)
     if state:
@@ -75,12 +84,9 @@ def test_http_gives_the_same_batches_as_the_local_folder(data, server):
     remote, _ = batches(f"{server}/d", 40)
     assert all(torch.equal(a, b) for a, b in zip(local, remote))
     assert len(load_manifest(f"{server}/d/manifest.json")["splits"]["train"]["shards"]) > 2
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(
-            eval_batches(str(data / "d"), "val", 32, 4, 0, 1), eval_batches(f"{server}/d", "val", 32, 4, 0, 1)
-        )
-    )
+    for r in range(2):  # each rank's share of the validation set, read by its chunks' ranges
+        here, there = val_share(str(data / "d"), "val", 32, r, 2), val_share(f"{server}/d", "val", 32, r, 2)
+        assert len(here.rows) > 10 and (here.rows == there.rows).all()
     _, state = batches(f"{server}/d", 17)
     resumed, _ = batches(f"{server}/d", 23, state)
     assert all(torch.equal(a, b) for a, b in zip(local[17:], resumed))
@@ -88,12 +94,12 @@ def test_http_gives_the_same_batches_as_the_local_folder(data, server):
 
 @pytest.mark.parametrize("fault", [status(503), DROP], ids=["503", "drop"])
 def test_transient_failures_are_retried(data, server, httpd, slept, fault):
-    local = eval_batches(str(data / "d"), "train", 32, 4, 0, 1)  # every train shard, in order
+    local = whole_split(str(data / "d"), "train")
     httpd.handler.faults.update(
         {"/d/manifest.json": [fault] * 2, "/d/train-000001.tar": [fault] * 2, "/d/train-000002.tar": [fault]}
     )
-    remote = eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
-    assert len(local) == len(remote) > 100 and all(torch.equal(a, b) for a, b in zip(local, remote))
+    remote = whole_split(f"{server}/d", "train")
+    assert len(local) > 10_000 and torch.equal(local, remote)
     assert httpd.handler.faults == {"/d/manifest.json": [], "/d/train-000001.tar": [], "/d/train-000002.tar": []}
     assert httpd.handler.hits["/d/train-000001.tar"] >= 3
     assert len(slept) == 5 and set(slept) <= {0.5, 1.0}  # one wait per failure, each read on its own schedule
@@ -151,7 +157,8 @@ def test_a_non_transient_answer_is_not_retried(server, httpd, code, reason):
     waits = []
     with pytest.raises(DataError) as e:
         sources.read_bytes(url, waits.append)
-    assert str(e.value) == f"cannot read {url}: HTTP {code} {reason}"
+    hint = f": no credentials were sent; to send some, {credentials.HOW}" if code == 403 else ""
+    assert str(e.value) == f"cannot read {url}: HTTP {code} {reason}{hint}"
     assert httpd.handler.hits["/d/train-000000.tar"] == 1 and waits == []
 
 
@@ -187,7 +194,7 @@ def test_a_stalled_server_costs_the_clients_timeout_not_the_stall(data, server, 
 def test_a_shard_that_keeps_failing_is_named(server, httpd, slept):
     httpd.handler.faults["/d/train-000001.tar"] = [status(503)] * 100
     with pytest.raises(DataError, match=r"shard http://127.0.0.1:\d+/d/train-000001.tar is unreadable \(HTTP 503"):
-        eval_batches(f"{server}/d", "train", 32, 4, 0, 1)
+        whole_split(f"{server}/d", "train")
     assert httpd.handler.hits["/d/train-000001.tar"] == sources.RETRIES + 1  # bounded
     assert slept == SCHEDULE
 
@@ -197,7 +204,7 @@ def test_missing_shard_is_not_retried(data, server, httpd, slept):
     shutil.copytree(data / "d", copy)
     (copy / "train-000000.tar").unlink()
     with pytest.raises(DataError, match=r"missing/train-000000.tar is unreadable \(HTTP 404"):
-        eval_batches(f"{server}/missing", "train", 32, 4, 0, 1)
+        whole_split(f"{server}/missing", "train")
     assert httpd.handler.hits["/missing/train-000000.tar"] == 1 and slept == []
 
 
@@ -231,7 +238,7 @@ def test_sha256_mismatch_is_a_corrupt_shard(data, tmp_path):
     flip = lambda i, m, p: (m, p[:10] + bytes([p[10] ^ 1]) + p[11:]) if i == 0 else (m, p)  # noqa: E731
     _rewrite_member(copy / "train-000000.tar", flip)  # same token count, a valid tar, one byte off
     with pytest.raises(DataError, match="train-000000.tar fails its sha256 check against the manifest"):
-        eval_batches(str(copy), "train", 32, 4, 0, 1)
+        whole_split(str(copy), "train")
 
 
 def test_sample_without_tokens(data, tmp_path):
@@ -240,7 +247,7 @@ def test_sample_without_tokens(data, tmp_path):
     rename = lambda i, m, p: (tarfile.TarInfo(m.name.replace(".tokens", ".txt")), p)  # noqa: E731
     _rewrite_member(copy / "val-000000.tar", rename)
     with pytest.raises(DataError, match=r"val-000000.tar: sample 000000000 has no .tokens member"):
-        eval_batches(str(copy), "val", 32, 4, 0, 1)
+        whole_split(str(copy), "val")
 
 
 @pytest.mark.parametrize("content, fragment", [("{oops", "is not valid JSON"), ("[1, 2]", "is not a trainctl dataset")])
@@ -321,3 +328,137 @@ def test_prepare_writes_to_an_object_store(data, s3_bucket, monkeypatch, tmp_pat
     assert names == sorted(["manifest.json"] + [s["path"] for sp in small["splits"].values() for s in sp["shards"]])
     with pytest.raises(DataError, match="--out s3://no-such-bucket/x: no-such-bucket does not exist"):
         prepare([text], "s3://no-such-bucket/x")
+
+
+# Credentials (data_pipeline/credentials.py): real servers on 127.0.0.1 that demand them.
+USER, PASSWORD, TOKEN = "reader", "pw@5ecr3t:B/asic", "tok-5ecr3t-Bearer"
+QUOTED = urllib.parse.quote(PASSWORD, safe="")  # as a password with @ : / is written in a URL
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path):
+    """None of this machine's credentials: no token variables, no netrc, no stored HF token."""
+    for name in ("TRAINCTL_HTTP_TOKEN", "HF_TOKEN", "HF_ENDPOINT", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+def shown(e: pytest.ExceptionInfo) -> str:
+    text = str(e.value)
+    assert PASSWORD not in text and QUOTED not in text and TOKEN not in text, text
+    return text
+
+
+def test_basic_credentials_in_the_url_read_a_dataset_and_are_never_shown(data, no_credentials):
+    """http://USER:PASSWORD@host/... as data.path: HTTP Basic on every request (urllib took
+    the userinfo for part of the host name: 'Name or service not known'); a server's 401
+    says whose credentials it refused, or how to send some, never the password."""
+    local, _ = batches(str(data / "d"), 12)
+    with serve(data, auth=basic(USER, PASSWORD)) as httpd:
+        port = httpd.server_address[1]
+        remote, _ = batches(f"http://{USER}:{QUOTED}@127.0.0.1:{port}/d", 12)
+        assert all(torch.equal(a, b) for a, b in zip(local, remote))
+        assert {a for _, a in httpd.handler.authorizations} == {basic(USER, PASSWORD)}
+        with pytest.raises(DataError) as e:
+            load_manifest(f"http://127.0.0.1:{port}/d")
+        assert shown(e) == (
+            f"cannot read http://127.0.0.1:{port}/d/manifest.json: HTTP 401 Unauthorized: no credentials were sent; "
+            f"to send some, {credentials.HOW}"
+        )
+        with pytest.raises(DataError) as e:
+            load_manifest(f"http://{USER}:not-{QUOTED}@127.0.0.1:{port}/d")
+        assert shown(e) == (
+            f"cannot read http://{USER}:***@127.0.0.1:{port}/d/manifest.json: HTTP 401 Unauthorized: the server "
+            f"refused the credentials from the URL's user:password; check them ({credentials.HOW})"
+        )
+        # `prepare` reads its inputs with them too; what it writes does not hold them
+        url = f"http://{USER}:{QUOTED}@127.0.0.1:{port}/t.txt"
+        m = prepare([url], str(data / "from-http"), shard_size_bytes=6_000, sample_tokens=500)
+    assert m["splits"]["train"]["tokens"] == load_manifest(str(data / "d"))["splits"]["train"]["tokens"]
+    assert not [p for p in (data / "from-http").rglob("*") if PASSWORD.encode() in p.read_bytes()]
+
+
+def test_a_bearer_token_from_the_environment_goes_to_its_host_only(data, no_credentials, monkeypatch):
+    """TRAINCTL_HTTP_TOKEN's HOST[:PORT]=TOKEN entries, HF_TOKEN for the hub (here HF_ENDPOINT's host)."""
+    local, _ = batches(str(data / "d"), 4)
+    with serve(data, auth=bearer(TOKEN)) as httpd:
+        port = httpd.server_address[1]
+        url = f"http://127.0.0.1:{port}/d"
+        monkeypatch.setenv("TRAINCTL_HTTP_TOKEN", f"data.example.org=other-token, 127.0.0.1:{port}={TOKEN}")
+        remote, _ = batches(url, 4)
+        assert all(torch.equal(a, b) for a, b in zip(local, remote))
+        monkeypatch.setenv("TRAINCTL_HTTP_TOKEN", f"127.0.0.1:{port + 1}={TOKEN}")  # another port: not sent
+        with pytest.raises(DataError, match="HTTP 401 Unauthorized: no credentials were sent"):
+            load_manifest(url)
+        monkeypatch.setenv("TRAINCTL_HTTP_TOKEN", f"127.0.0.1=not-{TOKEN}")
+        with pytest.raises(DataError) as e:
+            load_manifest(url)
+        assert shown(e).endswith(
+            "HTTP 401 Unauthorized: the server refused the credentials from TRAINCTL_HTTP_TOKEN; "
+            f"check them ({credentials.HOW})"
+        )
+        monkeypatch.setenv("TRAINCTL_HTTP_TOKEN", TOKEN)  # no host: refused, the value not shown
+        with pytest.raises(DataError) as e:
+            load_manifest(url)
+        assert shown(e).startswith("TRAINCTL_HTTP_TOKEN: entry 1 is not HOST=TOKEN")
+        monkeypatch.delenv("TRAINCTL_HTTP_TOKEN")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)  # the hub's token goes to the hub only
+        with pytest.raises(DataError, match="no credentials were sent"):
+            load_manifest(url)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # a hub mirror: this server
+        assert load_manifest(url)["splits"]["train"]["tokens"] > 0
+
+
+def test_netrc_and_a_redacted_password_falling_back_to_it(data, no_credentials, monkeypatch, tmp_path):
+    (tmp_path / "netrc").write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with serve(data, auth=basic(USER, PASSWORD)) as httpd:
+        port = httpd.server_address[1]
+        assert load_manifest(f"http://127.0.0.1:{port}/d")["splits"]["train"]["tokens"] > 0
+        # config.yaml keeps user:***@: no credential, the netrc's are sent
+        assert sources.read_bytes(f"http://{USER}:***@127.0.0.1:{port}/d/manifest.json")
+        with pytest.raises(DataError) as e:  # the URL's own come first
+            load_manifest(f"http://{USER}:nope@127.0.0.1:{port}/d")
+        assert "refused the credentials from the URL's user:password" in shown(e)
+    (tmp_path / "netrc").write_text(f"{PASSWORD} machine 127.0.0.1\n")  # netrc's own error quotes the token
+    with pytest.raises(DataError) as e:
+        load_manifest(f"http://127.0.0.1:{port}/d")
+    assert shown(e) == f"{tmp_path / 'netrc'} is not a usable netrc file (line 1)"
+
+
+def test_credentials_follow_a_redirect_to_the_same_origin_only(data, no_credentials, monkeypatch):
+    """As requests and curl do: another host (a CDN's presigned URL) never gets the first
+    host's Authorization, only its own (TRAINCTL_HTTP_TOKEN, HF_TOKEN, netrc)."""
+    with serve(data, auth=basic(USER, PASSWORD)) as first, serve(data) as other:
+        a, b = first.server_address[1], other.server_address[1]
+        first.handler.redirects["/here.json"] = "/d/manifest.json"
+        first.handler.redirects["/there.json"] = f"http://127.0.0.1:{b}/d/manifest.json"
+        for name in ("here", "there"):
+            assert sources.read_bytes(f"http://{USER}:{QUOTED}@127.0.0.1:{a}/{name}.json")
+        assert first.handler.authorizations == [  # the same origin's redirect kept them
+            (path, basic(USER, PASSWORD)) for path in ("/here.json", "/d/manifest.json", "/there.json")
+        ]
+        assert other.handler.authorizations == [("/d/manifest.json", None)]
+        monkeypatch.setenv("TRAINCTL_HTTP_TOKEN", f"127.0.0.1:{b}={TOKEN}")
+        sources.read_bytes(f"http://{USER}:{QUOTED}@127.0.0.1:{a}/there.json")
+        assert other.handler.authorizations[-1] == ("/d/manifest.json", bearer(TOKEN))
+
+
+@pytest.mark.parametrize("key, file", [("data.path", "manifest.json"), ("model.init_from", "config.json")])
+def test_refused_credentials_are_one_line_exit_2_and_nothing_written(data, no_credentials, tmp_path, key, file):
+    from cli_helpers import trainctl_here
+
+    (tmp_path / "job.yaml").write_text(
+        f"name: locked\ndata: {{path: {data / 'd'}, seq_len: 32}}\ncluster: {{num_workers: 1}}\n"
+        "checkpoint: {storage_path: runs}\n"
+    )
+    with serve(data, auth=basic(USER, PASSWORD)) as httpd:
+        url = f"http://{USER}:not-{QUOTED}@127.0.0.1:{httpd.server_address[1]}/d"
+        r = trainctl_here("run", "job.yaml", f"{key}={url}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == (
+        f"trainctl: error: cannot read {credentials.redact_url(url)}/{file}: HTTP 401 Unauthorized: the server "
+        f"refused the credentials from the URL's user:password; check them ({credentials.HOW})\n"
+    )
+    assert not (tmp_path / "runs").exists()

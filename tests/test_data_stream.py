@@ -10,7 +10,8 @@ import pytest
 import torch
 from cli_helpers import SHAKESPEARE
 
-from data_pipeline import DataError, TokenStream, eval_batches, prepare
+from data_pipeline import DataError, TokenStream, prepare, val_share
+from data_pipeline.lanes import ChunkTable
 from data_pipeline.stream import row_batches, shuffle_order, skip_tokens, window_blocks
 
 
@@ -173,17 +174,33 @@ def test_too_little_data_for_one_global_batch(data):
         TokenStream(data, "train", 32, 512, 0, 8)
 
 
-def test_eval_batches_are_fixed_and_equal_per_rank(data):
-    ranks = [eval_batches(data, "val", 32, 4, r, 3) for r in range(3)]
-    assert [len(b) for b in ranks] == [(1_801 - 1) // 32 // 12] * 3 == [4] * 3
-    rows = torch.cat([torch.cat([ranks[r][i] for r in range(3)]) for i in range(4)])  # (48, 33)
+def test_the_validation_set_is_the_same_for_any_world_size_and_each_rank_reads_its_share(data, monkeypatch):
+    whole = val_share(data, "val", 32, 0, 1)
+    assert whole.total == len(whole.rows) == (1_801 - 1) // 32 == 56
     val_text = SHAKESPEARE.read_bytes()[:6_000][4_200:]
-    assert bytes(rows[0].tolist()) == val_text[:33]
-    assert torch.equal(rows[1:, 0], rows[:-1, 32])  # consecutive windows, unshuffled
-    assert len(eval_batches(data, "val", 32, 4, 0, 3, max_batches=2)) == 2
-    assert eval_batches(data, "nope", 32, 4, 0, 1) == []
-    small = eval_batches(data, "val", 32, 1000, 1, 2)
-    assert len(small) == 1 and small[0].shape == (28, 33)  # 56 windows, split over 2 ranks
+    assert bytes(whole.rows[0].tolist()) == val_text[:33]
+    assert (whole.rows[1:, 0] == whole.rows[:-1, 32]).all()  # consecutive windows, unshuffled
+    read = []
+    monkeypatch.setattr(
+        ChunkTable, "read", lambda self, c, dtype, f=ChunkTable.read: read.append(c) or f(self, c, dtype)
+    )
+    for world in (1, 2, 3, 5):
+        for count in (None, 20):
+            shares, reads = [], []
+            for r in range(world):
+                read.clear()
+                shares.append(val_share(data, "val", 32, r, world, count))
+                reads.append(list(read))
+            want = whole.rows[:count]
+            assert all(s.total == len(want) for s in shares)
+            assert (np.concatenate([s.rows for s in shares]) == want).all(), (world, count)
+            # contiguous shares, rank 0's the largest; a rank reads only the chunks its windows lie in
+            sizes = [len(s.rows) for s in shares]
+            assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+            if world == 5 and count is None:
+                assert all(len(r) <= 2 for r in reads) and sorted({c for r in reads for c in r}) == [0, 1, 2]
+    assert val_share(data, "val", 32, 1, 2, count=1).rows.shape == (0, 33)  # a rank past the set: none
+    assert val_share(data, "nope", 32, 0, 1).total == 0
 
 
 def test_corrupt_or_truncated_shard_is_named(data, tmp_path):
@@ -247,11 +264,18 @@ def test_skip_policy_with_nothing_left_stops(data, tmp_path):
         next(iter(TokenStream(path, "train", 32, 3, 0, 1, on_error="skip")))
 
 
-def test_eval_batches_skip_a_bad_shard_equally_on_every_rank(data, tmp_path):
-    path = _break(data, tmp_path, ["train-000001.tar"])
-    full = [len(eval_batches(data, "train", 32, 4, r, 2)) for r in range(2)]
-    short = [len(eval_batches(path, "train", 32, 4, r, 2, on_error="skip")) for r in range(2)]
-    assert short[0] == short[1] and full[0] == full[1] > short[0] > 0
+def test_validation_skips_the_windows_of_a_bad_chunk_the_same_for_any_world_size(data, tmp_path, capfd):
+    path = _break(data, tmp_path, ["val-000001.tar"])
+    whole = val_share(data, "val", 32, 0, 1).rows
+    kept = [
+        np.concatenate([val_share(path, "val", 32, r, w, on_error="skip").rows for r in range(w)]) for w in (1, 2, 3)
+    ]
+    # the windows touching val-000001.tar's 600 tokens (600..1,199) are gone, the rest kept in order
+    touching = [k for k in range(len(whole)) if k * 32 < 1_200 and k * 32 + 33 > 600]
+    assert all((k == np.delete(whole, touching, axis=0)).all() for k in kept)
+    assert "trainctl: warning: skipping a chunk (data.on_error=skip): chunk" in capfd.readouterr().err
+    with pytest.raises(DataError, match="val-000001.tar"):
+        val_share(path, "val", 32, 0, 1)  # the default policy is fail
 
 
 def take_loaded(data, world, workers, steps, state=None, micro=6, group=2, **kw):

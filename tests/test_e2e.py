@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import ipaddress
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ name: e2e
 model: {n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}
 data: {path: data, seq_len: 32, shuffle_buffer: 512}
 train: {max_steps: 40, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
-        eval_every: 20, eval_batches: 4, log_every: 10, sample_tokens: 40}
+        eval_every: 20, eval_sequences: 64, log_every: 10, sample_tokens: 40}
 checkpoint: {storage_path: runs, every: 20, keep: 1}
 tracking: {mode: offline, project: trainctl-tests}
 cluster: {address: local, num_workers: 2}
@@ -78,9 +79,9 @@ def trained(tmp_path_factory):
     r = trainctl("prepare", "text.txt", "--out", "data", cwd=work)
     assert r.returncode == 0, r.stderr
     (work / "job.yaml").write_text(JOB)
-    r, listening = trainctl_watched("run", "job.yaml", cwd=work)
+    r, sockets = trainctl_watched("run", "job.yaml", cwd=work)  # its hostname resolving outward
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return work, r, listening
+    return work, r, sockets
 
 
 @pytest.mark.slow
@@ -120,26 +121,33 @@ def loopback(ip: str) -> bool:
     return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
+def outward_sockets(seen: dict[int, set[str]]) -> list[str]:
+    """The "IP PROCESS" entries of `trainctl_watched` on an address other than loopback."""
+    return sorted(s for s in set().union(*seen.values()) if not loopback(s.split(" ")[0]))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(360)
-def test_the_private_ray_listens_on_loopback_only_and_ends_with_the_job(trained):
+def test_the_private_ray_and_the_collectives_stay_on_loopback_and_end_with_the_job(trained):
+    """Every socket of the run's processes, listening or connected (Ray's, torch's store,
+    gloo's between the ranks), is on a loopback address; the run's hostname resolved to the
+    machine's outward address (cli_helpers.hostname_outward), where gloo binds unless
+    GLOO_SOCKET_IFNAME names an interface. The processes are gone when the run ends."""
     import psutil
 
-    _, _, listening = trained
-    sockets = set().union(*listening.values())
+    _, _, seen = trained
+    sockets = set().union(*seen.values())
     assert {"gcs_server", "raylet", "ray::TrainWorker"} <= {s.split(" ", 1)[1].split(".")[0] for s in sockets}
-    outward = [s for s in sockets if not loopback(s.split(" ")[0])]
-    assert outward == [], outward  # before: the GCS, raylet and workers on every interface
-    alive = [
-        pid for pid in listening if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    ]
+    # before: the GCS, raylet and workers on every interface; then gloo on the hostname's address
+    assert outward_sockets(seen) == []
+    alive = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == [], [psutil.Process(pid).cmdline()[:3] for pid in alive]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_run_loss_falls_and_metrics_have_the_keys(trained):
-    work, r, _ = trained
+    work, r, *_ = trained
     rows = metrics(work / "runs" / "e2e")
     train = [m for m in rows if "loss" in m]
     val = [m for m in rows if "val_loss" in m]
@@ -169,7 +177,7 @@ def test_run_loss_falls_and_metrics_have_the_keys(trained):
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_the_console_shows_progress_and_the_summary_and_the_rest_goes_to_the_log_file(trained):
-    work, r, _ = trained
+    work, r, *_ = trained
     last = metrics(work / "runs" / "e2e")
     final_loss = [m for m in last if "loss" in m][-1]["loss"]
     vals = [m["val_loss"] for m in last if "val_loss" in m]
@@ -263,24 +271,50 @@ def test_generate_returns_requested_length(trained):
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_worker_failure_exits_1_with_the_workers_error(trained):
+def test_a_workers_error_that_would_recur_ends_an_unlimited_job_at_once_with_its_line(trained):
+    """A shard damaged after prepare: the workers fail reading it. Under cluster.max_failures:
+    -1 the job ends at that first failure, with the error's one line and exit 2 (the user's to
+    fix, as before launch), and the attempt log says why it was not restarted: started again,
+    the workers would read the same shard (the old loop restarted it for ever, ~17 s a turn;
+    this run's time limit failed it)."""
     work, *_ = trained
     broken = work / "broken"
     subprocess.run(["cp", "-r", str(work / "data"), str(broken)], check=True)
     (broken / "train-000000.tar").write_bytes(b"not a tar file" * 100)
-    r = trainctl("run", "job.yaml", "name=broken", "data.path=broken", "train.sample_tokens=0", cwd=work)
-    assert r.returncode == 1
+    r = trainctl(
+        "run", "job.yaml", "name=broken", "data.path=broken", "train.sample_tokens=0", "cluster.max_failures=-1",
+        cwd=work, timeout=200,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("trainctl: training failed:") and "train-000000.tar" in last, r.stderr[-2000:]
+    assert last.startswith("trainctl: error: ") and "train-000000.tar" in last, r.stderr[-2000:]
+    assert "starting the workers again" not in r.stderr
+    rows = [json.loads(line) for line in (work / "runs" / "broken" / "attempts.jsonl").read_text().splitlines()]
+    (failure,) = [row for row in rows if "failure" in row]
+    assert failure["class"] == "recurring" and failure["wait_s"] is None and "train-000000.tar" in failure["failure"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_cluster_address_nothing_answers_on_is_refused_before_anything_is_written(trained):
+    work, *_ = trained
+    r = trainctl_here("run", "job.yaml", "name=nowhere", "--address", "127.0.0.1:1", cwd=work)
+    assert r.returncode == 2 and r.stderr.startswith(
+        "trainctl: error: --address 127.0.0.1:1: no Ray cluster answers there"
+    ), r.stderr
+    assert not (work / "runs" / "nowhere").exists()  # no launch.json: refused before the run folder
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_single_plain_process_without_ray(trained):
     """The same worker function alone in this process: `--no-ray` with one worker. Its
-    output is the console's alone: no DeepSpeed op build, no profiler lines."""
+    output is the console's alone: no DeepSpeed op build, no profiler lines. Its sockets
+    (its group of one: the store, gloo's listener) are on loopback, the hostname resolving
+    outward (cli_helpers.hostname_outward)."""
     work, *_ = trained
-    r = trainctl(
+    r, seen = trainctl_watched(
         "run",
         "job.yaml",
         "--no-ray",
@@ -301,6 +335,28 @@ def test_single_plain_process_without_ray(trained):
     assert [m["step"] for m in rows if "loss" in m] == [10] and [m["step"] for m in rows if "val_loss" in m] == [10]
     assert (work / "runs" / "solo" / "checkpoints" / "latest").read_text() == "step_00000010"
     assert "sample from the final checkpoint" in r.stdout and "Ray" not in r.stdout
+    assert outward_sockets(seen) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_cluster_check_on_this_machine_measures_the_worker_actors_local_jobs_run(trained):
+    """`trainctl cluster check` with `cluster.address: local`: a private Ray, the storage
+    probe, and the all-reduce over the job's 2 workers started as a local job's are (plain
+    Ray actors, no Ray Train controller or workers), its sockets on loopback (the hostname
+    resolving outward). Before, a private Ray was refused."""
+    work, *_ = trained
+    r, seen = trainctl_watched("cluster", "check", "job.yaml", cwd=work, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "1 alive nodes:" in r.stdout and f"storage {work / 'runs'}: writable from every node" in r.stdout
+    bandwidth = re.search(
+        r"all-reduce over 2 workers \(gloo, worker actors on this machine's loopback\): ([0-9.]+) GB/s", r.stdout
+    )
+    assert bandwidth and float(bandwidth.group(1)) > 0, r.stdout
+    names = {s.split(" ", 1)[1] for s in set().union(*seen.values())}
+    assert any(n.startswith("ray::TrainWorker") for n in names), names
+    assert not [n for n in names if n.startswith(("ray::TrainController", "ray::RayTrainWorker"))], names
+    assert outward_sockets(seen) == []
 
 
 @pytest.mark.slow
@@ -374,9 +430,20 @@ def test_training_over_http_matches_the_local_folder(trained):
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_profile_work(trained):
-    """data.on_error=skip: both workers pass over the broken shard and finish (bounded by the
-    timeout). The same run (to spare a Ray start) has --verbose and --profile 2."""
+def test_skip_policy_under_ray_over_http_with_a_password_no_line_or_file_holds(trained):
+    """data.on_error=skip under the private Ray, the dataset on a real HTTP server that
+    demands Basic auth, reached as http://USER:PASSWORD@127.0.0.1:PORT/... from the job file
+    (and a token in cluster.env): both workers pass over the broken chunk and finish (bounded
+    by the timeout), and no file the run wrote (the run folder: workers.log, metrics.jsonl,
+    config.yaml, W&B's offline files, checkpoints, profiles; the private Ray's session logs,
+    in the run's own TMPDIR; W&B's service logs) nor its console holds either secret. The
+    same run (to spare a Ray start) has --profile 2."""
+    import shutil
+    import tempfile
+    import time
+
+    from http_helpers import basic, serve
+
     work, *_ = trained
     r = trainctl("prepare", "text.txt", "--out", "broken-skip", "--shard-size-mb", "0.1", cwd=work, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -387,30 +454,53 @@ def test_skip_policy_finishes_under_ray_with_a_corrupt_shard_and_verbose_and_pro
     stream = TokenStream(str(broken), "train", 32, 8, 0, 2, seed=1337)
     _, slot, _ = stream.layout(0).locate(0, 0)  # the chunk lane 0 reads first
     first = Path(stream.table.urls[stream.layout(0).perm[slot]]).name
-    (broken / first).write_bytes(b"not a tar file" * 100)
-    r = trainctl(
-        "run",
-        "job.yaml",
-        "name=skip",
-        "data.path=broken-skip",
-        "data.on_error=skip",
-        "train.max_steps=10",
-        "train.sample_tokens=0",
-        "tracking.mode=disabled",
-        "--verbose",
-        "--profile",
-        "2",
-        cwd=work,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [m for m in metrics(work / "runs" / "skip") if "loss" in m]
-    assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
-    assert "skipping a chunk (data.on_error=skip): chunk" in r.stdout + r.stderr and first in r.stdout + r.stderr
-
-    # --verbose: Ray's forwarding of everything, nothing in workers.log
-    assert "(TrainWorker pid=" in r.stdout + r.stderr  # a private Ray's workers: plain actors, no Ray Train
-    assert not (work / "runs" / "skip" / "workers.log").exists()
+    size = (broken / first).stat().st_size  # the same size: a sha256 mismatch, not a short read (retried over http)
+    (broken / first).write_bytes((b"not a tar file" * size)[:size])
+    user, password, token = "reader", "pw-5ecr3t-e2e-0b7c", "tok-5ecr3t-e2e-9a2d"
+    secrets = (password.encode(), token.encode())
+    tmp = Path(tempfile.mkdtemp(prefix="t26", dir="/tmp"))  # short: Ray's socket paths live under it
+    started = time.time()
+    try:
+        with serve(work, auth=basic(user, password)) as httpd:
+            url = f"http://{user}:{password}@127.0.0.1:{httpd.server_address[1]}/broken-skip"
+            (work / "skip.yaml").write_text(
+                JOB.replace("{path: data,", f"{{path: '{url}', on_error: skip,").replace(
+                    "num_workers: 2}", f"num_workers: 2, env: {{TRAINCTL_TEST_TOKEN: {token}}}}}"
+                )
+            )
+            r = trainctl(
+                "run",
+                "skip.yaml",
+                "name=skip",
+                "train.max_steps=10",
+                "train.sample_tokens=0",
+                "--profile",
+                "2",
+                cwd=work,
+                timeout=300,
+                TMPDIR=str(tmp),
+                RAY_TMPDIR=str(tmp),
+            )
+            sent = {a for _, a in httpd.handler.authorizations}
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert sent == {basic(user, password)}  # every request, both workers' and the launcher's
+        run = work / "runs" / "skip"
+        rows = [m for m in metrics(run) if "loss" in m]
+        assert [m["step"] for m in rows] == [10] and rows[0]["data_skipped_shards"] >= 1
+        console = r.stdout + r.stderr
+        assert f"skipping a chunk (data.on_error=skip): chunk {url.replace(password, '***')}/{first} bytes" in console
+        assert all(s.decode() not in console for s in secrets)
+        sessions = list(tmp.glob("ray/session_2*/logs"))
+        assert len(sessions) == 1 and (sessions[0] / "raylet.out").is_file()  # the run's private Ray logged here
+        assert (run / "workers.log").stat().st_size > 0 and list(run.glob("wandb/*/run-*.wandb"))
+        wandb_logs = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wandb" / "logs"
+        written = [p for p in [*run.rglob("*"), *tmp.rglob("*")] if p.is_file() and not p.is_symlink()]
+        written += [p for p in wandb_logs.glob("*") if p.stat().st_mtime >= started]
+        assert len(written) > 50
+        leaks = [str(p) for p in written if any(s in p.read_bytes() for s in secrets)]
+        assert leaks == []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     # --profile 2: steps 6-7 (after the 5-step warm-up), a Chrome trace per rank
     assert "trainctl: profile of steps 6-7:" in r.stdout
     for rank in (0, 1):

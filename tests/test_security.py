@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 from cli_helpers import SHAKESPEARE, trainctl
-from http_helpers import serve
+from http_helpers import bearer, serve
 
-from trainer.config import REDACTED, redact, redact_text, redact_url
+from data_pipeline.credentials import REDACTED, redact_text, redact_url
+from trainer.config import redact, secrets_apart, secrets_back
 
 SECRET = "S3CR3T-planted-7f3a"
 ARGV_SECRET = "S3CR3T-argv-91c2"  # given on the command line instead
+TOKEN = "S3CR3T-bearer-4d1e"  # the bearer token the server demands, from TRAINCTL_HTTP_TOKEN
 
 
 def test_redact_urls_env_and_text():
@@ -60,7 +62,7 @@ JOB = f"""\
 name: leak
 model: {{n_layer: 1, n_head: 2, d_model: 32, max_seq_len: 16}}
 data: {{path: "@DATA@", seq_len: 16, shuffle_buffer: 64}}
-train: {{max_steps: 3, micro_batch_size: 2, warmup_steps: 1, eval_every: 3, eval_batches: 1, log_every: 1,
+train: {{max_steps: 3, micro_batch_size: 2, warmup_steps: 1, eval_every: 3, eval_sequences: 2, log_every: 1,
         sample_tokens: 0}}
 checkpoint: {{storage_path: runs, every: 3, keep: 1, async_save: false}}
 tracking: {{mode: offline, project: trainctl-tests}}
@@ -73,8 +75,8 @@ cluster:
 @pytest.fixture(scope="module")
 def leaky_run(tmp_path_factory):
     """A real 3-step --no-ray run (W&B offline) whose data.path is a presigned-style URL of
-    raw-text shards served on 127.0.0.1 (the server ignores the query) and whose cluster.env
-    holds a token and a URL with a password."""
+    raw-text shards served on 127.0.0.1 (the server ignores the query, and demands a bearer
+    token: TRAINCTL_HTTP_TOKEN's) and whose cluster.env holds a token and a URL with a password."""
     work = tmp_path_factory.mktemp("security")
     shards = work / "shards"
     shards.mkdir()
@@ -83,13 +85,23 @@ def leaky_run(tmp_path_factory):
         with wds.TarWriter(str(shards / f"part-{s}.tar")) as sink:
             for k in range(20):
                 sink.write({"__key__": f"{s}-{k}", "txt": text[(s * 20 + k) * 1000 : (s * 20 + k + 1) * 1000]})
-    with serve(shards) as httpd:
+    with serve(shards, auth=bearer(TOKEN)) as httpd:
         url = f"http://127.0.0.1:{httpd.server_port}/part-{{0..1}}.tar?X-Amz-Credential=AKIA%2F{SECRET}&X-Amz-Signature={SECRET}"
         (work / "job.yaml").write_text(JOB.replace("@DATA@", url))
-        r = trainctl("run", "job.yaml", "--no-ray", f"cluster.env.WANDB_API_KEY={ARGV_SECRET}", cwd=work, timeout=240)
+        r = trainctl(
+            "run",
+            "job.yaml",
+            "--no-ray",
+            f"cluster.env.WANDB_API_KEY={ARGV_SECRET}",
+            cwd=work,
+            timeout=240,
+            TRAINCTL_HTTP_TOKEN=f"127.0.0.1:{httpd.server_port}={TOKEN}",
+        )
         hits = sum(httpd.handler.hits.values())
+        sent = {a for _, a in httpd.handler.authorizations}
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert hits >= 2  # the shards were read through the secret-bearing URL
+    assert sent == {bearer(TOKEN)}  # with the token, every request
     return work, r
 
 
@@ -103,9 +115,9 @@ def test_no_secret_reaches_the_run_folder_wandb_or_the_console(leaky_run):
     assert {"config.yaml", "metrics.jsonl", "checkpoints/step_00000003/config.yaml"} <= names
     wandb_runs = [p for p in files if p.suffix == ".wandb"]  # W&B offline: config, metadata and history inside
     assert wandb_runs and all(b"X-Amz-Signature=***" in p.read_bytes() for p in wandb_runs)  # the config, redacted
-    leaks = [p.relative_to(run).as_posix() for p in files if SECRET.encode() in p.read_bytes()]
+    leaks = [p.relative_to(run).as_posix() for p in files if any(s.encode() in p.read_bytes() for s in (SECRET, TOKEN))]
     assert leaks == []
-    assert SECRET not in r.stdout and SECRET not in r.stderr
+    assert all(s not in r.stdout + r.stderr for s in (SECRET, TOKEN))
     # what is written is the job with its secrets as ***: still a valid job file
     import yaml
 
@@ -218,3 +230,51 @@ def test_an_object_stores_file_list_cannot_write_outside_the_mirror(tmp_path):
         assert not list(tmp_path.rglob("escaped"))
     finally:
         fs.rm(f"/trainctl-test-{os.getpid()}", recursive=True)
+
+
+def test_the_workers_get_the_config_secrets_apart_from_their_arguments():
+    """A private Ray's workers get the config redacted in their arguments (Ray may log those)
+    and the real values through the environment they inherit; put back only where the
+    redacted value still stands."""
+    tree = {
+        "data": {"path": f"http://u:{SECRET}@h/d", "sources": [{"path": "local"}, {"path": f"s3://b/x?sig={SECRET}"}]},
+        "model": {"init_from": None},
+        "cluster": {"env": {"HF_TOKEN": SECRET, "OMP_NUM_THREADS": "1"}},
+    }
+    redacted, secrets = secrets_apart(tree)
+    assert redacted == redact(tree) and SECRET not in json.dumps(redacted)
+    assert secrets_back(redacted, secrets) == tree
+    assert secrets_apart({"data": {"path": "local"}}) == ({"data": {"path": "local"}}, "")
+    other = {**redacted, "data": {**redacted["data"], "path": "http://u:***@elsewhere/d"}}  # not what was redacted
+    assert secrets_back(other, secrets)["data"]["path"] == "http://u:***@elsewhere/d"
+    assert secrets_back(tree, secrets) == tree and secrets_back(redacted, None) == redacted
+
+
+def test_worker_output_is_redacted_on_the_console_and_in_workers_log(tmp_path, capsys):
+    """Every line Ray forwards from a worker goes through redact_text: the trainctl lines
+    shown, the others written to workers.log, and with --verbose all of them shown (Ray's
+    own dispatcher, fed as Ray's log monitor feeds it; no Ray started)."""
+    from cluster.ray_job import LOG_HANDLER, route_worker_logs
+    from trainer import patches
+
+    url = f"http://me:{SECRET}@127.0.0.1:1/d/train-000000.tar?X-Amz-Signature={SECRET}"
+    lines = [
+        f"trainctl: warning: skipping a chunk (data.on_error=skip): chunk {url} bytes 0-10 is unreadable",
+        f'  File "x.py", line 1: DataError: cannot read {url}',
+        f"curl -H 'Authorization: Bearer {SECRET}'",
+    ]
+    dispatcher = patches.ray_log_dispatcher()
+    for verbose in (False, True):
+        log = tmp_path / f"verbose-{verbose}" / "workers.log"
+        try:
+            route_worker_logs(log, verbose)
+            dispatcher.emit({"lines": lines, "pid": 7, "ip": "127.0.0.1", "is_err": True, "actor_name": "TrainWorker"})
+        finally:
+            dispatcher.remove_handler(LOG_HANDLER)
+        err = capsys.readouterr().err
+        assert SECRET not in err and "me:***@127.0.0.1:1" in err
+        if verbose:
+            assert not log.exists() and err.count("TrainWorker pid=7") == 3, err  # as Ray prints them
+        else:
+            assert err.startswith("trainctl: warning: skipping a chunk") and err.count("\n") == 1
+            assert SECRET not in log.read_text() and log.read_text().count("Bearer ***") == 1

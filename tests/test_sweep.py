@@ -19,7 +19,7 @@ JOB = f"""\
 name: tiny
 model: {{vocab_size: 257, n_layer: 2, n_head: 2, d_model: 64, max_seq_len: 64}}
 data: {{path: {SHAKESPEARE}, seq_len: 64, cache_dir: cache}}
-train: {{micro_batch_size: 8, warmup_steps: 5, eval_every: 25, eval_batches: 2, log_every: 10, sample_tokens: 0}}
+train: {{micro_batch_size: 8, warmup_steps: 5, eval_every: 25, eval_sequences: 16, log_every: 10, sample_tokens: 0}}
 checkpoint: {{every: 10, keep: 1}}
 tracking: {{mode: disabled}}
 cluster: {{num_workers: 1}}

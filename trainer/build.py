@@ -1,12 +1,13 @@
 """What one rank trains with, and how it is built: the process group, the data stream and
-the validation batches, the model in its DeepSpeed engine, the saver, and rank 0's tracker
-and meter. The loop (loop.py) receives a built `Worker` and only reads it.
+its share of the validation set, the model in its DeepSpeed engine, the saver, and rank 0's
+tracker and meter. The loop (loop.py) receives a built `Worker` and only reads it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -16,17 +17,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, eval_batches
-from trainer import checkpoint, hf, lora, perf
-from trainer.config import JobConfig
+from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, val_share
+from trainer import checkpoint, hf, lora, patches, perf
+from trainer.config import JobConfig, redact_text
 from trainer.engine import build_engine, deepspeed_config, import_deepspeed
 from trainer.model import Transformer
 from trainer.run_folder import Attempt, checkpoint_store, record_attempt, restore_history, run_dir
 from trainer.saver import Saver
 from trainer.targets import Targets
 from trainer.tracking import Tracker
-
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 def raw_options(cfg: JobConfig) -> RawOptions:
@@ -53,6 +52,36 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
             [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common
         )
     return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common)
+
+
+@dataclass
+class ValSet:
+    """This rank's share of the validation set, in micro batches: of each source, the first
+    train.eval_sequences windows of its val split (the same set for any number of ranks,
+    micro batch and accumulation), rank r taking a contiguous share of each (rank 0 the
+    largest; data_pipeline.validation)."""
+
+    batches: list[torch.Tensor]  # (<= micro_batch_size, T+1) int64 each, the last one maybe shorter
+    sequences: int  # in the whole set, every rank's and source's: 0 = nothing to validate on
+    forwards: int  # micro batches every rank runs, the largest share's (ZeRO-3 gathers the weights in each)
+    filler: torch.Tensor  # (1, T+1): the forward of a rank whose share has fewer batches (its loss unused)
+
+
+def build_val(cfg: JobConfig, rank: int, world: int) -> ValSet:
+    """This rank's share of every source's validation windows, cut into micro batches."""
+    t, d = cfg.train, cfg.data
+    shares = [
+        val_share(path, "val", d.seq_len, rank, world, t.eval_sequences, d.on_error, raw_options(cfg))
+        for path in data_paths(cfg)
+    ]
+    rows = torch.cat([torch.from_numpy(s.rows.astype("int64")) for s in shares])  # (n, T+1)
+    largest = sum(-(-s.total // world) for s in shares)  # rank 0's rows (before any skipped chunk)
+    return ValSet(
+        list(rows.split(t.micro_batch_size)) if len(rows) else [],
+        sum(s.total for s in shares),
+        -(-largest // t.micro_batch_size),
+        torch.zeros((1, d.seq_len + 1), dtype=torch.int64),
+    )
 
 
 def make_targets(cfg: JobConfig, tokenizer: dict) -> Targets:
@@ -99,7 +128,11 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
     if cfg.train.zero_stage == 3:  # each rank holds only its partition, even while loading
         load = partial(hf.load_model_partitioned, ds_config=deepspeed_config(cfg))
     if cfg.train.lora is not None:
-        return lora.apply(load(cfg.model, cfg.model.init_from), cfg.train.lora)
+        base = load(cfg.model, cfg.model.init_from)
+        # The adapters' init from the seed alone: under ZeRO-3's zero.Init the base's random
+        # init (overwritten by the file's weights) draws from the generator first.
+        torch.manual_seed(cfg.train.seed)
+        return lora.apply(base, cfg.train.lora)
     if cfg.model.init_from and not resuming:
         return load(cfg.model, cfg.model.init_from)
     if cfg.model.init_from and cfg.train.zero_stage == 3:  # a resume of a large model: partitioned from the start
@@ -107,13 +140,6 @@ def build_model(cfg: JobConfig, resuming: bool) -> Transformer:
         with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg)):
             return Transformer(cfg.model)
     return Transformer(cfg.model)
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback address (for rank 0's rendezvous store)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rendezvous_env(rank: int, world: int, port: int, gpus: list[list[str]] | None = None) -> dict[str, str]:
@@ -138,19 +164,53 @@ def rendezvous_env(rank: int, world: int, port: int, gpus: list[list[str]] | Non
     return env
 
 
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface, the one holding 127.0.0.1 (lo on
+    Linux, lo0 on macOS); None if none does."""
+    import psutil  # DeepSpeed's and Ray's dependency
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return name
+    return None
+
+
+def collectives_on_loopback(env: MutableMapping[str, str] = os.environ) -> None:
+    """When every rank of the group to be made is on this machine (WORLD_SIZE ==
+    LOCAL_WORLD_SIZE: a private Ray's actors, a sweep's trial, `--no-ray` alone or under
+    torchrun on one node), gloo's and NCCL's sockets go on the loopback interface
+    (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME): gloo otherwise listens on the address the
+    machine's hostname resolves to, and NCCL's bootstrap on its first outward interface,
+    open to the network. A value already set (the shell, cluster.env) is kept; a group
+    across machines (a joined cluster, a multi-node torchrun) is left alone. `env`: the
+    process's environment."""
+    local = env.get("LOCAL_WORLD_SIZE")
+    if local is None or local != env.get("WORLD_SIZE") or (name := loopback_interface()) is None:
+        return
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        env.setdefault(variable, name)
+
+
 def setup_distributed(cfg: JobConfig) -> tuple[int, int, int]:
     """Join (or make) the process group; returns (rank, world_size, local_rank).
 
     Under Ray Train (a joined cluster) the group already exists (TorchConfig made it); a
     private Ray's actors (cluster/worker_group.py) and torchrun set the env:// variables; a
-    plain process becomes a group of one.
+    plain process becomes a group of one, its store on a port it holds from the moment it
+    is chosen (`patches.hold_port`: DeepSpeed's import comes between). A group on one
+    machine keeps its collectives on the loopback interface (`collectives_on_loopback`), and
+    rank 0's store listens on 127.0.0.1 alone when that is the address
+    (`patches.rendezvous_on_loopback`; torchrun's ranks use torchrun's store).
     """
-    if not dist.is_initialized() and "RANK" not in os.environ:
-        os.environ.update(rendezvous_env(0, 1, free_port()))
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(rendezvous_env(0, 1, patches.hold_port()))
+        collectives_on_loopback()
+        patches.rendezvous_on_loopback()
     deepspeed = import_deepspeed(cfg.cluster.use_gpu, cfg.tracking.verbose)
-    # 30 minutes for a collective, as Ray Train's TorchConfig gives (DeepSpeed's own default is 10):
-    # rank 0 may convert a checkpoint to a universal one while the others wait in a barrier
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    # cluster.collective_timeout_s, as Ray Train's TorchConfig has it on a joined cluster (ray_job.torch_config)
+    timeout = timedelta(seconds=cfg.cluster.collective_timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world != cfg.cluster.num_workers:
@@ -193,7 +253,7 @@ class Worker:
     folder: Path
     store: checkpoint.Store
     stream: Loader
-    val: list[torch.Tensor]  # this rank's validation batches, every source's in order
+    val: ValSet  # this rank's share of the validation set, every source's in order
     tokenizer: dict
     targets: Targets  # how rows become targets: loss flags, document masking
     hf_base: dict | None = None  # model.init_from: its path and small files, kept in checkpoints for export
@@ -216,21 +276,7 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     # Data: every rank reads the same global order and keeps its own slice of each batch.
     stream = Loader(build_stream(cfg, rank, world), cfg.data.num_workers, pin_memory=cfg.cluster.use_gpu)
     tokenizer = stream.manifest["tokenizer"]
-    val = [
-        batch
-        for path in data_paths(cfg)
-        for batch in eval_batches(
-            path,
-            "val",
-            cfg.data.seq_len,
-            t.micro_batch_size,
-            rank,
-            world,
-            max_batches=t.eval_batches,
-            on_error=cfg.data.on_error,
-            raw=raw_options(cfg),
-        )
-    ]
+    val = build_val(cfg, rank, world)
     w = Worker(
         cfg,
         rank,
@@ -247,10 +293,13 @@ def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
     latest = resume_point(cfg, store)
     reshard = latest is not None and checkpoint.needs_resharding(latest, world, t.zero_stage)
     w.engine = build_engine(build_model(cfg, resuming=latest is not None), cfg, universal=reshard)
+    # Checkpoints keep the base's URL without its password (export and generate read a URL with
+    # `user:***@` with the credentials of the environment or ~/.netrc, or take --base).
+    base = redact_text(cfg.model.init_from) if cfg.model.init_from else None
     if cfg.model.init_from:
-        w.hf_base = {"path": cfg.model.init_from, "files": hf.base_files(cfg.model.init_from)}
+        w.hf_base = {"path": base, "files": hf.base_files(cfg.model.init_from)}
     if t.lora is not None:
-        w.lora = {**t.lora.model_dump(), "base": cfg.model.init_from, "base_sha256": base_sha256(cfg, rank, latest)}
+        w.lora = {**t.lora.model_dump(), "base": base, "base_sha256": base_sha256(cfg, rank, latest)}
     w.saver = Saver(
         w.engine, store, rank, cfg.checkpoint.keep, background=cfg.checkpoint.async_save, frozen=t.lora is None
     )

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_pipeline.credentials import REDACTED, is_secret_name, redact_text
 from trainer.model_config import ModelConfig
 
 
@@ -191,7 +192,12 @@ class TrainSection(Section):
         "checkpoints hold the adapters and a hash of the base; null = train every weight",
     )
     eval_every: int = Field(100, gt=0, description="steps between validation passes (and at the end)")
-    eval_batches: int = Field(20, gt=0, description="global validation batches per pass (capped by the split)")
+    eval_sequences: int = Field(
+        320,
+        gt=0,
+        description="validation sequences per pass from each source's val split (capped by the split): the first "
+        "ones, the same set for any number of workers, micro batch and accumulation; each rank evaluates its share",
+    )
     log_every: int = Field(10, gt=0, description="steps between metric lines")
     seed: int = Field(1337, description="seeds the model init, the data order and every rank's RNG")
     sample_tokens: int = Field(200, ge=0, description="tokens sampled from the model at the end of the run; 0 = none")
@@ -293,6 +299,12 @@ class ClusterSection(Section):
         description="after a failure, seconds to wait for the cluster to hold the workers again (a lost node, "
         "no replacement) before the job stops with exit 1; the same command then resumes",
     )
+    collective_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="seconds a rank waits in a collective (an all-reduce, a barrier) before the job fails: long "
+        "enough for rank 0 to convert a checkpoint for another number of workers while the others wait",
+    )
     placement: Literal["PACK", "SPREAD"] = Field(
         "PACK",
         description="PACK workers onto few nodes, or SPREAD them over "
@@ -345,6 +357,22 @@ class JobConfig(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_batches(cls, data: Any) -> Any:
+        """A config.yaml an older trainctl wrote (a checkpoint's: export, generate and a resume's
+        checks read it) may hold train.eval_batches, the global validation batches it had
+        before train.eval_sequences: read as the sequences they were. A job file with it is
+        refused by launcher/config.py (`eval_batches_moved`), naming the value to set."""
+        train = data.get("train") if isinstance(data, dict) else None
+        if not isinstance(train, dict) or "eval_batches" not in train:
+            return data
+        if "eval_sequences" in train:
+            raise ValueError("train.eval_batches is replaced by train.eval_sequences: give only train.eval_sequences")
+        train = {k: v for k, v in train.items() if k != "eval_batches"}
+        train["eval_sequences"] = old_eval_sequences(data)[0]
+        return {**data, "train": train}
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
@@ -404,55 +432,29 @@ class JobConfig(Section):
         return redact(self.model_dump(mode="json"))
 
 
-# Secrets never written down: a run folder, W&B and the console get REDACTED in their place.
-REDACTED = "***"
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "SIGNATURE", "AUTH")
-SECRET_PARAMS = ("sig", "pwd", "pass", "code")  # query parameters that are secrets by their whole name
-URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-BEARER_RE = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
+def old_eval_sequences(tree: dict) -> tuple[Any, str]:
+    """(the validation sequences train.eval_batches counted in a config `tree`, how:
+    batches × micro_batch_size × cluster.num_workers, the job's values or the defaults)."""
+    train, cluster = tree.get("train") or {}, tree.get("cluster") or {}
+    batches = train["eval_batches"]
+    micro = train.get("micro_batch_size", TrainSection.model_fields["micro_batch_size"].default)
+    workers = cluster.get("num_workers", ClusterSection.model_fields["num_workers"].default)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batches, micro, workers)):
+        return batches, f"{batches!r} x micro_batch_size x cluster.num_workers"
+    return batches * micro * workers, f"{batches} x micro_batch_size {micro} x {workers} workers"
 
 
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable or query parameter of this name holds a secret
-    (HF_TOKEN, AWS_SECRET_ACCESS_KEY, X-Amz-Signature, X-Amz-Credential, sig, ...)."""
-    upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS) or name.lower() in SECRET_PARAMS
-
-
-def redact_url(url: str) -> str:
-    """`url` with the password of its userinfo (`user:***@host`; a lone user name, often a
-    token, as `***@host`) and the values of its secret query parameters (presigned URLs'
-    X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, Azure's sig, token=, ...)
-    replaced by REDACTED; anything else, and a string that is no URL, as it is.
-
-    >>> redact_url("https://me:hunter2@host/d/x.tar?X-Amz-Signature=abc&part=1")
-    'https://me:***@host/d/x.tar?X-Amz-Signature=***&part=1'
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
-    path, q, query = tail.partition("?")
-    if q:
-        query, h, fragment = query.partition("#")
-        params = []
-        for param in query.split("&"):
-            key, eq, value = param.partition("=")
-            params.append(f"{key}={REDACTED}" if eq and value and is_secret_name(key) else param)
-        tail = f"{path}?{'&'.join(params)}{h}{fragment}"
-    return f"{scheme}://{netloc}{tail}"
-
-
-def redact_text(text: str) -> str:
-    """`text` (a path, a `pipe:` command, an error message) with every URL in it redacted
-    (`redact_url`) and `Bearer TOKEN`-style credentials replaced by REDACTED."""
-    text = URL_RE.sub(lambda m: redact_url(m.group(0)), text)
-    return BEARER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+def eval_batches_moved(tree: dict) -> str | None:
+    """The one line for a job file that still sets train.eval_batches; None when it does not."""
+    train = tree.get("train")
+    if not isinstance(train, dict) or "eval_batches" not in train:
+        return None
+    sequences, how = old_eval_sequences(tree)
+    return (
+        "train.eval_batches is replaced by train.eval_sequences, validation sequences per pass (the same set for "
+        f"any number of workers): this job's eval_batches evaluated {how} = {sequences} sequences; set "
+        f"train.eval_sequences: {sequences} instead"
+    )
 
 
 def redact(tree: Any, env: bool = False) -> Any:
@@ -472,4 +474,53 @@ def redact(tree: Any, env: bool = False) -> Any:
         return [redact(v) for v in tree]
     if isinstance(tree, str):
         return redact_text(tree)
+    return tree
+
+
+# The private Ray's workers get the config with its secrets as REDACTED in their arguments, and
+# the real values in this variable, inherited from the launcher (cluster/ray_job.py's
+# `connect`): Ray logs a runtime_env's variables in its session logs, not an inherited one.
+SECRETS_ENV = "TRAINCTL_CONFIG_SECRETS"
+
+
+def secrets_apart(tree: Any) -> tuple[Any, str]:
+    """(`redact(tree)`, the JSON of [where, redacted, real value] for each value it redacted,
+    "" when none): the second undoes the first in `secrets_back`."""
+    import json
+
+    redacted = redact(tree)
+    found: list[list[Any]] = []
+
+    def walk(real: Any, red: Any, where: list) -> None:
+        if isinstance(real, dict):
+            for key in real:
+                walk(real[key], red[key], [*where, key])
+        elif isinstance(real, list):
+            for i, (a, b) in enumerate(zip(real, red)):
+                walk(a, b, [*where, i])
+        elif real != red:
+            found.append([where, red, real])
+
+    walk(tree, redacted, [])
+    return redacted, json.dumps(found) if found else ""
+
+
+def secrets_back(tree: Any, secrets: str | None) -> Any:
+    """A copy of `tree` with the values `secrets_apart` redacted put back: each where it is
+    still the redacted value it was (a tree with the real ones, or another job's, stays as it is)."""
+    import copy
+    import json
+
+    if not secrets:
+        return tree
+    tree = copy.deepcopy(tree)
+    for where, red, real in json.loads(secrets):
+        node = tree
+        try:
+            for key in where[:-1]:
+                node = node[key]
+            if node[where[-1]] == red:
+                node[where[-1]] = real
+        except (KeyError, IndexError, TypeError):
+            continue
     return tree

@@ -28,6 +28,19 @@ def load_model(ckpt: Path):
     return model, tokenizer_from_dict(checkpoint.meta(ckpt)["tokenizer"])
 
 
+def prompt_ids(tok, prompt: str, chat: bool = False) -> list[int]:
+    """The prompt's token ids as a model's users give them: with `chat`, the user's message
+    rendered by the chat template (which writes its own special tokens); else as
+    `tokenizer(prompt)` (a BOS the tokenizer adds first, as prompt-completion data trains
+    with), less an end-of-text token the tokenizer would add after it."""
+    if chat:
+        return tok.encode(tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)).tolist()
+    ids, _, added = tok.encode_special(prompt)
+    if len(ids) and added[-1] and ids[-1] == tok.eot:
+        ids = ids[:-1]
+    return ids.tolist()
+
+
 def sample(
     path: str | Path,
     prompt: str = "\n",
@@ -51,11 +64,9 @@ def sample(
         tok = tokenizer_from_dict(tok_dict)
     else:
         model, tok = load_model(checkpoint.find_checkpoint(path))
-    if chat:
-        if getattr(tok, "chat_template", None) is None:
-            raise ValueError(f"{path}'s tokenizer has no chat template: leave out --chat")
-        prompt = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    ids = tok.encode(prompt)
+    if chat and getattr(tok, "chat_template", None) is None:
+        raise ValueError(f"{path}'s tokenizer has no chat template: leave out --chat")
+    ids = prompt_ids(tok, prompt, chat)
     if len(ids) == 0:
         ids = [tok.eot]
     idx = torch.tensor([list(ids)], dtype=torch.long)

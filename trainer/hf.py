@@ -36,7 +36,13 @@ FREE_FIELDS = ("init_from", "max_seq_len", "dropout", "activation_checkpointing"
 
 
 class HFError(ValueError):
-    """A Hugging Face folder trainctl cannot start from: one line for the user."""
+    """A Hugging Face folder trainctl cannot start from: one line for the user, a URL's
+    password in it redacted (as DataError's)."""
+
+    def __init__(self, message: object = "", *args: object):
+        from data_pipeline.credentials import redact_text
+
+        super().__init__(redact_text(str(message)), *args)
 
 
 def _join(base: str, name: str) -> str:
@@ -66,10 +72,16 @@ def _exists(base: str, name: str) -> bool:
     """Whether the folder has the file, without reading it (a URL: its first 8 bytes)."""
     if "://" not in base:
         return os.path.isfile(_join(base, name))
-    from data_pipeline.sources import read_range
+    import urllib.error
+
+    from data_pipeline.sources import describe_error, read_range
 
     try:
         read_range(_join(base, name), 0, 8)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # refused, not missing: say so rather than "no weights"
+            raise HFError(f"cannot read {_join(base, name)}: {describe_error(e)}") from None
+        return False
     except Exception:  # noqa: BLE001 - missing, unreachable or too short: not a weights file
         return False
     return True

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from data_pipeline import Loader, tokenizer_from_dict
 from data_pipeline.lanes import effective_lanes
 from trainer import checkpoint, perf
-from trainer.build import Worker, resume_point, start, start_tracking
-from trainer.config import JobConfig
+from trainer.build import ValSet, Worker, resume_point, start, start_tracking
+from trainer.config import JobConfig, redact_text
 from trainer.console import duration, progress_line, summary_table
 from trainer.generate import continue_prompts
 from trainer.guard import DivergenceGuard
@@ -101,21 +101,25 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[torch.Tensor], device: torch.device, targets: Targets | None = None) -> float:
-    """Mean validation loss over every rank's batches (for flagged rows: over every trained target)."""
+def evaluate(engine, val: ValSet, device: torch.device, targets: Targets | None = None) -> float:
+    """The validation loss: the mean over every trained target of every rank's share (the sums
+    of the token losses and the token counts all-reduced, so uneven shares, shorter micro
+    batches and loss masking weigh each token once). Every rank runs `val.forwards` forward
+    passes, a short share's last ones on a filler row whose loss is not counted (under
+    ZeRO-3 each forward is collective). NaN when no target was evaluated."""
     targets = targets or Targets()
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
-        batch = batch.to(device)
-        _, loss = forward(engine, batch, targets)
-        if targets.flags is None:
-            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
-        else:
-            total += torch.stack([loss[0].double(), loss[1].double()])
+    for k in range(val.forwards):
+        batch = (val.batches[k] if k < len(val.batches) else val.filler).to(device)
+        idx, tgt, segments = targets.split(batch)
+        _, loss_sum = engine(idx, tgt, segments, reduction="sum")
+        if k < len(val.batches):
+            total += torch.stack([loss_sum.double(), (tgt != -100).sum().double()])
     engine.train()
-    dist.all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
 VAL_SAMPLES, VAL_PROMPT_TOKENS, VAL_SAMPLE_TOKENS = 2, 32, 64  # validation samples logged at each evaluation
@@ -168,7 +172,11 @@ def log(w: Worker, state: TrainState, loss: float, figures: dict[str, Any], eta_
             "epoch": w.stream.epoch,
             "data_skipped_shards": len(w.stream.skipped),
             "rollbacks": state.rollbacks,
-            **({"data_mix": w.stream.proportions()} if w.cfg.data.sources else {}),
+            **(
+                {"data_mix": {redact_text(k): v for k, v in w.stream.proportions().items()}}
+                if w.cfg.data.sources
+                else {}
+            ),
         }
         w.tracker.log(m, state.step)
         print(progress_line(state.step, w.cfg.train.max_steps, m, eta_s), flush=True)
@@ -180,12 +188,13 @@ def validate(w: Worker, step: int) -> None:
     t = w.cfg.train
     val_loss = evaluate(w.engine, w.val, w.device, w.targets)
     w.val_losses.append((step, val_loss))
-    if t.sample_tokens:
-        prompts = w.targets.split(w.val[0][:VAL_SAMPLES, : VAL_PROMPT_TOKENS + 1])[0].to(w.device)
+    if t.sample_tokens:  # the set's first sequences are rank 0's; another rank's prompts are not logged
+        first = w.val.batches[0] if w.val.batches else w.val.filler
+        prompts = w.targets.split(first[:VAL_SAMPLES, : VAL_PROMPT_TOKENS + 1])[0].to(w.device)
         out = continue_prompts(w.engine.module, prompts, min(t.sample_tokens, VAL_SAMPLE_TOKENS), seed=step)
     if w.rank == 0:
         w.tracker.log({"val_loss": val_loss}, step)
-        if t.sample_tokens:
+        if t.sample_tokens and w.val.batches:
             tok = tokenizer_from_dict(w.tokenizer)
             w.tracker.samples(step, [[tok.decode(p.tolist()), tok.decode(c.tolist())] for p, c in zip(prompts, out)])
         print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
@@ -255,7 +264,7 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
     )
     stop, status, timer = StopRequest(w.folder), "done", meter.timer
     batches, start_step, t_start = iter(w.stream), state.step, time.perf_counter()
-    if latest is None and cfg.model.init_from and w.val:  # the imported model's own loss: the baseline
+    if latest is None and cfg.model.init_from and w.val.sequences:  # the imported model's own loss: the baseline
         validate(w, 0)
     if t.max_steps == 0 and latest is None:  # import only: the imported weights as the step-0 checkpoint
         save(w, state, wait=True)
@@ -294,7 +303,7 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
                 eta = (time.perf_counter() - t_start) / (state.step - start_step) * (t.max_steps - state.step)
                 log(w, state, loss, figures, eta)
                 checkpoint.barrier()
-        if w.val and (state.step % t.eval_every == 0 or last):
+        if w.val.sequences and (state.step % t.eval_every == 0 or last):
             with meter.aside():  # evaluation is not a step either
                 validate(w, state.step)
                 checkpoint.barrier()

@@ -35,6 +35,7 @@ TARGETS = [
         "global_worker_stdstream_dispatcher.remove_handler",
         "ray 2.40-2.60",
     ),
+    ("ray_log_printer", "ray._private.worker", "print_to_stdstream", "ray 2.40-2.60"),
     ("set_load_universal", "deepspeed.runtime.config", "DeepSpeedConfig", "deepspeed 0.16-0.19"),
     (
         "fix_zero3_universal_load",
@@ -43,17 +44,44 @@ TARGETS = [
         "deepspeed 0.19",
     ),
     ("ray_torch_backend", "ray.train.torch.config", "_TorchBackend.on_start", "ray 2.40-2.60"),
+    ("ray_trainer_without_datasets", "ray.train.v2._internal.callbacks", "DatasetsCallback", "ray 2.60"),
+    (
+        "ray_trainer_without_datasets",
+        "ray.train.v2.api.data_parallel_trainer",
+        "DataParallelTrainer._create_default_callbacks",
+        "ray 2.60",
+    ),
     ("ray_upload_limit", "ray._private.runtime_env.packaging", "GCS_STORAGE_MAX_SIZE", "ray 2.40-2.60"),
     ("ray_upload_matchers", "ray._private.runtime_env.packaging", "_get_excludes", "ray 2.40-2.60"),
     ("ray_upload_matchers", "ray._private.runtime_env.packaging", "get_excludes_from_ignore_files", "ray 2.40-2.60"),
 ]
 
 
+# Listening sockets bound before rank 0's store is made, by port (`hold_port`): the store
+# takes its socket from here instead of binding the port only when it starts.
+_HELD: dict[int, socket.socket] = {}
+
+
+def hold_port(listener: socket.socket | None = None) -> int:
+    """A port on 127.0.0.1 for rank 0's rendezvous store, bound and listening from now on
+    in this process (`listener`, or a new socket on a free port), so nothing can take it
+    while torch and DeepSpeed import: rank 0's store (`rendezvous_on_loopback`) serves on
+    this very socket (TCPStore's `master_listen_fd`). The others' connections wait in its
+    backlog until then. Returns the port."""
+    if listener is None:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    port = listener.getsockname()[1]
+    _HELD[port] = listener
+    return port
+
+
 def rendezvous_on_loopback() -> None:
     """torch 2.4-2.13. Rank 0 serves torch's rendezvous store (TCPStore), which listens on
     every interface whatever address it is given; when that address is the loopback one (a
-    private local Ray), listen there only. torch has no option for the listening address,
-    so its private store factory is wrapped. Idempotent."""
+    private local Ray, `--no-ray` alone), listen there only, on the socket `hold_port`
+    bound when the port was chosen if there is one (binding it only now could find it
+    taken). torch has no option for the listening address, so its private store factory
+    is wrapped. Idempotent."""
     import importlib
 
     # `import torch.distributed.rendezvous as …` would give the function of that name
@@ -65,7 +93,7 @@ def rendezvous_on_loopback() -> None:
     def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
         if rank != 0 or hostname not in ("127.0.0.1", "localhost") or rendezvous._torchelastic_use_agent_store():
             return create(hostname, port, rank, world_size, timeout, use_libuv)
-        listener = socket.create_server(("127.0.0.1", port), backlog=128)
+        listener = _HELD.pop(port, None) or socket.create_server(("127.0.0.1", port), backlog=128)
         return rendezvous.TCPStore(
             host_name=hostname,
             port=port,
@@ -124,6 +152,17 @@ def ray_log_dispatcher():
 RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray registers its printing handler under
 
 
+def ray_log_printer() -> Callable[[dict], None]:
+    """ray 2.40-2.60. Ray's own printing of forwarded worker output (the handler it registers
+    as RAY_PRINT_HANDLER: `(TrainWorker pid=...)` prefixes, its deduplication, autoscaler
+    events only), for `--verbose`, which gets every line through it, each redacted first."""
+    import functools
+
+    from ray._private.worker import print_to_stdstream
+
+    return functools.partial(print_to_stdstream, ignore_prefix=False)
+
+
 def set_load_universal(engine, on: bool) -> None:
     """deepspeed 0.16-0.19. DeepSpeed reads `load_universal_checkpoint` from its config at
     each load, but only sets it when the engine is built: an engine built to load a
@@ -160,10 +199,11 @@ def fix_zero3_universal_load(engine) -> Iterator[None]:
             state["step"] = state["step"].clone()
 
 
-def ray_torch_backend(before_start: Callable[[], None], backend: str):
-    """ray 2.40-2.60. Ray Train's TorchConfig whose backend runs `before_start` in every
-    worker before torch's process group is made (to apply rendezvous_on_loopback there).
-    Ray Train takes no hook for that; its private backend class is subclassed."""
+def ray_torch_backend(before_start: Callable[[], None], backend: str, timeout_s: float):
+    """ray 2.40-2.60. Ray Train's TorchConfig (`backend`, collectives timing out after
+    `timeout_s`) whose backend runs `before_start` in every worker before torch's process
+    group is made (to apply rendezvous_on_loopback there). Ray Train takes no hook for
+    that; its private backend class is subclassed."""
     from ray.train.torch import TorchConfig
     from ray.train.torch.config import _TorchBackend
 
@@ -177,26 +217,21 @@ def ray_torch_backend(before_start: Callable[[], None], backend: str):
         def backend_cls(self):
             return Backend
 
-    return Config(backend=backend)
+    return Config(backend=backend, timeout_s=timeout_s)
 
 
-def ray_lean_trainer(trainer_cls, private: bool):
-    """ray 2.60 (Train v2). `trainer_cls` (TorchTrainer) without the parts trainctl has no
-    use for, each of which is one more Ray process importing Ray Train or Ray Data on the
-    job's cores while the workers start: the Ray Datasets manager (trainctl passes no Ray
-    Datasets) and, on a `private` Ray (the whole of it ends with the launcher), the
-    placement-group cleaner. Ray Train takes no option for either; `_create_default_callbacks`
-    is private."""
+def ray_trainer_without_datasets(trainer_cls):
+    """ray 2.60 (Train v2). `trainer_cls` (TorchTrainer) without its Ray Datasets manager
+    (trainctl passes no Ray Datasets), one more Ray process importing Ray Data on the job's
+    cores while the workers start. Ray Train takes no option for it;
+    `_create_default_callbacks` is private."""
     from ray.train.v2._internal.callbacks import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    drop = (DatasetsCallback, PlacementGroupCleanerCallback) if private else (DatasetsCallback,)
-
-    class Lean(trainer_cls):
+    class WithoutDatasets(trainer_cls):
         def _create_default_callbacks(self):
-            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, drop)]
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, DatasetsCallback)]
 
-    return Lean
+    return WithoutDatasets
 
 
 def ray_upload_limit() -> int:

@@ -6,7 +6,7 @@ launcher's commands that only check a job must start fast).
     checkpoints/       the run's checkpoints (or, with an object-store storage_path, their mirror)
     metrics.jsonl      one row per logged step (tracking.py); wandb/ and wandb_run_id beside it
     launch.json        when this invocation of `trainctl run` started: restarts count from it
-    attempts.jsonl     one row per start of the workers
+    attempts.jsonl     one row per start of the workers, and the launcher's row for each failure
     rollbacks.jsonl    one row per divergence rollback (guard.py)
     PREEMPT            present while a stop is requested (the launcher got SIGTERM)
     workers.log        Ray's, DeepSpeed's and torch's own output, unless --verbose
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipeline.sources import is_url
-from trainer.config import JobConfig
+from trainer.config import JobConfig, redact_text
 
 if TYPE_CHECKING:
     from trainer.checkpoint import Store
@@ -162,9 +162,21 @@ def record_attempt(folder: Path, step: int, ckpt: Path | None) -> Attempt:
     attempts = folder / "attempts.jsonl"
     with open(attempts, "a") as f:
         f.write(json.dumps({"at": time.time(), "step": step}) + "\n")
-    mine = [row for row in map(json.loads, attempts.read_text().splitlines()) if row["at"] >= started]
+    rows = [json.loads(line) for line in attempts.read_text().splitlines() if line.strip()]
+    mine = [row for row in rows if "step" in row and row["at"] >= started]  # starts, not failures
     restarts = len(mine) - 1
     from trainer import checkpoint
 
     lost = time.time() - checkpoint.meta(ckpt).get("saved_at", time.time()) if restarts and ckpt is not None else 0.0
     return Attempt(restarts, lost, started, mine[0]["step"])
+
+
+def record_failure(folder: Path, failure: str, kind: str, wait_s: float | None) -> None:
+    """Note a failure of the workers in attempts.jsonl (the launcher's row, between the
+    workers' rows of the attempt that failed and the next): its line, redacted; its class
+    ("recurring": the job ends at once; "transient": restarted); the seconds waited before
+    the restart (null: none, the job ends)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    row = {"at": time.time(), "failure": redact_text(failure), "class": kind, "wait_s": wait_s}
+    with open(folder / "attempts.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
