@@ -28,7 +28,7 @@ of that job to compare against, so none is run here; `key=value` overrides go to
 Prints the seed, each fault with the step it resumed from and the Ray processes of the
 job left after it, then: faults injected and survived, Ray processes left (goal 0), steps
 lost in total, wall time against the uninterrupted run, whether every step's loss is `==`
-the uninterrupted run's, and whether W&B's offline history (every offline run file of the
+the uninterrupted run's (and no step logged twice in metrics.jsonl), and whether W&B's offline history (every offline run file of the
 run) holds every step once. Exit status 0 only when all of that holds.
 """
 
@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +72,37 @@ def env() -> dict[str, str]:
     return out
 
 
-def losses(run: Path) -> dict[int, float]:
-    """Each step's loss in the run's metrics.jsonl, read while the run writes it: a last line
-    not yet whole is left for the next look (it ended the soak with a JSONDecodeError once)."""
+def loss_rows(run: Path) -> list[tuple[int, float]]:
+    """Each (step, loss) row of the run's metrics.jsonl in file order, read while the run
+    writes it: a last line not yet whole is left for the next look (it ended the soak with a
+    JSONDecodeError once)."""
     lines = (run / "metrics.jsonl").read_text().split("\n")
     rows = [json.loads(line) for line in lines[:-1] if line.strip()]  # each whole line ends with a newline
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """Each step's loss in the run's metrics.jsonl (a step logged twice: its last row)."""
+    return dict(loss_rows(run))
+
+
+def compare_losses(reference: Path, run: Path, steps: int) -> tuple[bool, str]:
+    """Whether the run's metrics.jsonl holds steps 1..steps once each, every loss `==` the
+    reference's, and the line that says so. A step logged twice (a resume that did not
+    rewind the file) fails, in either run, instead of its last row hiding the first."""
+    want_rows = loss_rows(reference)
+    got_rows = loss_rows(run) if (run / "metrics.jsonl").exists() else []
+    want, got = dict(want_rows), dict(got_rows)
+    want = {s: want[s] for s in range(1, steps + 1) if s in want}
+    same = sum(1 for s in want if got.get(s) == want[s])
+    twice = sorted(s for s, n in Counter(s for s, _ in got_rows).items() if n > 1)
+    twice_ref = len(want_rows) - len(dict(want_rows))
+    line = f"losses: {same}/{len(want)} steps == the uninterrupted run's" + (
+        " (every one)" if same == len(want) else ""
+    )
+    line += f"; steps logged more than once: {len(twice)}" + (f" {twice[:10]}" if twice else "")
+    line += f" (uninterrupted run: {twice_ref})" if twice_ref else ""
+    return same == len(want) == steps and not twice and not twice_ref, line
 
 
 class Job:
@@ -356,13 +382,9 @@ def main() -> int:
         print(f"wall: {chaos_s:.1f} s with faults, {straight_s:.1f} s uninterrupted: {chaos_s / straight_s:.2f}x")
     else:
         print(f"wall: {chaos_s:.1f} s with faults (the uninterrupted run, {args.reference}, was not timed here)")
-    want, got = losses(reference), losses(run) if (run / "metrics.jsonl").exists() else {}
-    want = {s: want[s] for s in range(1, steps + 1) if s in want}
-    same = sum(1 for s in want if got.get(s) == want[s])
-    print(
-        f"losses: {same}/{len(want)} steps == the uninterrupted run's" + (" (every one)" if same == len(want) else "")
-    )
-    ok &= same == len(want) == steps and left_total == 0
+    same, line = compare_losses(reference, run, steps)
+    print(line)
+    ok &= same and left_total == 0
     w = wandb_steps(run)
     complete = w == list(range(1, steps + 1))
     runs = len(list(run.glob("wandb/offline-run-*/run-*.wandb")))

@@ -1,7 +1,8 @@
 """Fine-tuning data (`prepare --format chat|prompt-completion`): a Hugging Face tokenizer
 folder, per-token loss flags (only assistant turns trained), whole examples packed into rows
 of exactly one training window, those rows carried through lanes, loader workers, resume,
-validation and mixing with pre-training data, and bad input as one line naming the fix."""
+validation and mixing with pre-training data, and bad input as one line naming the fix; the
+tokens of a chat checked against transformers' own apply_chat_template."""
 
 from __future__ import annotations
 
@@ -40,20 +41,41 @@ WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hum softl
 T, G = 31, 6  # rows of 32 tokens; global batch 6 (1, 2 or 3 ranks)
 
 
-def write_folder(path, config: dict | None, jinja: str | None = None) -> str:
-    """A Hugging Face tokenizer folder: a tiny byte-level BPE with ChatML's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Llama 3's layout: <|begin_of_text|> from the template (and from the tokenizer's own
+# post-processor, which a chat's encoding must not add again), a system turn by default.
+LLAMA3 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = 'You are a helpful assistant.' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + system + '<|eot_id|>' }}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def write_folder(
+    path, config: dict | None, jinja: str | None = None, specials: list[str] | None = None, bos: str | None = None
+) -> str:
+    """A Hugging Face tokenizer folder: a tiny byte-level BPE with ChatML's special tokens
+    (or `specials`; `bos`: a post-processor that puts it before every encoding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = specials or ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=specials,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([" ".join(WORDS)] * 20, trainer=trainer)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, specials.index(bos))]
+        )
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tokenizer.json"), "w") as f:
         f.write(tok.to_str())
@@ -170,6 +192,38 @@ def test_only_the_assistant_turns_and_their_end_tokens_are_trained(work, tmp_pat
     assert row[: len(values)].tolist() == values.tolist()
     pad = row[len(values) :]
     assert pad[0] == 2 | (FLAG_PAD | FLAG_START) << FLAG_SHIFT and set(pad[1:].tolist()) == {2 | FLAG_PAD << FLAG_SHIFT}
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_a_chat_is_the_tokens_transformers_gives_it(tmp_path, template):
+    """Each conversation's tokens are those of transformers' own
+    `AutoTokenizer.apply_chat_template(tokenize=True)` on the same folder: ChatML, and a
+    Llama 3 style template (the tokenizer's BOS once, a default system turn when the chat
+    has none)."""
+    from transformers import AutoTokenizer
+
+    if template == "chatml":
+        folder = write_folder(tmp_path / "tok", {"eos_token": "<|im_end|>", "chat_template": CHATML})
+    else:
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3}
+        folder = write_folder(tmp_path / "tok", config, specials=LLAMA3_SPECIALS, bos="<|begin_of_text|>")
+    records = chats(6)  # with a system turn and without, one and two exchanges
+    path = write_jsonl(tmp_path / "chats.jsonl", records)
+    tok = build_tokenizer(folder)
+    out = encode_examples(path, json.dumps(tok.to_dict()), 0.0, "chat")
+    ours = np.split(out["tokens"] & TOKEN_MASK, out["ends"][:-1])
+    hf = AutoTokenizer.from_pretrained(folder)
+    for record, ids in zip(records, ours, strict=True):
+        want = hf.apply_chat_template(record["messages"], tokenize=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        assert ids.tolist() == list(want), record
+    if template == "llama3":  # the BOS once, and the default system turn exactly where the chat has none
+        bos = hf.convert_tokens_to_ids("<|begin_of_text|>")
+        for record, ids in zip(records, ours):
+            assert ids[0] == bos and bos not in ids[1:].tolist()
+            defaulted = record["messages"][0]["role"] != "system"
+            assert ("system<|end_header_id|>\n\nYou are a helpful assistant." in hf.decode(ids)) == defaulted
+        assert {r["messages"][0]["role"] for r in records} == {"system", "user"}
 
 
 @pytest.mark.timeout(180)

@@ -52,6 +52,37 @@ def test_the_global_batches_do_not_depend_on_ranks_or_workers(data):
     assert all(bytes(row.tolist()) in text for row in one[0])
 
 
+def test_ranks_that_split_lanes_unevenly_still_make_the_single_rank_batches(data):
+    """Fewer lanes than ranks (2 lanes, 4 ranks: ranks share a lane), ranks not dividing
+    the lanes (4 lanes, 3 ranks; 6 lanes, 4 ranks: a rank holds parts of two), and fewer
+    chunks than lanes (a 3-chunk split read by 12 lanes): each rank's rows are its slice of
+    the single-rank global batch, and the ranks together make that batch."""
+    tiny = data / "tiny"
+    if not tiny.exists():
+        (data / "tiny.txt").write_bytes(SHAKESPEARE.read_bytes()[:12_000])
+        prepare([str(data / "tiny.txt")], str(tiny), shard_size_bytes=16 << 10, chunk_bytes=4 << 10)
+    assert len(TokenStream(str(tiny), "train", T, G, 0, 1).table) < G  # fewer chunks than lanes
+    cases = [("d", 2, 4), ("d", 4, 3), ("d", 6, 4), ("tiny", 12, 4), ("tiny", 12, 3)]
+    for name, lanes, world in cases:
+        path, steps = str(data / name), 30
+        alone, _ = global_batches(path, 1, steps, lanes=lanes)
+        assert len({tuple(b.flatten().tolist()) for b in alone}) == steps
+        rows = G // world
+        for r in range(world):
+            stream = TokenStream(path, "train", T, rows, r, world, seed=5, lanes=lanes)
+            assert stream.lanes == lanes
+            it = iter(Loader(stream, 0))
+            mine = [next(it) for _ in range(steps)]
+            assert all(torch.equal(a, alone[k][r * rows : (r + 1) * rows]) for k, a in enumerate(mine)), (
+                name,
+                lanes,
+                world,
+                r,
+            )
+        union, _ = global_batches(path, world, steps, lanes=lanes)
+        assert all(torch.equal(a, b) for a, b in zip(alone, union)), (name, lanes, world)
+
+
 def test_a_stop_on_2_ranks_resumes_on_3_with_the_identical_continuation(data):
     """Across an epoch end: a small split (the first 40 KB of the text) has a short epoch."""
     small = data / "small"

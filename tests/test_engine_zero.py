@@ -67,11 +67,12 @@ def test_zero_stages_match_stage_0(tmp_path):
                 stage,
                 name,
             )
-    # Chat rows, each micro batch training another number of targets: the step's loss and
-    # gradient are those of the mean over all its trained targets (2 ranks x 2 micro batches).
-    for stage in (0, 2):
+    # Chat rows, several examples packed in each, each micro batch training another number of
+    # targets: the step's loss and every parameter's gradient (gathered at ZeRO-2/3) are those
+    # of the mean over all its trained targets (2 ranks x 2 micro batches) in a plain module.
+    for stage in (0, 2, 3):
         f = found[f"flagged{stage}"]
         assert f["loss"] == pytest.approx(f["ref_loss"], rel=1e-5), (stage, f)
-        assert f["norm"] == pytest.approx(f["ref_norm"], rel=1e-4), (stage, f)
+        assert f["grad_error"] < 1e-4 and f["params"] >= 10 and f["zero_grads"] == 0, (stage, f)
     # model.init_from at ZeRO-3: each rank holds half of each weight, and together the file's weights.
     assert found["partitioned_load"] == {"halves": True, "equal": True, "tied": True}

@@ -475,6 +475,40 @@ def test_masked_targets_have_no_gradient():
     assert n_all == 12 - 1 and (grad_all[10] == 0) and (grad_all[:10] > 0).all()  # all but the example start
 
 
+def test_packed_examples_do_not_see_each_other():
+    """Two examples packed in one row (tokens 0-6 and 7-15): changing a token of one changes
+    no logit of the other, and changes its own later logits; without the segments (plain
+    causal attention) the second example does see the first, so the check can tell."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16)).eval()
+    row = torch.randint(3, 60, (1, 16))
+    flags = torch.zeros_like(row)
+    flags[0, :3] = FLAG_PROMPT
+    flags[0, 7:10] = FLAG_PROMPT
+    flags[0, 0] |= FLAG_START
+    flags[0, 7] |= FLAG_START
+    batch = row | (flags << FLAG_SHIFT)
+
+    def logits(b: torch.Tensor, segments: bool = True) -> torch.Tensor:
+        idx, _, seg = Targets(flags=FLAGS, segments=segments).split(b)
+        with torch.no_grad():
+            return model(idx, segments=seg)[0]  # (15, V)
+
+    def changed(b: torch.Tensor, at: int) -> torch.Tensor:
+        out = b.clone()
+        out[0, at] = (int(b[0, at]) & 0xFFFFFF) % 60 + 1 | (int(flags[0, at]) << FLAG_SHIFT)
+        return out
+
+    base = logits(batch)
+    for at, own, other in ((3, slice(3, 7), slice(7, 15)), (8, slice(8, 15), slice(0, 8))):
+        new = logits(changed(batch, at))
+        assert torch.equal(new[other], base[other]), f"a token of the other example changed at {at}"
+        assert not torch.isclose(new[own], base[own]).all(dim=-1).any(), f"its own example did not see {at}"
+        assert torch.equal(new[:at], base[:at])
+    plain = logits(batch, segments=False)
+    assert not torch.isclose(logits(changed(batch, 3), segments=False)[7:], plain[7:]).all(dim=-1).any()
+
+
 @pytest.mark.timeout(300)
 def test_bad_fine_tuning_input_is_one_line(tmp_path, smollm2):
     """Each mistake: one line naming it, exit 2, nothing written."""

@@ -1,5 +1,6 @@
 """Run under torchrun with 2 processes: the same model and batches through DeepSpeed ZeRO
-stages 0-3 (fp32, gloo), writing each stage's loss curve to argv[1] (rank 0)."""
+stages 0-3 (fp32, gloo), writing each stage's loss curve to argv[1] (rank 0), and at stages
+0, 2 and 3 one step on packed chat rows: its gradients against a plain module's."""
 
 import json
 import os
@@ -19,55 +20,102 @@ STEPS = 8
 FLAGS = {"shift": 24, "prompt": 1, "start": 2, "pad": 4}
 
 
-def flagged_batches(rank: int) -> list[torch.Tensor]:
-    """2 micro batches (2 x 33) of chat-like rows: a prompt of a different length in each, so
-    every micro batch of every rank trains another number of targets."""
+def layout(i: int, j: int) -> list[tuple[int, int, bool]]:
+    """Row j of micro batch i: its examples as (length, prompt length, padding), 33 tokens in
+    all, three examples (or two and padding) of lengths and prompts that differ by row."""
+    first, second = 7 + 2 * i + j, 9 + i
+    return [
+        (first, 2 + i, False),
+        (second, 3 + j, False),
+        (33 - first - second, 2 + (i + j) % 3, i % 2 == 1 and j == 1),
+    ]
+
+
+def flagged_batches(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+    """4 micro batches of 2 x 33 chat-like rows, several examples packed in each row, every
+    micro batch training another number of targets: (this rank's 2, all 4, and for each of
+    the 4 its inputs, targets and example numbers worked out here from the layout, not by
+    trainer.targets)."""
     gen = torch.Generator().manual_seed(99)
-    out = []
+    out, plain = [], []
     for i in range(4):  # rank r takes micro batches 2r and 2r + 1
         rows = torch.randint(0, 64, (2, 33), generator=gen)
         flags = torch.zeros_like(rows)
-        flags[:, : 3 + 7 * i] = FLAGS["prompt"]
-        flags[:, 0] |= FLAGS["start"]
+        trained = torch.zeros(2, 33, dtype=torch.bool)  # token k is a trained target
+        example = torch.zeros(2, 33, dtype=torch.long)
+        for j in range(2):
+            at = 0
+            for n, (length, prompt, pad) in enumerate(layout(i, j)):
+                example[j, at : at + length] = n
+                if pad:
+                    flags[j, at : at + length] = FLAGS["pad"]
+                else:
+                    flags[j, at : at + prompt] = FLAGS["prompt"]
+                    trained[j, at + prompt : at + length] = True
+                flags[j, at] |= FLAGS["start"]
+                trained[j, at] = False  # an example's first token is no one's target
+                at += length
         out.append(rows | (flags << FLAGS["shift"]))
-    return out[2 * rank : 2 * rank + 2], out
+        plain.append((rows[:, :-1], rows[:, 1:].masked_fill(~trained[:, 1:], -100), example[:, :-1]))
+    return out[2 * rank : 2 * rank + 2], out, plain
+
+
+def plain_gradients(model: torch.nn.Module, batches: list[tuple]) -> tuple[float, dict]:
+    """The reference: the mean cross-entropy over every trained target of the step, in one
+    plain module without DeepSpeed, each example attending only to itself and causally."""
+    total, count = 0.0, 0
+    for idx, tgt, example in batches:
+        T = idx.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = (example[:, :, None] == example[:, None, :]) & causal
+        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+        x = model.tok_emb(idx)
+        for block in model.blocks:
+            x = block(x, cos, sin, mask[:, None])
+        assert model.output_mult == 1.0  # standard parametrization: no multiplier before the head
+        logits = model.lm_head(model.norm(x))
+        total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum")
+        count += int((tgt != -100).sum())
+    loss = total / count
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def flagged_step(cfg, stage: int) -> dict:
-    """One step on flagged rows through DeepSpeed at `stage`, against the gradient of the mean
-    over every trained target of the step computed in one plain model."""
+    """One step on packed chat rows through DeepSpeed at `stage`: its loss and each
+    parameter's whole gradient (gathered from the ranks' partitions at ZeRO-1/2/3) against
+    the plain reference's."""
+    from deepspeed.utils import safe_get_full_grad
+
     rank = dist.get_rank()
     torch.manual_seed(0)
     engine = build_engine(Transformer(cfg.model), cfg)
-    mine, every = flagged_batches(rank)
-    targets = Targets(flags=FLAGS, segments=True)
+    mine, _, reference = flagged_batches(rank)
+    named = list(engine.module.named_parameters())
     seen = {}
-    if stage == 0:  # the averaged gradients are the params' .grad when the optimizer steps
-        step = engine.optimizer.step
+    step = engine.optimizer.step
 
-        def record(*args, **kwargs):
-            grads = [p.grad.double() for g in engine.optimizer.param_groups for p in g["params"]]
-            seen["norm"] = torch.sqrt(sum((g**2).sum() for g in grads)).item()
-            return step(*args, **kwargs)
+    def record(*args, **kwargs):  # the averaged gradients, as the optimizer is about to use them
+        if stage == 0:
+            seen.update({n: p.grad.detach().clone() for n, p in named})
+        else:
+            seen.update({n: safe_get_full_grad(p).detach().clone() for n, p in named})  # collective at ZeRO-3
+        return step(*args, **kwargs)
 
-        engine.optimizer.step = record
-    loss = torch.tensor([train_step(engine, iter(mine), 2, torch.device("cpu"), targets)])
+    engine.optimizer.step = record
+    loss = torch.tensor([train_step(engine, iter(mine), 2, torch.device("cpu"), Targets(flags=FLAGS, segments=True))])
     dist.all_reduce(loss)
-    norm = seen["norm"] if stage == 0 else float(engine.get_global_grad_norm())
     torch.manual_seed(0)
-    plain = Transformer(cfg.model)
-    total, count = 0.0, 0
-    for batch in every:
-        idx, tgt, seg = targets.split(batch)
-        _, s = plain(idx, tgt, seg, reduction="sum")
-        total, count = total + s, count + int((tgt != -100).sum())
-    (total / count).backward()
-    ref = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in plain.parameters())).item()
+    ref_loss, ref = plain_gradients(Transformer(cfg.model), reference)
+    assert set(seen) == set(ref), (sorted(seen), sorted(ref))
+    errors = {n: ((seen[n].double() - ref[n].double()).abs().max() / ref[n].double().abs().max()).item() for n in ref}
     return {
         "loss": loss.item() / dist.get_world_size(),
-        "ref_loss": (total / count).item(),
-        "norm": norm,
-        "ref_norm": ref,
+        "ref_loss": ref_loss,
+        "grad_error": max(errors.values()),  # the worst parameter's max difference, relative to its largest gradient
+        "worst": max(errors, key=errors.get),
+        "params": len(ref),
+        "zero_grads": sum(int(not ref[n].any()) for n in ref),
     }
 
 
@@ -145,7 +193,7 @@ def main(out: str) -> None:
             losses.append(loss.item() / world)
         curves[stage] = losses
         del engine
-        if stage in (0, 2) and not completep:  # unclipped, so the gradient's norm is the step's own
+        if stage in (0, 2, 3) and not completep:  # unclipped, so the gradient's norm is the step's own
             curves[f"flagged{stage}"] = flagged_step(
                 cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_clip": 0.0})}), stage
             )
