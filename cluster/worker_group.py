@@ -186,7 +186,7 @@ def run_once(
 POLL_S = 2.0
 
 
-def gone(pids: list[int], timeout_s: float = 10.0) -> None:
+def gone(pids: list[int], timeout_s: float = 30.0) -> None:
     """Wait (bounded) until the killed workers' processes have exited: the job ends with its
     processes, not a moment before them (`ray.kill` only asks the raylet)."""
     import os

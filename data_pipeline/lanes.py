@@ -375,13 +375,20 @@ class TokenStream(BatchStream):
         self.skipped: list[str] = []
 
     def layout(self, epoch: int) -> Layout:
-        if epoch not in self._layouts:
-            if len(self._layouts) > 2:
-                self._layouts.pop(min(self._layouts))
-            self._layouts[epoch] = Layout(
+        # The loader's threads ask at once (reading ahead, and the steps to the horizon), so
+        # no check-then-pop: two threads evicted the same oldest epoch (a KeyError seen in
+        # CI). list() of a dict and pop(key, None) are each one step under the GIL; a lock
+        # would be copied held into a forked DataLoader worker.
+        layouts = self._layouts
+        found = layouts.get(epoch)
+        if found is None:
+            found = Layout(
                 self.table, self.seq_len, self.global_batch, self.lanes, self.seed, epoch, self.shuffle, self.stride
             )
-        return self._layouts[epoch]
+            layouts[epoch] = found
+            for old in sorted(list(layouts))[:-3]:  # the newest three epochs kept
+                layouts.pop(old, None)
+        return found
 
     @property
     def steps_per_epoch(self) -> int:

@@ -65,7 +65,10 @@ def test_errors_that_recur_end_the_job_with_their_line_and_status():
 
 def test_other_errors_are_restarted():
     for error, line in (
-        (RuntimeError("[../third_party/gloo/...] Connection closed by peer [127.0.0.1]:5"), "RuntimeError: ..."),
+        (
+            RuntimeError("[third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5"),
+            "RuntimeError: ...",
+        ),
         (TimeoutError("a collective timed out after 1800 s"), "TimeoutError: ..."),
         (ValueError("boom"), "ValueError: boom"),
         (None, "ActorDiedError: worker 1's process died (killed by SIGKILL)"),

@@ -182,7 +182,9 @@ def intrude(r, world, port, gpus=None):
         print("intruder refused:", e.errno, flush=True)
     return original(r, world, port, gpus)
 build.rendezvous_env = intrude
-cfg = SimpleNamespace(cluster=SimpleNamespace(use_gpu=False, num_workers=1), tracking=SimpleNamespace(verbose=False))
+cfg = SimpleNamespace(
+    cluster=SimpleNamespace(use_gpu=False, num_workers=1, collective_timeout_s=60), tracking=SimpleNamespace(verbose=False)
+)
 print("group:", build.setup_distributed(cfg), flush=True)
 """
 
