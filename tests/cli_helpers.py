@@ -28,6 +28,16 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher.cli", *args]
 
 
+def torchrun(script: str, *args: str, nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` of a script on `nproc` local ranks, its store on a free
+    127.0.0.1 port (torchrun's --master_port=0 leaves the workers waiting at rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={port}", script, *args]  # fmt: skip
+
+
 def env(**extra: str) -> dict[str, str]:
     out = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **extra}
     out.pop("WANDB_MODE", None)

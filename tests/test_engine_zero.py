@@ -6,33 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from cli_helpers import REPO, torchrun
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_zero_stages_match_stage_0(tmp_path):
     out = tmp_path / "curves.json"
-    with socket.socket() as sock:  # torchrun's --master_port=0 leaves the workers waiting at rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        str(REPO / "tests/scripts/zero_stages.py"),
-        str(out),
-    ]
+    cmd = torchrun(str(REPO / "tests/scripts/zero_stages.py"), str(out))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -6,13 +6,12 @@ evaluating its share, the loss the mean over every trained token; a job file wit
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
-from cli_helpers import REPO, SHAKESPEARE, env, together, trainctl_here
+from cli_helpers import REPO, SHAKESPEARE, env, together, torchrun, trainctl_here
 
 from data_pipeline import prepare
 from trainer.config import JobConfig
@@ -72,24 +71,11 @@ def test_one_rank_and_two_ranks_give_the_same_validation_loss(sources, tmp_path)
     less of its own and one on a filler row (ZeRO-3 gathers weights in every forward), and
     the micro batches hold 4+3 rows on one rank, 3+1 and 3 on two: a mean of per-batch
     means, or another set of sequences, would not match."""
-    with socket.socket() as sock:  # torchrun's --master_port=0 leaves the workers waiting at rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     script = str(REPO / "tests/scripts/val_world.py")
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     runs = [
         [sys.executable, script, str(one), *overrides(sources, 1, 4, 3)],
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            script,
-            str(two),
-            *overrides(sources, 2, 3, 2),
-        ],
+        torchrun(script, str(two), *overrides(sources, 2, 3, 2)),
     ]
     environ = env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
 
