@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +102,21 @@ class Sigterm:
         timer.start()
 
 
+def pause_point(folder: Path, name: str) -> None:
+    """Where the tests stop the launcher at a known point (`TRAINCTL_TEST_PAUSE_AT=NAME`): it
+    writes `folder/paused-NAME` and waits (2 minutes at most) until the test deletes it, a
+    SIGTERM handled meanwhile as it would be at that point. A no-op otherwise."""
+    if os.environ.get("TRAINCTL_TEST_PAUSE_AT") != name:
+        return
+    marker = folder / f"paused-{name}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    for _ in range(1200):
+        if not marker.exists():
+            return
+        time.sleep(0.1)
+
+
 # How long a finished run waits for Ray to forward rank 0's last line (seconds at most on a
 # busy machine; a run on which it never comes only ends this much later).
 LAST_LINE_WAIT_S = 30
@@ -145,6 +161,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
                 import_ray_train_meanwhile()
             else:  # the workers' arguments hold the config's secrets as ***, the real ones inherited
                 config, secrets = secrets_apart(config)
+            pause_point(folder, "ray-start")
             connect(cfg.cluster, verbose=verbose, secrets={SECRETS_ENV: secrets} if secrets else None)
         except SystemExit as e:  # ray.init's own SIGTERM handler, while it started Ray
             if e.code != signal.SIGTERM:
@@ -152,6 +169,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             sigterm.handler(signal.SIGTERM, None)
         sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
         last_line = route_worker_logs(folder / "workers.log", verbose)  # redacted, to the console or the file
+        pause_point(folder, "workers-start")
         run_workers(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch, restarts)
         if last_line is not None:  # rank 0's summary, forwarded a moment after the workers end
             last_line.wait(LAST_LINE_WAIT_S)

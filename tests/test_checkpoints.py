@@ -353,26 +353,43 @@ def test_two_ranks_under_torchrun_stop_on_sigterm_to_the_group_and_resume_as_the
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_sigterm_before_the_first_step_stops_at_once(work):
-    """No step is under way (Ray and the workers still starting): nothing to save at, so the
-    launcher stops now (exit 143), leaving no Ray process, instead of waiting out its grace."""
+@pytest.mark.parametrize(
+    "point, why",
+    [("ray-start", "while Ray starts"), ("workers-start", "before the workers started")],
+)
+def test_sigterm_before_the_first_step_stops_at_once(work, point, why):
+    """No step is under way (Ray starting, or up with the workers not yet started): nothing to
+    save at, so the launcher stops now (exit 143), leaving no Ray process, instead of waiting
+    out its grace. The launcher is held at the point (TRAINCTL_TEST_PAUSE_AT) until the
+    signal has been handled there, so each branch is the one taken."""
+    name = f"early-{point}"
+    marker = work / "runs" / name / f"paused-{point}"
     proc = subprocess.Popen(
-        command("run", "job.yaml", "name=early"),
+        command("run", "job.yaml", f"name={name}"),
         cwd=work,
-        env=env(),
+        env={**env(), "TRAINCTL_TEST_PAUSE_AT": point},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline().startswith("trainctl: run 'early'")
-    time.sleep(1)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
+    while not (work / "runs" / name / "PREEMPT").exists() and proc.poll() is None:  # the handler's first act
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.05)
+    marker.unlink(missing_ok=True)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert time.monotonic() - t0 < 60  # checkpoint.preempt_grace_s is 120
-    assert re.search(r"trainctl: SIGTERM (while Ray starts|before the workers started): no step to save at", err)
+    assert f"trainctl: SIGTERM {why}: no step to save at, stopping now" in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "trainctl: stopped: the run is at step 0 (no checkpoint yet)"
+    assert not (work / "runs" / name / "attempts.jsonl").exists() or "step" not in (
+        work / "runs" / name / "attempts.jsonl"
+    ).read_text()  # no worker started
     left = subprocess.run(["pgrep", "-f", f"session_[0-9_-]+_{proc.pid}[ /]"], capture_output=True, text=True).stdout
     assert not left, left  # the private Ray (its session named by this pid) is gone
 
