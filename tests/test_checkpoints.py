@@ -387,9 +387,8 @@ def test_sigterm_before_the_first_step_stops_at_once(work, point, why):
     assert time.monotonic() - t0 < 60  # checkpoint.preempt_grace_s is 120
     assert f"trainctl: SIGTERM {why}: no step to save at, stopping now" in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "trainctl: stopped: the run is at step 0 (no checkpoint yet)"
-    assert not (work / "runs" / name / "attempts.jsonl").exists() or "step" not in (
-        work / "runs" / name / "attempts.jsonl"
-    ).read_text()  # no worker started
+    attempts = work / "runs" / name / "attempts.jsonl"
+    assert not attempts.exists() or "step" not in attempts.read_text()  # no worker started
     left = subprocess.run(["pgrep", "-f", f"session_[0-9_-]+_{proc.pid}[ /]"], capture_output=True, text=True).stdout
     assert not left, left  # the private Ray (its session named by this pid) is gone
 
