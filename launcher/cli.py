@@ -324,6 +324,8 @@ def _cmd_coordcheck(args: argparse.Namespace) -> int:
         raise UsageError("a coordinate check compares at least 2 shapes: give 2 or more values")
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: give at least 1")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds}: give at least 1 (initialisations averaged per shape)")
     try:
         shapes_of(cfg.model, depths, widths)  # every shape valid before any data is read
     except ValidationError as e:
@@ -333,7 +335,7 @@ def _cmd_coordcheck(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     prepare_job(cfg, fresh=True, ray=False)
-    result = run(cfg, depths, widths, args.steps)
+    result = run(cfg, depths, widths, args.steps, args.seeds)
     print(table(result))
     data, picture = write(result, run_dir(cfg))
     print(f"trainctl: coordcheck curves in {picture} (records: {data})")
@@ -604,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     pco.add_argument("--depths", help="n_layer values, e.g. 2,4,8,16,32,64 (the default)")
     pco.add_argument("--widths", help="d_model values instead, e.g. 64,128,256 (heads keep the job's head_dim)")
     pco.add_argument("--steps", type=int, default=5, help="optimizer steps per shape (default 5)")
+    pco.add_argument(
+        "--seeds", type=int, default=1, help="initialisations per shape, each figure their mean (default 1)"
+    )
     pco.set_defaults(fn=_cmd_coordcheck)
 
     psw = sub.add_parser(

@@ -64,6 +64,28 @@ def test_mup_keeps_activations_flat_across_width_and_standard_does_not(tmp_path)
     assert slopes["standard"]["residual"] > 0.8 and slopes["standard"]["logits"] > 0.5, slopes
 
 
+def test_several_seeds_record_the_mean_of_each_seeds_figures(tmp_path, monkeypatch, capsys):
+    """--seeds 2: every figure is the mean of the runs from train.seed and train.seed + 1."""
+    from launcher.cli import main
+
+    (tmp_path / "job.yaml").write_text(JOB)
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "runs" / "cc" / "coordcheck-completep-depth.json"
+    runs = []
+    for args in (["--seeds", "2"], ["train.seed=1337"], ["train.seed=1338"]):
+        assert main(["coordcheck", "job.yaml", "model.parametrization=completep", "--depths", "1,2", "--steps", "2",
+                     *args]) == 0  # fmt: skip
+        runs.append(json.loads(record.read_text()))
+    both, one, two = runs
+    assert "mean of 2 seeds" in capsys.readouterr().out and both["seeds"] == 2 and one["seeds"] == 1
+    assert one["shapes"][1]["per_block"]["residual"] != two["shapes"][1]["per_block"]["residual"]
+    for b, x, y in zip(both["shapes"], one["shapes"], two["shapes"]):
+        for series in ("residual", "attn", "mlp", "attn_logits"):
+            for rb, rx, ry in zip(b["per_block"][series], x["per_block"][series], y["per_block"][series]):
+                assert rb == pytest.approx([(u + v) / 2 for u, v in zip(rx, ry)], rel=1e-12)
+        assert b["logits"] == pytest.approx([(u + v) / 2 for u, v in zip(x["logits"], y["logits"])], rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -72,6 +94,7 @@ def test_mup_keeps_activations_flat_across_width_and_standard_does_not(tmp_path)
         (["--depths", "2,4", "--widths", "32,64"], "give one"),
         (["--widths", "32,40"], "--widths 40: not a multiple of the job's head_dim 16"),
         (["--steps", "0"], "--steps 0: give at least 1"),
+        (["--seeds", "0"], "--seeds 0: give at least 1"),
         (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=2"),
     ],
 )

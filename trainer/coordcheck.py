@@ -3,7 +3,10 @@ model grows? The standard way to see it (Yang et al., Tensor Programs V, section
 EleutherAI/nanoGPT-mup's `coord_check_shakespeare_char` and `completep_examples`).
 
 Each shape (the job's model at each depth, or each width) is trained a few steps from the
-same seed on the same batches, in this process, with the job's AdamW groups (its
+same seed on the same batches (with `seeds` > 1, the check is run from train.seed,
+train.seed + 1, ... (each its initial weights and data order) and each RMS is the mean over
+them, as microsoft/mup's `get_coord_data(nseeds=...)` averages: one initialisation's 5 Adam
+steps are noisy enough to move a slope by several hundredths), in this process, with the job's AdamW groups (its
 parametrization's per-group learning rate, weight decay and eps) at a constant learning
 rate and without clipping, so the update rule itself is what is seen. Forward hooks record,
 per block and step, the RMS of the residual stream after the block, of each branch's output
@@ -105,10 +108,10 @@ def record(model: Transformer, steps_out: Shape) -> list:
     return hooks
 
 
-def train_shape(cfg: JobConfig, mc: ModelConfig, batches: list[torch.Tensor], targets) -> Shape:
-    """`len(batches) - 1` AdamW steps of one shape, recording every forward pass."""
+def train_shape(cfg: JobConfig, mc: ModelConfig, batches: list[torch.Tensor], targets, seed: int) -> Shape:
+    """`len(batches) - 1` AdamW steps of one shape from `seed`, recording every forward pass."""
     t = cfg.train
-    torch.manual_seed(t.seed)
+    torch.manual_seed(seed)
     model = Transformer(mc)
     optimizer = torch.optim.AdamW(
         model.optim_groups(t.weight_decay, t.lr, t.eps), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps
@@ -134,6 +137,21 @@ def train_shape(cfg: JobConfig, mc: ModelConfig, batches: list[torch.Tensor], ta
     return out
 
 
+def mean_of(runs: list[Shape]) -> Shape:
+    """One shape's records averaged over its seeds' runs, figure by figure."""
+    avg = lambda values: sum(values) / len(values)
+    return Shape(
+        runs[0].n_layer,
+        runs[0].d_model,
+        {
+            series: [[avg(v) for v in zip(*steps)] for steps in zip(*(r.per_block[series] for r in runs))]
+            for series in SERIES
+        },
+        [avg(v) for v in zip(*(r.logits for r in runs))],
+        [avg(v) for v in zip(*(r.losses for r in runs))],
+    )
+
+
 def slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of log(ys) against log(xs)."""
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
@@ -155,24 +173,31 @@ def summary(shape: Shape, step: int) -> dict[str, float]:
     }
 
 
-def run(cfg: JobConfig, depths: list[int] | None, widths: list[int] | None, steps: int) -> dict:
-    """Train every shape `steps` steps on the job's first batches; returns the records (what
-    coordcheck-*.json holds) with the slope at the last step."""
+def run(cfg: JobConfig, depths: list[int] | None, widths: list[int] | None, steps: int, seeds: int = 1) -> dict:
+    """Train every shape `steps` steps on the job's first batches, once per seed (train.seed,
+    + 1, ...: its initial weights and its data order); returns the records (what
+    coordcheck-*.json holds, means over the seeds) with the slope at the last step."""
     from trainer.build import build_stream, make_targets
 
-    one = JobConfig.model_validate(
-        {
-            **cfg.model_dump(),
-            "train": {**cfg.train.model_dump(), "grad_accum_steps": 1, "global_batch_size": None},
-            "cluster": {**cfg.cluster.model_dump(), "num_workers": 1},
-        }
-    )
-    stream = build_stream(one, 0, 1)
-    targets = make_targets(one, stream.manifest["tokenizer"])
-    it = iter(stream)
-    batches = [next(it) for _ in range(steps + 1)]
+    def batches_of(seed: int) -> tuple[list[torch.Tensor], object, JobConfig]:
+        one = JobConfig.model_validate(
+            {
+                **cfg.model_dump(),
+                "train": {**cfg.train.model_dump(), "grad_accum_steps": 1, "global_batch_size": None, "seed": seed},
+                "cluster": {**cfg.cluster.model_dump(), "num_workers": 1},
+            }
+        )
+        stream = build_stream(one, 0, 1)
+        it = iter(stream)
+        return [next(it) for _ in range(steps + 1)], make_targets(one, stream.manifest["tokenizer"]), one
+
     axis = "depth" if depths else "width"
-    shapes = [train_shape(one, mc, batches, targets) for mc in shapes_of(cfg.model, depths, widths)]
+    seeded = [batches_of(cfg.train.seed + i) for i in range(seeds)]  # each seed: its init and its data order
+    shapes = [
+        mean_of([train_shape(one, mc, batches, targets, one.train.seed) for batches, targets, one in seeded])
+        for mc in shapes_of(cfg.model, depths, widths)
+    ]
+    batches = seeded[0][0]
     xs = [s.n_layer if depths else s.d_model for s in shapes]
     last = [summary(s, steps) for s in shapes]
     return {
@@ -181,6 +206,7 @@ def run(cfg: JobConfig, depths: list[int] | None, widths: list[int] | None, step
         "base_depth": shapes_of(cfg.model, depths, widths)[0].base_depth,
         "axis": axis,
         "steps": steps,
+        "seeds": seeds,
         "lr": cfg.train.lr,
         "tokens_per_step": int(batches[0].shape[0] * (batches[0].shape[1] - 1)),
         "slope": {k: slope(xs, [f[k] for f in last]) for k in last[0]},
@@ -207,7 +233,9 @@ def table(result: dict) -> str:
             if result["parametrization"] != "standard"
             else ""
         )
-        + f", lr {result['lr']:g}, {steps} steps of {result['tokens_per_step']:,} tokens; RMS of the last block's "
+        + f", lr {result['lr']:g}, {steps} steps of {result['tokens_per_step']:,} tokens"
+        + (f", mean of {result['seeds']} seeds" if result.get("seeds", 1) > 1 else "")
+        + "; RMS of the last block's "
         "residual stream at each step (resid@s), the last step's branch outputs, attention logits and logits",
         head,
     ]
@@ -275,7 +303,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"residual stream by block, step {steps}")
     ax.legend(fontsize=8)
     fig.suptitle(
-        f"coordinate check: {result['parametrization']}, lr {result['lr']:g}, {steps} steps (RMS of activations)"
+        f"coordinate check: {result['parametrization']}, lr {result['lr']:g}, {steps} steps (RMS of activations"
+        + (f", mean of {result['seeds']} seeds)" if result.get("seeds", 1) > 1 else ")")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
