@@ -62,9 +62,14 @@ def test_single_machine_mode_is_restored_after_the_block():
 
     name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     before_env, before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    from ray._private.parameter import RayParams
+
     with patches.ray_single_machine_mode():
         assert os.environ[name] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+        assert RayParams().dashboard_agent_listen_port == 0  # the system picks a free port
+        assert RayParams(dashboard_agent_listen_port=8999).dashboard_agent_listen_port == 8999
     assert (os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER) == (before_env, before)
+    assert RayParams().dashboard_agent_listen_port == 52365  # Ray's own default again
 
 
 def test_no_module_of_trainctl_changes_the_environment_when_imported():

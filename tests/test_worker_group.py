@@ -102,18 +102,39 @@ def test_a_dead_workers_cause_is_rays_exit_detail():
 @pytest.fixture(scope="module")
 def private_ray():
     """A private Ray in this process for the module's groups, made as `trainctl run` makes it;
-    its workers import this module (tests/ on their path) for the functions they run."""
+    its workers import this module (tests/ on their path) for the functions they run. Made
+    beside another Ray's dashboard agent: 127.0.0.1:52365, Ray's fixed agent port, held."""
+    import socket
+
     from cluster.ray_job import connect, shutdown
 
     saved = dict(os.environ)
     os.environ.update(ONE_THREAD, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    holder = socket.socket()
     try:
+        try:
+            holder.bind(("127.0.0.1", 52365))
+            holder.listen()
+        except OSError:  # another Ray on this machine holds it already: the same situation
+            pass
         connect(ClusterSection(address="local", num_workers=2), worker_logs=False, verbose=False)
         yield
     finally:
+        holder.close()
         shutdown()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_a_private_ray_beside_another_leaves_the_agent_port_to_the_system(private_ray):
+    """Ray's fixed agent port taken (by another Ray, here the fixture's socket): the private
+    Ray's agent binds a free one at once instead of failing 6 binds while ray.init waits
+    (patches.ray_single_machine_mode)."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    log = (session / "logs" / "dashboard_agent.log").read_text()
+    assert "failed to bind" not in log and "52365" not in log, log[-2000:]
 
 
 def rank() -> int:

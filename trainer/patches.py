@@ -22,6 +22,13 @@ TARGETS = [
     ("rendezvous_on_loopback", "torch.distributed.rendezvous", "_torchelastic_use_agent_store", "torch 2.4-2.13"),
     ("ray_single_machine_mode", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "ray 2.40-2.60"),
     ("ray_single_machine_mode", "ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR", "ray 2.40-2.60"),
+    ("ray_single_machine_mode", "ray._private.parameter", "RayParams.__init__", "ray 2.40-2.60"),
+    (
+        "ray_single_machine_mode",
+        "ray._private.ray_constants",
+        "DEFAULT_DASHBOARD_AGENT_LISTEN_PORT",
+        "ray 2.40-2.60",
+    ),
     ("skip_deepspeed_shm_op", "deepspeed.ops", "__compatible_ops__", "deepspeed 0.16-0.19"),
     (
         "ray_log_dispatcher",
@@ -115,16 +122,33 @@ def ray_single_machine_mode() -> Iterator[None]:
     and its gRPC servers listen on every interface; its single-machine mode (the default on
     macOS and Windows) uses 127.0.0.1. The processes ray.init starts read the variable;
     this process read its copy into ray_constants when ray was imported, so both are set,
-    and both restored after (a later `ray start` here must still be able to join nodes)."""
+    and both restored after (a later `ray start` here must still be able to join nodes).
+
+    And its dashboard agent's HTTP port is left to the system: Ray's default is the fixed
+    52365, which a second Ray on the machine (another job, a sweep, a `ray start`) already
+    holds; the agent then retries the bind 6 times before going on without it, and the
+    raylet waits for it: ray.init took 6.8-7.0 s instead of 2.7-3.1 s beside another Ray
+    (measured on the 2-core VM). A private Ray has no dashboard, so nothing reads the port.
+    ray.init has no argument for it (`RayParams` takes it), hence the wrap."""
+    import ray._private.parameter as parameter
     import ray._private.ray_constants as ray_constants
 
     name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     before_env, before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
     os.environ.pop("RAY_ADDRESS", None)  # a stray RAY_ADDRESS would join another cluster
     os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    params_init = parameter.RayParams.__init__
+
+    def any_agent_port(self, *args, **kwargs):
+        params_init(self, *args, **kwargs)
+        if self.dashboard_agent_listen_port == ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT:
+            self.dashboard_agent_listen_port = 0  # the system's choice of a free port
+
+    parameter.RayParams.__init__ = any_agent_port
     try:
         yield
     finally:
+        parameter.RayParams.__init__ = params_init
         ray_constants.ENABLE_RAY_CLUSTER = before
         if before_env is None:
             os.environ.pop(name, None)
