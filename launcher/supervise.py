@@ -162,6 +162,8 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
             else:  # the workers' arguments hold the config's secrets as ***, the real ones inherited
                 config, secrets = secrets_apart(config)
             pause_point(folder, "ray-start")
+            if sigterm.stop:  # stopped before Ray started: nothing to start, nothing to shut down
+                raise StopNow
             connect(cfg.cluster, verbose=verbose, secrets={SECRETS_ENV: secrets} if secrets else None)
         except SystemExit as e:  # ray.init's own SIGTERM handler, while it started Ray
             if e.code != signal.SIGTERM:
