@@ -88,3 +88,37 @@ def test_steps_w_and_b_lost_in_a_crash_are_sent_again_and_none_twice(tmp_path, m
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     steps = [row["_step"] for f in files for row in history(f)]
     assert steps == list(range(1, 41))
+
+
+def test_a_stop_checkpoint_records_the_steps_a_slow_wandb_start_was_still_holding(tmp_path, monkeypatch):
+    """W&B slower to start than the steps before a preemption: the final save's `flush`
+    waits for it and sends the kept steps, so `wandb_last` (the checkpoint's `wandb_sent`,
+    where a fresh machine resumes W&B) is the last step, not -1 (which made the next machine
+    send 1-26 again, seen on a busy machine)."""
+    import threading
+
+    from trainer import tracking
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    gate = threading.Event()
+    real = tracking.WandbTracker
+
+    def slow(*args):
+        gate.wait(30)  # W&B's start still under way while the steps are logged
+        return real(*args)
+
+    monkeypatch.setattr(tracking, "WandbTracker", slow)
+    cfg = JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}})
+    run = tmp_path / "wb"
+    run.mkdir()
+    t = Tracker(cfg, run)
+    for step in range(1, 27):
+        t.log({"loss": float(step)}, step)
+    assert t.wandb_last == -1 and len(t.pending) == 26  # all kept: W&B is not up
+    gate.set()
+    t.flush()
+    assert t.wandb_last == 26 and t.pending == []
+    t.finish()
+    (file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    assert [r["_step"] for r in history(file)] == list(range(1, 27))

@@ -243,6 +243,10 @@ class Tracker:
 
     def _wandb_call(self, what: str, *args, wait: bool = False, step: int | None = None, event: bool = False) -> None:
         self.pending.append((what, args, step, event))
+        self._send(wait)
+
+    def _send(self, wait: bool) -> None:
+        """The kept calls to W&B, in order, once its start has finished (waited for if `wait`)."""
         if not self._started(wait):
             return
         calls, self.pending = self.pending, []
@@ -277,6 +281,14 @@ class Tracker:
         with open(self.file.path.parent / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"step": step, "prompt": p, "sample": c}) + "\n" for p, c in rows)
         self._wandb_call("table", "val/samples", ["prompt", "sample"], rows, step, step=step)
+
+    def flush(self) -> None:
+        """Wait for W&B's start and send the calls kept meanwhile: before the checkpoint of a
+        run's end (a preemption's), whose `wandb_sent` a fresh machine resumes W&B from. A
+        W&B slower to start than the steps before the stop (seen on a busy machine: none sent
+        by step 26) otherwise left that checkpoint saying -1, and the next machine sent
+        steps 1-26 a second time."""
+        self._send(wait=True)
 
     def finish(self) -> None:
         self.file.finish()
