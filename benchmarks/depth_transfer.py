@@ -43,9 +43,13 @@ LRS = "1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2"
 CONFIG_SEED = 1337  # configs/deep-cpu.yaml's train.seed
 
 
-def sweep(work: Path, parametrization: str, lrs: str, depths: str, steps: int, seed: int) -> dict:
-    """One `trainctl sweep` (continued if it was started before); its results.json."""
+def sweep(work: Path, parametrization: str, lrs: str, depths: str, steps: int, seed: int, report_only: bool) -> dict:
+    """One `trainctl sweep` (continued if it was started before); its results.json. With
+    `report_only`, nothing is trained: the results of a sweep that finished, else none."""
     name = f"depth-{parametrization}" + ("" if seed == CONFIG_SEED else f"-seed{seed}")
+    if report_only:
+        results = work / "runs" / name / "results.json"
+        return json.loads(results.read_text()) if results.exists() else {"trials": []}
     overrides = [] if seed == CONFIG_SEED else [f"train.seed={seed}"]
     overrides += [
         f"model.parametrization={parametrization}",
@@ -184,13 +188,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--parametrizations", default="standard,completep")
     ap.add_argument("--seeds", default=str(CONFIG_SEED), help="train.seed values, one sweep each (default: 1337)")
+    ap.add_argument(
+        "--report-only", action="store_true", help="train nothing: the table and picture of the sweeps that finished"
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {
-        p: merge([sweep(work, p, args.lrs, args.depths, args.steps, seed) for seed in seeds])
+        p: merge([sweep(work, p, args.lrs, args.depths, args.steps, seed, args.report_only) for seed in seeds])
         for p in args.parametrizations.split(",")
     }
     ok = report(results, args.depths.split(","))
