@@ -122,3 +122,30 @@ def test_a_stop_checkpoint_records_the_steps_a_slow_wandb_start_was_still_holdin
     t.finish()
     (file,) = run.glob("wandb/offline-run-*/run-*.wandb")
     assert [r["_step"] for r in history(file)] == list(range(1, 27))
+
+
+def test_a_wandb_start_past_the_flush_wait_leaves_the_steps_kept_for_finish(tmp_path, monkeypatch):
+    """W&B still starting after FLUSH_WAIT_S: the save goes on (nothing sent, `wandb_last` -1,
+    as before the flush existed) and `finish` sends every kept call once W&B is up."""
+    import threading
+
+    from trainer import tracking
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(tracking, "FLUSH_WAIT_S", 0.2)
+    gate = threading.Event()
+    real = tracking.WandbTracker
+    monkeypatch.setattr(tracking, "WandbTracker", lambda *args: gate.wait(30) and real(*args))
+    cfg = JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}})
+    run = tmp_path / "wb"
+    run.mkdir()
+    t = Tracker(cfg, run)
+    for step in range(1, 6):
+        t.log({"loss": float(step)}, step)
+    t0 = time.monotonic()
+    t.flush()
+    assert time.monotonic() - t0 < 5 and t.wandb_last == -1 and len(t.pending) == 5
+    gate.set()
+    t.finish()  # every kept call sent to W&B, in order (the file's contents: the test above)
+    assert t.wandb_last == 5 and t.pending == [] and t.wandb is not None

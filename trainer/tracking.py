@@ -13,11 +13,15 @@ import secrets
 import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
 from trainer.config import JobConfig
 from trainer.console import warn
+
+# How long a run's last save waits for W&B's start (Tracker.flush), seconds.
+FLUSH_WAIT_S = 30
 
 
 class MetricsFile:
@@ -287,8 +291,12 @@ class Tracker:
         run's end (a preemption's), whose `wandb_sent` a fresh machine resumes W&B from. A
         W&B slower to start than the steps before the stop (seen on a busy machine: none sent
         by step 26) otherwise left that checkpoint saying -1, and the next machine sent
-        steps 1-26 a second time."""
-        self._send(wait=True)
+        steps 1-26 a second time. Waits FLUSH_WAIT_S at most (an online start can take W&B's
+        90 s, and the launcher's grace is checkpoint.preempt_grace_s): past that, the calls
+        stay kept for `finish`, and the checkpoint says what was sent, as before."""
+        if self.starting is not None:
+            wait_futures([self.starting], timeout=FLUSH_WAIT_S)
+        self._send(wait=False)
 
     def finish(self) -> None:
         self.file.finish()
