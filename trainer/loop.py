@@ -203,8 +203,6 @@ def validate(w: Worker, step: int) -> None:
 def save(w: Worker, state: TrainState, wait: bool) -> None:
     """A checkpoint of this step (in the background unless `wait` or checkpoint.async_save=false)."""
     cfg = w.cfg
-    if wait and w.tracker is not None:  # the run's last save: what W&B will hold is what it is sent now
-        w.tracker.flush()
     info = {
         "zero_stage": cfg.train.zero_stage,
         "world_size": w.world,

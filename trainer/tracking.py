@@ -13,15 +13,11 @@ import secrets
 import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
 from trainer.config import JobConfig
 from trainer.console import warn
-
-# How long a run's last save waits for W&B's start (Tracker.flush), seconds.
-FLUSH_WAIT_S = 30
 
 
 class MetricsFile:
@@ -247,10 +243,6 @@ class Tracker:
 
     def _wandb_call(self, what: str, *args, wait: bool = False, step: int | None = None, event: bool = False) -> None:
         self.pending.append((what, args, step, event))
-        self._send(wait)
-
-    def _send(self, wait: bool) -> None:
-        """The kept calls to W&B, in order, once its start has finished (waited for if `wait`)."""
         if not self._started(wait):
             return
         calls, self.pending = self.pending, []
@@ -285,18 +277,6 @@ class Tracker:
         with open(self.file.path.parent / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"step": step, "prompt": p, "sample": c}) + "\n" for p, c in rows)
         self._wandb_call("table", "val/samples", ["prompt", "sample"], rows, step, step=step)
-
-    def flush(self) -> None:
-        """Wait for W&B's start and send the calls kept meanwhile: before the checkpoint of a
-        run's end (a preemption's), whose `wandb_sent` a fresh machine resumes W&B from. A
-        W&B slower to start than the steps before the stop (seen on a busy machine: none sent
-        by step 26) otherwise left that checkpoint saying -1, and the next machine sent
-        steps 1-26 a second time. Waits FLUSH_WAIT_S at most (an online start can take W&B's
-        90 s, and the launcher's grace is checkpoint.preempt_grace_s): past that, the calls
-        stay kept for `finish`, and the checkpoint says what was sent, as before."""
-        if self.starting is not None:
-            wait_futures([self.starting], timeout=FLUSH_WAIT_S)
-        self._send(wait=False)
 
     def finish(self) -> None:
         self.file.finish()
