@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,33 +61,17 @@ def trainctl(*args: str, cwd, timeout: float = 420, **extra_env: str) -> subproc
     session (`forked`), not started from nothing: ~2 s less for each command that trains,
     exports or loads a model (3.8 s -> 1.8 s a tiny --no-ray run, measured on the 2-core VM).
     TRAINCTL_TESTS_SUBPROCESS=1 starts a plain `python -m launcher.cli` instead."""
-    if os.environ.get("TRAINCTL_TESTS_SUBPROCESS") == "1" or _has_gpu():  # the server's DeepSpeed is CPU's
+    if os.environ.get("TRAINCTL_TESTS_SUBPROCESS") == "1":
         return subprocess.run(
             command(*args), cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
         )
-    with _FORK_LOCK:  # the server's start changes os.environ for a moment: env() not meanwhile
-        _fork_server()
-        environ = env(**extra_env)
-    return forked(list(args), Path(cwd), environ, timeout)
+    return forked(list(args), Path(cwd), env(**extra_env), timeout)
 
 
 # What the fork server imports once: what makes a trainctl process slow to start, and reads
 # nothing from the environment a test varies when imported (not ray, wandb, transformers or
 # huggingface_hub, whose settings are read at import: each child imports those itself).
 PRELOAD = ["torch", "deepspeed", "launcher.cli", "trainer.loop", "cli_helpers"]
-
-
-@functools.cache
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-# One thread at a time starts the server, starts a child, or reaps one: Process.start() polls
-# every earlier child of this process (multiprocessing's _cleanup), and two threads reading
-# one child's status (`together`) would give one of them EOF, exit status 255.
-_FORK_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -101,7 +84,7 @@ def _fork_server():
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    saved = dict(os.environ)  # (called under _FORK_LOCK, as env() is in trainctl())
+    saved = dict(os.environ)
     try:
         os.environ.pop("OMP_NUM_THREADS", None)
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -119,7 +102,6 @@ def _run_forked(args: list[str], cwd: str, environ: dict, out_path: str, err_pat
     import atexit
     import multiprocessing
     import runpy
-    import threading
     import traceback
 
     for fd, path in ((1, out_path), (2, err_path)):
@@ -142,8 +124,7 @@ def _run_forked(args: list[str], cwd: str, environ: dict, out_path: str, err_pat
     except BaseException:  # noqa: BLE001 - what the interpreter does with it
         traceback.print_exc()
         code = 1
-    threading._shutdown()  # a plain process's exit: wait for non-daemon threads, then the atexit functions
-    atexit._run_exitfuncs()  # (multiprocessing's child does neither)
+    atexit._run_exitfuncs()  # a plain process runs them at exit; multiprocessing's child does not
     sys.stdout.flush()
     sys.stderr.flush()
     if code is None or isinstance(code, int):
@@ -153,25 +134,21 @@ def _run_forked(args: list[str], cwd: str, environ: dict, out_path: str, err_pat
 
 
 def forked(args: list[str], cwd: Path, environ: dict, timeout: float) -> subprocess.CompletedProcess:
-    import multiprocessing.connection
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="trainctl-cli-") as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        with _FORK_LOCK:
-            proc = _fork_server().Process(target=_run_forked, args=(args, str(cwd), environ, out, err))
-            proc.start()
+        proc = _fork_server().Process(target=_run_forked, args=(args, str(cwd), environ, out, err))
+        proc.start()
         try:
-            ended = multiprocessing.connection.wait([proc.sentinel], timeout)
+            proc.join(timeout)
         except BaseException:  # the test ends meanwhile (pytest-timeout): the child with it, as subprocess.run
-            ended = []
+            proc.kill()
+            proc.join()
             raise
-        finally:
-            with _FORK_LOCK:
-                if not ended:
-                    proc.kill()
-                proc.join()
-        if not ended:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
             raise subprocess.TimeoutExpired(command(*args), timeout, _read(out), _read(err))
         return subprocess.CompletedProcess(command(*args), proc.exitcode, _read(out), _read(err))
 
