@@ -59,13 +59,6 @@ class JobsError(Exception):
     """Something about the cluster or the job a user can fix; one line."""
 
 
-# The dashboard's answer (HTTP 500) while the head node's job agent has not started yet, on
-# a cluster that has just come up (seen under load seconds after `ray start --head`): Ray
-# says to try again, so submit does, for up to AGENT_WAIT_S.
-NO_AGENT = "No available agent to submit job"
-AGENT_WAIT_S = 60
-
-
 def dashboard_address(flag: str | None, config_address: str | None) -> str:
     """The Jobs API address: --address, else RAY_ADDRESS, else cluster.address (when it is an
     http(s) URL). A bare HOST:PORT gets http://."""
@@ -325,19 +318,14 @@ def submit(
     ships_code = (workdir / "launcher" / "cli.py").is_file()
     program = "python -m launcher.cli" if ships_code else "trainctl"
     entrypoint = " ".join([program, "run", shlex.quote(config_rel), *map(shlex.quote, overrides)])
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            job_id = c.submit_job(
-                entrypoint=entrypoint,
-                runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES, "env_vars": env},
-                metadata={"trainctl_name": name},
-            )
-            break
-        except Exception as e:  # noqa: BLE001
-            if NO_AGENT not in str(e) or time.monotonic() > deadline:
-                raise JobsError(_explain(address, e)) from None
-            time.sleep(1)  # a cluster just started: its head's job agent is not up yet
+    try:
+        job_id = c.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES, "env_vars": env},
+            metadata={"trainctl_name": name},
+        )
+    except Exception as e:  # noqa: BLE001
+        raise JobsError(_explain(address, e)) from None
     return Submitted(job_id, address.rstrip("/") + f"/#/jobs/{job_id}")
 
 

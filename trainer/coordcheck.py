@@ -3,10 +3,7 @@ model grows? The standard way to see it (Yang et al., Tensor Programs V, section
 EleutherAI/nanoGPT-mup's `coord_check_shakespeare_char` and `completep_examples`).
 
 Each shape (the job's model at each depth, or each width) is trained a few steps from the
-same seed on the same batches (with `seeds` > 1, the check is run from train.seed,
-train.seed + 1, ... (each its initial weights and data order) and each RMS is the mean over
-them, as microsoft/mup's `get_coord_data(nseeds=...)` averages: one initialisation's 5 Adam
-steps are noisy enough to move a slope by several hundredths), in this process, with the job's AdamW groups (its
+same seed on the same batches, in this process, with the job's AdamW groups (its
 parametrization's per-group learning rate, weight decay and eps) at a constant learning
 rate and without clipping, so the update rule itself is what is seen. Forward hooks record,
 per block and step, the RMS of the residual stream after the block, of each branch's output
@@ -14,7 +11,10 @@ per block and step, the RMS of the residual stream after the block, of each bran
 causal positions); and the RMS of the output logits. Step s is the forward pass after s
 updates. A parametrization that transfers keeps each curve flat across shapes; the slope
 of log RMS against log depth (or width) of the last block's residual stream at the last
-step says how flat, in one number.
+step says how flat, in one number. With `seeds` > 1 the whole check runs from train.seed,
+train.seed + 1, ... (each its initial weights and data order) and every figure is the mean
+over them, as microsoft/mup's `get_coord_data(nseeds=...)` averages: one initialisation's 5
+Adam steps move a slope by several hundredths.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ def record(model: Transformer, steps_out: Shape) -> list:
     return hooks
 
 
-def train_shape(cfg: JobConfig, mc: ModelConfig, batches: list[torch.Tensor], targets, seed: int) -> Shape:
-    """`len(batches) - 1` AdamW steps of one shape from `seed`, recording every forward pass."""
+def train_shape(cfg: JobConfig, mc: ModelConfig, batches: list[torch.Tensor], targets) -> Shape:
+    """`len(batches) - 1` AdamW steps of one shape, recording every forward pass."""
     t = cfg.train
-    torch.manual_seed(seed)
+    torch.manual_seed(t.seed)
     model = Transformer(mc)
     optimizer = torch.optim.AdamW(
         model.optim_groups(t.weight_decay, t.lr, t.eps), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps
@@ -194,7 +194,7 @@ def run(cfg: JobConfig, depths: list[int] | None, widths: list[int] | None, step
     axis = "depth" if depths else "width"
     seeded = [batches_of(cfg.train.seed + i) for i in range(seeds)]  # each seed: its init and its data order
     shapes = [
-        mean_of([train_shape(one, mc, batches, targets, one.train.seed) for batches, targets, one in seeded])
+        mean_of([train_shape(one, mc, batches, targets) for batches, targets, one in seeded])
         for mc in shapes_of(cfg.model, depths, widths)
     ]
     batches = seeded[0][0]
