@@ -147,6 +147,9 @@ def forked(args: list[str], cwd: Path, environ: dict, timeout: float) -> subproc
             proc.join()
             raise
         if proc.exitcode is None:
+            # what it printed, in the test's report: TimeoutExpired's message leaves it out
+            print(f"trainctl {' '.join(args)} ran past {timeout} s; its stdout:\n{_read(out)[-4000:]}")
+            print(f"its stderr:\n{_read(err)[-4000:]}", file=sys.stderr)
             proc.kill()
             proc.join()
             raise subprocess.TimeoutExpired(command(*args), timeout, _read(out), _read(err))

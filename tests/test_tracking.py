@@ -88,3 +88,56 @@ def test_steps_w_and_b_lost_in_a_crash_are_sent_again_and_none_twice(tmp_path, m
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     steps = [row["_step"] for f in files for row in history(f)]
     assert steps == list(range(1, 41))
+
+
+HUNG = """
+import sys, time
+from trainer.config import JobConfig
+from trainer.tracking import Tracker
+cfg = {"name": "wb", "tracking": {"mode": "online", "start_timeout_s": 3}}
+t = Tracker(JobConfig.model_validate(cfg), __import__("pathlib").Path(sys.argv[1]))
+for step in range(1, 31):
+    t.log({"loss": float(step)}, step)
+t0 = time.monotonic()
+t.finish()
+print(f"finished after {time.monotonic() - t0:.1f} s", flush=True)
+"""
+
+
+def test_a_wandb_start_that_hangs_turns_tracking_off_in_its_time_and_the_process_ends(tmp_path):
+    """An online W&B whose server accepts connections and never answers (a real socket on
+    127.0.0.1): wandb.init hangs (over 40 s, tried). After tracking.start_timeout_s the
+    tracker warns once and finishes; the process exits on its own (the start's thread does
+    not hold it); metrics.jsonl has every step. Before, finish() waited for the start forever."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from cli_helpers import REPO, env
+
+    server, held = socket.create_server(("127.0.0.1", 0)), []
+    threading.Thread(target=lambda: held.extend(iter(server.accept, None)), daemon=True).start()
+    run = tmp_path / "wb"
+    run.mkdir()
+    wandb_env = {"WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}", "WANDB_API_KEY": "k" * 40}
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-c", HUNG, str(run)],
+        env=env(**wandb_env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    wall = time.monotonic() - t0
+    server.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert held, "W&B never connected to the server"
+    warnings = [line for line in r.stderr.splitlines() if "W&B" in line]
+    assert warnings == [
+        "trainctl: warning: W&B did not start in 3 s (tracking.start_timeout_s), tracking is off for this run; "
+        f"metrics still go to {run / 'metrics.jsonl'}"
+    ], r.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 31))
+    assert wall < 40, (wall, r.stdout)

@@ -272,6 +272,12 @@ class TrackingSection(Section):
     entity: str | None = None
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
+    start_timeout_s: float = Field(
+        120,
+        gt=0,
+        description="seconds W&B may take to start (from the run's start); past them tracking is off "
+        "for the run with one warning, and the run ends without waiting for it (metrics.jsonl has every step)",
+    )
     verbose: bool = Field(
         False,
         description="Ray's, DeepSpeed's and torch's own output on the console (else in the "

@@ -11,8 +11,11 @@ import json
 import os
 import secrets
 import struct
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +184,10 @@ class Tracker:
     """Fans each log call out to the metrics file and, if it works, W&B.
 
     W&B starts in a thread (its service takes a second or more), so the first steps do not
-    wait for it: calls made before it is up are kept and sent, in order, once it is.
+    wait for it: calls made before it is up are kept and sent, in order, once it is. A start
+    that has not finished `tracking.start_timeout_s` after it began (W&B's service or its
+    server not answering: an online init hangs on a server that accepts and never replies)
+    turns W&B off with one warning; the thread is a daemon, so the run still ends.
 
     Each step goes to W&B once. A resume replays the steps after its checkpoint; W&B's
     history is append-only, so a replayed step is sent only if W&B does not hold it yet:
@@ -199,22 +205,31 @@ class Tracker:
         self.wandb: WandbTracker | None = None
         self.pending: list[tuple[str, tuple, int | None, bool]] = []  # calls made while W&B starts
         self.starting: Future | None = None
+        self.start_limit = time.monotonic() + cfg.tracking.start_timeout_s
+        self.start_timeout_s = cfg.tracking.start_timeout_s
         if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
             run_id(run_dir)  # now, not in the thread: a checkpoint saved at once records the same id
-            self.starting = ThreadPoolExecutor(1, thread_name_prefix="wandb-init").submit(
-                WandbTracker, cfg, run_dir, wandb_floor
-            )
+            self.starting = in_daemon_thread(lambda: WandbTracker(cfg, run_dir, wandb_floor), "wandb-init")
 
     def _started(self, wait: bool) -> bool:
-        """Whether W&B's start has finished (waiting for it if `wait`); a failed start is one warning."""
+        """Whether W&B's start has finished (waiting for it, within its time, if `wait`); a
+        failed or overdue start is one warning."""
         if self.starting is None:
             return True
-        if not wait and not self.starting.done():
+        left = self.start_limit - time.monotonic()
+        if not self.starting.done() and not (wait or left <= 0):
             return False
         try:
-            self.wandb = self.starting.result()
+            self.wandb = self.starting.result(timeout=max(left, 0))
             self.wandb_high = self.wandb.held
             self.pending[:0] = self._backfill()
+        except FutureTimeout:
+            warn(
+                f"W&B did not start in {self.start_timeout_s:g} s (tracking.start_timeout_s), tracking is off for "
+                f"this run; metrics still go to {self.file.path}"
+            )
+            self.wandb = None
+            stop_wandb_service()  # else W&B's exit hook waits for it, and it for the server that does not answer
         except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
             warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
             self.wandb = None
@@ -281,3 +296,33 @@ class Tracker:
     def finish(self) -> None:
         self.file.finish()
         self._wandb_call("finish", wait=True)  # the calls kept while W&B started go out first
+
+
+def in_daemon_thread(call: Callable[[], Any], name: str) -> Future:
+    """`call()` in a daemon thread, its result as a Future: unlike a ThreadPoolExecutor's
+    worker, which the interpreter joins at exit, a call that never returns (a hung W&B start)
+    does not keep the process from ending."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def stop_wandb_service() -> None:
+    """Kill this process's W&B service (wandb-core, a child process): W&B's own exit hook
+    waits for the service to end, and a service still trying to reach its server (an init
+    that hung) does not end for minutes."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "wandb-core" in child.name() or any("wandb-core" in part for part in child.cmdline()[:1]):
+                child.kill()
+        except psutil.Error:  # gone meanwhile
+            pass
