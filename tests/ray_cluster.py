@@ -41,8 +41,9 @@ def join_node(address: str, cluster_env: dict[str, str], cpus: int = 1) -> subpr
     """A node on 127.0.0.3 joining the cluster at `address`, in its own process group (a test
     kills it whole: `ray start --block`, its raylet and the workers on it)."""
     ray = str(Path(sys.executable).parent / "ray")
+    agent = f"--dashboard-agent-listen-port={_free_port('127.0.0.3')}"  # see two_node_cluster
     return subprocess.Popen(
-        [ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={cpus}", "--block"],
+        [ray, "start", f"--address={address}", "--node-ip-address=127.0.0.3", f"--num-cpus={cpus}", agent, "--block"],
         env=env(**cluster_env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -71,6 +72,10 @@ def two_node_cluster(head_cpus: int = 2, node_cpus: int = 1, dashboard: bool = F
         "--node-ip-address=127.0.0.2",
         f"--num-cpus={head_cpus}",
         f"--temp-dir={temp}",
+        # Each node's dashboard agent on a port of its own: Ray's fixed 52365 is taken when
+        # another Ray runs on this machine (a second test process's cluster), and a Jobs
+        # submission then finds "No available agent to submit job".
+        f"--dashboard-agent-listen-port={_free_port('127.0.0.2')}",
     ]
     url = None
     if dashboard:

@@ -7,32 +7,44 @@ import time
 
 from wandb_records import history
 
+RESUMED = """
+import sys, time
+from pathlib import Path
 from trainer.config import JobConfig
 from trainer.tracking import Tracker
+cfg, run = JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}}), Path(sys.argv[1])
+first = Tracker(cfg, run)
+for step in range(1, 31):
+    first.log({"loss": float(step)}, step)
+first.finish()
+time.sleep(1.1)  # W&B names an offline run's folder by the second it started
+second = Tracker(cfg, run, resume_step=20)
+second.log({"restarts": 1, "time_lost_s": 5.0}, 20, event=True)
+for step in range(21, 41):
+    second.log({"loss": 100.0 + step}, step)
+second.finish()
+"""
 
 
-def test_a_resumed_run_continues_the_same_wandb_run_without_duplicated_or_dropped_steps(tmp_path, monkeypatch):
+def test_a_resumed_run_continues_the_same_wandb_run_without_duplicated_or_dropped_steps(tmp_path):
     """The first attempt logs steps 1-30 and dies; the checkpoint it resumes from is step 20,
     so 21-30 are trained again. W&B history is append-only: it keeps their first values
     (bit for bit the same in a real resume) and gets 31-40 from the second attempt, with
-    the restart attached to its first new step. metrics.jsonl holds the second attempt's."""
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}})
+    the restart attached to its first new step. metrics.jsonl holds the second attempt's.
+    The trackers run in a process of their own, as in a run: W&B's service may still be
+    writing its file when finish() returns (read at once in the test process, the second's
+    history was once missing), and a process's end waits for the service."""
+    import subprocess
+    import sys
+
+    from cli_helpers import REPO, env
+
     run = tmp_path / "wb"
     run.mkdir()
-    first = Tracker(cfg, run)
-    for step in range(1, 31):
-        first.log({"loss": float(step)}, step)
-    first.finish()
-    time.sleep(1.1)  # W&B names an offline run's folder by the second it started
-
-    second = Tracker(cfg, run, resume_step=20)
-    second.log({"restarts": 1, "time_lost_s": 5.0}, 20, event=True)
-    for step in range(21, 41):
-        second.log({"loss": 100.0 + step}, step)
-    second.finish()
-
+    r = subprocess.run(
+        [sys.executable, "-c", RESUMED, str(run)], env=env(), cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2 and len({f.name for f in files}) == 1  # one W&B run id, two attempts
     rows = [row for f in files for row in history(f)]
@@ -58,11 +70,24 @@ time.sleep(float(sys.argv[2]))
 os.killpg(0, signal.SIGKILL)  # the machine is gone: this process and W&B's service, nothing flushed
 """
 
+SECOND = """
+import sys
+from pathlib import Path
+from trainer.config import JobConfig
+from trainer.tracking import Tracker
+t = Tracker(JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}}), Path(sys.argv[1]), resume_step=20)
+for step in range(21, 41):
+    t.log({"loss": float(step)}, step)
+t.finish()
+"""
+
 
 def test_steps_w_and_b_lost_in_a_crash_are_sent_again_and_none_twice(tmp_path, monkeypatch):
     """A SIGKILL of the process and W&B's service loses what the service had not written:
     metrics.jsonl says 30, W&B's file holds fewer. The resumed tracker asks the file what it
-    holds and sends the rest, so the two attempts' files hold every step once."""
+    holds and sends the rest, so the two attempts' files hold every step once. Each attempt
+    is a process: W&B's service may still be writing the file when finish() returns (read
+    at once in this process it was once empty); a process's end waits for it."""
     import subprocess
     import sys
 
@@ -80,11 +105,10 @@ def test_steps_w_and_b_lost_in_a_crash_are_sent_again_and_none_twice(tmp_path, m
     held = [row["_step"] for row in history(first)]
     assert held == list(range(1, len(held) + 1)) and len(held) < 30  # the tail was lost
     time.sleep(1.1)
-    cfg = JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}})
-    second = Tracker(cfg, run, resume_step=20)
-    for step in range(21, 41):
-        second.log({"loss": float(step)}, step)
-    second.finish()
+    r = subprocess.run(
+        [sys.executable, "-c", SECOND, str(run)], env=env(), cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     steps = [row["_step"] for f in files for row in history(f)]
     assert steps == list(range(1, 41))
