@@ -243,6 +243,25 @@ def wandb_steps(run: Path) -> list[int]:
     return sorted(steps)
 
 
+def dashboard_losses(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) as TensorBoard's and MLflow's own readers give them back, for the
+    dashboards this run wrote to (tracking.backends)."""
+    out = {}
+    if (run / "tensorboard").is_dir():
+        from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+        acc = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0})
+        acc.Reload()
+        out["TensorBoard"] = [(e.step, e.value) for e in acc.Scalars("loss")]
+    if (run / "mlflow_run_id").is_file():
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{run.parent / 'mlflow.db'}")
+        rid = (run / "mlflow_run_id").read_text().strip()
+        out["MLflow"] = [(m.step, m.value) for m in client.get_metric_history(rid, "loss")]
+    return out
+
+
 def corrupt_shard(work: Path, log, overrides: list[str]) -> tuple[bool, str]:
     """The text again in shards of 0.1 MB (several chunks), bytes flipped inside one of them:
     data.on_error=skip must finish and name the chunk it passed over."""
@@ -395,6 +414,16 @@ def main() -> int:
         + (f", missing {missing[:10]}{'...' if len(missing) > 10 else ''}" if missing else "")
     )
     ok &= complete
+    logged = {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in row}  # fmt: skip
+    for name, pairs in dashboard_losses(run).items():  # float32 in TensorBoard's events
+        steps_seen = [s for s, _ in pairs]
+        equal = all(abs(v - logged.get(s, float("nan"))) <= 1e-6 * max(1.0, abs(v)) for s, v in pairs)
+        print(
+            f"{name}: {len(set(steps_seen))} of {steps} steps, {len(steps_seen) - len(set(steps_seen))} twice, "
+            f"losses {'==' if equal else '!='} metrics.jsonl's"
+        )
+        ok &= sorted(steps_seen) == list(range(1, steps + 1)) and equal
     if not args.no_shard:
         shard_ok, how = corrupt_shard(work, log, overrides)
         print(f"corrupt shard under on_error=skip: {'survived' if shard_ok else 'FAILED'} ({how})")

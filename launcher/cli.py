@@ -65,6 +65,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
+    from trainer.dashboards import missing_library
+
+    for backend in cfg.tracking.backends:  # a dashboard that cannot start: refused before anything starts
+        if package := missing_library(backend, cfg.tracking.mlflow_uri):
+            raise UsageError(
+                f"tracking.backends has {backend} but the {package} package is not installed: `pip install {package}` "
+                f"or take {backend} out of tracking.backends"
+            )
     if not args.no_ray:  # a cluster address nothing answers on: refused before anything is written
         from cluster.local_ray import check_reachable
 

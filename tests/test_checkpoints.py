@@ -96,14 +96,16 @@ def test_a_job_survives_one_of_each_fault_with_every_loss_equal(work):
     BENCHMARKS.md): each kind of fault once, at steps drawn from a fixed seed (a worker
     SIGKILLed, `trainctl run` and its tree SIGKILLed, SIGTERM, a checkpoint left truncated
     mid-write), each followed by what a user does. Every step's loss is `==` the
-    uninterrupted run's, W&B's offline history holds every step once, no Ray process of the
+    uninterrupted run's, W&B's offline history, TensorBoard's events and MLflow's store (read
+    back by each library) hold every step once with metrics.jsonl's losses, no Ray process of the
     job is left after a fault, and the restart bookkeeping is what happened. Seed 77 puts
     the faults at steps 15-36 of 60 (this job's steps take ~50 ms: a fault drawn near the
     end could land after the job finished), the truncated checkpoint after an earlier one."""
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "chaos.py"), "--faults", "4", "--seed", "77", "--steps", "60",
          "--no-shard", "--work", str(work), "--reference", "runs/straight", "checkpoint.every=10",
-         "checkpoint.keep=3", "tracking.mode=offline", "cluster.max_failures=-1", "train.lr_decay_steps=120"],
+         "checkpoint.keep=3", "tracking.mode=offline", "tracking.backends=[wandb,tensorboard,mlflow]",
+         "cluster.max_failures=-1", "train.lr_decay_steps=120"],
         env=env(), capture_output=True, text=True, timeout=750,
     )  # fmt: skip
     out = r.stdout
@@ -116,6 +118,9 @@ def test_a_job_survives_one_of_each_fault_with_every_loss_equal(work):
     assert "Ray processes of the job left running after the faults: 0" in out
     assert "losses: 60/60 steps == the uninterrupted run's (every one); steps logged more than once: 0\n" in out
     assert "W&B offline history: 60 of 60 steps in " in out and ", 0 twice" in out
+    # TensorBoard's and MLflow's own readers: every step once, each loss metrics.jsonl's
+    assert "TensorBoard: 60 of 60 steps, 0 twice, losses == metrics.jsonl's\n" in out
+    assert "MLflow: 60 of 60 steps, 0 twice, losses == metrics.jsonl's\n" in out
     assert out.strip().splitlines()[-1].startswith("chaos: PASS (seed 77")
     faults = re.findall(r"fault +\d+ at step +(\d+): (\S+).* resumed at step +(\d+)", out)
     assert sorted(kind for _, kind, _ in faults) == ["kill-launcher", "kill-worker", "sigterm", "truncate-checkpoint"]

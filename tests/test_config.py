@@ -257,6 +257,11 @@ def _main(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
             "trainctl: error: cannot open foo://me:***@h/d/manifest.json: Protocol not known: foo",
         ),
         (["run", "CFG", "cluster.cpus_per_worker=0.03125"], "Ray counts CPUs in steps of 0.0001"),
+        # dashboards
+        (["run", "CFG", "tracking.backends=[wandb,tensorboard,wandb]"], "names a dashboard twice: name each once"),
+        (["run", "CFG", "tracking.backends=[neptune]"], "tracking.backends.0='neptune' is not allowed"),
+        (["run", "CFG", "tracking.backends=tensorboard"], "tracking.backends='tensorboard'"),
+        (["run", "CFG", "tracking.start_timeout_s=0"], "tracking.start_timeout_s=0"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, args, fragment):
@@ -359,3 +364,24 @@ def test_cli_refuses_more_workers_than_cores_before_ray(tmp_path):
     ), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Ray" not in r.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "text.txt"]  # no run folder, no prepared data
+
+
+def test_a_dashboard_whose_library_is_missing_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """tracking.backends names one whose library this machine lacks (its module made
+    unfindable here): one line naming the package to install, exit 2, nothing written."""
+    from trainer import dashboards
+
+    (tmp_path / "job.yaml").write_text("name: dash\ndata:\n  path: text.txt\n")
+    monkeypatch.setitem(dashboards.LIBRARIES, "mlflow", (("mlflow", "no_such_module_here"), "mlflow"))
+    code, err = _main(["run", "job.yaml", "tracking.backends=[wandb,mlflow]"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.strip() == (
+        "trainctl: error: tracking.backends has mlflow but the mlflow package is not installed: `pip install mlflow` "
+        "or take mlflow out of tracking.backends"
+    ), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+    # MLflow on a server needs no database library here: the same job gets past this check
+    code, err = _main(
+        ["run", "job.yaml", "tracking.backends=[mlflow]", "tracking.mlflow_uri=http://127.0.0.1:1"],
+        tmp_path, monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 2 and "tracking.backends" not in err and "text.txt" in err, err  # stopped at the missing data

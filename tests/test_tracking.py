@@ -64,8 +64,8 @@ from trainer.tracking import Tracker
 t = Tracker(JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}}), __import__("pathlib").Path(sys.argv[1]))
 for step in range(1, 31):
     t.log({"loss": float(step)}, step)
-t._started(wait=True)
-t._wandb_call("summarize", {})  # the calls kept while W&B started go out
+t._started(t.sinks[0], wait=True)
+t._call("summarize", {})  # the calls kept while W&B started go out
 time.sleep(float(sys.argv[2]))
 os.killpg(0, signal.SIGKILL)  # the machine is gone: this process and W&B's service, nothing flushed
 """
@@ -160,8 +160,94 @@ def test_a_wandb_start_that_hangs_turns_tracking_off_in_its_time_and_the_process
     assert held, "W&B never connected to the server"
     warnings = [line for line in r.stderr.splitlines() if "W&B" in line]
     assert warnings == [
-        "trainctl: warning: W&B did not start in 3 s (tracking.start_timeout_s), tracking is off for this run; "
+        "trainctl: warning: W&B did not start in 3 s (tracking.start_timeout_s), tracking to it is off for this run; "
         f"metrics still go to {run / 'metrics.jsonl'}"
     ], r.stderr[-3000:]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 31))
     assert wall < 40, (wall, r.stdout)
+
+
+THREE = """
+import os, signal, sys
+from pathlib import Path
+from trainer.config import JobConfig
+from trainer.tracking import Tracker
+tracking = {"mode": "offline", "backends": ["wandb", "tensorboard", "mlflow"]}
+cfg, run, attempt = JobConfig.model_validate({"name": "three", "tracking": tracking}), Path(sys.argv[1]), sys.argv[2]
+if attempt == "first":  # steps 1-30, every dashboard up, then the machine dies
+    t = Tracker(cfg, run)
+    for step in range(1, 31):
+        t.log({"loss": float(step), "data_mix": {"a": 0.25}}, step)
+    for sink in t.sinks:
+        t._started(sink, wait=True)
+    t._call("summarize", {})  # the calls kept while they started go out
+    os.killpg(0, signal.SIGKILL)
+t = Tracker(cfg, run, resume_step=20)  # resumed from the checkpoint at step 20
+t.log({"restarts": 1}, 20, event=True)
+for step in range(21, 36):
+    t.log({"loss": 100.0 + step, "data_mix": {"a": 0.25}}, step)
+t.rewind(30)  # a divergence rolled back to the checkpoint at step 30
+for step in range(31, 41):
+    t.log({"loss": 200.0 + step, "data_mix": {"a": 0.25}}, step)
+t.samples(40, [["To be", ", or not to be"]])
+t.finish()
+"""
+
+
+def test_three_dashboards_hold_every_step_once_across_a_kill_a_resume_and_a_rollback(tmp_path):
+    """W&B, TensorBoard and MLflow together, read back with each library's own reader. The
+    first attempt logs 1-30 and is SIGKILLed (TensorBoard's writer had buffered some); the
+    second resumes at 20, logs 21-35, rolls back to 30 and logs 31-40. Every dashboard holds
+    each step once. TensorBoard's values are metrics.jsonl's (a resume or a rollback hides what
+    was written after the checkpoint: its purge); W&B's and MLflow's histories are
+    append-only and keep a replayed step's first value (equal in a real resume, where the
+    replayed steps are computed again bit for bit; here they differ, to tell them apart)."""
+    import subprocess
+    import sys
+
+    from cli_helpers import REPO, env
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    run = tmp_path / "runs" / "three"
+    run.mkdir(parents=True)
+    first = subprocess.run(
+        [sys.executable, "-c", THREE, str(run), "first"], env=env(), cwd=REPO, start_new_session=True, timeout=120
+    )
+    assert first.returncode == -9
+    time.sleep(1.1)  # W&B names an offline run's folder by the second it started
+    r = subprocess.run(
+        [sys.executable, "-c", THREE, str(run), "second"], env=env(), cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    jsonl = {row["step"]: row["loss"] for row in rows if "loss" in row}
+    expected = {s: float(s) for s in range(1, 21)} | {s: 100.0 + s for s in range(21, 31)}
+    assert jsonl == expected | {s: 200.0 + s for s in range(31, 41)}
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0})
+    acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert sorted(tb) == sorted(jsonl.items())  # each step once, metrics.jsonl's values
+    assert [e.step for e in acc.Scalars("data_mix/a")] == list(range(1, 41))
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    rid = (run / "mlflow_run_id").read_text().strip()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+    first_values = {s: float(s) for s in range(1, 31)} | {s: 100.0 + s for s in range(31, 36)}
+    assert history == sorted((first_values | {s: 200.0 + s for s in range(36, 41)}).items())
+    assert client.get_run(rid).info.status == "FINISHED" and client.get_run(rid).data.params["name"] == '"three"'
+    (table,) = (tmp_path / "runs" / "mlartifacts").rglob("step_00000040.json")  # beside the store
+    assert json.loads(table.read_text())["rows"] == [["To be", ", or not to be"]] and not (REPO / "mlruns").exists()
+    assert [e.step for e in acc.Tensors("val/samples/text_summary")] == [40]
+    restarts = [(m.step, m.value) for m in client.get_metric_history(rid, "restarts")]
+    assert restarts == [(31, 1.0)]  # the restart event rides on the first step MLflow did not hold
+
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert [row["_step"] for f in files for row in history_of(f)] == list(range(1, 41))
+
+
+def history_of(path):
+    return history(path)

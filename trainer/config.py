@@ -272,6 +272,22 @@ class TrackingSection(Section):
     entity: str | None = None
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
+    backends: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["wandb"],
+        description="the dashboards each logged step goes to (metrics.jsonl always): wandb (its mode: "
+        "tracking.mode), tensorboard (runs/NAME/tensorboard), mlflow (tracking.mlflow_uri)",
+    )
+
+    @field_validator("backends")
+    @classmethod
+    def _once_each(cls, backends: list[str]) -> list[str]:
+        if len(set(backends)) != len(backends):
+            raise ValueError(f"{backends} names a dashboard twice: name each once")
+        return backends
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow's tracking URI (a server or a store); default <checkpoint.local_path>/mlruns"
+    )
     start_timeout_s: float = Field(
         120,
         gt=0,

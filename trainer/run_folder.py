@@ -37,10 +37,12 @@ RUN_FILES = (
     "attempts.jsonl",
     "rollbacks.jsonl",
     "wandb_run_id",
+    "mlflow_run_id",
+    "tensorboard",
 )  # --fresh --force deletes
 # The run's history, copied into every checkpoint (with the W&B run id in its trainctl.json):
 # a resume on a machine that has only the checkpoints (an object store) takes it back.
-HISTORY = ("metrics.jsonl", "attempts.jsonl", "rollbacks.jsonl")
+HISTORY = ("metrics.jsonl", "attempts.jsonl", "rollbacks.jsonl", "mlflow_run_id")  # MLflow's: the run continues
 
 
 class RunFolderError(ValueError):

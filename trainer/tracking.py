@@ -7,6 +7,7 @@ dashboard must never stop a training run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -101,9 +102,17 @@ class WandbTracker:
         # Every metric is drawn against the global step, so a resumed run continues one line.
         self.run.define_metric("trainer/global_step")
         self.run.define_metric("*", step_metric="trainer/global_step")
-        self.held = self.held_step(floor)  # here, in W&B's start thread: reading its files takes a while
+        self.held = self._held(floor)  # here, in W&B's start thread: reading its files takes a while
 
-    def held_step(self, floor: int = -1) -> int:
+    name, replaces = "wandb", False  # append-only: a step it holds is never sent again
+
+    def held_step(self) -> int:
+        return self.held
+
+    def purge(self, step: int) -> None:  # the tracker sends it only to a dashboard that replaces
+        pass
+
+    def _held(self, floor: int = -1) -> int:
         """The last step W&B holds of this run (-1: none): a resumed online run's, as its
         server says; offline, the highest step in this run's earlier offline files here
         (what reached the disk before a crash), or, on a machine with none of them (a fresh
@@ -180,122 +189,176 @@ def run_id(run_dir: Path) -> str:
     return rid
 
 
+class Sink:
+    """One dashboard behind the tracker: its start (in a daemon thread), what it held when it
+    started, the step last sent to it, and the calls made while it starts."""
+
+    def __init__(self, name: str, start: Callable[[], Any], limit_s: float):
+        self.name = name
+        self.backend: Any = None
+        self.starting: Future | None = in_daemon_thread(start, f"{name}-start")
+        self.limit = time.monotonic() + limit_s
+        self.high = -1  # it held every step up to here when it started (asked of it then)
+        self.last = -1  # the step last sent to it: an earlier one (replayed) is not sent again
+        self.carried: dict[str, Any] = {}  # events of a replayed step, sent with its next new step
+        self.pending: list[tuple[str, tuple, int | None, bool]] = []
+
+
+LABELS = {"wandb": "W&B", "tensorboard": "TensorBoard", "mlflow": "MLflow"}
+
+
 class Tracker:
-    """Fans each log call out to the metrics file and, if it works, W&B.
+    """Fans each log call out to the metrics file and to each dashboard of
+    `tracking.backends` that works (W&B, TensorBoard, MLflow: trainer/dashboards.py).
 
-    W&B starts in a thread (its service takes a second or more), so the first steps do not
-    wait for it: calls made before it is up are kept and sent, in order, once it is. A start
-    that has not finished `tracking.start_timeout_s` after it began (W&B's service or its
-    server not answering: an online init hangs on a server that accepts and never replies)
-    turns W&B off with one warning; the thread is a daemon, so the run still ends.
+    Each dashboard starts in a thread (W&B's service takes a second or more), so the first
+    steps do not wait for it: calls made before it is up are kept and sent, in order, once
+    it is. A start that has not finished `tracking.start_timeout_s` after it began (W&B's
+    service or its server not answering: an online init hangs on a server that accepts and
+    never replies) turns that dashboard off with one warning; the thread is a daemon, so the
+    run still ends. Any later failure of a dashboard is one warning and that dashboard off.
 
-    Each step goes to W&B once. A resume replays the steps after its checkpoint; W&B's
-    history is append-only, so a replayed step is sent only if W&B does not hold it yet:
-    what it holds is asked of W&B itself once it is up (`WandbTracker.held_step`: the
-    resumed online run's last step, or the highest step in this run's offline files), not
-    taken from metrics.jsonl, which can be ahead of W&B after a crash (a SIGKILL loses what
-    W&B's service had not written). Until then every call waits in `pending`."""
+    Each step reaches each dashboard once. A resume replays the steps after its checkpoint;
+    what a dashboard holds is asked of it once it is up (`held_step`: W&B's server or offline
+    files, TensorBoard's event files, MLflow's store), not taken from metrics.jsonl, which can
+    be ahead of it after a crash (a SIGKILL loses what W&B's service had not written). The
+    rows of metrics.jsonl it lacks up to the resume step are sent first (backfill). An
+    append-only history (W&B, MLflow) keeps a replayed step's first values; TensorBoard
+    (`replaces`) hides what an earlier attempt wrote after the checkpoint and takes the
+    replayed steps again, so its values are metrics.jsonl's."""
 
     def __init__(self, cfg: JobConfig, run_dir: Path, resume_step: int = 0, wandb_floor: int = -1):
         self.file = MetricsFile(run_dir, resume_step)
         self.resume_step = resume_step  # the file's rows up to here are earlier attempts'
-        self.wandb_high = -1  # W&B held every step up to here when it started (asked of it then)
-        self.wandb_last = -1  # the step last sent to W&B: an earlier one (replayed) is not sent again
-        self.carried: dict[str, Any] = {}  # events of a replayed step, sent with W&B's next new step
-        self.wandb: WandbTracker | None = None
-        self.pending: list[tuple[str, tuple, int | None, bool]] = []  # calls made while W&B starts
-        self.starting: Future | None = None
-        self.start_limit = time.monotonic() + cfg.tracking.start_timeout_s
         self.start_timeout_s = cfg.tracking.start_timeout_s
-        if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) != "disabled":
-            run_id(run_dir)  # now, not in the thread: a checkpoint saved at once records the same id
-            self.starting = in_daemon_thread(lambda: WandbTracker(cfg, run_dir, wandb_floor), "wandb-init")
+        self.sinks: list[Sink] = []
+        for name in cfg.tracking.backends:
+            if name == "wandb":
+                if (os.environ.get("WANDB_MODE") or cfg.tracking.mode) == "disabled":
+                    continue
+                run_id(run_dir)  # now, not in the thread: a checkpoint saved at once records the same id
+                start = functools.partial(WandbTracker, cfg, run_dir, wandb_floor)
+            elif name == "tensorboard":
+                from trainer.dashboards import TensorBoardBackend
 
-    def _started(self, wait: bool) -> bool:
-        """Whether W&B's start has finished (waiting for it, within its time, if `wait`); a
-        failed or overdue start is one warning."""
-        if self.starting is None:
+                start = functools.partial(TensorBoardBackend, run_dir, resume_step)
+            else:
+                from trainer.dashboards import MlflowBackend
+
+                start = functools.partial(MlflowBackend, cfg, run_dir, run_dir / "mlflow_run_id")
+            self.sinks.append(Sink(name, start, cfg.tracking.start_timeout_s))
+
+    @property
+    def wandb_last(self) -> int:
+        """The step last sent to W&B (-1: none, or W&B is off): a checkpoint records it."""
+        return next((sink.last for sink in self.sinks if sink.name == "wandb"), -1)
+
+    def _started(self, sink: Sink, wait: bool) -> bool:
+        """Whether the dashboard's start has finished (waiting for it, within its time, if
+        `wait`); a failed or overdue start is one warning."""
+        if sink.starting is None:
             return True
-        left = self.start_limit - time.monotonic()
-        if not self.starting.done() and not (wait or left <= 0):
+        left = sink.limit - time.monotonic()
+        if not sink.starting.done() and not (wait or left <= 0):
             return False
+        label = LABELS[sink.name]
         try:
-            self.wandb = self.starting.result(timeout=max(left, 0))
-            self.wandb_high = self.wandb.held
-            self.pending[:0] = self._backfill()
+            sink.backend = sink.starting.result(timeout=max(left, 0))
+            sink.high = sink.backend.held_step()
+            sink.pending[:0] = self._backfill(sink.high)
         except FutureTimeout:
             warn(
-                f"W&B did not start in {self.start_timeout_s:g} s (tracking.start_timeout_s), tracking is off for "
-                f"this run; metrics still go to {self.file.path}"
+                f"{label} did not start in {self.start_timeout_s:g} s (tracking.start_timeout_s), tracking to it is "
+                f"off for this run; metrics still go to {self.file.path}"
             )
-            self.wandb = None
-            stop_wandb_service()  # else W&B's exit hook waits for it, and it for the server that does not answer
-        except Exception as e:  # noqa: BLE001 - any W&B failure must not stop training
-            warn(f"W&B tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}")
-            self.wandb = None
-        self.starting = None
+            sink.backend = None
+            if sink.name == "wandb":
+                stop_wandb_service()  # else W&B's exit hook waits for it, and it for the server that does not answer
+        except Exception as e:  # noqa: BLE001 - any dashboard failure must not stop training
+            warn(
+                f"{label} tracking is off for this run ({type(e).__name__}: {e}); metrics still go to {self.file.path}"
+            )
+            sink.backend = None
+        sink.starting = None
         return True
 
-    def _backfill(self) -> list[tuple[str, tuple, int | None, bool]]:
-        """The earlier attempts' rows W&B does not hold (its service had not written them
-        when the machine died), as log calls: metrics.jsonl has them up to the resume step."""
+    def _backfill(self, held: int) -> list[tuple[str, tuple, int | None, bool]]:
+        """The earlier attempts' rows a dashboard does not hold (W&B's service had not written
+        them when the machine died; a new machine's empty TensorBoard folder), as log calls:
+        metrics.jsonl has them up to the resume step."""
         calls = []
         for row in self.file.rows():
             step = row.pop("step", 0)
-            if self.wandb_high < step <= self.resume_step:
+            if held < step <= self.resume_step:
                 calls.append(("log", (row, step), step, False))
         return calls
 
     def rewind(self, step: int) -> None:
-        self.file.rewind(step)  # the replayed steps keep their first values in W&B (wandb_last)
+        """A rollback to `step`: the file drops the later rows; a dashboard that replaces
+        hides them; the append-only ones keep their first values (`last`)."""
+        self.file.rewind(step)
+        self._call("purge", step + 1)
 
     def log(self, metrics: dict[str, Any], step: int, event: bool = False) -> None:
-        """Log a step's values. A step W&B already holds (replayed after a resume or a
-        rollback) goes to the metrics file only; an `event` (a restart) then goes with W&B's
-        next new step."""
+        """Log a step's values. A step a dashboard already holds (replayed after a resume or
+        a rollback) is not sent to it again; an `event` (a restart) then goes with its next
+        new step."""
         self.file.log(metrics, step)
-        self._wandb_call("log", metrics, step, step=step, event=event)
+        self._call("log", metrics, step, step=step, event=event)
 
-    def _wandb_call(self, what: str, *args, wait: bool = False, step: int | None = None, event: bool = False) -> None:
-        self.pending.append((what, args, step, event))
-        if not self._started(wait):
-            return
-        calls, self.pending = self.pending, []
-        for name, call_args, at, is_event in calls:
-            if self.wandb is None:
-                return
-            if at is not None and (at <= self.wandb_high or at < self.wandb_last):  # W&B holds this step
-                if is_event:
-                    self.carried.update(call_args[0])
+    def _call(self, what: str, *args, wait: bool = False, step: int | None = None, event: bool = False) -> None:
+        for sink in self.sinks:
+            sink.pending.append((what, args, step, event))
+            if not self._started(sink, wait):
                 continue
-            if name == "log" and self.carried:
-                call_args, self.carried = ({**self.carried, **call_args[0]}, *call_args[1:]), {}
-            try:
-                getattr(self.wandb, name)(*call_args)
-            except Exception as e:  # noqa: BLE001
-                hint = f"; run `wandb sync` on {self.file.path.parent}/wandb" if name == "finish" else ""
-                warn(f"W&B {name} failed, tracking turned off ({type(e).__name__}: {e}){hint}")
-                self.wandb = None
-            if at is not None:
-                self.wandb_last = max(self.wandb_last, at)  # more values of this step may follow
+            calls, sink.pending = sink.pending, []
+            for name, call_args, at, is_event in calls:
+                self._send(sink, name, call_args, at, is_event)
+
+    def _send(self, sink: Sink, name: str, args: tuple, at: int | None, is_event: bool) -> None:
+        if sink.backend is None:
+            return
+        if name == "purge":  # a rollback
+            if not sink.backend.replaces:  # append-only: every step it was sent is held, the last one too
+                sink.high = max(sink.high, sink.last)
+                return
+            sink.last = sink.high = min(sink.last, args[0] - 1)  # the steps from there are taken again
+        elif at is not None and (at <= sink.high or at < sink.last):  # it holds this step
+            if is_event:
+                sink.carried.update(args[0])
+            return
+        if name == "log" and sink.carried:
+            args, sink.carried = ({**sink.carried, **args[0]}, *args[1:]), {}
+        try:
+            getattr(sink.backend, name)(*args)
+        except Exception as e:  # noqa: BLE001
+            hint = (
+                f"; run `wandb sync` on {self.file.path.parent}/wandb"
+                if name == "finish" and sink.name == "wandb"
+                else ""
+            )
+            warn(f"{LABELS[sink.name]} {name} failed, tracking to it turned off ({type(e).__name__}: {e}){hint}")
+            sink.backend = None
+        if at is not None:
+            sink.last = max(sink.last, at)  # more values of this step may follow
 
     def describe(self, values: dict[str, Any]) -> None:
-        """Facts about the run (its plan figures, the tokenizer): run.json and the W&B summary."""
+        """Facts about the run (its plan figures, the tokenizer): run.json and each dashboard's summary."""
         (self.file.path.parent / "run.json").write_text(json.dumps(values, indent=1) + "\n")
-        self._wandb_call("summarize", values)
+        self._call("summarize", values)
 
     def summarize(self, rows: list[tuple[str, str]]) -> None:
-        self._wandb_call("summarize", {f"summary/{k}": v for k, v in rows})
+        self._call("summarize", {f"summary/{k}": v for k, v in rows})
 
     def samples(self, step: int, rows: list[list[Any]]) -> None:
-        """Validation samples (prompt, continuation) as a W&B table, and samples.jsonl."""
+        """Validation samples (prompt, continuation) as a dashboard table, and samples.jsonl."""
         with open(self.file.path.parent / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"step": step, "prompt": p, "sample": c}) + "\n" for p, c in rows)
-        self._wandb_call("table", "val/samples", ["prompt", "sample"], rows, step, step=step)
+        self._call("table", "val/samples", ["prompt", "sample"], rows, step, step=step)
 
     def finish(self) -> None:
         self.file.finish()
-        self._wandb_call("finish", wait=True)  # the calls kept while W&B started go out first
+        self._call("finish", wait=True)  # the calls kept while a dashboard started go out first
 
 
 def in_daemon_thread(call: Callable[[], Any], name: str) -> Future:
