@@ -65,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--force only goes with --fresh or --resume")
     if args.resume:
         cfg.checkpoint.resume_from = args.resume
-    from trainer.dashboards import missing_library
+    from trainer.dashboards import missing_library, mlflow_server_problem
 
     for backend in cfg.tracking.backends:  # a dashboard that cannot start: refused before anything starts
         if package := missing_library(backend, cfg.tracking.mlflow_uri):
@@ -73,6 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"tracking.backends has {backend} but the {package} package is not installed: `pip install {package}` "
                 f"or take {backend} out of tracking.backends"
             )
+    if "mlflow" in cfg.tracking.backends and (problem := mlflow_server_problem(cfg.tracking.mlflow_uri)):
+        raise UsageError(redact_text(problem))
     if not args.no_ray:  # a cluster address nothing answers on: refused before anything is written
         from cluster.local_ray import check_reachable
 

@@ -366,7 +366,7 @@ def test_cli_refuses_more_workers_than_cores_before_ray(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "text.txt"]  # no run folder, no prepared data
 
 
-def test_a_dashboard_whose_library_is_missing_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+def test_a_dashboard_whose_library_is_missing_or_whose_server_does_not_answer_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
     """tracking.backends names one whose library this machine lacks (its module made
     unfindable here): one line naming the package to install, exit 2, nothing written."""
     from trainer import dashboards
@@ -379,9 +379,19 @@ def test_a_dashboard_whose_library_is_missing_is_refused_before_anything_starts(
         "or take mlflow out of tracking.backends"
     ), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
-    # MLflow on a server needs no database library here: the same job gets past this check
+    # MLflow on a server needs no database library here; a server that does not answer is
+    # refused the same way (a real port on 127.0.0.1 that nothing listens on)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
     code, err = _main(
-        ["run", "job.yaml", "tracking.backends=[mlflow]", "tracking.mlflow_uri=http://127.0.0.1:1"],
-        tmp_path, monkeypatch, capsys,
-    )  # fmt: skip
-    assert code == 2 and "tracking.backends" not in err and "text.txt" in err, err  # stopped at the missing data
+        ["run", "job.yaml", "tracking.backends=[mlflow]", f"tracking.mlflow_uri={uri}"], tmp_path, monkeypatch, capsys
+    )
+    assert code == 2 and err.strip() == (
+        f"trainctl: error: tracking.mlflow_uri {uri} does not answer ([Errno 111] Connection refused): start the "
+        "MLflow server or correct the URI"
+    ), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]

@@ -44,6 +44,26 @@ def missing_library(backend: str, mlflow_uri: str | None = None) -> str | None:
     return None if all(importlib.util.find_spec(m) is not None for m in modules) else package
 
 
+def mlflow_server_problem(uri: str | None, timeout_s: float = 5.0) -> str | None:
+    """Why the MLflow server at `uri` (http(s)) cannot be used, in a line, or None: asked once
+    before the job starts (its /health, which every MLflow server answers), so a URI that does
+    not answer stops the job there instead of turning MLflow off a minute into the run."""
+    import urllib.error
+    import urllib.request
+
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as answer:
+            answer.read(64)
+        return None
+    except urllib.error.HTTPError as e:
+        return f"tracking.mlflow_uri {uri} answered {e.code} {e.reason} to /health: is it an MLflow server?"
+    except (OSError, ValueError) as e:
+        why = getattr(e, "reason", None) or e
+        return f"tracking.mlflow_uri {uri} does not answer ({why}): start the MLflow server or correct the URI"
+
+
 def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numbers of a metrics row, nested dicts flattened with '/'."""
     out: dict[str, float] = {}
