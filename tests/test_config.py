@@ -366,7 +366,9 @@ def test_cli_refuses_more_workers_than_cores_before_ray(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "text.txt"]  # no run folder, no prepared data
 
 
-def test_a_dashboard_whose_library_is_missing_or_whose_server_does_not_answer_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+def test_a_dashboard_whose_library_is_missing_or_whose_server_does_not_answer_is_refused_before_anything_starts(
+    tmp_path, monkeypatch, capsys
+):
     """tracking.backends names one whose library this machine lacks (its module made
     unfindable here): one line naming the package to install, exit 2, nothing written."""
     from trainer import dashboards
