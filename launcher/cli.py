@@ -389,6 +389,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Multiple-choice tasks scored on a run, a checkpoint, an export or a Hugging Face folder."""
+    from trainer.checkpoint import NoCheckpoint
+    from trainer.evals import TaskError, load_task, score
+    from trainer.generate import load_any
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit={args.limit} must be at least 1")
+    try:
+        tasks = [load_task(path, args.limit) for path in args.task]  # every file checked before a model loads
+        model, tok = load_any(args.path)
+    except (TaskError, NoCheckpoint, ValueError) as e:
+        raise UsageError(str(e)) from None
+    results = [score(model, tok, task, model.config.max_seq_len) for task in tasks]
+    if args.json:
+        rows = [{"task": r.task, "items": r.items, "acc": r.acc, "acc_norm": r.acc_norm} for r in results]
+        print(json.dumps({"model": str(args.path), "tasks": rows}))
+        return 0
+    print("| task | items | acc | acc_norm |\n|---|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.task} | {r.items} | {r.acc:.4f} | {r.acc_norm:.4f} |")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as our one line (and exit 2) instead of usage + error."""
 
@@ -691,6 +715,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the prompt is a user's message: put it through the tokenizer's chat template and print the reply",
     )
     pg.set_defaults(fn=_cmd_generate)
+
+    pe = sub.add_parser(
+        "eval",
+        help="score multiple-choice tasks (JSONL: query, choices, gold) on a run, checkpoint, export or HF folder",
+    )
+    pe.add_argument("path", help="a run folder, a checkpoint, an export or a Hugging Face model folder")
+    pe.add_argument("--task", action="append", required=True, help="a task file (JSONL); give --task once per task")
+    pe.add_argument("--limit", type=int, default=None, help="score the first N items of each task")
+    pe.add_argument("--json", action="store_true", help="one JSON object on stdout, for scripts")
+    pe.set_defaults(fn=_cmd_eval)
     return p
 
 

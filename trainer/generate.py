@@ -28,6 +28,18 @@ def load_model(ckpt: Path):
     return model, tokenizer_from_dict(checkpoint.meta(ckpt)["tokenizer"])
 
 
+def load_any(path: str | Path):
+    """(model in eval mode, tokenizer) from a run, a checkpoint, an export folder or a Hugging
+    Face model folder."""
+    folder = Path(path)
+    if (folder / "trainctl_export.json").is_file() or (folder / "config.json").is_file():  # export or HF folder
+        from trainer.export import load_export
+
+        model, tok_dict = load_export(folder)
+        return model, tokenizer_from_dict(tok_dict)
+    return load_model(checkpoint.find_checkpoint(path))
+
+
 def prompt_ids(tok, prompt: str, chat: bool = False) -> list[int]:
     """The prompt's token ids as a model's users give them: with `chat`, the user's message
     rendered by the chat template (which writes its own special tokens); else as
@@ -56,14 +68,7 @@ def sample(
 
     >>> print(sample("runs/tiny-cpu", prompt="def ", max_new_tokens=100))  # doctest: +SKIP
     """
-    folder = Path(path)
-    if (folder / "trainctl_export.json").is_file() or (folder / "config.json").is_file():  # export or HF folder
-        from trainer.export import load_export
-
-        model, tok_dict = load_export(folder)
-        tok = tokenizer_from_dict(tok_dict)
-    else:
-        model, tok = load_model(checkpoint.find_checkpoint(path))
+    model, tok = load_any(path)
     if chat and getattr(tok, "chat_template", None) is None:
         raise ValueError(f"{path}'s tokenizer has no chat template: leave out --chat")
     ids = prompt_ids(tok, prompt, chat)

@@ -1,0 +1,141 @@
+"""Multiple-choice evaluation by log-likelihood: LLM Foundry's task files, lm-evaluation-harness's
+scoring.
+
+A task is a JSONL file, one item a line, as LLM Foundry's `scripts/eval/local_data` files for
+HellaSwag, ARC and PIQA are: `{"query": "...", "choices": ["...", ...], "gold": i}`. Each
+choice is scored as lm-evaluation-harness scores a `multiple_choice` task's (its `hf` model,
+`loglikelihood` requests): the continuation is `" " + choice` (its default target_delimiter)
+after the query; the pair is encoded as `_encode_pair` does (trailing spaces of the context
+moved to the continuation, the continuation's tokens those of `encode(context + continuation)`
+after `encode(context)`'s, no special tokens); the input is the last max_seq_len + 1 tokens
+less the last; the score is the sum of the continuation tokens' log-probabilities.
+`acc`: the highest score is the gold choice; `acc_norm`: the highest score divided by the
+choice's length in characters (lm-eval's `acc_norm`). Ties go to the first choice (argmax).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class TaskError(ValueError):
+    """A task file that cannot be scored: its message is the user's one line."""
+
+
+@dataclass(frozen=True)
+class Item:
+    query: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass
+class Task:
+    name: str
+    items: list[Item]
+
+
+def load_task(path: str | Path, limit: int | None = None) -> Task:
+    """A task file's items in the file's order (the first `limit` of them), each checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"task file {path} does not exist" if not path.exists() else f"task file {path} is a folder")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{where} is not JSON ({e.msg}): one {{query, choices, gold}} object a line") from None
+        if not isinstance(row, dict):
+            raise TaskError(f"{where} is not a JSON object: one {{query, choices, gold}} object a line")
+        missing = [k for k in ("query", "choices", "gold") if k not in row]
+        if missing:
+            raise TaskError(f"{where} has no {', '.join(missing)}: each item needs query, choices and gold")
+        query, choices, gold = row["query"], row["choices"], row["gold"]
+        if not isinstance(query, str):
+            raise TaskError(f"{where}: query is {type(query).__name__}, not text")
+        if not isinstance(choices, list) or not choices:
+            raise TaskError(
+                f"{where}: choices is {'empty' if choices == [] else 'not a list'}: give the answers to pick from"
+            )
+        if not all(isinstance(c, str) and c for c in choices):
+            raise TaskError(f"{where}: every choice must be non-empty text")
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise TaskError(
+                f"{where}: gold {gold!r} is not an index of its {len(choices)} choices (0 to {len(choices) - 1})"
+            )
+        items.append(Item(query, tuple(choices), gold))
+        if limit is not None and len(items) == limit:
+            break
+    if not items:
+        raise TaskError(f"task file {path} holds no items")
+    return Task(path.stem, items)
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness's `_encode_pair` makes them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tok.encode(context + continuation).tolist()
+    head = tok.encode(context).tolist()
+    return head, whole[len(head) :]
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model, tok, item: Item, max_len: int, device: torch.device | str = "cpu") -> list[float]:
+    """The summed log-probability of each choice's tokens after the query (one forward for all)."""
+    pairs = [encode_pair(tok, item.query, " " + choice) for choice in item.choices]
+    rows, spans = [], []
+    for head, cont in pairs:
+        ids = (head + cont)[-(max_len + 1) :][:-1]
+        rows.append(ids)
+        spans.append(len(cont))
+    width = max(len(r) for r in rows)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, : len(r)] = torch.tensor(r)  # right-padded: causal attention never sees the padding
+    logits = model(batch.to(device))
+    logits = getattr(logits, "logits", logits).float()
+    out = []
+    for i, ((_, cont), n) in enumerate(zip(pairs, spans, strict=True)):
+        end = len(rows[i])
+        logprobs = torch.log_softmax(logits[i, end - n : end], dim=-1)
+        out.append(logprobs.gather(1, torch.tensor(cont[-n:], device=logprobs.device)[:, None]).sum().item())
+    return out
+
+
+@dataclass
+class Scores:
+    task: str
+    items: int
+    correct: int
+    correct_norm: int
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.items
+
+    @property
+    def acc_norm(self) -> float:
+        return self.correct_norm / self.items
+
+
+def score(model, tok, task: Task, max_len: int, items: range | None = None, device="cpu") -> Scores:
+    """The task's accuracy on `items` (indices into the task; all of them by default)."""
+    correct = correct_norm = 0
+    chosen = items if items is not None else range(len(task.items))
+    for k in chosen:
+        item = task.items[k]
+        ll = choice_loglikelihoods(model, tok, item, max_len, device)
+        norm = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
+        correct += int(max(range(len(ll)), key=ll.__getitem__) == item.gold)
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
+    return Scores(task.name, len(chosen), correct, correct_norm)
