@@ -10,7 +10,7 @@ import torch
 from cli_helpers import REPO, trainctl, trainctl_here
 from hf_models import smollm2_folder
 
-from trainer.evals import load_task, score
+from trainer.evals import choice_loglikelihoods, load_task, score
 from trainer.generate import load_any
 
 TASK = REPO / "tests" / "data" / "easy-mc.jsonl"  # 40 items written for these tests: capitals, opposites, sums, ...
@@ -18,29 +18,87 @@ TASK = REPO / "tests" / "data" / "easy-mc.jsonl"  # 40 items written for these t
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
+    """One torch thread, in the processes the tests start and in this one (restored after)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smollm2_ll():
+    """SmolLM2-135M-Instruct's log-likelihood of each choice of the test task, as trainctl
+    scores them (in this process, on one thread: the model loaded as `trainctl eval` loads it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok = load_any(smollm2_folder())
+        return [choice_loglikelihoods(model, tok, item, model.config.max_seq_len) for item in load_task(TASK).items]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_smollm2_scores_far_above_chance_and_the_same_shape_at_random_near_it(tmp_path):
+def test_smollm2_scores_far_above_chance_and_the_same_shape_at_random_near_it(tmp_path, smollm2_ll):
     """`trainctl eval` of the pre-trained model: 0.85 (acc) and 0.825 (acc_norm) on 4-way items
-    whose chance is 0.25 (measured: 0.85 / 0.825 on SmolLM2's 4-bit weights); its weights
-    re-drawn at random score within chance ± 0.15. --json gives the same numbers."""
-    folder = smollm2_folder()
-    r = trainctl("eval", str(folder), "--task", str(TASK), "--json", cwd=tmp_path)
+    whose chance is 0.25 (SmolLM2's 4-bit weights); its weights re-drawn at random score
+    within chance +- 0.15 (0.25 / 0.30 measured). --json gives the numbers the scoring gives."""
+    r = trainctl("eval", str(smollm2_folder()), "--task", str(TASK), "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads(r.stdout)["tasks"]
     assert row["task"] == "easy-mc" and row["items"] == 40
     assert row["acc"] >= 0.8 and row["acc_norm"] >= 0.8, row
+    items = load_task(TASK).items
+    best = [max(range(len(ll)), key=ll.__getitem__) == it.gold for ll, it in zip(smollm2_ll, items, strict=True)]
+    assert row["acc"] == sum(best) / 40
 
-    model, tok = load_any(folder)
+    model, tok = load_any(smollm2_folder())
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():  # the same shape, nothing learned
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     random = score(model, tok, load_task(TASK), model.config.max_seq_len)
     assert abs(random.acc - 0.25) <= 0.15 and abs(random.acc_norm - 0.25) <= 0.15, random
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lm_evaluation_harness_gives_the_same_scores_on_the_same_task_and_model(tmp_path, smollm2_ll):
+    """The real peer: lm-evaluation-harness's own command, its `hf` model (transformers' Llama)
+    on the same Hugging Face folder, the task file through examples/lm-eval's task YAML. Every
+    choice's log-likelihood within 1e-4 of trainctl's (1.9e-5 measured: our model's fp32 sums
+    against transformers'), so acc and acc_norm are equal."""
+    import subprocess
+    import sys
+
+    from cli_helpers import env
+
+    out = tmp_path / "lm-eval"
+    lm_env = env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    r = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={smollm2_folder()},dtype=float32", "--include_path", "examples/lm-eval",
+         "--tasks", "trainctl_easy_mc", "--device", "cpu", "--batch_size", "1", "--log_samples",
+         "--output_path", str(out)],
+        cwd=REPO, env=lm_env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (samples,) = out.rglob("samples_trainctl_easy_mc_*.jsonl")
+    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda row: row["doc_id"])
+    assert [row["doc_id"] for row in rows] == list(range(40))
+    theirs = [[float(resp[0]) for resp in row["filtered_resps"]] for row in rows]
+    gap = max(abs(a - b) for ours, lm in zip(smollm2_ll, theirs, strict=True) for a, b in zip(ours, lm, strict=True))
+    assert gap < 1e-4, gap
+    (results,) = out.rglob("results_*.json")
+    lm = json.loads(results.read_text())["results"]["trainctl_easy_mc"]
+    items = load_task(TASK).items
+    acc = sum(max(range(len(ll)), key=ll.__getitem__) == it.gold for ll, it in zip(smollm2_ll, items, strict=True))
+    norm = [[v / len(c) for v, c in zip(ll, it.choices, strict=True)] for ll, it in zip(smollm2_ll, items, strict=True)]
+    acc_norm = sum(max(range(len(n)), key=n.__getitem__) == it.gold for n, it in zip(norm, items, strict=True))
+    assert abs(lm["acc,none"] - acc / 40) < 1e-6 and abs(lm["acc_norm,none"] - acc_norm / 40) < 1e-6, lm
+    assert (lm["acc,none"], lm["acc_norm,none"]) == (0.85, 0.825)
 
 
 @pytest.mark.parametrize(
