@@ -75,6 +75,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
     if "mlflow" in cfg.tracking.backends and (problem := mlflow_server_problem(cfg.tracking.mlflow_uri)):
         raise UsageError(redact_text(problem))
+    from trainer.evals import TaskError, load_task
+
+    for spec in cfg.train.evals:  # each task file read once here: a bad one never reaches the workers
+        try:
+            load_task(spec.path, spec.limit)
+        except TaskError as e:
+            raise UsageError(f"train.evals: {e}") from None
     if not args.no_ray:  # a cluster address nothing answers on: refused before anything is written
         from cluster.local_ray import check_reachable
 

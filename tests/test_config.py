@@ -262,6 +262,11 @@ def _main(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
         (["run", "CFG", "tracking.backends=[neptune]"], "tracking.backends.0='neptune' is not allowed"),
         (["run", "CFG", "tracking.backends=tensorboard"], "tracking.backends='tensorboard'"),
         (["run", "CFG", "tracking.start_timeout_s=0"], "tracking.start_timeout_s=0"),
+        # in-training evals: the task files are read before anything starts
+        (["run", "CFG", "train.evals=[{path: bad.jsonl}]"], "train.evals: bad.jsonl line 1 has no gold"),
+        (["run", "CFG", "train.evals=[{path: missing.jsonl}]"], "train.evals: task file missing.jsonl does not exist"),
+        (["run", "CFG", "train.evals=[{path: bad.jsonl}, {path: x/bad.jsonl}]"], "train.evals names 'bad' twice"),
+        (["run", "CFG", "train.evals=[{path: bad.jsonl, every: 0}]"], "train.evals.0.every=0"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, args, fragment):
@@ -271,6 +276,7 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch,
     )
     (tmp_path / "text.txt").write_text("hello world, " * 400)
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"query": "Q?", "choices": ["a", "b"]}\n')
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "comments.yaml").write_text("# a job, one day\n\n  # nothing yet\n")
     (tmp_path / "dup.yaml").write_text("name: a\ndata: {path: text.txt}\nname: b\n")

@@ -20,11 +20,15 @@ name: e2e
 model: {n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}
 data: {path: data, seq_len: 32, shuffle_buffer: 512}
 train: {max_steps: 40, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
-        eval_every: 20, eval_sequences: 64, log_every: 10, sample_tokens: 40}
+        eval_every: 20, eval_sequences: 64, log_every: 10, sample_tokens: 40,
+        evals: [{path: EVAL_TASK, name: easy, every: 20}]}
 checkpoint: {storage_path: runs, every: 20, keep: 1}
 tracking: {mode: offline, project: trainctl-tests}
 cluster: {address: local, num_workers: 2}
 """
+
+
+EVAL_TASK = SHAKESPEARE.parent / "easy-mc.jsonl"  # tests/data: 40 multiple-choice items
 
 
 def metrics(run: Path) -> list[dict]:
@@ -43,6 +47,7 @@ CONSOLE_SHAPES = [
         r"step +\d+/\d+ \[[#-]{20}\] +\d+% \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d+ \| [\d,]+ tok/s( \| MFU [\d.]+%)? "
         rf"\| step [\d,]+ ms \(data \d+%\) \| ETA {ETA}",
         r"step +\d+/\d+ \| val_loss \d+\.\d{4}",
+        r"step +\d+/\d+ \| eval \w+ acc \d\.\d{4} acc_norm \d\.\d{4}",
         r"trainctl: checkpoint \S+ \([\d,]+ MB, complete [\d.]+ s after the save began; training waited [\d.]+ s of it\)",
         r"trainctl: profile of steps \d+-\d+: \S+ \(one file per rank\)",
         rf"trainctl: done: \d+ steps, [\d,]+ tokens in {ETA}",
@@ -78,7 +83,7 @@ def trained(tmp_path_factory):
     (work / "text.txt").write_text(SHAKESPEARE.read_text()[:300_000])
     r = trainctl("prepare", "text.txt", "--out", "data", cwd=work)
     assert r.returncode == 0, r.stderr
-    (work / "job.yaml").write_text(JOB)
+    (work / "job.yaml").write_text(JOB.replace("EVAL_TASK", str(EVAL_TASK)))
     r, sockets = trainctl_watched("run", "job.yaml", cwd=work)  # its hostname resolving outward
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work, r, sockets
@@ -634,3 +639,19 @@ def test_document_masking_trains(trained):
     assert [m["step"] for m in losses["true"]] == [1, 2, 3]
     assert all(0 < m["loss"] < 6 for m in losses["true"])
     assert losses["true"][0]["loss"] != losses["false"][0]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_in_training_eval_equals_trainctl_eval_on_that_steps_checkpoint(trained):
+    """train.evals at steps 20 and 40 on 2 Ray workers (each scoring its share of the items):
+    logged as eval/easy/acc and acc_norm; `trainctl eval` of the run (its step-40 checkpoint,
+    one process) gives the same numbers."""
+    work, r, _ = trained
+    rows = [m for m in metrics(work / "runs" / "e2e") if "eval/easy/acc" in m]
+    assert [m["step"] for m in rows] == [20, 40]
+    assert r.stdout.count("| eval easy acc ") == 2  # rank 0's line, once an evaluation
+    out = trainctl("eval", "runs/e2e", "--task", str(EVAL_TASK), "--json", cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (task,) = json.loads(out.stdout)["tasks"]
+    assert (task["acc"], task["acc_norm"]) == (rows[1]["eval/easy/acc"], rows[1]["eval/easy/acc_norm"])

@@ -59,6 +59,7 @@ def overrides(root, workers: int, micro: int, accum: int) -> list[str]:
         f"checkpoint.storage_path={root / f'runs{workers}'}",
         "tracking.mode=disabled",
         f"cluster.num_workers={workers}",
+        f"train.evals=[{{path: {REPO / 'tests' / 'data' / 'easy-mc.jsonl'}, name: easy, limit: 39}}]",
     ]
 
 
@@ -89,6 +90,9 @@ def test_one_rank_and_two_ranks_give_the_same_validation_loss(sources, tmp_path)
     assert b["shares"] == [[8, 3], [6, 3]]
     assert 4.0 < a["val_loss"] < 7.0  # an untrained byte model: about ln(257) = 5.55
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-6, (a, b)
+    # train.evals: 39 items, 20 on rank 0 and 19 + one uncounted on rank 1: the same scores
+    assert set(a["evals"]) == {"eval/easy/acc", "eval/easy/acc_norm"} and a["evals"] == b["evals"], (a, b)
+    assert all(k / 39 == v for v in a["evals"].values() for k in [round(v * 39)])
 
 
 def test_a_job_file_with_eval_batches_is_refused_naming_the_sequences_to_set(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -144,6 +145,21 @@ class LoraSection(Section):
 PROFILE_HELP = "give N (N steps after a 5-step warm-up) or FIRST-LAST with FIRST <= LAST, e.g. 20-22"
 
 
+class EvalTaskSpec(Section):
+    path: str = Field(description="a multiple-choice task file: JSONL of {query, choices, gold} (see `trainctl eval`)")
+    name: str | None = Field(
+        None, description="the name its metrics are logged under (eval/NAME/acc); default the file's stem"
+    )
+    every: int | None = Field(
+        None, gt=0, description="steps between its evaluations (and at the end); default train.eval_every"
+    )
+    limit: int | None = Field(None, gt=0, description="score only the file's first N items")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
 class TrainSection(Section):
     max_steps: int = Field(
         1000,
@@ -192,6 +208,11 @@ class TrainSection(Section):
         "checkpoints hold the adapters and a hash of the base; null = train every weight",
     )
     eval_every: int = Field(100, gt=0, description="steps between validation passes (and at the end)")
+    evals: list[EvalTaskSpec] = Field(
+        default_factory=list,
+        description="multiple-choice tasks scored during training, each rank its share of the items: "
+        "eval/NAME/acc and acc_norm at every `every` steps and at the end",
+    )
     eval_sequences: int = Field(
         320,
         gt=0,
@@ -231,6 +252,9 @@ class TrainSection(Section):
     def _lr(self) -> TrainSection:
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
+        labels = [e.label for e in self.evals]
+        if twice := sorted({x for x in labels if labels.count(x) > 1}):
+            raise ValueError(f"train.evals names {twice[0]!r} twice: give each task its own name")
         return self
 
 

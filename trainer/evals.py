@@ -139,3 +139,36 @@ def score(model, tok, task: Task, max_len: int, items: range | None = None, devi
         correct += int(max(range(len(ll)), key=ll.__getitem__) == item.gold)
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
     return Scores(task.name, len(chosen), correct, correct_norm)
+
+
+@torch.no_grad()
+def evaluate_tasks(model, tok, tasks: list[tuple[str, Task]], rank: int, world: int, max_len: int, device) -> dict:
+    """Each task scored on every rank's share of its items (item k on rank k % world), the
+    counts all-reduced: the same numbers for any number of ranks, the items and their order
+    the file's. Every rank runs the same number of forwards, a short share's last on the
+    task's first item, not counted (under ZeRO-3 each forward is collective). Returns
+    {"eval/NAME/acc": ..., "eval/NAME/acc_norm": ...} on every rank."""
+    import torch.distributed as dist
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, task in tasks:
+        counts = torch.zeros(3, dtype=torch.float64, device=device)
+        for j in range(-(-len(task.items) // world)):
+            k = rank + j * world
+            item = task.items[k] if k < len(task.items) else task.items[0]
+            ll = choice_loglikelihoods(model, tok, item, max_len, device)
+            if k < len(task.items):
+                norm = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
+                counts += torch.tensor(
+                    [max(range(len(ll)), key=ll.__getitem__) == item.gold,
+                     max(range(len(norm)), key=norm.__getitem__) == item.gold, 1.0],
+                    dtype=torch.float64, device=device,
+                )  # fmt: skip
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        out[f"eval/{name}/acc"] = (counts[0] / counts[2]).item()
+        out[f"eval/{name}/acc_norm"] = (counts[1] / counts[2]).item()
+    model.train(was_training)
+    return out

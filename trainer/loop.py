@@ -25,6 +25,7 @@ from trainer import checkpoint, perf
 from trainer.build import ValSet, Worker, resume_point, start, start_tracking
 from trainer.config import JobConfig, redact_text
 from trainer.console import duration, progress_line, summary_table
+from trainer.evals import evaluate_tasks, load_task
 from trainer.generate import continue_prompts
 from trainer.guard import DivergenceGuard
 from trainer.run_folder import Attempt, StopRequest, history
@@ -200,6 +201,26 @@ def validate(w: Worker, step: int) -> None:
         print(f"step {step:>6}/{t.max_steps} | val_loss {val_loss:.4f}", flush=True)
 
 
+def evals_due(w: Worker, step: int, tasks: list) -> list:
+    """(name, task) of the train.evals tasks due at `step`: every `every` steps and at the end."""
+    t = w.cfg.train
+    return [
+        (spec.label, task) for spec, task in tasks if step % (spec.every or t.eval_every) == 0 or step == t.max_steps
+    ]
+
+
+def run_evals(w: Worker, step: int, due: list) -> None:
+    """The multiple-choice tasks `due`, scored by every rank's share, logged by rank 0."""
+    t = w.cfg.train
+    tok = tokenizer_from_dict(w.tokenizer)
+    scores = evaluate_tasks(w.engine.module, tok, due, w.rank, w.world, w.cfg.model.max_seq_len, w.device)
+    if w.rank == 0:
+        w.tracker.log(scores, step)
+        line = " | ".join(f"{name} acc {scores[f'eval/{name}/acc']:.4f} acc_norm {scores[f'eval/{name}/acc_norm']:.4f}"
+                          for name, _ in due)  # fmt: skip
+        print(f"step {step:>6}/{t.max_steps} | eval {line}", flush=True)
+
+
 def save(w: Worker, state: TrainState, wait: bool) -> None:
     """A checkpoint of this step (in the background unless `wait` or checkpoint.async_save=false)."""
     cfg = w.cfg
@@ -264,8 +285,11 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
     )
     stop, status, timer = StopRequest(w.folder), "done", meter.timer
     batches, start_step, t_start = iter(w.stream), state.step, time.perf_counter()
+    tasks = [(spec, load_task(spec.path, spec.limit)) for spec in t.evals]  # the launcher checked each file
     if latest is None and cfg.model.init_from and w.val.sequences:  # the imported model's own loss: the baseline
         validate(w, 0)
+    if latest is None and cfg.model.init_from and tasks:
+        run_evals(w, 0, [(spec.label, task) for spec, task in tasks])  # and its scores
     if t.max_steps == 0 and latest is None:  # import only: the imported weights as the step-0 checkpoint
         save(w, state, wait=True)
     checkpoint.barrier()  # every rank starts timing together (rank 0 had more to set up)
@@ -306,6 +330,10 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
         if w.val.sequences and (state.step % t.eval_every == 0 or last):
             with meter.aside():  # evaluation is not a step either
                 validate(w, state.step)
+                checkpoint.barrier()
+        if due := evals_due(w, state.step, tasks):
+            with meter.aside():
+                run_evals(w, state.step, due)
                 checkpoint.barrier()
         if state.step % every == 0 or last or preempted:
             with timer("checkpoint", host=True):
