@@ -20,8 +20,7 @@ name: e2e
 model: {n_layer: 2, n_head: 4, d_model: 64, max_seq_len: 32}
 data: {path: data, seq_len: 32, shuffle_buffer: 512}
 train: {max_steps: 40, micro_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 5, zero_stage: 2,
-        eval_every: 20, eval_sequences: 64, log_every: 10, sample_tokens: 40,
-        evals: [{path: EVAL_TASK, name: easy, every: 20}]}
+        eval_every: 20, eval_sequences: 64, log_every: 10, sample_tokens: 40}
 checkpoint: {storage_path: runs, every: 20, keep: 1}
 tracking: {mode: offline, project: trainctl-tests}
 cluster: {address: local, num_workers: 2}
@@ -83,8 +82,9 @@ def trained(tmp_path_factory):
     (work / "text.txt").write_text(SHAKESPEARE.read_text()[:300_000])
     r = trainctl("prepare", "text.txt", "--out", "data", cwd=work)
     assert r.returncode == 0, r.stderr
-    (work / "job.yaml").write_text(JOB.replace("EVAL_TASK", str(EVAL_TASK)))
-    r, sockets = trainctl_watched("run", "job.yaml", cwd=work)  # its hostname resolving outward
+    (work / "job.yaml").write_text(JOB)
+    evals = f"train.evals=[{{path: {EVAL_TASK}, name: easy, every: 20}}]"  # this run only: the others reuse job.yaml
+    r, sockets = trainctl_watched("run", "job.yaml", evals, cwd=work)  # its hostname resolving outward
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work, r, sockets
 

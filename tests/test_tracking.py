@@ -238,7 +238,7 @@ def test_three_dashboards_hold_every_step_once_across_a_kill_a_resume_and_a_roll
     history = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
     first_values = {s: float(s) for s in range(1, 31)} | {s: 100.0 + s for s in range(31, 36)}
     assert history == sorted((first_values | {s: 200.0 + s for s in range(36, 41)}).items())
-    assert client.get_run(rid).info.status == "FINISHED" and client.get_run(rid).data.params["name"] == '"three"'
+    assert client.get_run(rid).info.status == "FINISHED" and client.get_run(rid).data.params["name"] == "three"
     (table,) = (tmp_path / "runs" / "mlartifacts").rglob("step_00000040.json")  # beside the store
     assert json.loads(table.read_text())["rows"] == [["To be", ", or not to be"]] and not (REPO / "mlruns").exists()
     assert [e.step for e in acc.Tensors("val/samples/text_summary")] == [40]

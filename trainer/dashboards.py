@@ -237,5 +237,6 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> list:
         if isinstance(value, dict):
             out.extend(flat_params(value, f"{name}."))
         else:
-            out.append(Param(MLFLOW_KEY.sub("_", name), json.dumps(value)[:6000]))
+            text = value if isinstance(value, str) else json.dumps(value)  # a name as itself, not "quoted"
+            out.append(Param(MLFLOW_KEY.sub("_", name), text[:6000]))
     return out
