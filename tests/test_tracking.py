@@ -235,9 +235,9 @@ def test_three_dashboards_hold_every_step_once_across_a_kill_a_resume_and_a_roll
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     rid = (run / "mlflow_run_id").read_text().strip()
-    history = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
     first_values = {s: float(s) for s in range(1, 31)} | {s: 100.0 + s for s in range(31, 36)}
-    assert history == sorted((first_values | {s: 200.0 + s for s in range(36, 41)}).items())
+    assert logged == sorted((first_values | {s: 200.0 + s for s in range(36, 41)}).items())
     assert client.get_run(rid).info.status == "FINISHED" and client.get_run(rid).data.params["name"] == "three"
     (table,) = (tmp_path / "runs" / "mlartifacts").rglob("step_00000040.json")  # beside the store
     assert json.loads(table.read_text())["rows"] == [["To be", ", or not to be"]] and not (REPO / "mlruns").exists()
@@ -246,8 +246,4 @@ def test_three_dashboards_hold_every_step_once_across_a_kill_a_resume_and_a_roll
     assert restarts == [(31, 1.0)]  # the restart event rides on the first step MLflow did not hold
 
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
-    assert [row["_step"] for f in files for row in history_of(f)] == list(range(1, 41))
-
-
-def history_of(path):
-    return history(path)
+    assert [row["_step"] for f in files for row in history(f)] == list(range(1, 41))

@@ -1,6 +1,6 @@
 """TensorBoard and MLflow: the dashboards beside W&B (trainer/tracking.py's WandbTracker),
 each through its own library, behind the same calls (`held_step`, `log`, `summarize`,
-`table`, `purge`, `finish`) so the tracker treats them alike.
+`table`, `finish`, and `purge` where it `replaces`) so the tracker treats them alike.
 
 Their histories differ, and so does what a resume does to them:
 - TensorBoard's event files are append-only, but a `SessionLog.START` event at step S makes
@@ -73,7 +73,7 @@ def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
             out.update(scalars(value, f"{name}/"))
         elif isinstance(value, bool):
             out[name] = float(value)
-        elif isinstance(value, int | float) and value is not None:
+        elif isinstance(value, int | float):
             out[name] = float(value)
     return out
 
@@ -187,9 +187,6 @@ class MlflowBackend:
         values = [Metric(MLFLOW_KEY.sub("_", k), v, now, step) for k, v in scalars(metrics).items() if math.isfinite(v)]
         if values:
             self.client.log_batch(self.run_id, metrics=values)
-
-    def purge(self, step: int) -> None:  # append-only: a replayed step is not sent again
-        pass
 
     def summarize(self, values: dict[str, Any]) -> None:
         tags = {MLFLOW_KEY.sub("_", f"trainctl.{k}"): str(v)[:5000] for k, v in values.items()}

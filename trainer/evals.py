@@ -93,22 +93,17 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
 def choice_loglikelihoods(model, tok, item: Item, max_len: int, device: torch.device | str = "cpu") -> list[float]:
     """The summed log-probability of each choice's tokens after the query (one forward for all)."""
     pairs = [encode_pair(tok, item.query, " " + choice) for choice in item.choices]
-    rows, spans = [], []
-    for head, cont in pairs:
-        ids = (head + cont)[-(max_len + 1) :][:-1]
-        rows.append(ids)
-        spans.append(len(cont))
-    width = max(len(r) for r in rows)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    rows = [(head + cont)[-(max_len + 1) :][:-1] for head, cont in pairs]
+    batch = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     for i, r in enumerate(rows):
         batch[i, : len(r)] = torch.tensor(r)  # right-padded: causal attention never sees the padding
     logits = model(batch.to(device))
     logits = getattr(logits, "logits", logits).float()
     out = []
-    for i, ((_, cont), n) in enumerate(zip(pairs, spans, strict=True)):
-        end = len(rows[i])
-        logprobs = torch.log_softmax(logits[i, end - n : end], dim=-1)
-        out.append(logprobs.gather(1, torch.tensor(cont[-n:], device=logprobs.device)[:, None]).sum().item())
+    for i, (_, cont) in enumerate(pairs):
+        end = len(rows[i])  # the logits at end-n .. end-1 predict the continuation's n tokens
+        logprobs = torch.log_softmax(logits[i, end - len(cont) : end], dim=-1)
+        out.append(logprobs.gather(1, torch.tensor(cont, device=logprobs.device)[:, None]).sum().item())
     return out
 
 
@@ -128,47 +123,43 @@ class Scores:
         return self.correct_norm / self.items
 
 
-def score(model, tok, task: Task, max_len: int, items: range | None = None, device="cpu") -> Scores:
-    """The task's accuracy on `items` (indices into the task; all of them by default)."""
-    correct = correct_norm = 0
-    chosen = items if items is not None else range(len(task.items))
-    for k in chosen:
-        item = task.items[k]
-        ll = choice_loglikelihoods(model, tok, item, max_len, device)
-        norm = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
-        correct += int(max(range(len(ll)), key=ll.__getitem__) == item.gold)
-        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
-    return Scores(task.name, len(chosen), correct, correct_norm)
+def verdicts(item: Item, ll: list[float]) -> tuple[bool, bool]:
+    """(acc, acc_norm) of one item: is the best score, and the best per character, the gold choice."""
+    norm = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
+    return max(range(len(ll)), key=ll.__getitem__) == item.gold, max(
+        range(len(norm)), key=norm.__getitem__
+    ) == item.gold
 
 
 @torch.no_grad()
-def evaluate_tasks(model, tok, tasks: list[tuple[str, Task]], rank: int, world: int, max_len: int, device) -> dict:
-    """Each task scored on every rank's share of its items (item k on rank k % world), the
-    counts all-reduced: the same numbers for any number of ranks, the items and their order
-    the file's. Every rank runs the same number of forwards, a short share's last on the
-    task's first item, not counted (under ZeRO-3 each forward is collective). Returns
-    {"eval/NAME/acc": ..., "eval/NAME/acc_norm": ...} on every rank."""
-    import torch.distributed as dist
+def score(model, tok, task: Task, max_len: int, rank: int = 0, world: int = 1, device="cpu") -> Scores:
+    """The task's accuracy, this rank scoring its share of the items (item k on rank k % world)
+    and the counts all-reduced: the same numbers for any number of ranks, the items and their
+    order the file's. Every rank runs the same number of forwards, a short share's last on the
+    task's first item, not counted (under ZeRO-3 each forward is collective)."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # acc, acc_norm, items
+    for j in range(-(-len(task.items) // world)):
+        k = rank + j * world
+        item = task.items[k] if k < len(task.items) else task.items[0]
+        ll = choice_loglikelihoods(model, tok, item, max_len, device)
+        if k < len(task.items):
+            counts += torch.tensor([*verdicts(item, ll), 1.0], dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
 
+        dist.all_reduce(counts)
+    correct, correct_norm, items = (int(c) for c in counts.tolist())
+    return Scores(task.name, items, correct, correct_norm)
+
+
+def evaluate_tasks(model, tok, tasks: list[tuple[str, Task]], rank: int, world: int, max_len: int, device) -> dict:
+    """`score` of each (name, task) in eval mode, as {"eval/NAME/acc": ..., "eval/NAME/acc_norm": ...}
+    on every rank."""
     was_training = model.training
     model.eval()
     out = {}
     for name, task in tasks:
-        counts = torch.zeros(3, dtype=torch.float64, device=device)
-        for j in range(-(-len(task.items) // world)):
-            k = rank + j * world
-            item = task.items[k] if k < len(task.items) else task.items[0]
-            ll = choice_loglikelihoods(model, tok, item, max_len, device)
-            if k < len(task.items):
-                norm = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
-                counts += torch.tensor(
-                    [max(range(len(ll)), key=ll.__getitem__) == item.gold,
-                     max(range(len(norm)), key=norm.__getitem__) == item.gold, 1.0],
-                    dtype=torch.float64, device=device,
-                )  # fmt: skip
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        out[f"eval/{name}/acc"] = (counts[0] / counts[2]).item()
-        out[f"eval/{name}/acc_norm"] = (counts[1] / counts[2]).item()
+        s = score(model, tok, task, max_len, rank, world, device)
+        out[f"eval/{name}/acc"], out[f"eval/{name}/acc_norm"] = s.acc, s.acc_norm
     model.train(was_training)
     return out

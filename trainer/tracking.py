@@ -109,9 +109,6 @@ class WandbTracker:
     def held_step(self) -> int:
         return self.held
 
-    def purge(self, step: int) -> None:  # the tracker sends it only to a dashboard that replaces
-        pass
-
     def _held(self, floor: int = -1) -> int:
         """The last step W&B holds of this run (-1: none): a resumed online run's, as its
         server says; offline, the highest step in this run's earlier offline files here
