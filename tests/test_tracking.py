@@ -114,6 +114,69 @@ def test_steps_w_and_b_lost_in_a_crash_are_sent_again_and_none_twice(tmp_path, m
     assert steps == list(range(1, 41))
 
 
+SLOW = """
+import sys, threading, time
+from pathlib import Path
+from trainer.config import JobConfig
+from trainer.tracking import Tracker, in_daemon_thread
+cfg, run, attempt = JobConfig.model_validate({"name": "wb", "tracking": {"mode": "offline"}}), Path(sys.argv[1]), sys.argv[2]
+if attempt == "first":
+    t = Tracker(cfg, run)
+    gate, start = threading.Event(), t.sinks[0].starting
+    t.sinks[0].starting = in_daemon_thread(lambda: gate.wait() and start.result(), "slow")  # W&B's start, held back
+    for step in range(1, 29):
+        t.log({"loss": float(step)}, step)
+    print(t.wandb_last, flush=True)  # what a checkpoint saved now records
+    gate.set()
+    t.finish()
+else:  # a fresh machine: none of the W&B files, the checkpoint's record of what W&B was given
+    t = Tracker(cfg, run, resume_step=28, wandb_floor=int(attempt))
+    for step in range(29, 41):
+        t.log({"loss": float(step)}, step)
+    t.finish()
+"""
+
+
+def test_a_checkpoint_taken_while_wandb_starts_counts_the_steps_it_will_get(tmp_path):
+    """A preemption's checkpoint can come before W&B's start ends (a busy machine: CI saw it
+    at step 28). The steps logged meanwhile go out once it is up, so the checkpoint records
+    them as given; a fresh machine resuming from it sends W&B only the later steps. Before,
+    it recorded -1 and the new machine sent steps 1-28 a second time."""
+    import shutil
+    import subprocess
+    import sys
+
+    from cli_helpers import REPO, env
+
+    run, gone = tmp_path / "wb", tmp_path / "gone"
+    run.mkdir()
+    first = subprocess.run(
+        [sys.executable, "-c", SLOW, str(run), "first"],
+        env=env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.split() == ["28"]
+    shutil.copytree(run, gone)
+    shutil.rmtree(run / "wandb")  # the machine is gone; metrics.jsonl comes back with the checkpoint
+    time.sleep(1.1)  # W&B names an offline run's folder by the second it started
+    second = subprocess.run(
+        [sys.executable, "-c", SLOW, str(run), first.stdout.strip()],
+        env=env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    (a,) = gone.glob("wandb/offline-run-*/run-*.wandb")
+    (b,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    assert [row["_step"] for f in (a, b) for row in history(f)] == list(range(1, 41))
+
+
 HUNG = """
 import sys, time
 from trainer.config import JobConfig

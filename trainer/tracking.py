@@ -247,8 +247,18 @@ class Tracker:
 
     @property
     def wandb_last(self) -> int:
-        """The step last sent to W&B (-1: none, or W&B is off): a checkpoint records it."""
-        return next((sink.last for sink in self.sinks if sink.name == "wandb"), -1)
+        """The last step W&B was given (-1: none, or W&B is off): a checkpoint records it, for
+        a fresh machine's resume to send W&B only what it lacks. Steps logged while W&B still
+        starts count: they are kept and go out once it is up, at the latest in `finish`
+        (a preemption's checkpoint can come before a slow start ends; counting only the sent
+        ones made the next machine send them a second time). A start that then fails leaves
+        them unsent; that attempt's warning says W&B was off."""
+        for sink in self.sinks:
+            if sink.name == "wandb":
+                if sink.starting is None:
+                    return sink.last
+                return max([sink.last, *(at for _, _, at, _ in sink.pending if at is not None)])
+        return -1
 
     def _started(self, sink: Sink, wait: bool) -> bool:
         """Whether the dashboard's start has finished (waiting for it, within its time, if
