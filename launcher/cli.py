@@ -79,7 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     for spec in cfg.train.evals:  # each task file read once here: a bad one never reaches the workers
         try:
-            load_task(spec.path, spec.limit)
+            load_task(spec.path, spec.limit, spec.chat)
         except TaskError as e:
             raise UsageError(f"train.evals: {e}") from None
     if not args.no_ray:  # a cluster address nothing answers on: refused before anything is written
@@ -399,14 +399,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Multiple-choice tasks scored on a run, a checkpoint, an export or a Hugging Face folder."""
     from trainer.checkpoint import NoCheckpoint
-    from trainer.evals import TaskError, load_task, score
+    from trainer.evals import TaskError, check_chat, load_task, score
     from trainer.generate import load_any
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit={args.limit} must be at least 1")
     try:
-        tasks = [load_task(path, args.limit) for path in args.task]  # every file checked before a model loads
+        tasks = [
+            load_task(path, args.limit, args.chat) for path in args.task
+        ]  # every file checked before a model loads
         model, tok = load_any(args.path)
+        for task in tasks:
+            check_chat(tok, task, args.path)
     except (TaskError, NoCheckpoint, ValueError) as e:
         raise UsageError(str(e)) from None
     results = [score(model, tok, task, model.config.max_seq_len) for task in tasks]
@@ -731,6 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--task", action="append", required=True, help="a task file (JSONL); give --task once per task")
     pe.add_argument("--limit", type=int, default=None, help="score the first N items of each task")
     pe.add_argument("--json", action="store_true", help="one JSON object on stdout, for scripts")
+    pe.add_argument(
+        "--chat",
+        action="store_true",
+        help="score each choice as the reply to the query sent as a user's message through the tokenizer's chat "
+        "template (lm-eval's --apply_chat_template)",
+    )
     pe.set_defaults(fn=_cmd_eval)
     return p
 

@@ -50,6 +50,12 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False, ray: bool = True)
         raise UsageError(
             f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: set model.vocab_size>={vocab}"
         )
+    for spec in cfg.train.evals:
+        if spec.chat and not tokenizer.get("chat_template"):
+            raise UsageError(
+                f"train.evals: {spec.label} has chat: true but the dataset's tokenizer ({tokenizer['name']}) has no chat "
+                "template: set chat: false, or prepare the data with a chat model's tokenizer"
+            )
     store = checkpoint_store(cfg)
     try:
         store.check()

@@ -267,6 +267,10 @@ def _main(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
         (["run", "CFG", "train.evals=[{path: missing.jsonl}]"], "train.evals: task file missing.jsonl does not exist"),
         (["run", "CFG", "train.evals=[{path: bad.jsonl}, {path: x/bad.jsonl}]"], "train.evals names 'bad' twice"),
         (["run", "CFG", "train.evals=[{path: bad.jsonl, every: 0}]"], "train.evals.0.every=0"),
+        (
+            ["run", "CFG", "train.evals=[{path: ok.jsonl, chat: true}]"],
+            "train.evals: ok has chat: true but the dataset's tokenizer (byte) has no chat template: set chat: false",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, args, fragment):
@@ -277,6 +281,7 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch,
     (tmp_path / "text.txt").write_text("hello world, " * 400)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"query": "Q?", "choices": ["a", "b"]}\n')
+    (tmp_path / "ok.jsonl").write_text('{"query": "Q?", "choices": ["a", "b"], "gold": 0}\n')
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "comments.yaml").write_text("# a job, one day\n\n  # nothing yet\n")
     (tmp_path / "dup.yaml").write_text("name: a\ndata: {path: text.txt}\nname: b\n")
@@ -304,8 +309,8 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch,
     assert len(lines) == 1 and lines[0].startswith("trainctl: error: ") and fragment in lines[0], err
     assert "Traceback" not in err
     after = sorted(p.name for p in tmp_path.rglob("*"))
-    if "model.vocab_size=100" not in args:  # that case needs the prepared data to know the vocabulary
-        assert after == before
+    if not {"model.vocab_size=100", "train.evals=[{path: ok.jsonl, chat: true}]"} & set(args):
+        assert after == before  # those two need the prepared data: its vocabulary, its chat template
     assert not (tmp_path / "runs").exists()
 
 

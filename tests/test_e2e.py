@@ -46,7 +46,7 @@ CONSOLE_SHAPES = [
         r"step +\d+/\d+ \[[#-]{20}\] +\d+% \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d+ \| [\d,]+ tok/s( \| MFU [\d.]+%)? "
         rf"\| step [\d,]+ ms \(data \d+%\) \| ETA {ETA}",
         r"step +\d+/\d+ \| val_loss \d+\.\d{4}",
-        r"step +\d+/\d+ \| eval \w+ acc \d\.\d{4} acc_norm \d\.\d{4}",
+        r"step +\d+/\d+ \| eval \w+ acc \d\.\d{4} acc_norm \d\.\d{4}( \| \w+ acc \d\.\d{4} acc_norm \d\.\d{4})* \| [\d.]+ s",
         r"trainctl: checkpoint \S+ \([\d,]+ MB, complete [\d.]+ s after the save began; training waited [\d.]+ s of it\)",
         r"trainctl: profile of steps \d+-\d+: \S+ \(one file per rank\)",
         rf"trainctl: done: \d+ steps, [\d,]+ tokens in {ETA}",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import ONE_THREAD, SHAKESPEARE, command, env, together, trainctl
+from cli_helpers import ONE_THREAD, REPO, SHAKESPEARE, command, env, together, trainctl
 from hf_models import qwen2_folder, smollm2_folder, tiny_config
 
 from data_pipeline import FLAG_PROMPT, FLAG_SHIFT, FLAG_START
@@ -24,6 +24,8 @@ from trainer import checkpoint, hf
 from trainer.model import Transformer
 from trainer.model_config import ModelConfig
 from trainer.targets import Targets
+
+EASY_MC = REPO / "tests" / "data" / "easy-mc.jsonl"  # tests/test_evals.py's multiple-choice task
 
 QUESTION = "What is the capital of France?"
 FLAGS = {"shift": 24, "prompt": 1, "start": 2, "pad": 4}
@@ -289,7 +291,10 @@ def sft(chats):
     """LoRA SFT of SmolLM2 on `chats`: 4 steps."""
     work, base = chats
     lora = "train.lora={rank: 8, alpha: 16, targets: [q_proj, v_proj, down_proj]}"
-    (work / "job.yaml").write_text(job(base, data__path="chats", train__max_steps=4, train__eval_every=4))
+    evals = [{"path": str(EASY_MC), "chat": True, "every": 1000}]  # at step 0 (the imported model) and the end
+    (work / "job.yaml").write_text(
+        job(base, data__path="chats", train__max_steps=4, train__eval_every=4, train__evals=evals)
+    )
     r = trainctl("run", "job.yaml", "--no-ray", "name=lora", lora, cwd=work, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return work, base, lora
@@ -305,6 +310,19 @@ def test_sft_lowers_the_assistant_loss(sft):
     assert vals[0] < 5 and vals[1] < vals[0] - 0.5, vals
     manifest = json.loads((work / "chats" / "manifest.json").read_text())
     assert manifest["examples"] == "chat" and manifest["flags"] == FLAGS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_a_chat_task_scored_in_training_as_trainctl_eval_and_lm_eval_score_it(sft):
+    """train.evals with chat: true on a chat model: at step 0 (the imported SmolLM2, LoRA's B
+    still zero) the scores `trainctl eval --chat` and lm-eval's --apply_chat_template give on
+    the whole task (0.75 and 0.675 from both, measured; tests/test_evals.py checks the two
+    agree), not the plain scoring's 0.85 and 0.825."""
+    work, *_ = sft
+    rows = {m["step"]: m for m in metrics(work / "runs" / "lora") if "eval/easy-mc/acc" in m}
+    assert sorted(rows) == [0, 4]
+    assert (rows[0]["eval/easy-mc/acc"], rows[0]["eval/easy-mc/acc_norm"]) == (0.75, 0.675)
 
 
 @pytest.mark.slow

@@ -91,6 +91,8 @@ def test_one_rank_and_two_ranks_give_the_same_validation_loss(sources, tmp_path)
     assert 4.0 < a["val_loss"] < 7.0  # an untrained byte model: about ln(257) = 5.55
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-6, (a, b)
     # train.evals: 39 items, 20 on rank 0 and 19 + one uncounted on rank 1: the same scores
+    seconds = [x["evals"].pop("eval/seconds") for x in (a, b)]  # what the evaluation took, rank 0's
+    assert all(0 < s < 60 for s in seconds), seconds
     assert set(a["evals"]) == {"eval/easy/acc", "eval/easy/acc_norm"} and a["evals"] == b["evals"], (a, b)
     assert all(round(v * 39) / 39 == v for v in a["evals"].values())  # counts of the 39 items
 

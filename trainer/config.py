@@ -154,6 +154,11 @@ class EvalTaskSpec(Section):
         None, gt=0, description="steps between its evaluations (and at the end); default train.eval_every"
     )
     limit: int | None = Field(None, gt=0, description="score only the file's first N items")
+    chat: bool = Field(
+        False,
+        description="score each choice as the assistant's reply to the query as a user's message, through the "
+        "tokenizer's chat template (lm-eval's --apply_chat_template); needs a tokenizer with one",
+    )
 
     @property
     def label(self) -> str:

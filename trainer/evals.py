@@ -9,6 +9,11 @@ after the query; the pair is encoded as `_encode_pair` does (trailing spaces of 
 moved to the continuation, the continuation's tokens those of `encode(context + continuation)`
 after `encode(context)`'s, no special tokens); the input is the last max_seq_len + 1 tokens
 less the last; the score is the sum of the continuation tokens' log-probabilities.
+With `chat` (a task of a chat model: `train.evals`' `chat: true`, `trainctl eval --chat`) the
+context is the query as a user's message through the tokenizer's chat template with the
+assistant's turn opened (`add_generation_prompt`), and the continuation the choice itself, as
+lm-evaluation-harness's `--apply_chat_template` makes a `multiple_choice` request (no
+target_delimiter, no system prompt beyond the template's own).
 `acc`: the highest score is the gold choice; `acc_norm`: the highest score divided by the
 choice's length in characters (lm-eval's `acc_norm`). Ties go to the first choice (argmax).
 """
@@ -37,9 +42,10 @@ class Item:
 class Task:
     name: str
     items: list[Item]
+    chat: bool = False  # scored after the chat template
 
 
-def load_task(path: str | Path, limit: int | None = None) -> Task:
+def load_task(path: str | Path, limit: int | None = None, chat: bool = False) -> Task:
     """A task file's items in the file's order (the first `limit` of them), each checked."""
     path = Path(path)
     if not path.is_file():
@@ -76,7 +82,16 @@ def load_task(path: str | Path, limit: int | None = None) -> Task:
             break
     if not items:
         raise TaskError(f"task file {path} holds no items")
-    return Task(path.stem, items)
+    return Task(path.stem, items, chat)
+
+
+def check_chat(tok, task: Task, model: str) -> None:
+    """A chat task needs a tokenizer with a chat template."""
+    if task.chat and not getattr(tok, "chat_template", None):
+        raise TaskError(
+            f"task {task.name} is scored after the chat template but {model}'s tokenizer has none: "
+            "score it without the chat template, or use a chat model"
+        )
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -90,9 +105,16 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
 
 
 @torch.no_grad()
-def choice_loglikelihoods(model, tok, item: Item, max_len: int, device: torch.device | str = "cpu") -> list[float]:
-    """The summed log-probability of each choice's tokens after the query (one forward for all)."""
-    pairs = [encode_pair(tok, item.query, " " + choice) for choice in item.choices]
+def choice_loglikelihoods(
+    model, tok, item: Item, max_len: int, device: torch.device | str = "cpu", chat: bool = False
+) -> list[float]:
+    """The summed log-probability of each choice's tokens after the query (one forward for all);
+    with `chat`, after the query as a chat's user message and the assistant's turn opened."""
+    if chat:
+        context = tok.render_chat([{"role": "user", "content": item.query}], add_generation_prompt=True)
+        pairs = [encode_pair(tok, context, choice) for choice in item.choices]
+    else:
+        pairs = [encode_pair(tok, item.query, " " + choice) for choice in item.choices]
     rows = [(head + cont)[-(max_len + 1) :][:-1] for head, cont in pairs]
     batch = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -141,7 +163,7 @@ def score(model, tok, task: Task, max_len: int, rank: int = 0, world: int = 1, d
     for j in range(-(-len(task.items) // world)):
         k = rank + j * world
         item = task.items[k] if k < len(task.items) else task.items[0]
-        ll = choice_loglikelihoods(model, tok, item, max_len, device)
+        ll = choice_loglikelihoods(model, tok, item, max_len, device, task.chat)
         if k < len(task.items):
             counts += torch.tensor([*verdicts(item, ll), 1.0], dtype=torch.float64, device=device)
     if world > 1:

@@ -213,12 +213,14 @@ def run_evals(w: Worker, step: int, due: list) -> None:
     """The multiple-choice tasks `due`, scored by every rank's share, logged by rank 0."""
     t = w.cfg.train
     tok = tokenizer_from_dict(w.tokenizer)
+    t0 = time.perf_counter()
     scores = evaluate_tasks(w.engine.module, tok, due, w.rank, w.world, w.cfg.model.max_seq_len, w.device)
+    seconds = time.perf_counter() - t0  # rank 0's, the all-reduce included: every rank waits for the slowest
     if w.rank == 0:
-        w.tracker.log(scores, step)
+        w.tracker.log({**scores, "eval/seconds": seconds}, step)
         line = " | ".join(f"{name} acc {scores[f'eval/{name}/acc']:.4f} acc_norm {scores[f'eval/{name}/acc_norm']:.4f}"
                           for name, _ in due)  # fmt: skip
-        print(f"step {step:>6}/{t.max_steps} | eval {line}", flush=True)
+        print(f"step {step:>6}/{t.max_steps} | eval {line} | {seconds:.1f} s", flush=True)
 
 
 def save(w: Worker, state: TrainState, wait: bool) -> None:
@@ -285,7 +287,7 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
     )
     stop, status, timer = StopRequest(w.folder), "done", meter.timer
     batches, start_step, t_start = iter(w.stream), state.step, time.perf_counter()
-    tasks = [(spec, load_task(spec.path, spec.limit)) for spec in t.evals]  # the launcher checked each file
+    tasks = [(spec, load_task(spec.path, spec.limit, spec.chat)) for spec in t.evals]  # the launcher checked each file
     if latest is None and cfg.model.init_from and w.val.sequences:  # the imported model's own loss: the baseline
         validate(w, 0)
     if latest is None and cfg.model.init_from and tasks:
