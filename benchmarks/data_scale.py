@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.lanes import Layout, TokenStream  # noqa: E402
+from data_pipeline.lanes import TokenStream  # noqa: E402
+from data_pipeline.layout import Layout  # noqa: E402
 from data_pipeline.loader import Loader  # noqa: E402
 from data_pipeline.shards import ShardWriter  # noqa: E402
 
@@ -134,7 +135,7 @@ def mixing(lanes: int, steps: int = 8) -> dict:
     """Mean distance in the corpus between two sequences of one global batch (as a fraction
     of the corpus) and distinct chunks per batch: this order, the order before (one
     block of 8,192 consecutive windows shuffled), and a fully shuffled one."""
-    from data_pipeline.lanes import ChunkTable
+    from data_pipeline.chunks import ChunkTable
 
     chunk_tokens = int(CHUNK_MB * 2**20) // 2
     n_chunks = int(SHARDS * SHARD_MB / CHUNK_MB)

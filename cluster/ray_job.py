@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.restarts import Failure, Restarts, classify, one_of
+from cluster.workers import worker_error, worker_resources
 from trainer import patches
 from trainer.config import ClusterSection, is_secret_name, redact_text
 
@@ -38,17 +39,6 @@ class JobFailed(RuntimeError):
 
 class NotPlaceable(RuntimeError):
     """The cluster cannot hold the job's workers: Ray would wait for them forever."""
-
-
-def worker_resources(cluster: ClusterSection) -> dict[str, float]:
-    res = {
-        "CPU": float(cluster.cpus_per_worker),
-        **({"GPU": 1.0} if cluster.use_gpu else {}),
-        **cluster.resources_per_worker,
-    }
-    if cluster.accelerator_type:
-        res[f"accelerator_type:{cluster.accelerator_type}"] = 0.001
-    return res
 
 
 def scaling_config(cluster: ClusterSection):
@@ -131,8 +121,6 @@ class CapacityWatch:
         every_s: float = 2.0,
         repeat_s: float = 60.0,
     ):
-        import threading
-
         self.cluster, self.progress, self.every_s, self.repeat_s = cluster, progress, every_s, repeat_s
         self.timeout_s = cluster.restart_timeout_s
         self.waiting_since: float | None = None
@@ -170,7 +158,6 @@ class CapacityWatch:
 
     def _check(self, said: float) -> float:
         """One look at the cluster; returns when the waiting line was last printed."""
-        import os
         import signal
         import time
 
@@ -255,7 +242,6 @@ def import_ray_train_meanwhile() -> None:
     `ray.init` (`connect`) waits on the processes it starts; `run_workers`'s import then
     finds it done.
     Measured: ray.init + the import 8.9-10.9 s one after the other, 6.2-7.5 s together."""
-    import threading
 
     def load() -> None:
         try:
@@ -417,24 +403,12 @@ def ray_train_failure(error: Exception) -> Failure:
     def died(e: Exception) -> bool:
         return any(isinstance(x, ray.exceptions.RayActorError) for x in (e, getattr(e, "health_check_failure", None)))
 
-    line = _worker_error(str(error))
+    line = worker_error(str(error))
     errors = list(getattr(error, "worker_failures", {}).values())
     if any(died(e) for e in errors):
         return Failure(line)
     failures = [classify(e, line) for e in errors if not isinstance(e, ray.exceptions.RayError)]
     return one_of(failures) if failures else Failure(line)
-
-
-_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failed)): (.+)$")
-
-
-def _worker_error(text: str) -> str:
-    """The worker's own exception line from Ray's error text, e.g. 'ValueError: boom'."""
-    for line in (ln.strip() for ln in text.splitlines()):
-        m = _EXC_LINE.match(line)
-        if m and not m.group(1).startswith("ray."):
-            return line
-    return text.strip().splitlines()[-1] if text.strip() else "training failed"
 
 
 def route_worker_logs(log_path: Path, verbose: bool = False) -> threading.Event:

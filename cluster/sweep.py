@@ -16,6 +16,7 @@ Ray and Tune are imported inside the functions, as everywhere in cluster/.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -100,19 +101,20 @@ def run_trial(config: dict, worker: Callable[[dict], Any]) -> None:
     from cluster.restarts import Restarts
     from cluster.worker_group import run_group
     from trainer.config import JobConfig
-    from trainer.run_folder import checkpoint_store, launched
+    from trainer.run_folder import RunFolder
 
     spec = config["trial"]  # Tune's config: the grid's one entry, a TrialSpec as a dict
     cfg = JobConfig.model_validate(spec["config"])
-    folder = Path(spec["folder"])
+    run = RunFolder.of(cfg)  # the trial's run folder (spec["folder"]), made once and handed to its workers
+    folder = run.path
     reporter = Reporter(folder / "metrics.jsonl", tune.report)
-    latest = checkpoint_store(cfg).latest()
+    latest = run.store.latest()
     if latest is not None and _step_of(latest) >= cfg.train.max_steps:
         reporter.poll(flush=True)
         return
-    launched(folder)
+    run.launched()
     run_group(
-        worker,
+        functools.partial(worker, run=run),
         spec["config"],
         cfg.cluster,
         poll=reporter.poll,
@@ -133,7 +135,7 @@ def trial_resources(cluster: dict):
     per worker, all on one machine."""
     from ray import tune
 
-    from cluster.ray_job import worker_resources
+    from cluster.workers import worker_resources
 
     bundle = worker_resources(ClusterSection(**cluster))
     return tune.PlacementGroupFactory([{}] + [dict(bundle)] * cluster["num_workers"], strategy="STRICT_PACK")
@@ -144,7 +146,8 @@ def check_one_node(cluster: dict) -> None:
     missing, when no alive node can hold all of them (Tune would wait for it forever)."""
     import ray
 
-    from cluster.ray_job import NotPlaceable, worker_resources
+    from cluster.ray_job import NotPlaceable
+    from cluster.workers import worker_resources
 
     need = worker_resources(ClusterSection(**cluster))
     n = cluster["num_workers"]
@@ -303,8 +306,8 @@ def tune_trials(
 
 def _error_line(error: BaseException) -> str:
     """A trial's error in one line: the worker's own exception line when there is one."""
-    from cluster.ray_job import _worker_error
+    from cluster.workers import worker_error
 
     text = str(error)
-    line = _worker_error(text)
+    line = worker_error(text)
     return line if line else f"{type(error).__name__}"

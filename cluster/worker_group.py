@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster.restarts import Failure, Restarts, classify, one_of
+from cluster.workers import worker_error, worker_resources
 from trainer.config import ClusterSection
 
 
@@ -80,7 +81,7 @@ def _actor_class():
             those) put back from the environment this process inherited (`ray_job.connect`)."""
             import os
 
-            from trainer.config import SECRETS_ENV, secrets_back
+            from trainer.redaction import SECRETS_ENV, secrets_back
 
             return fn(secrets_back(config, os.environ.get(SECRETS_ENV)))
 
@@ -99,10 +100,8 @@ def _cause(error: Exception) -> str:
 def _failure(rank: int | None, error: Exception) -> Failure:
     import ray.exceptions
 
-    from cluster.ray_job import _worker_error
-
     if isinstance(error, ray.exceptions.RayTaskError):  # the worker function raised: its own exception
-        return classify(getattr(error, "cause", None), _worker_error(str(error)))
+        return classify(getattr(error, "cause", None), worker_error(str(error)))
     who = f"worker {rank}'s process" if rank is not None else "a worker process"
     if isinstance(error, ray.exceptions.RayActorError):
         return Failure(f"{type(error).__name__}: {who} died ({_cause(error)})")
@@ -144,7 +143,6 @@ def run_once(
     import ray
     import ray.exceptions
 
-    from cluster.ray_job import worker_resources
     from trainer.build import rendezvous_env
 
     res = worker_resources(cluster)

@@ -5,14 +5,16 @@ file so the job's failure message says what to fix. Its message never shows a Py
 object's repr (`<... object at 0x...>`): some libraries put their stream objects in an
 exception's args (webdataset adds the tar stream and the URL), which `error_text` leaves out
 and DataError itself strips as a last resort. Nor a secret: DataError redacts the URLs in its
-message (`credentials.redact_text`), so no error or warning made of one shows a password.
+message (`redact.redact_text`), so no error or warning made of one shows a password.
 """
 
 from __future__ import annotations
 
 import re
 
-# `<data_pipeline.stream.HashingReader object at 0x7f...>`, `<_io.BufferedReader name='x'>`
+from data_pipeline.redact import http_error_text, redact_text
+
+# `<data_pipeline.shardreads.HashingReader object at 0x7f...>`, `<_io.BufferedReader name='x'>`
 OBJECT_REPR = re.compile(r"<(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*)(?: object at 0x[0-9a-fA-F]+| name=[^<>]*)>")
 
 
@@ -26,8 +28,6 @@ def error_text(e: BaseException, *known: str) -> str:
     Found`, the objects (streams, file handles) a library put in its args left out, and
     args equal to `known` (the URL the message names already) too."""
     import urllib.error
-
-    from data_pipeline.credentials import http_error_text
 
     if isinstance(e, urllib.error.HTTPError):
         return http_error_text(e.code, e.reason, getattr(e, "trainctl_credentials", None))
@@ -46,6 +46,4 @@ class DataError(ValueError):
     Its message has no object reprs and no secrets (URLs redacted)."""
 
     def __init__(self, message: object = "", *args: object):
-        from data_pipeline.credentials import redact_text  # imports this module
-
         super().__init__(redact_text(without_reprs(str(message))), *args)

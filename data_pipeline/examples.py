@@ -32,6 +32,7 @@ import numpy as np
 
 from data_pipeline import readers
 from data_pipeline.errors import DataError
+from data_pipeline.manifest import SPLITS, is_val
 
 FLAG_SHIFT = 24
 TOKEN_MASK = (1 << FLAG_SHIFT) - 1  # token id = value & TOKEN_MASK, flags = value >> FLAG_SHIFT
@@ -221,8 +222,6 @@ def encode_examples(path: str, tokenizer: str, val_fraction: float, fmt: str, on
     """One input file's examples, tokenized and flagged: the same result as
     prepare.encode_file (`tokens` uint32 with flags, every example's end in `ends`, `splits`,
     `sizes`, `skipped`), so it runs in a worker process or a Ray task alike."""
-    from data_pipeline.prepare import SPLITS, is_val
-
     tok = _tokenizer(tokenizer)
     skips = readers.Skips(on_error)
     pieces: list[np.ndarray] = []

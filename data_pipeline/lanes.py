@@ -1,191 +1,39 @@
-"""Per-rank reads of prepared token shards: the global batch as P lanes, each reading its
-own contiguous part of the corpus in checksummed chunks of a few MB.
-
-The order, a pure function of (seed, epoch, step, global batch G, lanes P) and of nothing
-about the ranks or loader workers:
-
-- a split is a list of chunks (whole tar members, ~4 MB, each with its sha256 in the
-  manifest); epoch e permutes them and picks a token offset o < T;
-- chunk c gives windows of T+1 tokens at stride T from o, inside the chunk (packed
-  fine-tuning rows: at stride T+1 from 0, so each window is one whole row); its windows
-  are cut into pieces (64 KB with 512 lanes, 2 MB with 16: PIECE_BUDGET), the pieces
-  permuted and the windows inside each piece permuted (from (seed, e, c));
-- the epoch's sequence is the chunks' windows in that order; it is cut into P equal lane
-  slices of S·g windows (g = G/P rows per lane, S = steps in the epoch), each started (and
-  wrapped around) partway into a chunk, lane p at fraction (p·0.618...) mod 1 of it, so the
-  lanes cross chunk boundaries at evenly spread steps;
-- row p·g + i of step s is window (s·g + i + rho_p) mod (S·g) of lane p's slice.
+"""TokenStream: per-rank reads of prepared token shards, the global batch as P lanes, each
+reading its own contiguous part of the corpus in checksummed chunks of a few MB, in the
+order data_pipeline.layout lays out.
 
 Rank r trains rows [r·G/W, (r+1)·G/W), which for W dividing P are whole lanes: it reads
 only those lanes' chunks, each with one ranged request, checked before any token is used.
 Its DataLoader workers split them (worker (lane + chunk slot) mod workers reads that
-chunk). A lane holds one chunk at a time as pieces and frees each piece once passed, so a
-rank holds about lanes × chunk / 2.
+chunk). A lane holds one chunk at a time as pieces (`Held`) and frees each piece once
+passed, so a rank holds about lanes × chunk / 2.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from data_pipeline.credentials import redact_text
+from data_pipeline.batchstream import LANES, BatchStream, effective_lanes
+from data_pipeline.chunks import ChunkTable
 from data_pipeline.errors import DataError
 from data_pipeline.examples import window_stride
-from data_pipeline.sources import describe_error, read_range, with_retries
-from data_pipeline.stream import BatchStream, window_count
-from data_pipeline.ustar import token_members
+from data_pipeline.layout import ChunkOrder, Layout
+from data_pipeline.manifest import open_dataset
+from data_pipeline.raw import FORMAT as RAW_FORMAT
+from data_pipeline.raw import RawOptions
+from data_pipeline.redact import redact_text
+from data_pipeline.windows import window_count
 
 # Windows are shuffled within pieces of a chunk, freed one by one as a lane passes them: the
 # fewer the lanes, the larger the pieces (lanes x piece / 2 is what freeing by piece costs, kept
 # under PIECE_BUDGET), down to PIECE_BYTES. 16 lanes shuffle 2 MB pieces, 512 lanes 64 KB ones.
 PIECE_BYTES = 64 << 10
 PIECE_BUDGET = 32 << 20
-LANES = 256  # data.lanes' default: ranks up to this many read disjoint data
 SKIP_RUN = 16  # on_error=skip gives up after this many chunks in a row fail
-
-
-def effective_lanes(global_batch: int, lanes: int) -> int:
-    """The number of lanes used: the largest divisor of the global batch not above `lanes`."""
-    return max(d for d in range(1, min(lanes, global_batch) + 1) if global_batch % d == 0)
-
-
-class ChunkTable:
-    """A split's chunks in manifest order, as arrays: url, byte offset, bytes, tokens, sha256.
-
-    A shard listed without `chunks` (a manifest from before they existed) is one chunk: the
-    whole shard, checked against its sha256 (`whole` says so)."""
-
-    def __init__(self, shards: list[dict]):
-        rows, self.whole = [], 0
-        for shard in shards:
-            if shard.get("chunks") is None:
-                self.whole += 1
-                rows.append((shard["url"], 0, shard["bytes"], shard["tokens"], shard["sha256"]))
-            else:
-                rows += [(shard["url"], *chunk) for chunk in shard["chunks"]]
-        self.urls = [r[0] for r in rows]
-        self.offsets = np.array([r[1] for r in rows], dtype=np.int64)
-        self.sizes = np.array([r[2] for r in rows], dtype=np.int64)
-        self.tokens = np.array([r[3] for r in rows], dtype=np.int64)
-        self.sha256 = [r[4] for r in rows]
-
-    def __len__(self) -> int:
-        return len(self.urls)
-
-    def name(self, c: int) -> str:
-        return f"{self.urls[c]} bytes {self.offsets[c]:,}-{self.offsets[c] + self.sizes[c]:,}"
-
-    def read(self, c: int, dtype: np.dtype) -> np.ndarray:
-        """Chunk c's tokens, its bytes read in one request and checked against its sha256
-        before any token is handed on. DataError naming the shard and byte range when it
-        cannot be read (after retries), fails the check or holds other tokens than listed."""
-        url, start, size = self.urls[c], int(self.offsets[c]), int(self.sizes[c])
-        data = with_retries(
-            lambda: read_range(url, start, size),
-            url,
-            failed=lambda e: (
-                f"chunk {self.name(c)} is unreadable ({describe_error(e)}): prepare the dataset again or check the storage"
-            ),
-        )
-        if hashlib.sha256(data).hexdigest() != self.sha256[c]:
-            raise DataError(
-                f"chunk {self.name(c)} fails its sha256 check against the manifest: it is corrupt; "
-                "prepare the dataset again"
-            )
-        arrays = token_members(data, dtype, url)
-        tokens = np.concatenate(arrays) if len(arrays) != 1 else arrays[0]
-        if len(tokens) != self.tokens[c]:
-            raise DataError(
-                f"chunk {self.name(c)} holds {len(tokens):,} tokens but the manifest says {self.tokens[c]:,}: "
-                "prepare the dataset again"
-            )
-        return tokens
-
-
-class Layout:
-    """One epoch's order: the chunks' permutation, where each starts in the epoch's window
-    sequence, the steps, and each lane's slice and rotation."""
-
-    def __init__(
-        self,
-        table: ChunkTable,
-        seq_len: int,
-        global_batch: int,
-        lanes: int,
-        seed: int,
-        epoch: int,
-        shuffle: bool,
-        stride: int | None = None,
-    ):
-        rng = np.random.default_rng([seed, epoch])
-        self.perm = rng.permutation(len(table)) if shuffle else np.arange(len(table))
-        self.offset = int(rng.integers(seq_len)) if shuffle else 0
-        stride = stride or seq_len
-        if stride > seq_len:  # packed rows: each window is a row, from the chunk's start
-            self.offset = 0
-        self.windows = window_count(table.tokens[self.perm] - self.offset, seq_len, stride)
-        self.starts = np.concatenate([[0], np.cumsum(self.windows)])
-        self.steps = int(self.starts[-1]) // global_batch
-        self.per_lane = global_batch // lanes
-        self.length = self.steps * self.per_lane  # windows in each lane's slice
-        # Each lane starts partway into a chunk, lane p at fraction (p·0.618...) mod 1 of it, so the
-        # lanes cross chunk boundaries at evenly spread steps and together hold about half a
-        # chunk each (all starting at a boundary, they would hold whole chunks at once).
-        self.rho = np.zeros(lanes, dtype=np.int64)
-        if shuffle and self.length:
-            base = np.arange(lanes, dtype=np.int64) * self.length
-            first = np.minimum(np.searchsorted(self.starts, base), len(self.windows) - 1)
-            fraction = (np.arange(lanes) * 0.6180339887498949) % 1.0
-            start = self.starts[first] + (fraction * self.windows[first]).astype(np.int64)
-            self.rho = (start - base) % self.length
-
-    def locate(self, lane: int, v: int) -> tuple[int, int, int]:
-        """(x, j, k) of lane `lane`'s v-th window: its place in the epoch's sequence, the
-        chunk slot holding it, and its index in that chunk's order."""
-        x, j, k, _ = self.locate_rows(np.array([lane]), np.array([v]))
-        return int(x[0]), int(j[0]), int(k[0])
-
-    def locate_rows(self, lanes: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]:
-        """locate() of many (lane, v) at once, and whether each is past its lane's wrap."""
-        turn = lanes * self.length + self.rho[lanes]
-        x = lanes * self.length + (v + self.rho[lanes]) % self.length
-        j = np.searchsorted(self.starts, x, side="right") - 1
-        return x, j, x - self.starts[j], x < turn
-
-    def run_end(self, lane: int, x: int) -> int:
-        """Where the lane's run of consecutive positions through x ends (its slice's end, or
-        its rotation point after wrapping)."""
-        turn = lane * self.length + int(self.rho[lane])
-        return (lane + 1) * self.length if x >= turn else turn
-
-
-class ChunkOrder:
-    """The order of one chunk's windows in an epoch: pieces of `piece` consecutive windows,
-    permuted, and the windows of each permuted (from (seed, epoch, chunk))."""
-
-    def __init__(self, n: int, piece: int, seed: int, epoch: int, chunk: int, shuffle: bool):
-        self.n, self.piece, self.key, self.shuffle = n, piece, (seed, epoch, chunk), shuffle
-        count = -(-n // piece)
-        sizes = np.full(count, piece, dtype=np.int64)
-        sizes[-1] = n - piece * (count - 1)
-        self.sigma = np.random.default_rng([seed, epoch, chunk, 2]).permutation(count) if shuffle else np.arange(count)
-        self.sizes = sizes[self.sigma]
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
-
-    def slot(self, k: int) -> tuple[int, int]:
-        """(piece slot q, index i inside it) of the chunk's k-th window in this order."""
-        q = int(np.searchsorted(self.starts, k, side="right")) - 1
-        return q, k - int(self.starts[q])
-
-    def tau(self, q: int) -> np.ndarray:
-        size = int(self.sizes[q])
-        if not self.shuffle:
-            return np.arange(size)
-        return np.random.default_rng([*self.key, 3, int(self.sigma[q])]).permutation(size)
 
 
 class Held:
@@ -311,22 +159,14 @@ class LaneReader:
 class TokenStream(BatchStream):
     """An endless, resumable iterator of (micro_batch_size, seq_len+1) int64 batches for one
     rank of a prepared token dataset, reading only this rank's lanes (module docstring).
+    `data`: a prepared dataset (its folder or manifest.json, or a shard list of one) or its
+    manifest; `manifest`: data's manifest, when the caller has opened it already. Raw-text
+    shards have no token counts to lay lanes out with: data_pipeline.streams.dataset_stream
+    gives them a ShardStream.
 
     >>> stream = TokenStream("data/book", "train", 256, 8, rank=0, world_size=2)  # doctest: +SKIP
     >>> batch = next(iter(stream))  # (8, 257); inputs batch[:, :-1], targets batch[:, 1:]
     """
-
-    def __new__(cls, data: str | dict, *args, raw=None, **kwargs):
-        """Raw-text shards have no token counts to lay lanes out with: they get a ShardStream."""
-        from data_pipeline.raw import FORMAT as RAW_FORMAT
-        from data_pipeline.stream import ShardStream, open_dataset
-
-        manifest = data if isinstance(data, dict) else open_dataset(data, raw)
-        if manifest["format"] == RAW_FORMAT:
-            return ShardStream(manifest, *args, raw=raw, **kwargs)
-        stream = super().__new__(cls)
-        stream.manifest = manifest
-        return stream
 
     def __init__(
         self,
@@ -341,13 +181,23 @@ class TokenStream(BatchStream):
         shuffle: bool = True,
         on_error: str = "fail",
         lanes: int = LANES,
+        raw: RawOptions | None = None,
+        manifest: dict | None = None,
         **_ignored,
     ):
+        if manifest is None:
+            manifest = data if isinstance(data, dict) else open_dataset(data, raw)
+        self.manifest = manifest
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error={on_error!r} must be 'fail' or 'skip'")
         if lanes < 1:
             raise DataError(f"data.lanes={lanes} must be at least 1")
         name = data if isinstance(data, str) else self.manifest.get("name", self.manifest["root"])
+        if manifest["format"] == RAW_FORMAT:
+            raise DataError(
+                f"{name} holds raw-text shards, which have no token counts to lay lanes out with: "
+                "read them with data_pipeline.dataset_stream (a ShardStream)"
+            )
         if split not in self.manifest["splits"]:
             raise DataError(f"the dataset {name} has no '{split}' split")
         super().__init__(seq_len, micro_batch_size, rank, world_size, grad_accum_steps, seed)

@@ -54,7 +54,7 @@ def _ignore(signum, frame) -> None:
 
 
 class Loader:
-    """Micro batches of a TokenStream or MixedStream, with its position.
+    """Micro batches of a BatchStream (TokenStream, ShardStream, MixedStream), with its position.
 
     num_workers=0 builds them in this process; pin_memory (for a GPU) puts them in page-locked
     memory, so `.to(device, non_blocking=True)` overlaps the copy with compute.

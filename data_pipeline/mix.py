@@ -1,5 +1,5 @@
 """Mixing several datasets by weight, deterministically and resumably: each global-batch
-slot's source is drawn by a generator seeded by (seed, step), so the mix, like the rest of
+row's source is drawn by a generator seeded by (seed, step), so the mix, like the rest of
 the order, is a pure function of the position.
 
 Prepared datasets are read per rank, through the same lanes as one dataset
@@ -18,14 +18,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from data_pipeline.batchstream import LANES, BatchStream, effective_lanes
 from data_pipeline.errors import DataError
-from data_pipeline.lanes import LANES, LaneReader, TokenStream, effective_lanes
+from data_pipeline.lanes import LaneReader, TokenStream
 from data_pipeline.raw import RawOptions
-from data_pipeline.stream import BatchStream, ShardStream
+from data_pipeline.shardstream import ShardStream
+from data_pipeline.streams import dataset_stream
 
 
 class MixedStream(BatchStream):
-    """TokenStream's interface over several weighted sources."""
+    """BatchStream's interface over several weighted sources."""
 
     def __init__(
         self,
@@ -53,7 +55,7 @@ class MixedStream(BatchStream):
         # Each source: its own order (seed + index), laid out in the lanes (one window a lane a
         # step at most), or for raw-text sources one window per step.
         self.subs = [
-            TokenStream(
+            dataset_stream(
                 path,
                 "train",
                 seq_len,
@@ -110,8 +112,8 @@ class MixedStream(BatchStream):
         total = max(int(self.taken.sum()), 1)
         return {name: int(n) / total for name, n in zip(self.names, self.taken)}
 
-    def slots(self, step: int) -> np.ndarray:
-        """The source of each of the step's global-batch slots."""
+    def row_sources(self, step: int) -> np.ndarray:
+        """The source of each of the step's global-batch rows."""
         return np.random.default_rng([self.seed, 7919, step]).choice(
             len(self.subs), size=self.global_batch, p=self.weights
         )
@@ -170,7 +172,7 @@ class MixedStream(BatchStream):
             while True:
                 index, rows, positions = [], [], []
                 for n in range(group):
-                    src = self.slots(self.step)
+                    src = self.row_sources(self.step)
                     # Each row's window: its lane's count in its source, plus the rows before it
                     # in the same lane that drew the same source.
                     key = src * self.lanes + lane
@@ -221,11 +223,11 @@ class MixedStream(BatchStream):
         for n in itertools.count():
             block, positions = [], []
             for _ in range(group):
-                slots = self.slots(self.step)
-                batch = [next(its[i])[0] for i in slots]
+                sources = self.row_sources(self.step)
+                batch = [next(its[i])[0] for i in sources]
                 if n % workers == worker:
                     block.append(torch.stack(batch[self.rank * rows : (self.rank + 1) * rows]).numpy())
-                np.add.at(self.taken, slots, 1)
+                np.add.at(self.taken, sources, 1)
                 self.step += 1
                 positions.append(self.position())
             if block:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
@@ -28,17 +27,16 @@ import numpy as np
 
 from data_pipeline import examples, readers
 from data_pipeline.errors import DataError
+from data_pipeline.manifest import FORMAT, SPLITS, is_val, load_manifest
 from data_pipeline.prefetch import prefetched
 from data_pipeline.shards import CHUNK_BYTES, RemoteOut, ShardWriter, check_out
-from data_pipeline.sources import is_url, join, parent, read_bytes
+from data_pipeline.sources import is_url
 from data_pipeline.tokenizer import ByteTokenizer, build_tokenizer, parse_spec, token_dtype, tokenizer_from_dict
 
 T = TypeVar("T")
 # map_fn(fn, items, *args): fn(item, *args) of each item, in order, wherever it runs.
 Mapper = Callable[..., Iterator[Any]]
 
-FORMAT = "trainctl.tokens/1"
-SPLITS = ("train", "val")
 # Datasets prepared on the fly (data.path naming raw text, or stdlib) are small: shards of
 # 8 MB give the per-epoch shard shuffle something to permute.
 AUTO_SHARD_BYTES = 8 * 2**20
@@ -84,13 +82,6 @@ def expand_inputs(inputs: list[str], skip_empty: bool = False) -> list[str]:
     if not nonempty:
         raise DataError(f"the inputs {' '.join(inputs)} hold no text (every file is empty)")
     return nonempty
-
-
-def is_val(text: bytes, val_fraction: float) -> bool:
-    """Whether a document goes to validation: its blake2b-64 hash, as a fraction of 2**64, is
-    below `val_fraction`. Streaming and deterministic: the same document lands in the same
-    split whatever file or format it came in."""
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") < val_fraction * 2**64
 
 
 def split_documents(
@@ -444,30 +435,6 @@ def prepare(
             remote.abort()
         raise
     return load_manifest(out_dir)
-
-
-def load_manifest(path: str) -> dict:
-    """The manifest of a prepared dataset: a folder or manifest.json, local or a URL
-    (http(s)://, s3://, any fsspec URL). Each shard gains its `url`."""
-    file = path if path.endswith(".json") else join(path, "manifest.json")
-    if not is_url(file) and not os.path.isfile(file):
-        raise DataError(
-            f"no manifest.json in {path}: run `trainctl prepare` first or point data.path at a prepared dataset"
-        )
-    raw = read_bytes(file)  # DataError naming the file when it cannot be read
-    try:
-        manifest = json.loads(raw)
-    except ValueError as e:
-        raise DataError(f"{file} is not valid JSON ({e}): prepare the dataset again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{file} is not a trainctl dataset (format {got!r}, expected {FORMAT})")
-    root = parent(file)
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            shard["url"] = join(root, shard["path"])
-    manifest["root"] = root
-    return manifest
 
 
 def summarize(manifest: dict) -> str:

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from data_pipeline.credentials import redact_text
 from data_pipeline.errors import DataError, error_text
+from data_pipeline.redact import redact_text
 from data_pipeline.sources import describe_error, is_url, open_stream, read_bytes, with_retries
 
 ON_ERROR = ("fail", "skip")

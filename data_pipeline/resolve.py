@@ -14,7 +14,8 @@ import sysconfig
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import AUTO_SHARD_BYTES, FORMAT, expand_inputs, prepare
+from data_pipeline.manifest import FORMAT
+from data_pipeline.prepare import AUTO_SHARD_BYTES, expand_inputs, prepare
 from data_pipeline.raw import is_shard_list
 from data_pipeline.readers import check_heads
 from data_pipeline.shards import CHUNK_BYTES

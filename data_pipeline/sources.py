@@ -23,6 +23,7 @@ from typing import BinaryIO, TypeVar
 
 from data_pipeline import credentials
 from data_pipeline.errors import DataError
+from data_pipeline.redact import http_error_text, redact_text, redact_url
 
 RETRIES = 5
 BACKOFF_S = 0.5
@@ -78,7 +79,7 @@ def with_retries(
                 if failed is not None:
                     raise DataError(failed(e)) from None
                 tries = f" after {attempt + 1} tries" if attempt else ""
-                raise DataError(f"cannot read {credentials.redact_text(what)}{tries}: {describe_error(e)}") from None
+                raise DataError(f"cannot read {redact_text(what)}{tries}: {describe_error(e)}") from None
             sleep(retry_delay(attempt, e))
     raise AssertionError("unreachable")
 
@@ -109,7 +110,7 @@ def retry_after(error: BaseException) -> float | None:
 
 def describe_error(e: BaseException) -> str:
     if isinstance(e, urllib.error.HTTPError):  # a 401/403 says whose credentials were refused, or how to send some
-        return credentials.http_error_text(e.code, e.reason, getattr(e, "trainctl_credentials", None))
+        return http_error_text(e.code, e.reason, getattr(e, "trainctl_credentials", None))
     if isinstance(e, urllib.error.URLError):
         return str(e.reason)
     return f"{type(e).__name__}: {e}"
@@ -228,7 +229,7 @@ def read_range(url: str, start: int, size: int) -> bytes:
         with http_open(url, {"Range": f"bytes={start}-{start + size - 1}"}) as response:
             if response.status != 206:
                 raise DataError(
-                    f"{credentials.redact_url(url)} ignores HTTP Range requests (status {response.status}): serve the dataset from a "
+                    f"{redact_url(url)} ignores HTTP Range requests (status {response.status}): serve the dataset from a "
                     "server that supports them, or copy it to local disk"
                 )
             data = response.read(size)

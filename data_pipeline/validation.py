@@ -20,12 +20,13 @@ from functools import partial
 
 import numpy as np
 
+from data_pipeline.chunks import ChunkTable
 from data_pipeline.errors import DataError
 from data_pipeline.examples import window_stride
-from data_pipeline.lanes import ChunkTable
+from data_pipeline.manifest import open_dataset
 from data_pipeline.prefetch import prefetched
 from data_pipeline.raw import RawOptions
-from data_pipeline.stream import open_dataset, window_count
+from data_pipeline.windows import window_count
 
 
 @dataclass

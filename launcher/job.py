@@ -10,13 +10,17 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.run_folder import RunFolder
 
 
 class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit 2."""
 
 
-def prepare_job(cfg, fresh: bool = False, force: bool = False, ray: bool = True) -> list:
+def prepare_job(cfg, run: RunFolder, fresh: bool = False, force: bool = False, ray: bool = True) -> list:
     """Make data.path a prepared dataset and check that it fits the model and the checkpoint
     it resumes from, and (`ray`: the job runs on a private local Ray) that this machine has
     the cores for its workers (before any worker starts). Returns the checkpoints a
@@ -28,7 +32,6 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False, ray: bool = True)
     from data_pipeline.raw import check_shards, is_shard_list
     from trainer import checkpoint
     from trainer.build import build_stream, data_paths, raw_options
-    from trainer.run_folder import checkpoint_store
 
     d = cfg.data
     if d.sources:
@@ -56,7 +59,7 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False, ray: bool = True)
                 f"train.evals: {spec.label} has chat: true but the dataset's tokenizer ({tokenizer['name']}) has no chat "
                 "template: set chat: false, or prepare the data with a chat model's tokenizer"
             )
-    store = checkpoint_store(cfg)
+    store = run.store
     try:
         store.check()
         latest, newer = None if fresh else store.latest(), []
@@ -65,7 +68,7 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False, ray: bool = True)
     if cfg.checkpoint.resume_from is not None:
         wanted = resume_checkpoint(cfg.checkpoint.resume_from)
         cfg.checkpoint.resume_from = str(wanted.resolve())
-        latest, newer = branch_point(cfg, wanted, latest, force)
+        latest, newer = branch_point(cfg, run, wanted, latest, force)
     if latest is not None and checkpoint.meta(latest).get("tokenizer") != tokenizer:
         was = checkpoint.meta(latest).get("tokenizer", {})
         raise UsageError(
@@ -95,7 +98,7 @@ def prepare_job(cfg, fresh: bool = False, force: bool = False, ray: bool = True)
                 f"{latest} was trained with data.seq_len={saved['seq_len']} but this job has {cfg.data.seq_len}: "
                 "resume with the same data.seq_len"
             )
-        from data_pipeline.lanes import effective_lanes
+        from data_pipeline.batchstream import effective_lanes
 
         lanes = effective_lanes(cfg.global_batch, cfg.data.lanes)
         if saved.get("data_lanes", lanes) != lanes:
@@ -167,16 +170,14 @@ def resume_checkpoint(path: str):
         raise UsageError(f"--resume {path}: {e}") from None
 
 
-def branch_point(cfg, wanted, own, force: bool):
+def branch_point(cfg, run: RunFolder, wanted, own, force: bool):
     """(where a run given `--resume WANTED` starts, the newer checkpoints to delete first),
     its own latest checkpoint being `own`.
 
     Another run's checkpoint applies until this run has one of its own (so the same command
     rerun after a preemption continues). An earlier checkpoint of this run rewinds it, which
     needs --force: its newer checkpoints are deleted once the job is known to be valid."""
-    from trainer.run_folder import checkpoint_store
-
-    store = checkpoint_store(cfg)
+    store = run.store
     root = store.root.resolve()
     if own is None:
         return wanted, []

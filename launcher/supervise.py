@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.config import SECRETS_ENV, JobConfig, redact_text, secrets_apart
-from trainer.run_folder import LAUNCH, PREEMPT, checkpoint_store, run_dir
-
-FAILED, PREEMPTED = 1, 143
+from launcher.exits import FAILED, PREEMPTED
+from trainer.config import JobConfig, redact_text
+from trainer.redaction import SECRETS_ENV, secrets_apart
+from trainer.run_folder import LAUNCH, PREEMPT, RunFolder
 
 
 class StopNow(KeyboardInterrupt):
@@ -42,9 +42,9 @@ def workers_started(folder: Path) -> bool:
         return False
 
 
-def where_now(cfg: JobConfig) -> str:
+def where_now(run: RunFolder) -> str:
     """'at step N (the same command resumes from CKPT)': for the lines about a stop."""
-    folder, store = run_dir(cfg), checkpoint_store(cfg)
+    folder, store = run.path, run.store
     step = 0
     try:
         rows = (folder / "metrics.jsonl").read_text().splitlines()
@@ -122,7 +122,7 @@ def pause_point(folder: Path, name: str) -> None:
 LAST_LINE_WAIT_S = 30
 
 
-def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool) -> int | str:
+def run_supervised(cfg: JobConfig, run: RunFolder, worker: Callable[[dict], str], verbose: bool) -> int | str:
     """Train on Ray: returns the status ("done", "preempted"), or the exit status after
     printing the last line (a failure, lost capacity, a stop before any step)."""
     from cluster.ray_job import (
@@ -139,8 +139,8 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
     from cluster.restarts import Restarts
     from launcher.job import UsageError
 
-    folder = run_dir(cfg)
-    watch = CapacityWatch(cfg.cluster, lambda: where_now(cfg))
+    folder = run.path
+    watch = CapacityWatch(cfg.cluster, lambda: where_now(run))
     restarts = Restarts(cfg.cluster, folder)
 
     def idle() -> str | None:
@@ -188,7 +188,7 @@ def run_supervised(cfg: JobConfig, worker: Callable[[dict], str], verbose: bool)
         shutdown()  # first, so that Ray's forwarded worker logs end before our last line
     if isinstance(failure, StopNow):
         (folder / PREEMPT).unlink(missing_ok=True)
-        print(f"trainctl: stopped: the run is {where_now(cfg)}", file=sys.stderr)
+        print(f"trainctl: stopped: the run is {where_now(run)}", file=sys.stderr)
         return PREEMPTED
     if isinstance(failure, CapacityLost):
         print(f"trainctl: stopped: {redact_text(str(failure))}", file=sys.stderr)

@@ -155,11 +155,12 @@ def prepare_trials(sweep: Sweep) -> None:
     with it, as `trainctl run` checks a job before launch."""
     from launcher.job import prepare_job
     from trainer.config import JobConfig
+    from trainer.run_folder import RunFolder
 
     for spec in sweep.trials:
         cfg = JobConfig.model_validate(spec.config)
         try:
-            prepare_job(cfg, ray=False)
+            prepare_job(cfg, RunFolder.of(cfg), ray=False)
         except UsageError as e:
             raise UsageError(f"trial {' '.join(f'{k}={v}' for k, v in spec.values.items())}: {e}") from None
         spec.config = cfg.model_dump(mode="json")  # data.path: the prepared dataset

@@ -28,6 +28,8 @@ RAY_INSIDE_FUNCTIONS = "trainer/patches.py"  # the one trainer module whose func
 # Loaded and validated by the CLI before anything heavy: no torch (nor DeepSpeed, nor Ray) at import.
 TORCH_FREE = (
     "trainer/config.py",
+    "trainer/hf_names.py",
+    "trainer/redaction.py",
     "trainer/model_config.py",
     "trainer/run_folder.py",
     "launcher/cli.py",
@@ -221,4 +223,103 @@ def test_the_modules_the_cli_validates_with_are_torch_free_at_import(module):
 def test_readme_links_the_architecture_document():
     assert "docs/ARCHITECTURE.md" in (REPO / "README.md").read_text(), (
         "README.md does not mention docs/ARCHITECTURE.md: link it where the README describes the layout"
+    )
+
+
+def project_imports(path: str, source: str) -> set[str]:
+    """The project modules (dotted: 'trainer.export') that the module `path` imports anywhere in
+    `source`, inside functions too: `from trainer import hf` is trainer.hf, `from trainer.export
+    import hf_name` is trainer.export, `from data_pipeline import Loader` is the package."""
+    name = path[:-3].replace("/", ".").removesuffix(".__init__")
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package, up level - 1
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*up, *([node.module] if node.module else [])])
+            targets = [f"{base}.{a.name}" if module_file(f"{base}.{a.name}") else base for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if module_file(t) is not None and t != name)
+    return found
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph` (module → the modules it imports): each strongly connected
+    component of more than one module, sorted (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph.get(root, ()))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    circles.append(sorted(component))
+    return sorted(circles)
+
+
+def test_no_import_circles_counting_imports_inside_functions():
+    """A lazy import inside a function still makes the importing room depend on the imported one:
+    a circle means two modules that cannot be understood, tested or moved apart."""
+    graph = {m[:-3].replace("/", ".").removesuffix(".__init__"): project_imports(m, (REPO / m).read_text())
+             for m in modules()}  # fmt: skip
+    circles = import_circles(graph)
+    assert not circles, "\n".join(
+        f"import circle: {' ↔ '.join(c)}. Move what they share into a module below both (one both import, "
+        "importing neither), so imports go one way (docs/ARCHITECTURE.md, section 2)"
+        for c in circles
+    )
+
+
+def test_the_circle_check_sees_a_circle_through_a_function_level_import():
+    a = project_imports("trainer/hf.py", "def f():\n    from trainer.export import hf_name\n")
+    b = project_imports("trainer/export.py", "from trainer import hf\nfrom . import checkpoint\n")
+    assert a == {"trainer.export"} and b == {"trainer.hf", "trainer.checkpoint"}
+    assert import_circles({"trainer.hf": a, "trainer.export": b}) == [["trainer.export", "trainer.hf"]]
+    assert import_circles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
+    assert import_circles({"x": {"y"}, "y": set()}) == []
+
+
+LONGEST = 500  # lines: a file longer than this holds more than one idea; split it along them
+
+
+def test_no_source_file_is_over_500_lines():
+    long = [(m, n) for m in modules() if (n := len((REPO / m).read_text().splitlines())) > LONGEST]
+    assert not long, "\n".join(
+        f"{m} is {n} lines (at most {LONGEST}): split it along its ideas into modules named on the map "
+        "(docs/ARCHITECTURE.md, section 2)"
+        for m, n in long
     )

@@ -31,7 +31,7 @@ from data_pipeline import (
     val_share,
 )
 from data_pipeline.examples import encode_examples
-from data_pipeline.stream import read_shard
+from data_pipeline.shardreads import read_shard
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "

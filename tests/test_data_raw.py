@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from cli_helpers import SHAKESPEARE
 
-from data_pipeline import DataError, RawOptions, TokenStream, open_dataset, val_share
+from data_pipeline import DataError, RawOptions, dataset_stream, open_dataset, val_share
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def token_stream(expected: list[bytes]) -> list[int]:
 
 def test_raw_shards_stream_the_documents_in_order(corpus):
     _, spec, expected = corpus
-    stream = TokenStream(spec, "train", 32, 4, 0, 1, shuffle=False, raw=OPTS, lanes=1)  # one slot: every shard in turn
+    # one lane: every shard in turn
+    stream = dataset_stream(spec, "train", 32, 4, 0, 1, shuffle=False, raw=OPTS, lanes=1)
     assert stream.steps_per_epoch is None and stream.manifest["tokenizer"]["name"] == "byte"
     it, rows = iter(stream), []
     while (batch := next(it)) is not None and stream.epoch == 0:  # raw epochs roll over when the data runs out
@@ -65,7 +66,7 @@ def test_raw_order_is_world_size_independent_and_resumes_by_replay(corpus):
 
     def run(world, steps, state=None):
         streams = [
-            TokenStream(spec, "train", 32, 12 // world, r, world, seed=5, shuffle_buffer=50, raw=OPTS)
+            dataset_stream(spec, "train", 32, 12 // world, r, world, seed=5, shuffle_buffer=50, raw=OPTS)
             for r in range(world)
         ]
         for s in streams:
@@ -74,7 +75,7 @@ def test_raw_order_is_world_size_independent_and_resumes_by_replay(corpus):
         its = [iter(s) for s in streams]
         return [torch.cat([next(it) for it in its]) for _ in range(steps)], streams[0].state_dict()
 
-    one, end = run(1, 400)  # crosses several epoch ends of each slot (about 150 steps each)
+    one, end = run(1, 400)  # crosses several epoch ends of each lane (about 150 steps each)
     assert end["step"] == 400 and end["lanes"] == 4
     two, _ = run(2, 400)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
@@ -83,9 +84,9 @@ def test_raw_order_is_world_size_independent_and_resumes_by_replay(corpus):
     assert all(torch.equal(a, b) for a, b in zip(one[170:], resumed)) and state == end
 
 
-def test_raw_shards_are_partitioned_and_each_rank_reads_only_its_slots(corpus):
-    """4 shards in 4 slots: each of 2 ranks reads 2 shards an epoch, over a real HTTP server;
-    2 loader workers of one rank split its slots and give the same batches."""
+def test_raw_shards_are_partitioned_and_each_rank_reads_only_its_lanes(corpus):
+    """4 shards in 4 lanes: each of 2 ranks reads 2 shards an epoch, over a real HTTP server;
+    2 loader workers of one rank split its lanes and give the same batches."""
     from http_helpers import serve
 
     from data_pipeline import Loader
@@ -95,7 +96,7 @@ def test_raw_shards_are_partitioned_and_each_rank_reads_only_its_slots(corpus):
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
 
         def rows(client, world, rank, workers=0, steps=100):
-            s = TokenStream(
+            s = dataset_stream(
                 f"{url}/{client}/raw-{{000000..000003}}.tar", "train", 32, 12 // world, rank, world, seed=5, raw=OPTS
             )
             it = iter(Loader(s, workers, group=2))
@@ -109,7 +110,7 @@ def test_raw_shards_are_partitioned_and_each_rank_reads_only_its_slots(corpus):
         two, _ = rows("w", 1, 0, workers=2)
         assert all(torch.equal(a, b) for a, b in zip(alone, two))
         sent = httpd.handler.sent
-        # 100 steps is under one epoch of any slot: the ranks read disjoint halves of what one rank reads
+        # 100 steps is under one epoch of any lane: the ranks read disjoint halves of what one rank reads
         assert sent["r0"] + sent["r1"] == sent["one"] == sent["w"] and 0.3 < sent["r0"] / sent["one"] < 0.7
 
 
@@ -128,10 +129,10 @@ def test_pipe_urls_only_when_allowed(corpus, monkeypatch):
     with pytest.raises(DataError, match="is a pipe: URL, which runs a shell command: set data.allow_pipe=true"):
         open_dataset(pipe, OPTS)
     allowed = RawOptions(text_field="body", allow_pipe=True)
-    a = iter(TokenStream(spec, "train", 32, 4, 0, 1, seed=2, raw=OPTS))
-    b = iter(TokenStream(pipe, "train", 32, 4, 0, 1, seed=2, raw=allowed))
+    a = iter(dataset_stream(spec, "train", 32, 4, 0, 1, seed=2, raw=OPTS))
+    b = iter(dataset_stream(pipe, "train", 32, 4, 0, 1, seed=2, raw=allowed))
     assert all(torch.equal(next(a), next(b)) for _ in range(60))
-    failing = iter(TokenStream("pipe:exit 3 # x.tar", "train", 32, 4, 0, 1, raw=allowed))
+    failing = iter(dataset_stream("pipe:exit 3 # x.tar", "train", 32, 4, 0, 1, raw=allowed))
     with pytest.raises(DataError, match="exited with status 3"):
         next(failing)
 
@@ -148,7 +149,7 @@ def test_raw_bad_input(corpus, options, spec_suffix, fragment):
     _, spec, _ = corpus
     with pytest.raises(DataError) as e:
         it = iter(
-            TokenStream(spec.replace("raw-", f"raw{spec_suffix}-"), "train", 32, 4, 0, 1, shuffle=False, raw=options)
+            dataset_stream(spec.replace("raw-", f"raw{spec_suffix}-"), "train", 32, 4, 0, 1, shuffle=False, raw=options)
         )
         for _ in range(200):
             next(it)
@@ -159,7 +160,7 @@ def test_sample_without_text(tmp_path):
     with wds.TarWriter(str(tmp_path / "x.tar")) as sink:
         sink.write({"__key__": "a", "png": b"\x89PNG"})
     with pytest.raises(DataError, match=r"sample a has no .txt, .json or .jsonl member \(it has \['png'\]\)"):
-        next(iter(TokenStream(str(tmp_path / "x.tar"), "train", 8, 1, 0, 1)))
+        next(iter(dataset_stream(str(tmp_path / "x.tar"), "train", 8, 1, 0, 1)))
     assert np.dtype(open_dataset(str(tmp_path / "x.tar"))["dtype"]) == np.uint16
 
 
@@ -231,7 +232,7 @@ def test_unreadable_tar_messages_hold_no_object_repr(tmp_path):
 
     from data_pipeline import readers
     from data_pipeline.errors import DataError as PlainDataError
-    from data_pipeline.stream import read_shard
+    from data_pipeline.shardreads import read_shard
 
     junk = tmp_path / "junk.tar"
     junk.write_bytes(random.Random(0).randbytes(4096))

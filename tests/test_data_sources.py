@@ -18,8 +18,18 @@ from cli_helpers import SHAKESPEARE
 from http_helpers import DROP, basic, bearer, serve, stall, status
 from s3_helpers import s3_server
 
-from data_pipeline import DataError, TokenStream, credentials, load_manifest, prepare, sources, val_share
-from data_pipeline.stream import open_dataset, shard_reader
+from data_pipeline import (
+    DataError,
+    TokenStream,
+    dataset_stream,
+    load_manifest,
+    open_dataset,
+    prepare,
+    redact,
+    sources,
+    val_share,
+)
+from data_pipeline.shardreads import shard_reader
 
 TIMEOUT_S = 0.4  # the client's timeout in the tests that stall (sources.TIMEOUT_S, 60 s in use)
 STALL = stall(2.0)  # a server silent for longer than that: a real socket timeout on the client
@@ -72,7 +82,7 @@ def whole_split(path, split) -> torch.Tensor:
 
 
 def batches(path, steps=12, state=None):
-    s = TokenStream(path, "train", 32, 4, 0, 1, seed=3, shuffle_buffer=64)
+    s = dataset_stream(path, "train", 32, 4, 0, 1, seed=3, shuffle_buffer=64)
     if state:
         s.load_state_dict(state)
     it = iter(s)
@@ -157,7 +167,7 @@ def test_a_non_transient_answer_is_not_retried(server, httpd, code, reason):
     waits = []
     with pytest.raises(DataError) as e:
         sources.read_bytes(url, waits.append)
-    hint = f": no credentials were sent; to send some, {credentials.HOW}" if code == 403 else ""
+    hint = f": no credentials were sent; to send some, {redact.HOW}" if code == 403 else ""
     assert str(e.value) == f"cannot read {url}: HTTP {code} {reason}{hint}"
     assert httpd.handler.hits["/d/train-000000.tar"] == 1 and waits == []
 
@@ -298,11 +308,11 @@ def test_token_shards_without_their_manifest(data, tmp_path):
     with pytest.raises(
         DataError, match=r"train-000000.tar holds token samples \(.tokens\) but no manifest.json beside it"
     ):
-        next(iter(TokenStream(f"{tmp_path}/train-{{000000..000001}}.tar", "train", 32, 1, 0, 1)))
+        next(iter(dataset_stream(f"{tmp_path}/train-{{000000..000001}}.tar", "train", 32, 1, 0, 1)))
     shutil.copy(data / "d" / "manifest.json", tmp_path / "manifest.json")
     (tmp_path / "extra-000000.tar").write_bytes((data / "d" / "train-000000.tar").read_bytes())
     with pytest.raises(DataError, match=r"1 of the shards, the first \S+extra-000000.tar, are not in \S+manifest.json"):
-        TokenStream(f"{tmp_path}/{{train,extra}}-000000.tar", "train", 32, 1, 0, 1)
+        dataset_stream(f"{tmp_path}/{{train,extra}}-000000.tar", "train", 32, 1, 0, 1)
 
 
 def test_prepare_writes_to_an_object_store(data, s3_bucket, monkeypatch, tmp_path):
@@ -364,13 +374,13 @@ def test_basic_credentials_in_the_url_read_a_dataset_and_are_never_shown(data, n
             load_manifest(f"http://127.0.0.1:{port}/d")
         assert shown(e) == (
             f"cannot read http://127.0.0.1:{port}/d/manifest.json: HTTP 401 Unauthorized: no credentials were sent; "
-            f"to send some, {credentials.HOW}"
+            f"to send some, {redact.HOW}"
         )
         with pytest.raises(DataError) as e:
             load_manifest(f"http://{USER}:not-{QUOTED}@127.0.0.1:{port}/d")
         assert shown(e) == (
             f"cannot read http://{USER}:***@127.0.0.1:{port}/d/manifest.json: HTTP 401 Unauthorized: the server "
-            f"refused the credentials from the URL's user:password; check them ({credentials.HOW})"
+            f"refused the credentials from the URL's user:password; check them ({redact.HOW})"
         )
         # `prepare` reads its inputs with them too; what it writes does not hold them
         url = f"http://{USER}:{QUOTED}@127.0.0.1:{port}/t.txt"
@@ -396,7 +406,7 @@ def test_a_bearer_token_from_the_environment_goes_to_its_host_only(data, no_cred
             load_manifest(url)
         assert shown(e).endswith(
             "HTTP 401 Unauthorized: the server refused the credentials from TRAINCTL_HTTP_TOKEN; "
-            f"check them ({credentials.HOW})"
+            f"check them ({redact.HOW})"
         )
         monkeypatch.setenv("TRAINCTL_HTTP_TOKEN", TOKEN)  # no host: refused, the value not shown
         with pytest.raises(DataError) as e:
@@ -458,7 +468,7 @@ def test_refused_credentials_are_one_line_exit_2_and_nothing_written(data, no_cr
         r = trainctl_here("run", "job.yaml", f"{key}={url}", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == (
-        f"trainctl: error: cannot read {credentials.redact_url(url)}/{file}: HTTP 401 Unauthorized: the server "
-        f"refused the credentials from the URL's user:password; check them ({credentials.HOW})\n"
+        f"trainctl: error: cannot read {redact.redact_url(url)}/{file}: HTTP 401 Unauthorized: the server "
+        f"refused the credentials from the URL's user:password; check them ({redact.HOW})\n"
     )
     assert not (tmp_path / "runs").exists()

@@ -11,8 +11,8 @@ import torch
 from cli_helpers import SHAKESPEARE
 
 from data_pipeline import DataError, TokenStream, prepare, val_share
-from data_pipeline.lanes import ChunkTable
-from data_pipeline.stream import row_batches, shuffle_order, skip_tokens, window_blocks
+from data_pipeline.chunks import ChunkTable
+from data_pipeline.windows import row_batches, shuffle_order, skip_tokens, window_blocks
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import webdataset as wds
 from cli_helpers import SHAKESPEARE, trainctl
 from http_helpers import bearer, serve
 
-from data_pipeline.credentials import REDACTED, redact_text, redact_url
-from trainer.config import redact, secrets_apart, secrets_back
+from data_pipeline.redact import REDACTED, redact_text, redact_url
+from trainer.redaction import redact, secrets_apart, secrets_back
 
 SECRET = "S3CR3T-planted-7f3a"
 ARGV_SECRET = "S3CR3T-argv-91c2"  # given on the command line instead

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline import Loader, MixedStream, RawOptions, TokenStream, val_share
+from data_pipeline import BatchStream, Loader, MixedStream, RawOptions, dataset_stream, val_share
 from trainer import checkpoint, hf, lora, patches, perf
 from trainer.config import JobConfig, redact_text
 from trainer.engine import build_engine, deepspeed_config, import_deepspeed
 from trainer.model import Transformer
-from trainer.run_folder import Attempt, checkpoint_store, record_attempt, restore_history, run_dir
+from trainer.run_folder import Attempt, RunFolder, record_attempt, restore_history
 from trainer.saver import Saver
 from trainer.targets import Targets
 from trainer.tracking import Tracker
@@ -37,8 +37,9 @@ def data_paths(cfg: JobConfig) -> list[str]:
     return [s.path for s in cfg.data.sources] if cfg.data.sources else [cfg.data.path]
 
 
-def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedStream:
-    """This rank's training stream: one dataset, or several mixed by weight."""
+def build_stream(cfg: JobConfig, rank: int, world: int) -> BatchStream:
+    """This rank's training stream: one dataset (`dataset_stream`: a TokenStream, or a ShardStream
+    for raw-text shards), or several mixed by weight (MixedStream)."""
     d, t = cfg.data, cfg.train
     common = dict(
         grad_accum_steps=cfg.accum_steps,
@@ -51,7 +52,7 @@ def build_stream(cfg: JobConfig, rank: int, world: int) -> TokenStream | MixedSt
         return MixedStream(
             [(s.path, s.weight) for s in d.sources], d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common
         )
-    return TokenStream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common)
+    return dataset_stream(d.path, "train", d.seq_len, t.micro_batch_size, rank, world, lanes=d.lanes, **common)
 
 
 @dataclass
@@ -264,12 +265,12 @@ class Worker:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def start(cfg: JobConfig) -> tuple[Worker, Path | None]:
-    """Join the group and build the data, the model and the engine; returns the worker and
-    the checkpoint to resume from (None: a new run)."""
+def start(cfg: JobConfig, run: RunFolder) -> tuple[Worker, Path | None]:
+    """Join the group and build the data, the model and the engine in the run folder `run`;
+    returns the worker and the checkpoint to resume from (None: a new run)."""
     t = cfg.train
     rank, world, local_rank = setup_distributed(cfg)
-    folder, store = run_dir(cfg), checkpoint_store(cfg)
+    folder, store = run.path, run.store
     if rank == 0:
         store.root.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(cfg.to_yaml())

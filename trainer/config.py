@@ -17,8 +17,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from data_pipeline.credentials import REDACTED, is_secret_name, redact_text
+# is_secret_name and redact_text: imported from here by the modules that read the config
+from data_pipeline.redact import is_secret_name as is_secret_name
+from data_pipeline.redact import redact_text as redact_text
+from trainer.hf_names import LORA_TARGETS
 from trainer.model_config import ModelConfig
+from trainer.redaction import redact
 
 
 class Section(BaseModel):
@@ -100,18 +104,6 @@ class DataSection(Section):
             if self.path != DataSection.model_fields["path"].default:  # a dumped config carries the default
                 raise ValueError("set data.path or data.sources, not both")
         return self
-
-
-# LoRA targets by their Hugging Face names (what fine-tuners know) → trainctl's layer names.
-LORA_TARGETS = {
-    "q_proj": "wq",
-    "k_proj": "wk",
-    "v_proj": "wv",
-    "o_proj": "wo",
-    "gate_proj": "w1",
-    "up_proj": "w3",
-    "down_proj": "w2",
-}
 
 
 class LoraSection(Section):
@@ -506,72 +498,3 @@ def eval_batches_moved(tree: dict) -> str | None:
         f"any number of workers): this job's eval_batches evaluated {how} = {sequences} sequences; set "
         f"train.eval_sequences: {sequences} instead"
     )
-
-
-def redact(tree: Any, env: bool = False) -> Any:
-    """A copy of a config tree (plain dicts, lists, strings) with its secrets replaced by
-    REDACTED: the credentials in every URL (`redact_text`), and the values of `cluster.env`
-    variables whose names say they are secrets (`is_secret_name`: HF_TOKEN, WANDB_API_KEY,
-    AWS_SECRET_ACCESS_KEY, ...)."""
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            if env and isinstance(value, str) and is_secret_name(str(key)):
-                out[key] = REDACTED if value else value
-            else:
-                out[key] = redact(value, env=key == "env" and isinstance(value, dict))
-        return out
-    if isinstance(tree, list):
-        return [redact(v) for v in tree]
-    if isinstance(tree, str):
-        return redact_text(tree)
-    return tree
-
-
-# The private Ray's workers get the config with its secrets as REDACTED in their arguments, and
-# the real values in this variable, inherited from the launcher (cluster/ray_job.py's
-# `connect`): Ray logs a runtime_env's variables in its session logs, not an inherited one.
-SECRETS_ENV = "TRAINCTL_CONFIG_SECRETS"
-
-
-def secrets_apart(tree: Any) -> tuple[Any, str]:
-    """(`redact(tree)`, the JSON of [where, redacted, real value] for each value it redacted,
-    "" when none): the second undoes the first in `secrets_back`."""
-    import json
-
-    redacted = redact(tree)
-    found: list[list[Any]] = []
-
-    def walk(real: Any, red: Any, where: list) -> None:
-        if isinstance(real, dict):
-            for key in real:
-                walk(real[key], red[key], [*where, key])
-        elif isinstance(real, list):
-            for i, (a, b) in enumerate(zip(real, red)):
-                walk(a, b, [*where, i])
-        elif real != red:
-            found.append([where, red, real])
-
-    walk(tree, redacted, [])
-    return redacted, json.dumps(found) if found else ""
-
-
-def secrets_back(tree: Any, secrets: str | None) -> Any:
-    """A copy of `tree` with the values `secrets_apart` redacted put back: each where it is
-    still the redacted value it was (a tree with the real ones, or another job's, stays as it is)."""
-    import copy
-    import json
-
-    if not secrets:
-        return tree
-    tree = copy.deepcopy(tree)
-    for where, red, real in json.loads(secrets):
-        node = tree
-        try:
-            for key in where[:-1]:
-                node = node[key]
-            if node[where[-1]] == red:
-                node[where[-1]] = real
-        except (KeyError, IndexError, TypeError):
-            continue
-    return tree

@@ -36,40 +36,13 @@ import yaml
 
 from trainer import checkpoint
 from trainer.config import JobConfig, LoraSection
+from trainer.hf_names import hf_name
 from trainer.model import ModelConfig, Transformer
 from trainer.parametrization import Rules
 
 
 class ExportError(ValueError):
     """Bad input to export (no checkpoint, a non-empty output folder): one line for the user."""
-
-
-def hf_name(name: str) -> str:
-    """Our parameter name → Llama's.
-
-    >>> hf_name("blocks.3.mlp.w1.weight")
-    'model.layers.3.mlp.gate_proj.weight'
-    """
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        sub = {
-            "attn_norm": "input_layernorm",
-            "mlp_norm": "post_attention_layernorm",
-            "attn.wq": "self_attn.q_proj",
-            "attn.wk": "self_attn.k_proj",
-            "attn.wv": "self_attn.v_proj",
-            "attn.wo": "self_attn.o_proj",
-            "mlp.w1": "mlp.gate_proj",
-            "mlp.w3": "mlp.up_proj",
-            "mlp.w2": "mlp.down_proj",
-        }
-        inner = ".".join(parts[2:-1])
-        return f"model.layers.{parts[1]}.{sub[inner]}.{parts[-1]}"
-    return {
-        "tok_emb.weight": "model.embed_tokens.weight",
-        "norm.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight",
-    }[name]
 
 
 def llama_config(mc: ModelConfig, eot: int) -> dict:

@@ -21,6 +21,8 @@ import os
 import struct
 from typing import Any
 
+from trainer.hf_names import hf_name
+
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED = "LlamaForCausalLM (Llama 2/3, SmolLM, TinyLlama), MistralForCausalLM and Qwen2ForCausalLM"
 # What export copies back out beside the weights (tokenizer.json travels in the tokenizer dict).
@@ -40,7 +42,7 @@ class HFError(ValueError):
     password in it redacted (as DataError's)."""
 
     def __init__(self, message: object = "", *args: object):
-        from data_pipeline.credentials import redact_text
+        from data_pipeline.redact import redact_text
 
         super().__init__(redact_text(str(message)), *args)
 
@@ -274,8 +276,6 @@ def _header(url: str) -> tuple[int, dict]:
 
 def load_weights(model, base: str) -> None:
     """Read the folder's weights into `model`'s parameters, one tensor at a time."""
-    from trainer.export import hf_name
-
     index = TensorIndex(base)
     for name, p in model.named_parameters():  # a tied head once, as the embedding
         if (problem := index.problem(hf_name(name), name, p)) is not None:
@@ -288,7 +288,6 @@ def check_weights(mc, base: str) -> None:
     few small reads): HFError naming the first that is missing or differs."""
     import torch
 
-    from trainer.export import hf_name
     from trainer.model import Transformer
 
     with torch.device("meta"):
@@ -308,7 +307,6 @@ def load_model_partitioned(mc, base: str, ds_config: dict):
     import deepspeed
     import torch.distributed as dist
 
-    from trainer.export import hf_name
     from trainer.model import Transformer
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config):

@@ -11,7 +11,7 @@ rolls back through the same `restore` as a resume.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import Loader, tokenizer_from_dict
-from data_pipeline.lanes import effective_lanes
+from data_pipeline.batchstream import effective_lanes
 from trainer import checkpoint, perf
 from trainer.build import ValSet, Worker, resume_point, start, start_tracking
 from trainer.config import JobConfig, redact_text
@@ -28,7 +28,7 @@ from trainer.console import duration, progress_line, summary_table
 from trainer.evals import evaluate_tasks, load_task
 from trainer.generate import continue_prompts
 from trainer.guard import DivergenceGuard
-from trainer.run_folder import Attempt, StopRequest, history
+from trainer.run_folder import Attempt, RunFolder, StopRequest, history
 from trainer.targets import Targets
 from trainer.tracking import run_id
 
@@ -49,15 +49,14 @@ def train_step(
     accum_steps: int,
     device: torch.device,
     targets: Targets | None = None,
-    poison: float | None = None,
     timer: perf.StepTimer | None = None,
+    step: int = 0,
 ) -> float:
-    """One optimizer step over `accum_steps` micro batches; returns this rank's share of
-    the step's loss (the mean over ranks is the step's loss). `targets` says how rows
-    become targets (default: every next token); `timer` adds the seconds of each part
-    (waiting for data, forward+backward, optimizer); `poison` (a test hook) multiplies
-    the loss by it before the backward pass: NaN makes the gradients and then the weights
-    go NaN as in a real divergence, a large factor makes a loss spike.
+    """Optimizer step number `step`, over `accum_steps` micro batches; returns this rank's
+    share of the step's loss (the mean over ranks is the step's loss). `targets` says how
+    rows become targets (default: every next token); `timer` adds the seconds of each part
+    (waiting for data, forward+backward, optimizer). `train_worker` takes another function
+    of this signature in its place (the tests' faults: trainer/faults.py).
 
     Flagged rows (chat data) train only some targets, a different number in each micro
     batch and on each rank: each micro batch's summed loss is divided by the step's count
@@ -74,8 +73,6 @@ def train_step(
             batch = batch.to(device, non_blocking=True)  # (B, T+1)
             with timer("forward_backward"):
                 _, loss = forward(engine, batch, targets)
-                if poison is not None:
-                    loss = loss * poison
                 engine.backward(loss)
             with timer("optimizer"):
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -92,8 +89,6 @@ def train_step(
         with timer("forward_backward"):
             _, loss_sum = engine(idx, tgt, segments, reduction="sum")
             loss = loss_sum * scale.to(loss_sum.dtype)
-            if poison is not None:
-                loss = loss * poison
             engine.backward(loss)
         with timer("optimizer"):
             engine.step()
@@ -260,14 +255,14 @@ def rollback(w: Worker, state: TrainState, guard: DivergenceGuard, alarm: str, p
         w.tracker.rewind(state.step)
 
 
-def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> str:
+def train_worker(config: dict, run: RunFolder | None = None, step_fn: Callable[..., float] = train_step) -> str:
     """Train to train.max_steps; returns "done", or "preempted" when stopped by a request
-    (a checkpoint of the last step is saved first). Fault injection for tests: `nan_at_step`
-    makes that step's loss NaN once, as a real divergence would; `spike_at_step` makes it
-    1000 times larger once (a spike)."""
+    (a checkpoint of the last step is saved first). `run`: the run folder the launcher made
+    for the job (default: the config's); `step_fn` trains one step (`train_step`; the
+    divergence tests hand in one that injects a fault: trainer/faults.py)."""
     cfg = JobConfig.model_validate(config)
     t, every = cfg.train, cfg.checkpoint.every
-    w, latest = start(cfg)
+    w, latest = start(cfg, run or RunFolder.of(cfg))
     state = TrainState(w.stream)
     if latest is not None:
         restore(w, state, latest)
@@ -302,10 +297,7 @@ def train_worker(config: dict, nan_at_step: int = 0, spike_at_step: int = 0) -> 
         if state.step + 1 in t.skip_steps:  # a window the user knows to be bad, passed over untrained
             guard.skip_window(state.step + 1, state.step + 1, batches, cfg.accum_steps)
         position = w.stream.state_dict()  # where this step's data starts, to name it if it must be skipped
-        poison = float("nan") if state.step + 1 == nan_at_step else 1000.0 if state.step + 1 == spike_at_step else None
-        if poison is not None:  # once each: the step is trained again after the rollback
-            nan_at_step, spike_at_step = (0, spike_at_step) if poison != poison else (nan_at_step, 0)
-        loss = train_step(w.engine, batches, cfg.accum_steps, w.device, w.targets, poison=poison, timer=timer)
+        loss = step_fn(w.engine, batches, cfg.accum_steps, w.device, w.targets, timer=timer, step=state.step + 1)
         # Every rank needs the same verdict on the loss, on a stop request and on whether the
         # checkpoint being written in the background is written everywhere: one all-reduce.
         with timer("sync"):

@@ -18,7 +18,8 @@ import re
 
 import torch
 
-from trainer.config import LORA_TARGETS, LoraSection
+from trainer.config import LoraSection
+from trainer.hf_names import LORA_TARGETS, hf_name
 
 ADAPTER = re.compile(r"^(?P<layer>.+)\.lora_(?P<ab>[AB])\.default\.weight$")
 
@@ -70,8 +71,6 @@ def adapter_files(adapters: dict[str, torch.Tensor], lora: LoraSection, base: st
     """(adapter_config.json's dict, adapter_model.safetensors' tensors) in PEFT's layout for
     the Hugging Face model of `base`: `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`."""
     from peft import LoraConfig
-
-    from trainer.export import hf_name
 
     config = LoraConfig(
         r=lora.rank,

@@ -49,55 +49,65 @@ class RunFolderError(ValueError):
     """The run folder cannot be used as asked: one line for the user."""
 
 
-def run_dir(cfg: JobConfig) -> Path:
-    """The run's local folder (with an object-store storage_path, checkpoint.local_path/NAME)."""
-    c = cfg.checkpoint
-    return Path(c.local_path if is_url(c.storage_path) else c.storage_path) / cfg.name
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's folder and where its checkpoints live: made once per job from its config
+    (`of`) by the command that starts it, and handed down (the launcher's checks, the
+    supervisor, every worker: a plain value, pickled to each). `path` is the local folder
+    (with an object-store storage_path, checkpoint.local_path/NAME); `url` the checkpoints'
+    object-store URL, or None."""
 
+    path: Path
+    url: str | None = None
 
-def checkpoint_store(cfg: JobConfig) -> Store:
-    from trainer import checkpoint  # torch: not for the commands that only read the config
+    @classmethod
+    def of(cls, cfg: JobConfig) -> RunFolder:
+        c = cfg.checkpoint
+        url = f"{c.storage_path.rstrip('/')}/{cfg.name}/checkpoints" if is_url(c.storage_path) else None
+        return cls(Path(c.local_path if url else c.storage_path) / cfg.name, url)
 
-    c = cfg.checkpoint
-    url = f"{c.storage_path.rstrip('/')}/{cfg.name}/checkpoints" if is_url(c.storage_path) else None
-    return checkpoint.Store(run_dir(cfg) / "checkpoints", url)
+    @property
+    def store(self) -> Store:
+        """The run's checkpoints (a new handle each time: it holds no state of its own)."""
+        from trainer import checkpoint  # torch: not for the commands that only read the config
 
+        return checkpoint.Store(self.path / "checkpoints", self.url)
 
-def launched(folder: Path) -> None:
-    """Note when this invocation started (restarts are counted from it); clear a stale stop request."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / PREEMPT).unlink(missing_ok=True)
-        (folder / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
-    except OSError as e:
-        raise RunFolderError(
-            f"cannot write the run folder {folder} ({e.strerror or e}): set checkpoint.storage_path to "
-            "a folder this machine (and every node) can write"
-        ) from None
+    def launched(self) -> None:
+        """Note when this invocation started (restarts are counted from it); clear a stale stop request."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / PREEMPT).unlink(missing_ok=True)
+            (self.path / LAUNCH).write_text(json.dumps({"started_at": time.time(), "pid": os.getpid()}) + "\n")
+        except OSError as e:
+            raise RunFolderError(
+                f"cannot write the run folder {self.path} ({e.strerror or e}): set checkpoint.storage_path to "
+                "a folder this machine (and every node) can write"
+            ) from None
 
-
-def start_over(folder: Path, store: Store, force: bool, delete: bool) -> None:
-    """--fresh: refuse to mix into a run folder that holds a run, unless --force; then
-    (`delete`, once the job is known to be valid) delete its checkpoints, metrics and W&B
-    run id (a new W&B run)."""
-    held = [p.name for p in (folder / "checkpoints", folder / "metrics.jsonl") if p.exists()]
-    if store.url is not None and store.tags():
-        held.append(store.url)
-    if not held:
-        return
-    if not force:
-        raise RunFolderError(
-            f"--fresh: {folder} already holds a run ({', '.join(held)}): "
-            "add --force to delete it and start over, or choose another name="
-        )
-    if not delete:
-        return
-    store.delete(store.tags())
-    for p in (folder / name for name in RUN_FILES):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    def start_over(self, force: bool, delete: bool) -> None:
+        """--fresh: refuse to mix into a run folder that holds a run, unless --force; then
+        (`delete`, once the job is known to be valid) delete its checkpoints, metrics and W&B
+        run id (a new W&B run)."""
+        store = self.store
+        held = [p.name for p in (self.path / "checkpoints", self.path / "metrics.jsonl") if p.exists()]
+        if store.url is not None and store.tags():
+            held.append(store.url)
+        if not held:
+            return
+        if not force:
+            raise RunFolderError(
+                f"--fresh: {self.path} already holds a run ({', '.join(held)}): "
+                "add --force to delete it and start over, or choose another name="
+            )
+        if not delete:
+            return
+        store.delete(store.tags())
+        for p in (self.path / name for name in RUN_FILES):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
 
 def history(folder: Path) -> dict[str, str]:

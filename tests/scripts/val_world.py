@@ -15,6 +15,7 @@ from launcher.config import load_config
 from trainer.build import start
 from trainer.evals import load_task
 from trainer.loop import run_evals, validate
+from trainer.run_folder import RunFolder
 
 
 class Tracker:  # rank 0's tracker, here only a sink
@@ -27,7 +28,8 @@ class Tracker:  # rank 0's tracker, here only a sink
         self.rows = rows
 
 
-w, _ = start(load_config(None, sys.argv[2:]))
+cfg = load_config(None, sys.argv[2:])
+w, _ = start(cfg, RunFolder.of(cfg))
 w.tracker = Tracker()
 validate(w, 0)
 run_evals(w, 0, [(spec.label, load_task(spec.path, spec.limit)) for spec in w.cfg.train.evals])
