@@ -117,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run.launched()
     # Fault injection for the divergence tests, read here at the edge: the loop only calls its step function.
     faults = from_environment(os.environ)
-    worker = partial(train_worker, run=run, **({"step_fn": faults} if faults else {}))
+    worker = partial(train_worker, step_fn=faults) if faults else train_worker
     print(
         f"trainctl: run '{cfg.name}' in {run.path}: {cfg.cluster.num_workers} workers, global batch "
         f"{cfg.global_batch} x {cfg.data.seq_len} tokens, data "
@@ -132,7 +132,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from cluster.restarts import recurring_status
 
         try:
-            status = worker(cfg.model_dump(mode="json"))
+            status = worker(cfg.model_dump(mode="json"), run)
         except Exception as e:  # noqa: BLE001 - as under Ray: the traceback, then our one line last
             if recurring_status(e) == 2:  # a full disk, bad data: the user's to fix, no traceback
                 print(f"trainctl: error: {redact_text(' '.join(str(e).split()))}", file=sys.stderr)

@@ -11,6 +11,7 @@ cluster/ray_job.py's CapacityWatch. Torch-free at import, like the rest of launc
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -122,7 +123,7 @@ def pause_point(folder: Path, name: str) -> None:
 LAST_LINE_WAIT_S = 30
 
 
-def run_supervised(cfg: JobConfig, run: RunFolder, worker: Callable[[dict], str], verbose: bool) -> int | str:
+def run_supervised(cfg: JobConfig, run: RunFolder, worker: Callable[..., str], verbose: bool) -> int | str:
     """Train on Ray: returns the status ("done", "preempted"), or the exit status after
     printing the last line (a failure, lost capacity, a stop before any step)."""
     from cluster.ray_job import (
@@ -172,6 +173,8 @@ def run_supervised(cfg: JobConfig, run: RunFolder, worker: Callable[[dict], str]
         sigterm.started()  # the launcher's SIGTERM handler back at once (ray.init put in its own)
         last_line = route_worker_logs(folder / "workers.log", verbose)  # redacted, to the console or the file
         pause_point(folder, "workers-start")
+        # The run folder travels with the worker function, its URL's credentials apart as the config's are.
+        worker = functools.partial(worker, run=run.for_workers() if secrets else run)
         run_workers(worker, config, cfg.cluster, cfg.name, str(folder.parent), watch, restarts)
         if last_line is not None:  # rank 0's summary, forwarded a moment after the workers end
             last_line.wait(LAST_LINE_WAIT_S)

@@ -250,6 +250,28 @@ def test_the_workers_get_the_config_secrets_apart_from_their_arguments():
     assert secrets_back(tree, secrets) == tree and secrets_back(redacted, None) == redacted
 
 
+def test_the_run_folder_reaches_the_workers_without_its_urls_credentials():
+    """The run folder travels to a private Ray's workers with the worker function (in the
+    arguments Ray may log): its checkpoint URL's credentials as REDACTED, taken back from
+    the worker's config once its secrets are back; a plain path or URL travels as it is."""
+    import pickle
+
+    from trainer.config import JobConfig
+    from trainer.run_folder import RunFolder
+
+    tree = {"name": "r", "checkpoint": {"storage_path": f"https://u:{SECRET}@store.example/ckpt", "local_path": "l"}}
+    cfg = JobConfig.model_validate(tree)
+    run = RunFolder.of(cfg)
+    assert run.url == f"https://u:{SECRET}@store.example/ckpt/r/checkpoints" and run.path == Path("l/r")
+    sent = run.for_workers()
+    assert SECRET.encode() not in pickle.dumps(sent) and sent.url == "https://u:***@store.example/ckpt/r/checkpoints"
+    redacted, secrets = secrets_apart(cfg.model_dump(mode="json"))
+    back = JobConfig.model_validate(secrets_back(redacted, secrets))
+    assert sent.restored(back) == run
+    plain = RunFolder.of(JobConfig.model_validate({"name": "r", "checkpoint": {"storage_path": "s3://b/c"}}))
+    assert plain.for_workers() == plain and plain.restored(cfg) == plain
+
+
 def test_worker_output_is_redacted_on_the_console_and_in_workers_log(tmp_path, capsys):
     """Every line Ray forwards from a worker goes through redact_text: the trainctl lines
     shown, the others written to workers.log, and with --verbose all of them shown (Ray's

@@ -31,14 +31,15 @@ class FaultyStep:
     """`loop.train_step` with a NaN loss at step `nan_at` and a 1000x one at `spike_at` (0: none)."""
 
     def __init__(self, nan_at: int = 0, spike_at: int = 0):
-        self.factors = {step: factor for step, factor in ((nan_at, float("nan")), (spike_at, 1000.0)) if step}
+        self.faults = [(step, factor) for step, factor in ((nan_at, float("nan")), (spike_at, 1000.0)) if step]
 
     def __call__(self, engine, batches, accum_steps, device, targets=None, timer=None, step: int = 0) -> float:
         from trainer.loop import train_step
 
-        factor = self.factors.pop(step, None)  # once: the step trained again after the rollback is clean
-        if factor is not None:
-            engine = ScaledLoss(engine, factor)
+        due = next((fault for fault in self.faults if fault[0] == step), None)
+        if due is not None:  # once each: the step trained again after the rollback gets the next one, if any
+            self.faults.remove(due)
+            engine = ScaledLoss(engine, due[1])
         return train_step(engine, batches, accum_steps, device, targets, timer=timer, step=step)
 
 

@@ -262,7 +262,7 @@ def train_worker(config: dict, run: RunFolder | None = None, step_fn: Callable[.
     divergence tests hand in one that injects a fault: trainer/faults.py)."""
     cfg = JobConfig.model_validate(config)
     t, every = cfg.train, cfg.checkpoint.every
-    w, latest = start(cfg, run or RunFolder.of(cfg))
+    w, latest = start(cfg, run.restored(cfg) if run else RunFolder.of(cfg))
     state = TrainState(w.stream)
     if latest is not None:
         restore(w, state, latest)

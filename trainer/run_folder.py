@@ -19,10 +19,11 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_pipeline.redact import REDACTED
 from data_pipeline.sources import is_url
 from trainer.config import JobConfig, redact_text
 
@@ -65,6 +66,17 @@ class RunFolder:
         c = cfg.checkpoint
         url = f"{c.storage_path.rstrip('/')}/{cfg.name}/checkpoints" if is_url(c.storage_path) else None
         return cls(Path(c.local_path if url else c.storage_path) / cfg.name, url)
+
+    def for_workers(self) -> RunFolder:
+        """This value as a private Ray's workers get it in their arguments, which Ray may log:
+        the URL's credentials as REDACTED (their config's secrets travel apart the same way,
+        trainer/redaction.py); the worker takes them back with `restored`."""
+        return replace(self, url=redact_text(self.url)) if self.url else self
+
+    def restored(self, cfg: JobConfig) -> RunFolder:
+        """The credentials `for_workers` took out of the URL, back from the worker's own config
+        (its secrets already put back)."""
+        return replace(self, url=RunFolder.of(cfg).url) if self.url and REDACTED in self.url else self
 
     @property
     def store(self) -> Store:
