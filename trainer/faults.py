@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.loop import train_step
+
 
 class ScaledLoss:
     """The training engine, its loss multiplied by `factor`; everything else is the engine's."""
@@ -34,8 +36,6 @@ class FaultyStep:
         self.faults = [(step, factor) for step, factor in ((nan_at, float("nan")), (spike_at, 1000.0)) if step]
 
     def __call__(self, engine, batches, accum_steps, device, targets=None, timer=None, step: int = 0) -> float:
-        from trainer.loop import train_step
-
         due = next((fault for fault in self.faults if fault[0] == step), None)
         if due is not None:  # once each: the step trained again after the rollback gets the next one, if any
             self.faults.remove(due)
